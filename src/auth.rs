@@ -1,0 +1,336 @@
+//! Authentication: where a token comes from, how it is verified, and the hook
+//! trait a BFF implements to turn a token into an [`Identity`]. HS256 JWT is
+//! shipped here; the generated `auth.rs` wraps it and maps claims.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+use serde_json::{Map, Value};
+
+use crate::mesh::BoxFuture;
+
+/// Who a connection acts for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub username: Option<String>,
+    pub roles: Vec<String>,
+    /// The raw bearer token, forwarded to services as `Authorization`.
+    pub token: Option<String>,
+    /// Unix seconds after which the token is no longer valid.
+    pub expires_at: Option<u64>,
+}
+
+impl fmt::Debug for Identity {
+    // The token is a credential: never in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id)
+            .field("username", &self.username)
+            .field("roles", &self.roles)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl Identity {
+    /// The contract's claim mapping: `sub` is the user id, `name` or
+    /// `preferred_username` the user name, `roles` (array) or `scope`
+    /// (space-separated) the roles, `exp` the expiry.
+    pub fn from_claims(token: &str, claims: &Map<String, Value>) -> Result<Self, AuthError> {
+        let user_id = match claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(AuthError::Invalid("the token has no `sub` claim".into())),
+        };
+        let username = claims
+            .get("name")
+            .or_else(|| claims.get("preferred_username"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let roles = match (claims.get("roles"), claims.get("scope")) {
+            (Some(Value::Array(a)), _) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            (_, Some(Value::String(s))) => s.split_whitespace().map(str::to_owned).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            user_id,
+            username,
+            roles,
+            token: Some(token.to_owned()),
+            expires_at: claims.get("exp").and_then(Value::as_u64),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token was presented")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// A BFF's authentication hook.
+pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
+    /// Verify a token and say whom it names.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
+
+    /// The identity of a connection that presented no token, or `None` when a
+    /// token is required (the default).
+    fn anonymous(&self, session_id: &str) -> Option<Identity> {
+        let _ = session_id;
+        None
+    }
+}
+
+/// JWT verification (HS256 with a shared secret, RS256 with a PEM public
+/// key) with optional issuer and audience checks.
+#[derive(Clone)]
+pub struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("algorithms", &self.validation.algorithms)
+            .field("issuer", &self.validation.iss)
+            .field("audience", &self.validation.aud)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
+        Self::with_key(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+            issuer,
+            audience,
+        )
+    }
+
+    /// RS256 with an RSA public key in PEM.
+    pub fn rs256_pem(
+        pem: &[u8],
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Self, AuthError> {
+        let key = DecodingKey::from_rsa_pem(pem)
+            .map_err(|e| AuthError::Invalid(format!("not an RSA public key in PEM: {e}")))?;
+        Ok(Self::with_key(key, Algorithm::RS256, issuer, audience))
+    }
+
+    fn with_key(
+        key: DecodingKey,
+        alg: Algorithm,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Self {
+        let mut validation = Validation::new(alg);
+        validation.leeway = 30;
+        match issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Self { key, validation }
+    }
+
+    /// Check signature, expiry, issuer and audience; the claims.
+    pub fn verify(&self, token: &str) -> Result<Map<String, Value>, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        decode::<Map<String, Value>>(token, &self.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })
+    }
+}
+
+impl AuthHook for JwtVerifier {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        Box::pin(async move { Identity::from_claims(token, &self.verify(token)?) })
+    }
+}
+
+/// No authentication: every connection is its own anonymous user. For
+/// public data and local development only.
+#[derive(Debug, Clone, Default)]
+pub struct NoAuth;
+
+impl AuthHook for NoAuth {
+    fn authenticate<'a>(&'a self, _token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        Box::pin(async { Err(AuthError::Invalid("this BFF does not accept tokens".into())) })
+    }
+
+    fn anonymous(&self, session_id: &str) -> Option<Identity> {
+        Some(Identity {
+            user_id: format!("anonymous-{session_id}"),
+            username: None,
+            roles: Vec::new(),
+            token: None,
+            expires_at: None,
+        })
+    }
+}
+
+/// The token of a WebSocket handshake, in the contract's order:
+/// `Authorization: Bearer`, the `access_token` cookie, the `access_token`
+/// query parameter.
+pub fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    if let Some(t) = bearer {
+        return Some(t.to_owned());
+    }
+    let cookie = headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, v)| *k == "access_token" && !v.is_empty())
+        .map(|(_, v)| v.to_owned());
+    cookie.or_else(|| query_token.filter(|t| !t.is_empty()).map(str::to_owned))
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    fn token(secret: &str, claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn exp_in(secs: i64) -> u64 {
+        (unix_now() as i64 + secs) as u64
+    }
+
+    #[tokio::test]
+    async fn accepts_a_good_token_and_maps_claims() {
+        let auth = JwtVerifier::hs256(b"s3cret", None, None);
+        let t = token(
+            "s3cret",
+            json!({"sub":"u1","name":"Ann","roles":["admin","user"],"exp":exp_in(60)}),
+        );
+        let id = auth.authenticate(&t).await.unwrap();
+        assert_eq!(id.user_id, "u1");
+        assert_eq!(id.username.as_deref(), Some("Ann"));
+        assert_eq!(id.roles, vec!["admin", "user"]);
+        assert_eq!(id.token.as_deref(), Some(t.as_str()));
+        assert!(
+            !format!("{id:?}").contains(&t),
+            "token must not be in Debug"
+        );
+    }
+
+    #[tokio::test]
+    async fn scope_and_preferred_username_are_used_as_fallbacks() {
+        let auth = JwtVerifier::hs256(b"k", None, None);
+        let t = token(
+            "k",
+            json!({"sub":"u2","preferred_username":"bo","scope":"read write","exp":exp_in(60)}),
+        );
+        let id = auth.authenticate(&t).await.unwrap();
+        assert_eq!(id.username.as_deref(), Some("bo"));
+        assert_eq!(id.roles, vec!["read", "write"]);
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_tokens() {
+        let auth = JwtVerifier::hs256(b"right", Some("issuer-a"), Some("bff"));
+        let good = json!({"sub":"u","iss":"issuer-a","aud":"bff","exp":exp_in(60)});
+        assert!(
+            auth.authenticate(&token("right", good.clone()))
+                .await
+                .is_ok()
+        );
+
+        let wrong_key = token("wrong", good.clone());
+        assert!(matches!(
+            auth.authenticate(&wrong_key).await,
+            Err(AuthError::Invalid(_))
+        ));
+
+        let mut expired = good.clone();
+        expired["exp"] = json!(exp_in(-3600));
+        assert_eq!(
+            auth.authenticate(&token("right", expired)).await,
+            Err(AuthError::Expired)
+        );
+
+        let mut other_iss = good.clone();
+        other_iss["iss"] = json!("issuer-b");
+        assert!(auth.authenticate(&token("right", other_iss)).await.is_err());
+
+        let mut other_aud = good.clone();
+        other_aud["aud"] = json!("someone-else");
+        assert!(auth.authenticate(&token("right", other_aud)).await.is_err());
+
+        let mut no_sub = good.clone();
+        no_sub.as_object_mut().unwrap().remove("sub");
+        assert!(auth.authenticate(&token("right", no_sub)).await.is_err());
+
+        assert!(auth.authenticate("not.a.jwt").await.is_err());
+        assert!(auth.authenticate("").await.is_err());
+    }
+
+    #[test]
+    fn handshake_token_sources_in_order() {
+        let mut h = HeaderMap::new();
+        assert_eq!(handshake_token(&h, None), None);
+        assert_eq!(handshake_token(&h, Some("q")), Some("q".into()));
+        h.insert("cookie", "a=b; access_token=c1; x=y".parse().unwrap());
+        assert_eq!(handshake_token(&h, Some("q")), Some("c1".into()));
+        h.insert("authorization", "Bearer hdr".parse().unwrap());
+        assert_eq!(handshake_token(&h, Some("q")), Some("hdr".into()));
+    }
+
+    #[test]
+    fn no_auth_makes_a_user_per_connection() {
+        let a = NoAuth.anonymous("s1").unwrap();
+        let b = NoAuth.anonymous("s2").unwrap();
+        assert_ne!(a.user_id, b.user_id);
+        assert!(
+            JwtVerifier::hs256(b"k", None, None)
+                .anonymous("s")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,769 @@
+//! The mesh on RabbitMQ through lapin, wire-compatible with nuropb 0.1.8.
+//!
+//! One connection, two channels: one publishes (in confirm mode, so a
+//! mandatory publish nobody can take comes back as NO_ROUTE at once) and
+//! declares topology, one consumes the instance's response queue and the
+//! service queue. A supervisor task owns the consumers and reconnects with
+//! backoff when the connection drops; calls in flight then fail with
+//! `MeshUnavailable` rather than waiting out their timeouts.
+//!
+//! Events for clients are bound to the per-instance response queue, so every
+//! gateway instance sees every event and can reach its own sockets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    BoxFuture, Call, IncomingEvent, IncomingRequest, Mesh, MeshError, MeshHandler, OutgoingEvent,
+};
+use crate::protocol::{
+    EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
+    RequestBody, ResponseBody,
+};
+
+/// Where and as whom to join the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// This peer's service name: its service queue is `nuropb-{name}-sq`.
+    pub service_name: String,
+    /// Distinguishes instances: the response queue is `nuropb-{name}-{instance}-rq`.
+    pub instance_id: String,
+    pub rpc_exchange: String,
+    pub events_exchange: String,
+    pub dl_exchange: String,
+    /// Topic patterns of the events this instance receives.
+    pub event_bindings: Vec<String>,
+    /// Service-queue messages handled at once.
+    pub prefetch: u16,
+    pub connect_timeout: Duration,
+    /// Longest pause between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+impl AmqpConfig {
+    pub fn new(url: impl Into<String>, service_name: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            service_name: service_name.into(),
+            instance_id: uuid::Uuid::new_v4().simple().to_string(),
+            rpc_exchange: "nuropb-rpc-exchange".into(),
+            events_exchange: "nuropb-events-exchange".into(),
+            dl_exchange: "nuropb-dl-exchange".into(),
+            event_bindings: Vec::new(),
+            prefetch: 64,
+            connect_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    pub fn service_queue(&self) -> String {
+        format!("nuropb-{}-sq", self.service_name)
+    }
+
+    pub fn response_queue(&self) -> String {
+        format!("nuropb-{}-{}-rq", self.service_name, self.instance_id)
+    }
+}
+
+/// The broker URL with its password masked, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+type Pending = Mutex<HashMap<String, oneshot::Sender<Result<Value, MeshError>>>>;
+
+#[derive(Debug)]
+struct Shared {
+    config: AmqpConfig,
+    response_queue: String,
+    pending: Pending,
+    link: RwLock<Option<Link>>,
+    ready: AtomicBool,
+    handler: Arc<dyn MeshHandler>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+#[derive(Debug)]
+struct Link {
+    connection: Connection,
+    publish: Channel,
+}
+
+/// The mesh over RabbitMQ. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AmqpMesh {
+    shared: Arc<Shared>,
+    supervisor: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Removes a pending call when its waiter goes away (timeout, cancel).
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    correlation_id: String,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.correlation_id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> MeshError {
+    MeshError::Unavailable(e.to_string())
+}
+
+fn headers(kind: MessageType, trace_id: Option<&str>) -> FieldTable {
+    let mut h = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    h.insert("nuropb_protocol".into(), s(NUROPB_PROTOCOL_VERSION));
+    h.insert("nuropb_version".into(), s(NUROPB_LIBRARY_VERSION));
+    h.insert("nuropb_type".into(), s(kind.as_str()));
+    h.insert("trace_id".into(), trace_id.map_or(AMQPValue::Void, s));
+    h.insert("encrypted".into(), s(""));
+    h
+}
+
+fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Check the nuropb headers and decode the body; why not, if not.
+fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
+    let props = &delivery.properties;
+    let protocol = header_str(props, "nuropb_protocol");
+    if protocol.as_deref() != Some(NUROPB_PROTOCOL_VERSION) {
+        return Err(format!("unsupported nuropb_protocol {protocol:?}"));
+    }
+    let kind = header_str(props, "nuropb_type");
+    let Some(kind) = kind.as_deref().and_then(MessageType::parse) else {
+        return Err(format!("unknown nuropb_type {kind:?}"));
+    };
+    if header_str(props, "encrypted").as_deref() == Some("yes") {
+        return Err("encrypted payloads are not supported by this gateway".into());
+    }
+    let msg: MeshMessage =
+        serde_json::from_slice(&delivery.data).map_err(|e| format!("undecodable body: {e}"))?;
+    if msg.message_type() != kind {
+        return Err(format!(
+            "nuropb_type header `{}` does not match body tag `{}`",
+            kind.as_str(),
+            msg.message_type().as_str()
+        ));
+    }
+    Ok(msg)
+}
+
+impl AmqpMesh {
+    /// Connect, declare the topology and start consuming. Fails (naming the
+    /// URL, password masked) when the broker cannot be reached in
+    /// `connect_timeout`; later losses are retried in the background.
+    pub async fn connect(
+        config: AmqpConfig,
+        handler: Arc<dyn MeshHandler>,
+    ) -> Result<Self, MeshError> {
+        let response_queue = config.response_queue();
+        let shared = Arc::new(Shared {
+            response_queue,
+            pending: Mutex::new(HashMap::new()),
+            link: RwLock::new(None),
+            ready: AtomicBool::new(false),
+            handler,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            config,
+        });
+        let consumers = tokio::time::timeout(shared.config.connect_timeout, establish(&shared))
+            .await
+            .map_err(|_| {
+                MeshError::Unavailable(format!(
+                    "no answer from {} within {:?}",
+                    redact_url(&shared.config.url),
+                    shared.config.connect_timeout
+                ))
+            })??;
+        let supervisor = tokio::spawn(supervise(shared.clone(), consumers));
+        Ok(Self {
+            shared,
+            supervisor: Arc::new(Mutex::new(Some(supervisor))),
+        })
+    }
+
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.config
+    }
+
+    /// Stop consuming, close the connection and wait for the background
+    /// tasks (requests being served get `grace` to finish).
+    pub async fn close(&self, grace: Duration) {
+        self.shared.shutdown.cancel();
+        let supervisor = lock(&self.supervisor).take();
+        if let Some(handle) = supervisor {
+            let _ = handle.await;
+        }
+        self.shared.tasks.close();
+        let _ = tokio::time::timeout(grace, self.shared.tasks.wait()).await;
+        let link = self
+            .shared
+            .link
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(link) = link {
+            let _ = link.connection.close(200, "bye".into()).await;
+        }
+        self.shared.ready.store(false, Ordering::SeqCst);
+    }
+
+    fn publish_channel(&self) -> Result<Channel, MeshError> {
+        if !self.shared.ready.load(Ordering::SeqCst) {
+            return Err(MeshError::Unavailable("broker connection is down".into()));
+        }
+        self.shared
+            .link
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| l.publish.clone())
+            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))
+    }
+
+    async fn publish_call(
+        &self,
+        call: &Call,
+        command: bool,
+        correlation_id: &str,
+    ) -> Result<(), MeshError> {
+        let channel = self.publish_channel()?;
+        let body = RequestBody {
+            correlation_id: correlation_id.to_owned(),
+            context: call.context.clone(),
+            trace_id: call.trace_id.clone(),
+            service: call.service.clone(),
+            method: call.method.clone(),
+            params: call.params.clone(),
+        };
+        let (msg, kind) = if command {
+            (MeshMessage::Command(body), MessageType::Command)
+        } else {
+            (MeshMessage::Request(body), MessageType::Request)
+        };
+        let payload = serde_json::to_vec(&msg).map_err(unavailable)?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(correlation_id.into())
+            .with_reply_to(self.shared.response_queue.as_str().into())
+            .with_expiration(call.ttl.as_millis().max(1).to_string().into())
+            .with_headers(headers(kind, call.trace_id.as_deref()));
+        let confirm = channel
+            .basic_publish(
+                self.shared.config.rpc_exchange.as_str().into(),
+                call.service.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &payload,
+                props,
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                Err(MeshError::NotDelivered {
+                    service: call.service.clone(),
+                    method: call.method.clone(),
+                })
+            }
+            Confirmation::Nack(None) => Err(MeshError::Unavailable(
+                "the broker refused the message".into(),
+            )),
+        }
+    }
+}
+
+impl Mesh for AmqpMesh {
+    fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>> {
+        Box::pin(async move {
+            let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+            let (tx, rx) = oneshot::channel();
+            lock(&self.shared.pending).insert(correlation_id.clone(), tx);
+            let _guard = PendingGuard {
+                pending: &self.shared.pending,
+                correlation_id: correlation_id.clone(),
+            };
+            let ttl = call.ttl;
+            let exchange = async {
+                self.publish_call(&call, false, &correlation_id).await?;
+                rx.await
+                    .unwrap_or_else(|_| Err(MeshError::Unavailable("connection lost".into())))
+            };
+            tokio::time::timeout(ttl, exchange)
+                .await
+                .unwrap_or(Err(MeshError::Timeout(ttl)))
+        })
+    }
+
+    fn command(&self, call: Call) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+            let ttl = call.ttl;
+            tokio::time::timeout(ttl, self.publish_call(&call, true, &correlation_id))
+                .await
+                .unwrap_or(Err(MeshError::Timeout(ttl)))
+        })
+    }
+
+    fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            let channel = self.publish_channel()?;
+            let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+            let body = MeshMessage::Event(EventBody {
+                correlation_id: correlation_id.clone(),
+                context: event.context,
+                trace_id: event.trace_id.clone(),
+                topic: event.topic.clone(),
+                event: event.event,
+                target: event.target,
+            });
+            let payload = serde_json::to_vec(&body).map_err(unavailable)?;
+            let props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_correlation_id(correlation_id.into())
+                .with_headers(headers(MessageType::Event, event.trace_id.as_deref()));
+            let confirm = channel
+                .basic_publish(
+                    self.shared.config.events_exchange.as_str().into(),
+                    event.topic.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    props,
+                )
+                .await
+                .map_err(unavailable)?;
+            tokio::time::timeout(Duration::from_secs(10), confirm)
+                .await
+                .map_err(|_| MeshError::Timeout(Duration::from_secs(10)))?
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+}
+
+struct Consumers {
+    responses: Consumer,
+    requests: Consumer,
+}
+
+async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
+    let c = &shared.config;
+    let fail = |what: &str, e: lapin::Error| {
+        MeshError::Unavailable(format!("{what} on {}: {e}", redact_url(&c.url)))
+    };
+    let connection = Connection::connect(&c.url, ConnectionProperties::default())
+        .await
+        .map_err(|e| fail("cannot connect", e))?;
+    let ch = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail("cannot open a channel", e))?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for (name, kind) in [
+        (&c.dl_exchange, ExchangeKind::Fanout),
+        (&c.events_exchange, ExchangeKind::Topic),
+        (&c.rpc_exchange, ExchangeKind::Direct),
+    ] {
+        ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+            .await
+            .map_err(|e| fail(&format!("cannot declare exchange {name}"), e))?;
+    }
+    let service_queue = c.service_queue();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(c.dl_exchange.as_str().into()),
+    );
+    ch.queue_declare(
+        service_queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| fail(&format!("cannot declare queue {service_queue}"), e))?;
+    ch.queue_bind(
+        service_queue.as_str().into(),
+        c.rpc_exchange.as_str().into(),
+        c.service_name.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| fail("cannot bind the service queue", e))?;
+    let rq: ShortString = shared.response_queue.as_str().into();
+    ch.queue_declare(
+        rq.clone(),
+        QueueDeclareOptions {
+            durable: false,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| fail("cannot declare the response queue", e))?;
+    for topic in &c.event_bindings {
+        ch.queue_bind(
+            rq.clone(),
+            c.events_exchange.as_str().into(),
+            topic.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(&format!("cannot bind events `{topic}`"), e))?;
+    }
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| fail("cannot enable publisher confirms", e))?;
+
+    let consume = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail("cannot open a channel", e))?;
+    consume
+        .basic_qos(c.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| fail("cannot set prefetch", e))?;
+    let responses = consume
+        .basic_consume(
+            rq,
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail("cannot consume the response queue", e))?;
+    let requests = consume
+        .basic_consume(
+            service_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail("cannot consume the service queue", e))?;
+    *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
+        connection,
+        publish: ch,
+    });
+    shared.ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        url = %redact_url(&c.url),
+        service_queue = %service_queue,
+        response_queue = %shared.response_queue,
+        "joined the mesh"
+    );
+    Ok(Consumers {
+        responses,
+        requests,
+    })
+}
+
+/// Own the consumers; on loss, fail what is in flight and reconnect.
+async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = consume_responses(&shared, &mut consumers.responses) => {}
+            _ = consume_requests(&shared, &mut consumers.requests) => {}
+        }
+        shared.ready.store(false, Ordering::SeqCst);
+        let waiting: Vec<_> = lock(&shared.pending).drain().collect();
+        for (_, tx) in waiting {
+            let _ = tx.send(Err(MeshError::Unavailable("broker connection lost".into())));
+        }
+        tracing::warn!(url = %redact_url(&shared.config.url), "lost the broker connection; reconnecting");
+        let mut backoff = Duration::from_millis(200);
+        consumers = loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match tokio::time::timeout(shared.config.connect_timeout, establish(&shared)).await {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) => tracing::warn!(error = %e, "reconnect failed"),
+                Err(_) => tracing::warn!("reconnect timed out"),
+            }
+            backoff = (backoff * 2).min(shared.config.max_backoff);
+        };
+    }
+}
+
+async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
+    while let Some(delivery) = consumer.next().await {
+        let Ok(delivery) = delivery else { return };
+        match decode_delivery(&delivery) {
+            Ok(MeshMessage::Response(resp)) => complete(shared, resp),
+            Ok(MeshMessage::Event(ev)) => {
+                shared
+                    .handler
+                    .handle_event(IncomingEvent {
+                        topic: ev.topic,
+                        event: ev.event,
+                        target: ev.target,
+                        trace_id: ev.trace_id,
+                    })
+                    .await;
+            }
+            Ok(other) => tracing::warn!(
+                kind = other.message_type().as_str(),
+                "unexpected message on the response queue, dropped"
+            ),
+            Err(why) => tracing::warn!(%why, "undecodable message on the response queue, dropped"),
+        }
+    }
+}
+
+fn complete(shared: &Shared, resp: ResponseBody) {
+    let waiter = lock(&shared.pending).remove(&resp.correlation_id);
+    match waiter {
+        Some(tx) => {
+            let outcome = match resp.error {
+                Some(err) => Err(MeshError::Remote(err)),
+                None => Ok(resp.result),
+            };
+            let _ = tx.send(outcome);
+        }
+        None => tracing::debug!(
+            correlation_id = %resp.correlation_id,
+            "response nobody waits for (timed out or cancelled), dropped"
+        ),
+    }
+}
+
+async fn consume_requests(shared: &Arc<Shared>, consumer: &mut Consumer) {
+    while let Some(delivery) = consumer.next().await {
+        let Ok(delivery) = delivery else { return };
+        let shared2 = shared.clone();
+        // The broker delivers at most `prefetch` unacked messages, which
+        // bounds these tasks.
+        shared
+            .tasks
+            .spawn(async move { serve_delivery(&shared2, delivery).await });
+    }
+}
+
+async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
+    let msg = match decode_delivery(&delivery) {
+        Ok(m) => m,
+        Err(why) => {
+            tracing::warn!(%why, "rejecting an undecodable service message");
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
+            return;
+        }
+    };
+    match msg {
+        MeshMessage::Request(req) => {
+            let reply_to = delivery
+                .properties
+                .reply_to()
+                .as_ref()
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_default();
+            let correlation_id = req.correlation_id.clone();
+            let trace_id = req.trace_id.clone();
+            let context = req.context.clone();
+            let outcome = shared
+                .handler
+                .handle_request(IncomingRequest {
+                    method: req.method,
+                    params: req.params,
+                    context: req.context,
+                    trace_id: req.trace_id,
+                })
+                .await;
+            let (result, error) = match outcome {
+                Ok(v) => (v, None),
+                Err(e) => (Value::Null, Some(e)),
+            };
+            let body = MeshMessage::Response(ResponseBody {
+                correlation_id: correlation_id.clone(),
+                context,
+                trace_id: trace_id.clone(),
+                result,
+                error,
+                warning: None,
+                reply_to: String::new(),
+            });
+            if reply_to.is_empty() {
+                tracing::warn!("request without reply_to, answered nowhere");
+            } else if let Err(e) = publish_response(
+                shared,
+                &reply_to,
+                &correlation_id,
+                trace_id.as_deref(),
+                &body,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "could not publish a response");
+            }
+        }
+        MeshMessage::Command(cmd) => {
+            let _ = shared
+                .handler
+                .handle_request(IncomingRequest {
+                    method: cmd.method,
+                    params: cmd.params,
+                    context: cmd.context,
+                    trace_id: cmd.trace_id,
+                })
+                .await;
+        }
+        MeshMessage::Event(ev) => {
+            shared
+                .handler
+                .handle_event(IncomingEvent {
+                    topic: ev.topic,
+                    event: ev.event,
+                    target: ev.target,
+                    trace_id: ev.trace_id,
+                })
+                .await;
+        }
+        MeshMessage::Response(_) => {
+            tracing::warn!("a response on the service queue, dropped");
+        }
+    }
+    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+}
+
+async fn publish_response(
+    shared: &Shared,
+    reply_to: &str,
+    correlation_id: &str,
+    trace_id: Option<&str>,
+    body: &MeshMessage,
+) -> Result<(), MeshError> {
+    let channel = shared
+        .link
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|l| l.publish.clone())
+        .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
+    let payload = serde_json::to_vec(body).map_err(unavailable)?;
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_correlation_id(correlation_id.into())
+        .with_headers(headers(MessageType::Response, trace_id));
+    channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            &payload,
+            props,
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_follow_nuropb() {
+        let mut c = AmqpConfig::new("amqp://localhost", "my-bff");
+        c.instance_id = "abc".into();
+        assert_eq!(c.service_queue(), "nuropb-my-bff-sq");
+        assert_eq!(c.response_queue(), "nuropb-my-bff-abc-rq");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://host/"), "amqp://host/");
+    }
+
+    #[test]
+    fn headers_carry_the_nuropb_fields() {
+        let h = headers(MessageType::Request, Some("t1"));
+        let get = |k: &str| h.inner().get(k).cloned();
+        assert_eq!(
+            get("nuropb_protocol"),
+            Some(AMQPValue::LongString("0.1.1".into()))
+        );
+        assert_eq!(
+            get("nuropb_type"),
+            Some(AMQPValue::LongString("request".into()))
+        );
+        assert_eq!(get("trace_id"), Some(AMQPValue::LongString("t1".into())));
+        assert_eq!(get("encrypted"), Some(AMQPValue::LongString("".into())));
+        let h = headers(MessageType::Event, None);
+        assert_eq!(h.inner().get("trace_id"), Some(&AMQPValue::Void));
+    }
+}

@@ -1,0 +1,332 @@
+//! An in-process mesh: services are Rust values registered by name, calls are
+//! function calls. For a BFF's own tests and for development without a
+//! broker; it behaves like the broker where the gateway can tell (NO_ROUTE
+//! for an unknown service, ttl as timeout, topic bindings for events).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+
+use serde_json::{Value, json};
+
+use super::{
+    BoxFuture, Call, IncomingEvent, IncomingRequest, Mesh, MeshError, MeshHandler, OutgoingEvent,
+    unknown_method,
+};
+use crate::protocol::ErrorBody;
+use crate::routing::{RouteTable, topic_matches};
+
+#[derive(Debug)]
+struct Registered {
+    handler: Arc<dyn MeshHandler>,
+    bindings: Vec<String>,
+}
+
+/// The in-process mesh. Cheap to clone; clones share the services.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryMesh {
+    services: Arc<RwLock<HashMap<String, Arc<Registered>>>>,
+}
+
+impl MemoryMesh {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register (or replace) a service, with the topic patterns of the events
+    /// it wants.
+    pub fn add_service(
+        &self,
+        name: impl Into<String>,
+        handler: Arc<dyn MeshHandler>,
+        event_bindings: Vec<String>,
+    ) {
+        let reg = Arc::new(Registered {
+            handler,
+            bindings: event_bindings,
+        });
+        self.write().insert(name.into(), reg);
+    }
+
+    pub fn remove_service(&self, name: &str) {
+        self.write().remove(name);
+    }
+
+    /// An echo stub for every service the routing table names: each answers
+    /// any method with `{service, method, params, user_id}`. What development
+    /// mode serves.
+    pub fn with_echo_stubs(routes: &RouteTable) -> Self {
+        let mesh = Self::new();
+        for route in routes.routes() {
+            mesh.add_service(
+                route.service.clone(),
+                Arc::new(EchoService::new(route.service.clone())),
+                Vec::new(),
+            );
+        }
+        mesh
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Registered>> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Registered>>> {
+        self.services.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Mesh for MemoryMesh {
+    fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>> {
+        Box::pin(async move {
+            let Some(service) = self.get(&call.service) else {
+                return Err(MeshError::NotDelivered {
+                    service: call.service,
+                    method: call.method,
+                });
+            };
+            let ttl = call.ttl;
+            let request = IncomingRequest {
+                method: call.method,
+                params: call.params,
+                context: call.context,
+                trace_id: call.trace_id,
+            };
+            match tokio::time::timeout(ttl, service.handler.handle_request(request)).await {
+                Ok(result) => result.map_err(MeshError::Remote),
+                Err(_) => Err(MeshError::Timeout(ttl)),
+            }
+        })
+    }
+
+    fn command(&self, call: Call) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            let Some(service) = self.get(&call.service) else {
+                return Err(MeshError::NotDelivered {
+                    service: call.service,
+                    method: call.method,
+                });
+            };
+            let request = IncomingRequest {
+                method: call.method,
+                params: call.params,
+                context: call.context,
+                trace_id: call.trace_id,
+            };
+            // Fire and forget, as on the broker: the caller does not wait for
+            // the service, but the service does run.
+            let ttl = call.ttl;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(ttl, service.handler.handle_request(request)).await;
+            });
+            Ok(())
+        })
+    }
+
+    fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            let receivers: Vec<Arc<Registered>> = self
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|r| r.bindings.iter().any(|b| topic_matches(b, &event.topic)))
+                .cloned()
+                .collect();
+            for r in receivers {
+                r.handler
+                    .handle_event(IncomingEvent {
+                        topic: event.topic.clone(),
+                        event: event.event.clone(),
+                        target: event.target.clone(),
+                        trace_id: event.trace_id.clone(),
+                    })
+                    .await;
+            }
+            Ok(())
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+type MethodFn =
+    Box<dyn Fn(IncomingRequest) -> BoxFuture<'static, Result<Value, ErrorBody>> + Send + Sync>;
+
+/// A service made of closures, one a method.
+///
+/// ```
+/// use nuropb_bff::mesh::memory::StubService;
+/// use serde_json::json;
+/// let orders = StubService::new("orders")
+///     .method("get", |req| async move { Ok(json!({"id": req.params["id"]})) });
+/// ```
+pub struct StubService {
+    name: String,
+    methods: HashMap<String, MethodFn>,
+}
+
+impl StubService {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            methods: HashMap::new(),
+        }
+    }
+
+    pub fn method<F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(IncomingRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, ErrorBody>> + Send + 'static,
+    {
+        self.methods
+            .insert(name.into(), Box::new(move |req| Box::pin(f(req))));
+        self
+    }
+}
+
+impl fmt::Debug for StubService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StubService")
+            .field("name", &self.name)
+            .field("methods", &self.methods.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl MeshHandler for StubService {
+    fn handle_request(&self, request: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
+        match self.methods.get(&request.method) {
+            Some(f) => f(request),
+            None => {
+                let err = unknown_method(&self.name, &request.method);
+                Box::pin(async move { Err(err) })
+            }
+        }
+    }
+}
+
+/// Answers every method with what it was asked and on whose behalf.
+#[derive(Debug, Clone)]
+pub struct EchoService {
+    name: String,
+}
+
+impl EchoService {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+impl MeshHandler for EchoService {
+    fn handle_request(&self, request: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
+        let answer = json!({
+            "service": self.name,
+            "method": request.method,
+            "params": request.params,
+            "user_id": request.context.get("user_id").cloned().unwrap_or(Value::Null),
+        });
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+    use std::time::Duration;
+
+    fn call(service: &str, method: &str, ttl_ms: u64) -> Call {
+        Call {
+            service: service.into(),
+            method: method.into(),
+            params: Map::new(),
+            context: Map::new(),
+            ttl: Duration::from_millis(ttl_ms),
+            trace_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_to_stub_methods_and_reports_unknown_ones() {
+        let mesh = MemoryMesh::new();
+        mesh.add_service(
+            "calc",
+            Arc::new(StubService::new("calc").method("two", |_| async { Ok(json!(2)) })),
+            vec![],
+        );
+        assert_eq!(mesh.request(call("calc", "two", 1000)).await, Ok(json!(2)));
+        let err = mesh.request(call("calc", "three", 1000)).await.unwrap_err();
+        assert!(matches!(err, MeshError::Remote(ref b) if b.error == "NuropbException"));
+        let err = mesh.request(call("nope", "x", 1000)).await.unwrap_err();
+        assert_eq!(
+            err.to_client().error,
+            "NuropbNotDeliveredError",
+            "unknown service is NO_ROUTE"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_service_times_out() {
+        let mesh = MemoryMesh::new();
+        mesh.add_service(
+            "slow",
+            Arc::new(StubService::new("slow").method("wait", |_| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(Value::Null)
+            })),
+            vec![],
+        );
+        let err = mesh.request(call("slow", "wait", 500)).await.unwrap_err();
+        assert_eq!(err, MeshError::Timeout(Duration::from_millis(500)));
+    }
+
+    #[derive(Debug, Default)]
+    struct Collect(std::sync::Mutex<Vec<String>>);
+    impl MeshHandler for Collect {
+        fn handle_request(&self, _: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
+            Box::pin(async { Ok(Value::Null) })
+        }
+        fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
+            self.0.lock().unwrap().push(event.topic);
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn events_reach_matching_bindings_only() {
+        let mesh = MemoryMesh::new();
+        let c = Arc::new(Collect::default());
+        mesh.add_service("bff", c.clone(), vec!["orders.#".into()]);
+        for topic in ["orders.created", "users.created", "orders"] {
+            mesh.publish_event(OutgoingEvent {
+                topic: topic.into(),
+                event: Value::Null,
+                context: Map::new(),
+                target: None,
+                trace_id: None,
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(*c.0.lock().unwrap(), vec!["orders.created", "orders"]);
+    }
+
+    #[tokio::test]
+    async fn echo_stubs_cover_the_routing_table() {
+        let routes = RouteTable::parse("r", "[[route]]\ncall = \"orders.*\"\n").unwrap();
+        let mesh = MemoryMesh::with_echo_stubs(&routes);
+        let mut c = call("orders", "list", 1000);
+        c.context.insert("user_id".into(), json!("u1"));
+        let v = mesh.request(c).await.unwrap();
+        assert_eq!(v["method"], "list");
+        assert_eq!(v["user_id"], "u1");
+    }
+}

@@ -1,0 +1,128 @@
+//! The transport to the service mesh, as a trait with two implementations:
+//! [`amqp::AmqpMesh`] on RabbitMQ (lapin) and [`memory::MemoryMesh`] in
+//! process, for tests and broker-less development.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::protocol::{ErrorBody, ErrorName};
+
+pub mod amqp;
+pub mod memory;
+
+/// A boxed, sendable future: what the object-safe traits here return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One request or command for a mesh service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub service: String,
+    pub method: String,
+    pub params: Map<String, Value>,
+    pub context: Map<String, Value>,
+    /// How long the caller waits; also the message's `expiration`.
+    pub ttl: Duration,
+    pub trace_id: Option<String>,
+}
+
+/// An event to publish on the events exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingEvent {
+    pub topic: String,
+    pub event: Value,
+    pub context: Map<String, Value>,
+    pub target: Option<Vec<String>>,
+    pub trace_id: Option<String>,
+}
+
+/// A request or command that reached this peer's own service queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingRequest {
+    pub method: String,
+    pub params: Map<String, Value>,
+    pub context: Map<String, Value>,
+    pub trace_id: Option<String>,
+}
+
+/// An event from the mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingEvent {
+    pub topic: String,
+    pub event: Value,
+    pub target: Option<Vec<String>>,
+    pub trace_id: Option<String>,
+}
+
+/// Why a mesh call did not produce a result. `Clone` so one failure (a lost
+/// connection) can reach every waiter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MeshError {
+    /// No queue is bound to the service name (AMQP NO_ROUTE).
+    #[error("Service {service} not available. unable to call method {method}")]
+    NotDelivered { service: String, method: String },
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The broker connection is down or refused the message.
+    #[error("service mesh unavailable: {0}")]
+    Unavailable(String),
+    /// The service answered with an error: passed to the client unchanged.
+    #[error("{}: {}", .0.error, .0.description.as_deref().unwrap_or(""))]
+    Remote(ErrorBody),
+}
+
+impl MeshError {
+    /// The error object a client sees. Broker details stay in the log.
+    pub fn to_client(&self) -> ErrorBody {
+        match self {
+            MeshError::NotDelivered { .. } => {
+                ErrorBody::gateway(ErrorName::NuropbNotDeliveredError, self.to_string())
+            }
+            MeshError::Timeout(d) => ErrorBody::gateway(
+                ErrorName::Timeout,
+                format!("no response within {} ms", d.as_millis()),
+            ),
+            MeshError::Unavailable(_) => ErrorBody::gateway(
+                ErrorName::MeshUnavailable,
+                "the service mesh is not reachable; try again later",
+            ),
+            MeshError::Remote(body) => body.clone(),
+        }
+    }
+}
+
+/// The client side of the mesh: what the gateway calls.
+pub trait Mesh: Send + Sync + fmt::Debug + 'static {
+    /// Call `service.method` and wait for its result.
+    fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>>;
+    /// Send a command; resolves once the broker accepted it.
+    fn command(&self, call: Call) -> BoxFuture<'_, Result<(), MeshError>>;
+    /// Publish an event on the events exchange.
+    fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>>;
+    /// Whether calls can be made now (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+}
+
+/// The service side: what a peer does with requests and events addressed to
+/// it. The gateway's own mesh methods implement this.
+pub trait MeshHandler: Send + Sync + fmt::Debug + 'static {
+    fn handle_request(&self, request: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>>;
+    /// Events matching the peer's bindings. The default drops them.
+    fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
+        let _ = event;
+        Box::pin(async {})
+    }
+}
+
+/// The error nuropb answers for a method a service does not have.
+pub fn unknown_method(service: &str, method: &str) -> ErrorBody {
+    ErrorBody::new(
+        "NuropbException",
+        format!(
+            "Runtime exception calling {service}.{method}:AttributeError: unknown method {method}"
+        ),
+    )
+}

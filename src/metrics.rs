@@ -1,0 +1,178 @@
+//! Prometheus metrics of one gateway, in its own registry (no globals), served
+//! at `/metrics` in the text exposition format.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OutcomeLabels {
+    pub(crate) outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    pub(crate) kind: &'static str,
+}
+
+/// The gateway's metrics. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    connections: Counter,
+    sessions: Gauge,
+    frames_in: Family<KindLabels, Counter>,
+    requests: Family<OutcomeLabels, Counter>,
+    request_seconds: Histogram,
+    pushes: Family<KindLabels, Counter>,
+    slow_closes: Counter,
+    mesh_ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("bff");
+        let connections = Counter::default();
+        let sessions = Gauge::default();
+        let frames_in = Family::<KindLabels, Counter>::default();
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        let request_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ]);
+        let pushes = Family::<KindLabels, Counter>::default();
+        let slow_closes = Counter::default();
+        let mesh_ready = Gauge::default();
+        registry.register(
+            "ws_connections",
+            "WebSocket connections accepted",
+            connections.clone(),
+        );
+        registry.register("ws_sessions", "Live WebSocket sessions", sessions.clone());
+        registry.register(
+            "ws_frames_in",
+            "Client frames received, by type",
+            frames_in.clone(),
+        );
+        registry.register(
+            "requests",
+            "Client requests answered, by outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a client request to its response",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "pushes",
+            "Frames pushed to sessions from the mesh, by kind",
+            pushes.clone(),
+        );
+        registry.register(
+            "slow_consumer_closes",
+            "Sessions closed because their outbound queue was full",
+            slow_closes.clone(),
+        );
+        registry.register(
+            "mesh_ready",
+            "1 while the broker connection is up",
+            mesh_ready.clone(),
+        );
+        Self(Arc::new(Inner {
+            registry,
+            connections,
+            sessions,
+            frames_in,
+            requests,
+            request_seconds,
+            pushes,
+            slow_closes,
+            mesh_ready,
+        }))
+    }
+
+    pub fn connection_opened(&self) {
+        self.0.connections.inc();
+        self.0.sessions.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.0.sessions.dec();
+    }
+
+    pub fn frame_in(&self, kind: &'static str) {
+        self.0.frames_in.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn request_done(&self, outcome: &'static str, seconds: f64) {
+        self.0
+            .requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.0.request_seconds.observe(seconds);
+    }
+
+    pub fn pushed(&self, kind: &'static str, count: usize) {
+        self.0
+            .pushes
+            .get_or_create(&KindLabels { kind })
+            .inc_by(count as u64);
+    }
+
+    pub fn slow_consumer_closed(&self) {
+        self.0.slow_closes.inc();
+    }
+
+    pub fn set_mesh_ready(&self, ready: bool) {
+        self.0.mesh_ready.set(i64::from(ready));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.0.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_show_in_the_text_format() {
+        let m = Metrics::new();
+        m.connection_opened();
+        m.request_done("ok", 0.002);
+        m.request_done("ok", 0.002);
+        m.request_done("RouteNotFound", 0.0);
+        let text = m.encode();
+        assert!(text.contains("bff_ws_connections_total 1"), "{text}");
+        assert!(text.contains("bff_ws_sessions 1"), "{text}");
+        assert!(
+            text.contains(r#"bff_requests_total{outcome="ok"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"bff_requests_total{outcome="RouteNotFound"} 1"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,290 @@
+//! Wire types of both sides of the gateway: the WebSocket frames a client
+//! sends and receives, and the NuroPb 0.1.1 message bodies on the broker.
+//! Pure serde, no I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The NuroPb protocol version this gateway speaks (`nuropb_protocol` header).
+pub const NUROPB_PROTOCOL_VERSION: &str = "0.1.1";
+/// What the gateway writes in the `nuropb_version` header.
+pub const NUROPB_LIBRARY_VERSION: &str = concat!("nuropb-bff-", env!("CARGO_PKG_VERSION"));
+
+/// The error names the gateway itself produces (bff-contract.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorName {
+    InvalidMessage,
+    RouteNotFound,
+    Forbidden,
+    NuropbNotDeliveredError,
+    Timeout,
+    MeshUnavailable,
+    RateLimited,
+    MessageTooLarge,
+    Unauthorized,
+    InternalError,
+}
+
+impl ErrorName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidMessage => "InvalidMessage",
+            Self::RouteNotFound => "RouteNotFound",
+            Self::Forbidden => "Forbidden",
+            Self::NuropbNotDeliveredError => "NuropbNotDeliveredError",
+            Self::Timeout => "Timeout",
+            Self::MeshUnavailable => "MeshUnavailable",
+            Self::RateLimited => "RateLimited",
+            Self::MessageTooLarge => "MessageTooLarge",
+            Self::Unauthorized => "Unauthorized",
+            Self::InternalError => "InternalError",
+        }
+    }
+}
+
+/// An error as NuroPb carries it: `{"error": <Name>, "description": <text>}`
+/// plus whatever else the service put there, passed through untouched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ErrorBody {
+    pub fn new(name: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            error: name.into(),
+            description: Some(description.into()),
+            extra: Map::new(),
+        }
+    }
+
+    pub fn gateway(name: ErrorName, description: impl Into<String>) -> Self {
+        Self::new(name.as_str(), description)
+    }
+}
+
+// ---- client side ------------------------------------------------------
+
+/// A frame a client sends. Unknown fields (a client's own `context`, say)
+/// are ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", content = "payload", rename_all = "lowercase")]
+pub enum ClientFrame {
+    Request(ClientCall),
+    Command(ClientCall),
+    Subscribe(Topics),
+    Unsubscribe(Topics),
+    Authenticate(Authenticate),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClientCall {
+    pub service: String,
+    pub method: String,
+    #[serde(default)]
+    pub params: Map<String, Value>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Topics {
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Authenticate {
+    pub token: String,
+}
+
+/// Why a client frame could not be decoded, with the trace id when the frame
+/// carried one so the client can pair the error with its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    pub description: String,
+    pub trace_id: Option<String>,
+}
+
+impl ClientFrame {
+    /// Decode one text frame. Every failure says what was wrong.
+    pub fn decode(text: &str) -> Result<Self, FrameError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
+            description: format!("frame is not valid JSON: {e}"),
+            trace_id: None,
+        })?;
+        let trace_id = value
+            .get("payload")
+            .and_then(|p| p.get("trace_id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let fail = |description: String| FrameError {
+            description,
+            trace_id: trace_id.clone(),
+        };
+        let obj = value
+            .as_object()
+            .ok_or_else(|| fail("frame must be a JSON object".into()))?;
+        match obj.get("type") {
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(fail("field `type` must be a string".into())),
+            None => return Err(fail("missing field `type`".into())),
+        }
+        if !obj.contains_key("payload") {
+            return Err(fail("missing field `payload`".into()));
+        }
+        serde_json::from_value(value.clone()).map_err(|e| fail(format!("invalid frame: {e}")))
+    }
+}
+
+/// A frame the gateway sends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", content = "payload", rename_all = "lowercase")]
+pub enum ServerFrame {
+    Event {
+        topic: String,
+        event: Value,
+    },
+    Response {
+        trace_id: String,
+        result: Value,
+        error: Option<ErrorBody>,
+    },
+    Ack {
+        trace_id: String,
+    },
+    Subscribed {
+        topics: Vec<String>,
+    },
+    Error {
+        error: String,
+        description: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace_id: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    pub fn error(
+        name: ErrorName,
+        description: impl Into<String>,
+        trace_id: Option<String>,
+    ) -> Self {
+        Self::Error {
+            error: name.as_str().to_owned(),
+            description: description.into(),
+            trace_id,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","payload":{"error":"InternalError","description":"unencodable frame"}}"#
+                .to_owned()
+        })
+    }
+}
+
+// ---- mesh side --------------------------------------------------------
+
+/// The `nuropb_type` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageType {
+    Request,
+    Response,
+    Command,
+    Event,
+}
+
+impl MessageType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Response => "response",
+            Self::Command => "command",
+            Self::Event => "event",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "request" => Some(Self::Request),
+            "response" => Some(Self::Response),
+            "command" => Some(Self::Command),
+            "event" => Some(Self::Event),
+            _ => None,
+        }
+    }
+}
+
+/// A NuroPb message body; the `tag` field names the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "tag", rename_all = "lowercase")]
+pub enum MeshMessage {
+    Request(RequestBody),
+    Command(RequestBody),
+    Event(EventBody),
+    Response(ResponseBody),
+}
+
+impl MeshMessage {
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Self::Request(_) => MessageType::Request,
+            Self::Command(_) => MessageType::Command,
+            Self::Event(_) => MessageType::Event,
+            Self::Response(_) => MessageType::Response,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestBody {
+    pub correlation_id: String,
+    #[serde(default)]
+    pub context: Map<String, Value>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    pub service: String,
+    pub method: String,
+    #[serde(default)]
+    pub params: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBody {
+    pub correlation_id: String,
+    #[serde(default)]
+    pub context: Map<String, Value>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    pub topic: String,
+    #[serde(default)]
+    pub event: Value,
+    #[serde(default)]
+    pub target: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseBody {
+    pub correlation_id: String,
+    #[serde(default)]
+    pub context: Map<String, Value>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default)]
+    pub error: Option<ErrorBody>,
+    #[serde(default)]
+    pub warning: Option<String>,
+    #[serde(default)]
+    pub reply_to: String,
+}
+
+#[cfg(test)]
+mod tests;

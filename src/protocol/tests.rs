@@ -1,0 +1,194 @@
+use super::*;
+use serde_json::json;
+
+// Bodies exactly as nuropb 0.1.8 `encode_payload` writes them.
+const NUROPB_REQUEST: &str = r#"{"tag": "request", "service": "orders", "method": "get", "params": {"id": 7}, "correlation_id": "c0ffee", "context": {"user_id": "u1"}, "trace_id": "t1"}"#;
+const NUROPB_ERROR_RESPONSE: &str = r#"{"tag": "response", "correlation_id": "c0ffee", "context": {"user_id": "u1"}, "trace_id": "t1", "result": null, "error": {"error": "NuropbException", "description": "Runtime exception calling orders.get:ValueError: bad"}, "warning": null, "reply_to": ""}"#;
+const NUROPB_EVENT: &str = r#"{"tag": "event", "correlation_id": "e1", "context": {}, "trace_id": null, "topic": "orders.created", "event": {"id": 1}, "target": ["u1"]}"#;
+
+#[test]
+fn decodes_a_nuropb_request() {
+    let msg: MeshMessage = serde_json::from_str(NUROPB_REQUEST).unwrap();
+    let MeshMessage::Request(req) = msg else {
+        panic!("expected a request, got {msg:?}")
+    };
+    assert_eq!(req.service, "orders");
+    assert_eq!(req.method, "get");
+    assert_eq!(req.params["id"], 7);
+    assert_eq!(req.correlation_id, "c0ffee");
+    assert_eq!(req.context["user_id"], "u1");
+    assert_eq!(req.trace_id.as_deref(), Some("t1"));
+}
+
+#[test]
+fn decodes_a_nuropb_error_response_and_keeps_the_error() {
+    let msg: MeshMessage = serde_json::from_str(NUROPB_ERROR_RESPONSE).unwrap();
+    let MeshMessage::Response(resp) = msg else {
+        panic!("expected a response")
+    };
+    let err = resp.error.unwrap();
+    assert_eq!(err.error, "NuropbException");
+    assert_eq!(
+        err.description.as_deref(),
+        Some("Runtime exception calling orders.get:ValueError: bad")
+    );
+    assert_eq!(resp.result, Value::Null);
+}
+
+#[test]
+fn decodes_a_targeted_event() {
+    let msg: MeshMessage = serde_json::from_str(NUROPB_EVENT).unwrap();
+    let MeshMessage::Event(ev) = msg else {
+        panic!("expected an event")
+    };
+    assert_eq!(ev.topic, "orders.created");
+    assert_eq!(ev.target, Some(vec!["u1".to_owned()]));
+    assert_eq!(ev.trace_id, None);
+}
+
+#[test]
+fn encodes_a_request_with_the_fields_nuropb_reads() {
+    let body = MeshMessage::Request(RequestBody {
+        correlation_id: "abc".into(),
+        context: json!({"user_id": "u"}).as_object().unwrap().clone(),
+        trace_id: Some("t".into()),
+        service: "s".into(),
+        method: "m".into(),
+        params: Map::new(),
+    });
+    let v: Value = serde_json::to_value(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"tag":"request","correlation_id":"abc","context":{"user_id":"u"},
+               "trace_id":"t","service":"s","method":"m","params":{}})
+    );
+}
+
+#[test]
+fn encodes_a_response_like_nuropb() {
+    let body = MeshMessage::Response(ResponseBody {
+        correlation_id: "c0ffee".into(),
+        context: json!({"user_id": "u1"}).as_object().unwrap().clone(),
+        trace_id: Some("t1".into()),
+        result: Value::Null,
+        error: Some(ErrorBody::new(
+            "NuropbException",
+            "Runtime exception calling orders.get:ValueError: bad",
+        )),
+        warning: None,
+        reply_to: String::new(),
+    });
+    let ours: Value = serde_json::to_value(&body).unwrap();
+    let theirs: Value = serde_json::from_str(NUROPB_ERROR_RESPONSE).unwrap();
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn service_error_extras_pass_through() {
+    let v = json!({"error": "NuropbAuthorizationException", "description": "no", "code": 7});
+    let e: ErrorBody = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&e).unwrap(), v);
+}
+
+#[test]
+fn client_request_decodes_and_ignores_client_context() {
+    let f = ClientFrame::decode(
+        r#"{"type":"request","payload":{"service":"a","method":"b","params":{"x":1},"trace_id":"t","context":{"user_id":"admin"}}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        f,
+        ClientFrame::Request(ClientCall {
+            service: "a".into(),
+            method: "b".into(),
+            params: json!({"x":1}).as_object().unwrap().clone(),
+            trace_id: Some("t".into()),
+        })
+    );
+}
+
+#[test]
+fn params_default_to_an_empty_object() {
+    let f = ClientFrame::decode(r#"{"type":"command","payload":{"service":"a","method":"b"}}"#)
+        .unwrap();
+    let ClientFrame::Command(call) = f else {
+        panic!("expected a command")
+    };
+    assert!(call.params.is_empty());
+    assert_eq!(call.trace_id, None);
+}
+
+#[test]
+fn malformed_frames_are_described() {
+    let cases = [
+        ("not json", "not valid JSON"),
+        ("[1,2]", "must be a JSON object"),
+        (r#"{"payload":{}}"#, "missing field `type`"),
+        (r#"{"type":5,"payload":{}}"#, "`type` must be a string"),
+        (r#"{"type":"request"}"#, "missing field `payload`"),
+        (
+            r#"{"type":"launch","payload":{}}"#,
+            "unknown variant `launch`",
+        ),
+        (
+            r#"{"type":"request","payload":{"method":"b"}}"#,
+            "missing field `service`",
+        ),
+        (
+            r#"{"type":"request","payload":{"service":"a","method":"b","params":[1]}}"#,
+            "invalid type",
+        ),
+        (
+            r#"{"type":"subscribe","payload":{"topics":"x"}}"#,
+            "invalid type",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = ClientFrame::decode(text).unwrap_err();
+        assert!(
+            err.description.contains(expected),
+            "{text}: {:?} does not mention {expected:?}",
+            err.description
+        );
+    }
+}
+
+#[test]
+fn a_bad_frame_keeps_its_trace_id() {
+    let err = ClientFrame::decode(r#"{"type":"request","payload":{"trace_id":"t9","method":1}}"#)
+        .unwrap_err();
+    assert_eq!(err.trace_id.as_deref(), Some("t9"));
+}
+
+#[test]
+fn server_frames_have_the_contract_shapes() {
+    let hello = ServerFrame::Event {
+        topic: "hello".into(),
+        event: json!({"session_id":"s","user_id":"u","username":"n"}),
+    };
+    assert_eq!(
+        serde_json::to_value(&hello).unwrap(),
+        json!({"type":"event","payload":{"topic":"hello","event":{"session_id":"s","user_id":"u","username":"n"}}})
+    );
+    let resp = ServerFrame::Response {
+        trace_id: "t".into(),
+        result: json!(3),
+        error: None,
+    };
+    assert_eq!(
+        serde_json::to_value(&resp).unwrap(),
+        json!({"type":"response","payload":{"trace_id":"t","result":3,"error":null}})
+    );
+    let err = ServerFrame::error(ErrorName::RouteNotFound, "no", None);
+    assert_eq!(
+        serde_json::to_value(&err).unwrap(),
+        json!({"type":"error","payload":{"error":"RouteNotFound","description":"no"}})
+    );
+    let ack = ServerFrame::Ack {
+        trace_id: "t".into(),
+    };
+    assert_eq!(
+        ack.to_json(),
+        r#"{"type":"ack","payload":{"trace_id":"t"}}"#
+    );
+}

@@ -1,0 +1,496 @@
+//! The routing table: the allow-list of mesh calls a client may make, and the
+//! event rules that decide which mesh events reach which sockets. Loaded from
+//! `routes.toml` (format documented in the README and in the generated file).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Timeout of a route that names none and whose file sets no default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A routing file that could not be loaded: which file, where, and what was
+/// expected there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct RoutesError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// How a mesh event reaches clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Every connection.
+    All,
+    /// The connections of the users named in the event's `target`.
+    Target,
+    /// The connections that subscribed to a matching topic.
+    Subscribers,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The mesh service called.
+    pub service: String,
+    /// The mesh method, or `None` for `service.*`.
+    pub method: Option<String>,
+    /// The name the frontend uses, `service` and optional method.
+    pub exposed_service: String,
+    pub exposed_method: Option<String>,
+    /// Any one of these roles is required; empty means any authenticated user.
+    pub roles: Vec<String>,
+    pub timeout: Duration,
+    /// Requests a second one connection may make on this route; `None` is unlimited.
+    pub rate_per_sec: Option<u32>,
+}
+
+impl Route {
+    pub fn allows(&self, roles: &[String]) -> bool {
+        self.roles.is_empty() || self.roles.iter().any(|r| roles.contains(r))
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{}.{}", self.service, self.method.as_deref().unwrap_or("*"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRule {
+    pub pattern: String,
+    pub delivery: Delivery,
+}
+
+/// A resolved call: which route allowed it and the mesh method to call.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    pub route: &'a Route,
+    pub route_index: usize,
+    pub service: &'a str,
+    pub method: &'a str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    exact: HashMap<(String, String), usize>,
+    wildcard: HashMap<String, usize>,
+    events: Vec<EventRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    defaults: Option<FileDefaults>,
+    #[serde(default)]
+    route: Vec<FileRoute>,
+    #[serde(default)]
+    event: Vec<FileEvent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDefaults {
+    timeout_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    call: Spanned<String>,
+    expose_as: Option<Spanned<String>>,
+    #[serde(default)]
+    roles: Vec<Spanned<String>>,
+    timeout_ms: Option<Spanned<u64>>,
+    rate_per_sec: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEvent {
+    topic: Spanned<String>,
+    #[serde(default = "default_delivery")]
+    deliver: Delivery,
+}
+
+fn default_delivery() -> Delivery {
+    Delivery::Subscribers
+}
+
+impl RouteTable {
+    /// Read and validate a routing file.
+    pub fn load(path: &Path) -> Result<Self, RoutesError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| RoutesError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the routing file: {e}"),
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Validate routing-file text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, RoutesError> {
+        let at = |span: std::ops::Range<usize>, message: String| {
+            let (line, column) = line_col(text, span.start);
+            RoutesError {
+                file: file.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let doc: FileDoc = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at(span, e.message().trim().to_owned())
+        })?;
+        let default_timeout = match doc.defaults.and_then(|d| d.timeout_ms) {
+            Some(t) => checked_timeout(&t).map_err(|m| at(t.span(), m))?,
+            None => DEFAULT_TIMEOUT,
+        };
+        let mut table = RouteTable::default();
+        for r in doc.route {
+            let (service, method) = parse_call(r.call.get_ref())
+                .map_err(|m| at(r.call.span(), format!("`call` {m}")))?;
+            let (exposed_service, exposed_method) = match &r.expose_as {
+                None => (service.clone(), method.clone()),
+                Some(e) => {
+                    let (s, m) = parse_call(e.get_ref())
+                        .map_err(|m| at(e.span(), format!("`expose_as` {m}")))?;
+                    if m.is_none() != method.is_none() {
+                        return Err(at(
+                            e.span(),
+                            "`expose_as` must be `name.*` when `call` is `service.*`, \
+                             and `name.method` when `call` names a method"
+                                .into(),
+                        ));
+                    }
+                    (s, m)
+                }
+            };
+            let mut roles = Vec::with_capacity(r.roles.len());
+            for role in &r.roles {
+                if role.get_ref().trim().is_empty() {
+                    return Err(at(role.span(), "a role must not be empty".into()));
+                }
+                roles.push(role.get_ref().clone());
+            }
+            let timeout = match &r.timeout_ms {
+                Some(t) => checked_timeout(t).map_err(|m| at(t.span(), m))?,
+                None => default_timeout,
+            };
+            let rate_per_sec = match &r.rate_per_sec {
+                Some(rate) if *rate.get_ref() == 0 => {
+                    return Err(at(
+                        rate.span(),
+                        "`rate_per_sec` must be at least 1 (leave it out for no limit)".into(),
+                    ));
+                }
+                Some(rate) => Some(*rate.get_ref()),
+                None => None,
+            };
+            let index = table.routes.len();
+            let clash = match &exposed_method {
+                Some(m) => table
+                    .exact
+                    .insert((exposed_service.clone(), m.clone()), index)
+                    .is_some(),
+                None => table
+                    .wildcard
+                    .insert(exposed_service.clone(), index)
+                    .is_some(),
+            };
+            if clash {
+                let span = r.expose_as.as_ref().map_or(r.call.span(), |e| e.span());
+                return Err(at(
+                    span,
+                    format!(
+                        "`{}.{}` is routed twice; each name a client calls must appear once",
+                        exposed_service,
+                        exposed_method.as_deref().unwrap_or("*")
+                    ),
+                ));
+            }
+            table.routes.push(Route {
+                service,
+                method,
+                exposed_service,
+                exposed_method,
+                roles,
+                timeout,
+                rate_per_sec,
+            });
+        }
+        for e in doc.event {
+            validate_topic_pattern(e.topic.get_ref())
+                .map_err(|m| at(e.topic.span(), format!("`topic` {m}")))?;
+            table.events.push(EventRule {
+                pattern: e.topic.get_ref().clone(),
+                delivery: e.deliver,
+            });
+        }
+        Ok(table)
+    }
+
+    /// Which mesh call a client's `service.method` maps to, if any.
+    pub fn resolve<'a>(&'a self, service: &str, method: &'a str) -> Option<Resolved<'a>> {
+        let index = self
+            .exact
+            .get(&(service.to_owned(), method.to_owned()))
+            .or_else(|| self.wildcard.get(service))
+            .copied()?;
+        let route = &self.routes[index];
+        Some(Resolved {
+            route,
+            route_index: index,
+            service: &route.service,
+            method: route.method.as_deref().unwrap_or(method),
+        })
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn events(&self) -> &[EventRule] {
+        &self.events
+    }
+
+    /// The first event rule whose pattern matches `topic`.
+    pub fn event_rule(&self, topic: &str) -> Option<&EventRule> {
+        self.events
+            .iter()
+            .find(|rule| topic_matches(&rule.pattern, topic))
+    }
+}
+
+fn checked_timeout(t: &Spanned<u64>) -> Result<Duration, String> {
+    match *t.get_ref() {
+        0 => Err("`timeout_ms` must be at least 1".into()),
+        ms if ms > 3_600_000 => Err("`timeout_ms` must be at most 3600000 (one hour)".into()),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// A service or method name: what nuropb accepts as a routing key and a
+/// Python method name.
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Split `service.method` or `service.*`.
+pub fn parse_call(s: &str) -> Result<(String, Option<String>), String> {
+    let expected = format!("must be `service.method` or `service.*`, found `{s}`");
+    let Some((service, method)) = s.trim().split_once('.') else {
+        return Err(expected);
+    };
+    if !is_name(service) {
+        return Err(expected);
+    }
+    if method == "*" {
+        return Ok((service.to_owned(), None));
+    }
+    if !is_name(method) {
+        return Err(expected);
+    }
+    Ok((service.to_owned(), Some(method.to_owned())))
+}
+
+/// An AMQP topic pattern: dot-separated words, each a name, `*` or `#`.
+pub fn validate_topic_pattern(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty() && p.split('.').all(|w| w == "*" || w == "#" || is_name(w));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be dot-separated words of letters, digits, `_` or `-`, or `*` / `#`, found `{p}`"
+        ))
+    }
+}
+
+/// AMQP topic matching: `*` is exactly one word, `#` zero or more.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    fn go(p: &[&str], t: &[&str]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((&"#", rest)) => (0..=t.len()).any(|i| go(rest, &t[i..])),
+            Some((&w, rest)) => match t.split_first() {
+                Some((&tw, trest)) => (w == "*" || w == tw) && go(rest, trest),
+                None => false,
+            },
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let t: Vec<&str> = topic.split('.').collect();
+    go(&p, &t)
+}
+
+impl fmt::Display for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Delivery::All => "all",
+            Delivery::Target => "target",
+            Delivery::Subscribers => "subscribers",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[defaults]
+timeout_ms = 5000
+
+[[route]]
+call = "orders.*"
+
+[[route]]
+call = "users.get_profile"
+expose_as = "me.profile"
+roles = ["user", "admin"]
+timeout_ms = 1500
+
+[[route]]
+call = "billing.*"
+expose_as = "pay.*"
+
+[[event]]
+topic = "orders.#"
+deliver = "target"
+
+[[event]]
+topic = "news.*"
+"#;
+
+    #[test]
+    fn resolves_exact_and_wildcard_routes() {
+        let t = RouteTable::parse("routes.toml", SAMPLE).unwrap();
+        let r = t.resolve("orders", "list").unwrap();
+        assert_eq!((r.service, r.method), ("orders", "list"));
+        assert_eq!(r.route.timeout, Duration::from_millis(5000));
+        let r = t.resolve("me", "profile").unwrap();
+        assert_eq!((r.service, r.method), ("users", "get_profile"));
+        assert_eq!(r.route.timeout, Duration::from_millis(1500));
+        let r = t.resolve("pay", "charge").unwrap();
+        assert_eq!((r.service, r.method), ("billing", "charge"));
+    }
+
+    #[test]
+    fn anything_outside_the_table_is_refused() {
+        let t = RouteTable::parse("routes.toml", SAMPLE).unwrap();
+        assert!(t.resolve("users", "get_profile").is_none(), "renamed away");
+        assert!(t.resolve("users", "delete").is_none());
+        assert!(t.resolve("billing", "charge").is_none(), "renamed away");
+        assert!(t.resolve("ordersx", "list").is_none());
+    }
+
+    #[test]
+    fn roles_gate_routes() {
+        let t = RouteTable::parse("routes.toml", SAMPLE).unwrap();
+        let r = t.resolve("me", "profile").unwrap().route;
+        assert!(!r.allows(&[]));
+        assert!(!r.allows(&["guest".to_owned()]));
+        assert!(r.allows(&["admin".to_owned()]));
+        assert!(t.resolve("orders", "x").unwrap().route.allows(&[]));
+    }
+
+    #[test]
+    fn event_rules_match_topics() {
+        let t = RouteTable::parse("routes.toml", SAMPLE).unwrap();
+        assert_eq!(
+            t.event_rule("orders.created.eu").unwrap().delivery,
+            Delivery::Target
+        );
+        assert_eq!(
+            t.event_rule("news.today").unwrap().delivery,
+            Delivery::Subscribers
+        );
+        assert!(t.event_rule("news.today.late").is_none());
+        assert!(t.event_rule("other").is_none());
+    }
+
+    #[test]
+    fn topic_matching_follows_amqp() {
+        assert!(topic_matches("a.*.c", "a.b.c"));
+        assert!(!topic_matches("a.*.c", "a.c"));
+        assert!(topic_matches("a.#", "a"));
+        assert!(topic_matches("a.#", "a.b.c"));
+        assert!(topic_matches("#", "x.y"));
+        assert!(topic_matches("#.z", "x.y.z"));
+        assert!(!topic_matches("a.b", "a.b.c"));
+    }
+
+    fn err(text: &str) -> RoutesError {
+        RouteTable::parse("r.toml", text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_expectation() {
+        let e = err("[[route]]\ncall = \"orders\"\n");
+        assert_eq!((e.file.as_str(), e.line, e.column), ("r.toml", 2, 8));
+        assert!(e.message.contains("`service.method` or `service.*`"), "{e}");
+        assert!(e.to_string().starts_with("r.toml:2:8: "), "{e}");
+
+        let e = err("[[route]]\ncall = \"a.b\"\ncolour = 1\n");
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+
+        let e = err("[[route]]\ncall = \"a.*\"\nexpose_as = \"b.c\"\n");
+        assert_eq!(e.line, 3);
+        assert!(e.message.contains("`name.*`"), "{e}");
+
+        let e = err("[[route]]\ncall = \"a.b\"\ntimeout_ms = 0\n");
+        assert!(e.message.contains("timeout_ms"), "{e}");
+
+        let e = err("[[route]]\ncall = \"a.b\"\n[[route]]\ncall = \"a.b\"\n");
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("routed twice"), "{e}");
+
+        let e = err("[[event]]\ntopic = \"a..b\"\n");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("`topic`"), "{e}");
+
+        let e = err("[[event]]\ntopic = \"a\"\ndeliver = \"some\"\n");
+        assert!(e.message.contains("unknown variant"), "{e}");
+
+        let e = err("[[route]\n");
+        assert_eq!(e.line, 1);
+
+        let e = err("[[route]]\nexpose_as = \"a.b\"\n");
+        assert!(e.message.contains("missing field `call`"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = RouteTable::load(Path::new("/nonexistent/routes.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/routes.toml"));
+    }
+
+    #[test]
+    fn an_empty_table_routes_nothing() {
+        let t = RouteTable::parse("r.toml", "").unwrap();
+        assert!(t.resolve("a", "b").is_none());
+        assert!(t.routes().is_empty());
+    }
+}
