@@ -1,0 +1,452 @@
+//! The gateway over real sockets on 127.0.0.1:0 with the in-process mesh:
+//! the WebSocket protocol of bff-contract.md section 3.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nuropb_bff::mesh::IncomingRequest;
+use nuropb_bff::{
+    BoxFuture, DefaultHandler, ErrorBody, JwtVerifier, LocalCall, MemoryMesh, Mesh, NoAuth,
+    StubService, WsHandler,
+};
+use serde_json::{Value, json};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+const ROUTES: &str = r#"
+[[route]]
+call = "orders.*"
+
+[[route]]
+call = "admin.purge"
+roles = ["admin"]
+
+[[route]]
+call = "orders.get"
+expose_as = "shop.get"
+
+[[route]]
+call = "ghost.*"
+
+[[route]]
+call = "slow.wait"
+timeout_ms = 300
+
+[[event]]
+topic = "orders.#"
+deliver = "target"
+
+[[event]]
+topic = "news.*"
+deliver = "subscribers"
+
+[[event]]
+topic = "system.*"
+deliver = "all"
+"#;
+
+fn stubs(gw: &nuropb_bff::Gateway) -> Arc<dyn Mesh> {
+    let mesh = MemoryMesh::new();
+    mesh.add_service(
+        "orders",
+        Arc::new(
+            StubService::new("orders")
+                .method("get", |r: IncomingRequest| async move {
+                    Ok(json!({"id": r.params.get("id").cloned().unwrap_or(Value::Null)}))
+                })
+                .method("whoami", |r: IncomingRequest| async move {
+                    Ok(Value::Object(r.context))
+                })
+                .method("sleep", |r: IncomingRequest| async move {
+                    let ms = r.params["ms"].as_u64().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(json!(ms))
+                })
+                .method("fail", |_| async {
+                    Err(ErrorBody::new("NuropbException", "Runtime exception calling orders.fail:ValueError: no"))
+                }),
+        ),
+        vec![],
+    );
+    mesh.add_service(
+        "admin",
+        Arc::new(StubService::new("admin").method("purge", |_| async { Ok(json!("purged")) })),
+        vec![],
+    );
+    mesh.add_service(
+        "slow",
+        Arc::new(StubService::new("slow").method("wait", |_| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(Value::Null)
+        })),
+        vec![],
+    );
+    mesh.add_service("test-bff", gw.mesh_service(), gw.event_bindings());
+    Arc::new(mesh)
+}
+
+async fn gateway() -> Running {
+    start(
+        ROUTES,
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |_| {},
+        stubs,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn hello_then_a_request_round_trip_with_gateway_built_context() {
+    let gw = gateway().await;
+    let t = token("alice", &["user"], 300);
+    let (mut c, hello) = connect(&gw.url(), &t).await;
+    assert_eq!(hello["payload"]["event"]["user_id"], "alice");
+    assert_eq!(hello["payload"]["event"]["username"], "alice name");
+    let sid = hello["payload"]["event"]["session_id"].as_str().unwrap().to_owned();
+
+    let r = c.request("orders", "get", json!({"id": 7}), "t1").await;
+    assert_eq!(r["result"], json!({"id": 7}));
+    assert_eq!(r["error"], Value::Null);
+
+    // The client's own context is ignored; the gateway's is sent.
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"whoami","params":{},
+        "trace_id":"t2","context":{"user_id":"mallory","Authorization":"forged"}}})).await;
+    let r = c.recv().await;
+    let ctx = &r["payload"]["result"];
+    assert_eq!(ctx["user_id"], "alice");
+    assert_eq!(ctx["Authorization"], t.as_str());
+    assert_eq!(ctx["trace_id"], "t2");
+    assert_eq!(ctx["session_id"], sid.as_str());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn requests_on_one_socket_run_concurrently() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("bob", &[], 300)).await;
+    // A slow request first, then a fast one: the fast one must not wait.
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":1500},"trace_id":"slow"}})).await;
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":1},"trace_id":"fast"}})).await;
+    let first = c.recv().await;
+    let second = c.recv().await;
+    assert_eq!(first["payload"]["trace_id"], "fast", "{first}");
+    assert_eq!(second["payload"]["trace_id"], "slow", "{second}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_trace_id_is_made_up_when_missing() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("bob", &[], 300)).await;
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"get","params":{}}})).await;
+    let r = c.recv().await;
+    assert!(r["payload"]["trace_id"].as_str().is_some_and(|t| t.len() >= 16), "{r}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn routing_errors_and_service_errors() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("carol", &["user"], 300)).await;
+
+    let r = c.request("users", "delete", json!({}), "a").await;
+    assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
+    let r = c.request("admin", "purge", json!({}), "b").await;
+    assert_eq!(r["error"]["error"], "Forbidden", "{r}");
+    let r = c.request("shop", "get", json!({"id": 1}), "c").await;
+    assert_eq!(r["result"], json!({"id": 1}), "expose_as renames");
+    let r = c.request("ghost", "boo", json!({}), "d").await;
+    assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
+    let r = c.request("orders", "fail", json!({}), "e").await;
+    assert_eq!(r["error"]["error"], "NuropbException", "service errors pass through: {r}");
+    assert_eq!(
+        r["error"]["description"],
+        "Runtime exception calling orders.fail:ValueError: no"
+    );
+    let r = c.request("slow", "wait", json!({}), "f").await;
+    assert_eq!(r["error"]["error"], "Timeout", "{r}");
+
+    let (mut admin, _) = connect(&gw.url(), &token("root", &["admin"], 300)).await;
+    let r = admin.request("admin", "purge", json!({}), "g").await;
+    assert_eq!(r["result"], "purged");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn every_malformed_frame_gets_an_error_and_the_socket_stays_usable() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("dave", &[], 300)).await;
+    let bad = [
+        "{not json",
+        "42",
+        r#"{"type":"fly","payload":{}}"#,
+        r#"{"payload":{}}"#,
+        r#"{"type":"request","payload":{"service":"orders"}}"#,
+        r#"{"type":"request","payload":{"service":"orders","method":"get","params":"x","trace_id":"p"}}"#,
+        r#"{"type":"subscribe","payload":{"topics":["bad..topic"]}}"#,
+    ];
+    for text in bad {
+        c.send_text(text).await;
+        let e = c.recv().await;
+        assert_eq!(e["type"], "error", "{text}: {e}");
+        assert_eq!(e["payload"]["error"], "InvalidMessage", "{text}: {e}");
+        assert!(e["payload"]["description"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(c.recv().await["payload"]["error"], "InvalidMessage");
+    let big = format!(r#"{{"type":"request","payload":{{"service":"orders","method":"get","params":{{"x":"{}"}}}}}}"#, "a".repeat(70_000));
+    c.send_text(&big).await;
+    assert_eq!(c.recv().await["payload"]["error"], "MessageTooLarge");
+    // Still usable.
+    let r = c.request("orders", "get", json!({"id": 2}), "ok").await;
+    assert_eq!(r["result"]["id"], 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn handshake_auth_sources_and_refusals() {
+    let gw = gateway().await;
+    // Bad token in the handshake: HTTP 401 before the upgrade.
+    let err = connect_with(&gw.url(), |r| {
+        r.headers_mut().insert("authorization", "Bearer nope".parse().unwrap());
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    // Cookie and query parameter.
+    let t = token("erin", &[], 300);
+    let cookie = format!("theme=dark; access_token={t}");
+    let mut c = connect_with(&gw.url(), |r| {
+        r.headers_mut().insert("cookie", cookie.parse().unwrap());
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.recv().await["payload"]["event"]["user_id"], "erin");
+    let mut c = connect_with(&format!("{}?access_token={t}", gw.url()), |_| {}).await.unwrap();
+    assert_eq!(c.recv().await["payload"]["event"]["user_id"], "erin");
+    // A disallowed browser origin.
+    let err = connect_with(&gw.url(), |r| {
+        r.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn first_frame_authentication() {
+    let gw = gateway().await;
+    let mut c = connect_with(&gw.url(), |_| {}).await.unwrap();
+    c.send(json!({"type":"authenticate","payload":{"token": token("fay", &[], 300)}})).await;
+    let hello = c.recv().await;
+    assert_eq!(hello["payload"]["event"]["user_id"], "fay");
+
+    // Anything else first is refused and closed.
+    let mut c = connect_with(&gw.url(), |_| {}).await.unwrap();
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"get"}})).await;
+    assert_eq!(c.recv().await["payload"]["error"], "Unauthorized");
+    assert_eq!(c.closed().await, Some(4003));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_expiring_token_closes_with_4001_unless_renewed() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("gus", &[], 1)).await;
+    assert_eq!(c.closed().await, Some(4001));
+
+    let (mut c, _) = connect(&gw.url(), &token("gus", &[], 1)).await;
+    c.send(json!({"type":"authenticate","payload":{"token": token("gus", &[], 300)}})).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = c.request("orders", "get", json!({"id": 3}), "after").await;
+    assert_eq!(r["result"]["id"], 3, "renewed session still open");
+    // A token for someone else does not renew.
+    c.send(json!({"type":"authenticate","payload":{"token": token("other", &[], 300)}})).await;
+    assert_eq!(c.recv().await["payload"]["error"], "Unauthorized");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn commands_are_acked() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("hal", &[], 300)).await;
+    c.send(json!({"type":"command","payload":{"service":"orders","method":"get","params":{},"trace_id":"c1"}})).await;
+    assert_eq!(c.recv().await, json!({"type":"ack","payload":{"trace_id":"c1"}}));
+    c.send(json!({"type":"command","payload":{"service":"nope","method":"x","params":{},"trace_id":"c2"}})).await;
+    let e = c.recv().await;
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["payload"]["error"], "RouteNotFound");
+    assert_eq!(e["payload"]["trace_id"], "c2");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn in_flight_limit_answers_rate_limited() {
+    let gw = start(
+        ROUTES,
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |c| c.limits.max_in_flight = 2,
+        stubs,
+    )
+    .await;
+    let (mut c, _) = connect(&gw.url(), &token("ivy", &[], 300)).await;
+    for i in 0..3 {
+        c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":500},"trace_id":format!("r{i}")}})).await;
+    }
+    let first = c.recv().await;
+    assert_eq!(first["payload"]["trace_id"], "r2");
+    assert_eq!(first["payload"]["error"]["error"], "RateLimited");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
+    let gw = gateway().await;
+    let (mut a1, _) = connect(&gw.url(), &token("ann", &[], 300)).await;
+    let (mut a2, _) = connect(&gw.url(), &token("ann", &[], 300)).await;
+    let (mut b, _) = connect(&gw.url(), &token("ben", &[], 300)).await;
+    let mesh = gw.gateway.mesh().unwrap().clone();
+    let call = |method: &str, params: Value| nuropb_bff::Call {
+        service: "test-bff".into(),
+        method: method.into(),
+        params: params.as_object().unwrap().clone(),
+        context: Default::default(),
+        ttl: Duration::from_secs(5),
+        trace_id: None,
+    };
+    let r = mesh.request(call("send_to_users", json!({"user_ids":["ann"],"message":{"n":1},"topic":"note"}))).await.unwrap();
+    assert_eq!(r, json!({"delivered": 2}));
+    for c in [&mut a1, &mut a2] {
+        assert_eq!(c.recv().await, json!({"type":"event","payload":{"topic":"note","event":{"n":1}}}));
+    }
+    let r = mesh.request(call("broadcast", json!({"message":"hi"}))).await.unwrap();
+    assert_eq!(r, json!({"delivered": 3}));
+    for c in [&mut a1, &mut a2, &mut b] {
+        assert_eq!(c.recv().await["payload"]["event"], "hi");
+    }
+    let stats = mesh.request(call("stats", json!({}))).await.unwrap();
+    assert_eq!(stats, json!({"sessions": 3, "users": 2}));
+    let d = mesh.request(call("describe_me", json!({}))).await.unwrap_err();
+    assert!(matches!(d, nuropb_bff::MeshError::Remote(_)));
+    let desc = mesh.request(call("nuropb_describe", json!({}))).await.unwrap();
+    assert_eq!(desc["service_name"], "test-bff");
+    assert!(desc["methods"]["send_to_users"].is_object());
+
+    // Events: targeted, subscribed, to all.
+    let publish = |topic: &str, target: Option<Vec<String>>| nuropb_bff::mesh::OutgoingEvent {
+        topic: topic.into(),
+        event: json!({"t": topic}),
+        context: Default::default(),
+        target,
+        trace_id: None,
+    };
+    mesh.publish_event(publish("orders.shipped", Some(vec!["ben".into()]))).await.unwrap();
+    assert_eq!(b.recv().await["payload"]["topic"], "orders.shipped");
+    b.send(json!({"type":"subscribe","payload":{"topics":["news.*"]}})).await;
+    assert_eq!(b.recv().await, json!({"type":"subscribed","payload":{"topics":["news.*"]}}));
+    mesh.publish_event(publish("news.today", None)).await.unwrap();
+    assert_eq!(b.recv().await["payload"]["topic"], "news.today");
+    mesh.publish_event(publish("system.restart", None)).await.unwrap();
+    for c in [&mut a1, &mut a2, &mut b] {
+        assert_eq!(c.recv().await["payload"]["topic"], "system.restart");
+    }
+    // ann got neither the targeted nor the subscribed event: the next frame
+    // she sees is her own response.
+    let r = a1.request("orders", "get", json!({"id": 9}), "z").await;
+    assert_eq!(r["result"]["id"], 9);
+
+    let r = mesh.request(call("disconnect_users", json!({"user_ids":["ann"]}))).await.unwrap();
+    assert_eq!(r, json!({"disconnected": 2}));
+    assert_eq!(a1.closed().await, Some(4000));
+    assert_eq!(a2.closed().await, Some(4000));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("jo", &[], 300)).await;
+    let stopping = tokio::spawn(gw.stop());
+    assert_eq!(c.closed().await, Some(1001));
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics() {
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("kim", &[], 300)).await;
+    c.request("orders", "get", json!({}), "m").await;
+    let get = |path: &str| {
+        let url = format!("http://{}{path}", gw.addr);
+        async move { http_get(&url).await }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 200);
+    let (status, body) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains(r#"bff_requests_total{outcome="ok"} 1"#), "{body}");
+    assert!(body.contains("bff_ws_sessions 1"), "{body}");
+    gw.stop().await;
+}
+
+/// A minimal HTTP/1.1 GET, enough for the health endpoints.
+async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf[9..12].parse().unwrap();
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[derive(Debug)]
+struct Composer;
+impl WsHandler for Composer {
+    fn local_request(&self, call: LocalCall) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
+        if call.call.service != "bff" {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let a = call.mesh.request("orders", "get", json!({"id": 1}).as_object().unwrap().clone()).await.map_err(|e| e.to_client())?;
+            let b = call.mesh.request("orders", "get", json!({"id": 2}).as_object().unwrap().clone()).await.map_err(|e| e.to_client())?;
+            Ok(json!([a, b]))
+        }))
+    }
+    fn on_response(&self, _s: &nuropb_bff::SessionInfo, call: &nuropb_bff::Call, result: Value) -> Value {
+        json!({"via": format!("{}.{}", call.service, call.method), "result": result})
+    }
+}
+
+#[tokio::test]
+async fn handler_hooks_compose_and_transform() {
+    let gw = start(ROUTES, Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)), Arc::new(Composer), |_| {}, stubs).await;
+    let (mut c, _) = connect(&gw.url(), &token("lee", &[], 300)).await;
+    let r = c.request("bff", "both", json!({}), "l").await;
+    assert_eq!(r["result"], json!([{"id":1},{"id":2}]));
+    let r = c.request("shop", "get", json!({"id": 5}), "s").await;
+    assert_eq!(r["result"], json!({"via":"orders.get","result":{"id":5}}));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn no_auth_mode_gives_each_socket_its_own_anonymous_user() {
+    let gw = start(ROUTES, Arc::new(NoAuth), Arc::new(DefaultHandler), |_| {}, stubs).await;
+    let mut a = connect_with(&gw.url(), |_| {}).await.unwrap();
+    let mut b = connect_with(&gw.url(), |_| {}).await.unwrap();
+    let ha = a.recv().await;
+    let hb = b.recv().await;
+    assert_ne!(ha["payload"]["event"]["user_id"], hb["payload"]["event"]["user_id"]);
+    gw.stop().await;
+}
