@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use futures_util::SinkExt;
 use nuropb_bff::mesh::IncomingRequest;
 use nuropb_bff::{
     BoxFuture, DefaultHandler, ErrorBody, JwtVerifier, LocalCall, MemoryMesh, Mesh, NoAuth,
     StubService, WsHandler,
 };
 use serde_json::{Value, json};
-use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
 const ROUTES: &str = r#"
@@ -66,7 +66,10 @@ fn stubs(gw: &nuropb_bff::Gateway) -> Arc<dyn Mesh> {
                     Ok(json!(ms))
                 })
                 .method("fail", |_| async {
-                    Err(ErrorBody::new("NuropbException", "Runtime exception calling orders.fail:ValueError: no"))
+                    Err(ErrorBody::new(
+                        "NuropbException",
+                        "Runtime exception calling orders.fail:ValueError: no",
+                    ))
                 }),
         ),
         vec![],
@@ -106,15 +109,21 @@ async fn hello_then_a_request_round_trip_with_gateway_built_context() {
     let (mut c, hello) = connect(&gw.url(), &t).await;
     assert_eq!(hello["payload"]["event"]["user_id"], "alice");
     assert_eq!(hello["payload"]["event"]["username"], "alice name");
-    let sid = hello["payload"]["event"]["session_id"].as_str().unwrap().to_owned();
+    let sid = hello["payload"]["event"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     let r = c.request("orders", "get", json!({"id": 7}), "t1").await;
     assert_eq!(r["result"], json!({"id": 7}));
     assert_eq!(r["error"], Value::Null);
 
     // The client's own context is ignored; the gateway's is sent.
-    c.send(json!({"type":"request","payload":{"service":"orders","method":"whoami","params":{},
-        "trace_id":"t2","context":{"user_id":"mallory","Authorization":"forged"}}})).await;
+    c.send(
+        json!({"type":"request","payload":{"service":"orders","method":"whoami","params":{},
+        "trace_id":"t2","context":{"user_id":"mallory","Authorization":"forged"}}}),
+    )
+    .await;
     let r = c.recv().await;
     let ctx = &r["payload"]["result"];
     assert_eq!(ctx["user_id"], "alice");
@@ -142,9 +151,15 @@ async fn requests_on_one_socket_run_concurrently() {
 async fn a_trace_id_is_made_up_when_missing() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("bob", &[], 300)).await;
-    c.send(json!({"type":"request","payload":{"service":"orders","method":"get","params":{}}})).await;
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"get","params":{}}}))
+        .await;
     let r = c.recv().await;
-    assert!(r["payload"]["trace_id"].as_str().is_some_and(|t| t.len() >= 16), "{r}");
+    assert!(
+        r["payload"]["trace_id"]
+            .as_str()
+            .is_some_and(|t| t.len() >= 16),
+        "{r}"
+    );
     gw.stop().await;
 }
 
@@ -162,7 +177,10 @@ async fn routing_errors_and_service_errors() {
     let r = c.request("ghost", "boo", json!({}), "d").await;
     assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
     let r = c.request("orders", "fail", json!({}), "e").await;
-    assert_eq!(r["error"]["error"], "NuropbException", "service errors pass through: {r}");
+    assert_eq!(
+        r["error"]["error"], "NuropbException",
+        "service errors pass through: {r}"
+    );
     assert_eq!(
         r["error"]["description"],
         "Runtime exception calling orders.fail:ValueError: no"
@@ -194,11 +212,20 @@ async fn every_malformed_frame_gets_an_error_and_the_socket_stays_usable() {
         let e = c.recv().await;
         assert_eq!(e["type"], "error", "{text}: {e}");
         assert_eq!(e["payload"]["error"], "InvalidMessage", "{text}: {e}");
-        assert!(e["payload"]["description"].as_str().is_some_and(|d| !d.is_empty()));
+        assert!(
+            e["payload"]["description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty())
+        );
     }
-    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    c.ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     assert_eq!(c.recv().await["payload"]["error"], "InvalidMessage");
-    let big = format!(r#"{{"type":"request","payload":{{"service":"orders","method":"get","params":{{"x":"{}"}}}}}}"#, "a".repeat(70_000));
+    let big = format!(
+        r#"{{"type":"request","payload":{{"service":"orders","method":"get","params":{{"x":"{}"}}}}}}"#,
+        "a".repeat(70_000)
+    );
     c.send_text(&big).await;
     assert_eq!(c.recv().await["payload"]["error"], "MessageTooLarge");
     // Still usable.
@@ -212,7 +239,8 @@ async fn handshake_auth_sources_and_refusals() {
     let gw = gateway().await;
     // Bad token in the handshake: HTTP 401 before the upgrade.
     let err = connect_with(&gw.url(), |r| {
-        r.headers_mut().insert("authorization", "Bearer nope".parse().unwrap());
+        r.headers_mut()
+            .insert("authorization", "Bearer nope".parse().unwrap());
     })
     .await
     .unwrap_err();
@@ -226,11 +254,14 @@ async fn handshake_auth_sources_and_refusals() {
     .await
     .unwrap();
     assert_eq!(c.recv().await["payload"]["event"]["user_id"], "erin");
-    let mut c = connect_with(&format!("{}?access_token={t}", gw.url()), |_| {}).await.unwrap();
+    let mut c = connect_with(&format!("{}?access_token={t}", gw.url()), |_| {})
+        .await
+        .unwrap();
     assert_eq!(c.recv().await["payload"]["event"]["user_id"], "erin");
     // A disallowed browser origin.
     let err = connect_with(&gw.url(), |r| {
-        r.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+        r.headers_mut()
+            .insert("origin", "https://evil.example".parse().unwrap());
     })
     .await
     .unwrap_err();
@@ -242,13 +273,15 @@ async fn handshake_auth_sources_and_refusals() {
 async fn first_frame_authentication() {
     let gw = gateway().await;
     let mut c = connect_with(&gw.url(), |_| {}).await.unwrap();
-    c.send(json!({"type":"authenticate","payload":{"token": token("fay", &[], 300)}})).await;
+    c.send(json!({"type":"authenticate","payload":{"token": token("fay", &[], 300)}}))
+        .await;
     let hello = c.recv().await;
     assert_eq!(hello["payload"]["event"]["user_id"], "fay");
 
     // Anything else first is refused and closed.
     let mut c = connect_with(&gw.url(), |_| {}).await.unwrap();
-    c.send(json!({"type":"request","payload":{"service":"orders","method":"get"}})).await;
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"get"}}))
+        .await;
     assert_eq!(c.recv().await["payload"]["error"], "Unauthorized");
     assert_eq!(c.closed().await, Some(4003));
     gw.stop().await;
@@ -261,12 +294,14 @@ async fn an_expiring_token_closes_with_4001_unless_renewed() {
     assert_eq!(c.closed().await, Some(4001));
 
     let (mut c, _) = connect(&gw.url(), &token("gus", &[], 1)).await;
-    c.send(json!({"type":"authenticate","payload":{"token": token("gus", &[], 300)}})).await;
+    c.send(json!({"type":"authenticate","payload":{"token": token("gus", &[], 300)}}))
+        .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let r = c.request("orders", "get", json!({"id": 3}), "after").await;
     assert_eq!(r["result"]["id"], 3, "renewed session still open");
     // A token for someone else does not renew.
-    c.send(json!({"type":"authenticate","payload":{"token": token("other", &[], 300)}})).await;
+    c.send(json!({"type":"authenticate","payload":{"token": token("other", &[], 300)}}))
+        .await;
     assert_eq!(c.recv().await["payload"]["error"], "Unauthorized");
     gw.stop().await;
 }
@@ -276,7 +311,10 @@ async fn commands_are_acked() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("hal", &[], 300)).await;
     c.send(json!({"type":"command","payload":{"service":"orders","method":"get","params":{},"trace_id":"c1"}})).await;
-    assert_eq!(c.recv().await, json!({"type":"ack","payload":{"trace_id":"c1"}}));
+    assert_eq!(
+        c.recv().await,
+        json!({"type":"ack","payload":{"trace_id":"c1"}})
+    );
     c.send(json!({"type":"command","payload":{"service":"nope","method":"x","params":{},"trace_id":"c2"}})).await;
     let e = c.recv().await;
     assert_eq!(e["type"], "error");
@@ -320,21 +358,39 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         ttl: Duration::from_secs(5),
         trace_id: None,
     };
-    let r = mesh.request(call("send_to_users", json!({"user_ids":["ann"],"message":{"n":1},"topic":"note"}))).await.unwrap();
+    let r = mesh
+        .request(call(
+            "send_to_users",
+            json!({"user_ids":["ann"],"message":{"n":1},"topic":"note"}),
+        ))
+        .await
+        .unwrap();
     assert_eq!(r, json!({"delivered": 2}));
     for c in [&mut a1, &mut a2] {
-        assert_eq!(c.recv().await, json!({"type":"event","payload":{"topic":"note","event":{"n":1}}}));
+        assert_eq!(
+            c.recv().await,
+            json!({"type":"event","payload":{"topic":"note","event":{"n":1}}})
+        );
     }
-    let r = mesh.request(call("broadcast", json!({"message":"hi"}))).await.unwrap();
+    let r = mesh
+        .request(call("broadcast", json!({"message":"hi"})))
+        .await
+        .unwrap();
     assert_eq!(r, json!({"delivered": 3}));
     for c in [&mut a1, &mut a2, &mut b] {
         assert_eq!(c.recv().await["payload"]["event"], "hi");
     }
     let stats = mesh.request(call("stats", json!({}))).await.unwrap();
     assert_eq!(stats, json!({"sessions": 3, "users": 2}));
-    let d = mesh.request(call("describe_me", json!({}))).await.unwrap_err();
+    let d = mesh
+        .request(call("describe_me", json!({})))
+        .await
+        .unwrap_err();
     assert!(matches!(d, nuropb_bff::MeshError::Remote(_)));
-    let desc = mesh.request(call("nuropb_describe", json!({}))).await.unwrap();
+    let desc = mesh
+        .request(call("nuropb_describe", json!({})))
+        .await
+        .unwrap();
     assert_eq!(desc["service_name"], "test-bff");
     assert!(desc["methods"]["send_to_users"].is_object());
 
@@ -346,13 +402,23 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         target,
         trace_id: None,
     };
-    mesh.publish_event(publish("orders.shipped", Some(vec!["ben".into()]))).await.unwrap();
+    mesh.publish_event(publish("orders.shipped", Some(vec!["ben".into()])))
+        .await
+        .unwrap();
     assert_eq!(b.recv().await["payload"]["topic"], "orders.shipped");
-    b.send(json!({"type":"subscribe","payload":{"topics":["news.*"]}})).await;
-    assert_eq!(b.recv().await, json!({"type":"subscribed","payload":{"topics":["news.*"]}}));
-    mesh.publish_event(publish("news.today", None)).await.unwrap();
+    b.send(json!({"type":"subscribe","payload":{"topics":["news.*"]}}))
+        .await;
+    assert_eq!(
+        b.recv().await,
+        json!({"type":"subscribed","payload":{"topics":["news.*"]}})
+    );
+    mesh.publish_event(publish("news.today", None))
+        .await
+        .unwrap();
     assert_eq!(b.recv().await["payload"]["topic"], "news.today");
-    mesh.publish_event(publish("system.restart", None)).await.unwrap();
+    mesh.publish_event(publish("system.restart", None))
+        .await
+        .unwrap();
     for c in [&mut a1, &mut a2, &mut b] {
         assert_eq!(c.recv().await["payload"]["topic"], "system.restart");
     }
@@ -361,7 +427,10 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     let r = a1.request("orders", "get", json!({"id": 9}), "z").await;
     assert_eq!(r["result"]["id"], 9);
 
-    let r = mesh.request(call("disconnect_users", json!({"user_ids":["ann"]}))).await.unwrap();
+    let r = mesh
+        .request(call("disconnect_users", json!({"user_ids":["ann"]})))
+        .await
+        .unwrap();
     assert_eq!(r, json!({"disconnected": 2}));
     assert_eq!(a1.closed().await, Some(4000));
     assert_eq!(a2.closed().await, Some(4000));
@@ -390,7 +459,10 @@ async fn health_ready_and_metrics() {
     assert_eq!(get("/readyz").await.0, 200);
     let (status, body) = get("/metrics").await;
     assert_eq!(status, 200);
-    assert!(body.contains(r#"bff_requests_total{outcome="ok"} 1"#), "{body}");
+    assert!(
+        body.contains(r#"bff_requests_total{outcome="ok"} 1"#),
+        "{body}"
+    );
     assert!(body.contains("bff_ws_sessions 1"), "{body}");
     gw.stop().await;
 }
@@ -401,37 +473,73 @@ async fn http_get(url: &str) -> (u16, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status = buf[9..12].parse().unwrap();
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 #[derive(Debug)]
 struct Composer;
 impl WsHandler for Composer {
-    fn local_request(&self, call: LocalCall) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
+    fn local_request(
+        &self,
+        call: LocalCall,
+    ) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
         if call.call.service != "bff" {
             return None;
         }
         Some(Box::pin(async move {
-            let a = call.mesh.request("orders", "get", json!({"id": 1}).as_object().unwrap().clone()).await.map_err(|e| e.to_client())?;
-            let b = call.mesh.request("orders", "get", json!({"id": 2}).as_object().unwrap().clone()).await.map_err(|e| e.to_client())?;
+            let a = call
+                .mesh
+                .request(
+                    "orders",
+                    "get",
+                    json!({"id": 1}).as_object().unwrap().clone(),
+                )
+                .await
+                .map_err(|e| e.to_client())?;
+            let b = call
+                .mesh
+                .request(
+                    "orders",
+                    "get",
+                    json!({"id": 2}).as_object().unwrap().clone(),
+                )
+                .await
+                .map_err(|e| e.to_client())?;
             Ok(json!([a, b]))
         }))
     }
-    fn on_response(&self, _s: &nuropb_bff::SessionInfo, call: &nuropb_bff::Call, result: Value) -> Value {
+    fn on_response(
+        &self,
+        _s: &nuropb_bff::SessionInfo,
+        call: &nuropb_bff::Call,
+        result: Value,
+    ) -> Value {
         json!({"via": format!("{}.{}", call.service, call.method), "result": result})
     }
 }
 
 #[tokio::test]
 async fn handler_hooks_compose_and_transform() {
-    let gw = start(ROUTES, Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)), Arc::new(Composer), |_| {}, stubs).await;
+    let gw = start(
+        ROUTES,
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(Composer),
+        |_| {},
+        stubs,
+    )
+    .await;
     let (mut c, _) = connect(&gw.url(), &token("lee", &[], 300)).await;
     let r = c.request("bff", "both", json!({}), "l").await;
     assert_eq!(r["result"], json!([{"id":1},{"id":2}]));
@@ -442,11 +550,21 @@ async fn handler_hooks_compose_and_transform() {
 
 #[tokio::test]
 async fn no_auth_mode_gives_each_socket_its_own_anonymous_user() {
-    let gw = start(ROUTES, Arc::new(NoAuth), Arc::new(DefaultHandler), |_| {}, stubs).await;
+    let gw = start(
+        ROUTES,
+        Arc::new(NoAuth),
+        Arc::new(DefaultHandler),
+        |_| {},
+        stubs,
+    )
+    .await;
     let mut a = connect_with(&gw.url(), |_| {}).await.unwrap();
     let mut b = connect_with(&gw.url(), |_| {}).await.unwrap();
     let ha = a.recv().await;
     let hb = b.recv().await;
-    assert_ne!(ha["payload"]["event"]["user_id"], hb["payload"]["event"]["user_id"]);
+    assert_ne!(
+        ha["payload"]["event"]["user_id"],
+        hb["payload"]["event"]["user_id"]
+    );
     gw.stop().await;
 }

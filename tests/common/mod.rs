@@ -124,11 +124,17 @@ pub async fn connect(url: &str, token: &str) -> (Client, Value) {
 
 impl Client {
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.ws.send(Message::Text(t.to_owned().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(t.to_owned().into()))
+            .await
+            .unwrap();
     }
 
     /// The next JSON text frame, within 10 s.
@@ -161,7 +167,13 @@ impl Client {
         }
     }
 
-    pub async fn request(&mut self, service: &str, method: &str, params: Value, trace: &str) -> Value {
+    pub async fn request(
+        &mut self,
+        service: &str,
+        method: &str,
+        params: Value,
+        trace: &str,
+    ) -> Value {
         self.send(json!({"type":"request","payload":{"service":service,"method":method,"params":params,"trace_id":trace}}))
             .await;
         let resp = self.recv().await;
@@ -169,4 +181,32 @@ impl Client {
         assert_eq!(resp["payload"]["trace_id"], trace, "{resp}");
         resp["payload"].clone()
     }
+}
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker URL of the tests: `BFF_TEST_AMQP_URL` or the local RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("BFF_TEST_AMQP_URL").unwrap_or_else(|_| AMQP_URL.to_owned())
+}
+
+/// A name no other test run uses, for queues and services.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The Python with nuropb 0.1.8: `NUROPB_PYTHON` or the repo's `.venv`.
+pub fn nuropb_python() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("NUROPB_PYTHON") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "no Python with nuropb: run `bash scripts/setup-python.sh` (creates .venv) or set NUROPB_PYTHON"
+    );
+    p
 }

@@ -1,0 +1,206 @@
+//! The AMQP mesh against the RabbitMQ on this machine: two peers, one
+//! serving stub methods, one calling them.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{amqp_url, unique};
+use nuropb_bff::mesh::{IncomingEvent, IncomingRequest, OutgoingEvent};
+use nuropb_bff::{
+    AmqpConfig, AmqpMesh, BoxFuture, Call, ErrorBody, Mesh, MeshError, MeshHandler, StubService,
+};
+use serde_json::{Map, Value, json};
+
+#[derive(Debug, Default)]
+struct Recorder {
+    commands: Mutex<Vec<String>>,
+    events: Mutex<Vec<(String, Option<Vec<String>>)>>,
+}
+
+impl MeshHandler for Recorder {
+    fn handle_request(&self, r: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
+        self.commands.lock().unwrap().push(r.method);
+        Box::pin(async { Ok(Value::Null) })
+    }
+    fn handle_event(&self, e: IncomingEvent) -> BoxFuture<'_, ()> {
+        self.events.lock().unwrap().push((e.topic, e.target));
+        Box::pin(async {})
+    }
+}
+
+fn call(service: &str, method: &str, params: Value, ttl: Duration) -> Call {
+    Call {
+        service: service.into(),
+        method: method.into(),
+        params: params.as_object().cloned().unwrap_or_default(),
+        context: Map::new(),
+        ttl,
+        trace_id: Some("trace-1".into()),
+    }
+}
+
+async fn peer(name: &str, handler: Arc<dyn MeshHandler>, bindings: Vec<String>) -> AmqpMesh {
+    let mut config = AmqpConfig::new(amqp_url(), name);
+    config.event_bindings = bindings;
+    AmqpMesh::connect(config, handler)
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672 (rabbitmq-server -detached)")
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn request_response_errors_no_route_and_timeout_over_the_broker() {
+    let svc_name = unique("calc");
+    let stub = StubService::new(svc_name.clone())
+        .method("add", |r: IncomingRequest| async move {
+            let a = r.params["a"].as_i64().unwrap_or(0);
+            let b = r.params["b"].as_i64().unwrap_or(0);
+            Ok(json!(a + b))
+        })
+        .method("ctx", |r: IncomingRequest| async move {
+            Ok(json!({"trace": r.trace_id, "ctx": r.context}))
+        })
+        .method("slow", |_| async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok(Value::Null)
+        })
+        .method("fail", |_| async {
+            Err(ErrorBody::new("NuropbException", "nope"))
+        });
+    let server = peer(&svc_name, Arc::new(stub), vec![]).await;
+    let client = peer(&unique("client"), Arc::new(Recorder::default()), vec![]).await;
+    let ttl = Duration::from_secs(10);
+
+    let r = client
+        .request(call(&svc_name, "add", json!({"a": 2, "b": 3}), ttl))
+        .await;
+    assert_eq!(r, Ok(json!(5)));
+
+    let mut c = call(&svc_name, "ctx", json!({}), ttl);
+    c.context.insert("user_id".into(), json!("u7"));
+    let r = client.request(c).await.unwrap();
+    assert_eq!(r["trace"], "trace-1");
+    assert_eq!(r["ctx"]["user_id"], "u7");
+
+    // Many in flight over one connection.
+    let calls =
+        (0..200).map(|i| client.request(call(&svc_name, "add", json!({"a": i, "b": 1}), ttl)));
+    let results = futures_util::future::join_all(calls).await;
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r, Ok(json!(i as i64 + 1)));
+    }
+
+    let r = client
+        .request(call(&svc_name, "fail", json!({}), ttl))
+        .await;
+    assert_eq!(
+        r,
+        Err(MeshError::Remote(ErrorBody::new("NuropbException", "nope")))
+    );
+
+    // NO_ROUTE comes back at once, not after the 30 s ttl.
+    let started = Instant::now();
+    let r = client
+        .request(call(
+            &unique("absent"),
+            "x",
+            json!({}),
+            Duration::from_secs(30),
+        ))
+        .await;
+    assert!(matches!(r, Err(MeshError::NotDelivered { .. })), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let r = client
+        .request(call(
+            &svc_name,
+            "slow",
+            json!({}),
+            Duration::from_millis(300),
+        ))
+        .await;
+    assert_eq!(r, Err(MeshError::Timeout(Duration::from_millis(300))));
+
+    client.close(Duration::from_secs(5)).await;
+    server.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn commands_and_events_reach_their_peers() {
+    let rec = Arc::new(Recorder::default());
+    let name = unique("listener");
+    let topic_root = unique("topic").replace('-', "_");
+    let listener = peer(&name, rec.clone(), vec![format!("{topic_root}.#")]).await;
+    let sender = peer(&unique("sender"), Arc::new(Recorder::default()), vec![]).await;
+
+    sender
+        .command(call(&name, "do_it", json!({}), Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let r = sender
+        .command(call(
+            &unique("absent"),
+            "do_it",
+            json!({}),
+            Duration::from_secs(10),
+        ))
+        .await;
+    assert!(matches!(r, Err(MeshError::NotDelivered { .. })), "{r:?}");
+
+    for (suffix, target) in [("a.b", Some(vec!["u1".to_owned()])), ("c", None)] {
+        sender
+            .publish_event(OutgoingEvent {
+                topic: format!("{topic_root}.{suffix}"),
+                event: json!({"k": 1}),
+                context: Map::new(),
+                target,
+                trace_id: None,
+            })
+            .await
+            .unwrap();
+    }
+    sender
+        .publish_event(OutgoingEvent {
+            topic: "unrelated.topic".into(),
+            event: json!({}),
+            context: Map::new(),
+            target: None,
+            trace_id: None,
+        })
+        .await
+        .unwrap();
+    wait_until("the command", || rec.commands.lock().unwrap().len() == 1).await;
+    wait_until("two events", || rec.events.lock().unwrap().len() == 2).await;
+    assert_eq!(rec.commands.lock().unwrap()[0], "do_it");
+    let events = rec.events.lock().unwrap().clone();
+    assert!(events.contains(&(format!("{topic_root}.a.b"), Some(vec!["u1".to_owned()]))));
+    assert!(events.contains(&(format!("{topic_root}.c"), None)));
+
+    sender.close(Duration::from_secs(5)).await;
+    listener.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_named_in_the_error() {
+    let mut config = AmqpConfig::new("amqp://guest:hunter2@127.0.0.1:1/%2f", "x");
+    config.connect_timeout = Duration::from_secs(5);
+    let err = AmqpMesh::connect(config, Arc::new(Recorder::default()))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("hunter2"), "password leaked: {text}");
+}

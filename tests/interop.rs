@@ -1,0 +1,208 @@
+//! Interop with the reference implementation: a real NuroPb Python service
+//! (nuropb==0.1.8) behind the gateway, driven by a WebSocket client; and a
+//! nuropb Python client calling the gateway's own mesh methods.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nuropb_bff::{AmqpConfig, AmqpMesh, DefaultHandler, JwtVerifier, Mesh};
+use serde_json::{Value, json};
+
+fn script(name: &str) -> String {
+    format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python service, killed when dropped.
+struct PyService(Child);
+
+impl Drop for PyService {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_python_service(name: &str) -> PyService {
+    let mut child = Command::new(nuropb_python())
+        .arg(script("service.py"))
+        .arg(amqp_url())
+        .arg(name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the Python service");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the Python service did not get ready within 60 s");
+    assert_eq!(line.trim(), "READY", "Python service said {line:?}");
+    PyService(child)
+}
+
+fn python_client(service: &str, method: &str, params: Value) -> Value {
+    let out = Command::new(nuropb_python())
+        .arg(script("client.py"))
+        .arg(amqp_url())
+        .arg(service)
+        .arg(method)
+        .arg(params.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the Python client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("client printed {text:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_nuropb_service_through_the_gateway_and_back() {
+    let py_name = unique("interop");
+    let bff_name = unique("bff");
+    let routes = format!(
+        "[[route]]\ncall = \"{py_name}.*\"\ntimeout_ms = 20000\n\n[[route]]\ncall = \"{absent}.*\"\ntimeout_ms = 20000\n",
+        absent = unique("absent")
+    );
+    let absent = routes
+        .lines()
+        .find(|l| l.contains("absent"))
+        .unwrap()
+        .split('"')
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(".*")
+        .to_owned();
+
+    // The gateway first: it declares the exchanges nuropb expects.
+    let mut mesh_holder = None;
+    let bff = bff_name.clone();
+    let gw = start(
+        &routes,
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |c| c.mesh_service_name = bff.clone(),
+        |g| {
+            let g = g.clone();
+            let handle = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let mut config = AmqpConfig::new(amqp_url(), bff.clone());
+                    config.event_bindings = g.event_bindings();
+                    AmqpMesh::connect(config, g.mesh_service())
+                        .await
+                        .expect("RabbitMQ must be running")
+                })
+            });
+            mesh_holder = Some(handle.clone());
+            Arc::new(handle) as Arc<dyn Mesh>
+        },
+    )
+    .await;
+    let _service = start_python_service(&py_name);
+
+    let t = token("alice", &[], 300);
+    let (mut c, _) = connect(&gw.url(), &t).await;
+
+    let r = c
+        .request(&py_name, "hello", json!({"name": "rust"}), "h")
+        .await;
+    assert_eq!(r["result"], "hello rust", "{r}");
+    assert_eq!(r["error"], Value::Null);
+
+    let r = c
+        .request(&py_name, "add", json!({"a": 40, "b": 2}), "a")
+        .await;
+    assert_eq!(r["result"], 42, "{r}");
+
+    let r = c.request(&py_name, "boom", json!({}), "b").await;
+    assert_eq!(r["error"]["error"], "NuropbException", "{r}");
+    assert!(
+        r["error"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("boom from python"),
+        "{r}"
+    );
+
+    // The token reaches the service's authorize_func as context["Authorization"].
+    let r = c.request(&py_name, "whoami", json!({}), "w").await;
+    assert_eq!(
+        r["result"],
+        json!({"sub": "alice", "user_id": "alice"}),
+        "{r}"
+    );
+
+    // Concurrent requests on one socket all come back, paired by trace id.
+    for i in 0..20 {
+        c.send(json!({"type":"request","payload":{"service":py_name,"method":"add","params":{"a":i,"b":1000},"trace_id":format!("c{i}")}})).await;
+    }
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..20 {
+        let r = c.recv().await;
+        seen.insert(
+            r["payload"]["trace_id"].as_str().unwrap().to_owned(),
+            r["payload"]["result"].clone(),
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(seen[&format!("c{i}")], json!(i + 1000));
+    }
+
+    let started = Instant::now();
+    let r = c.request(&absent, "anything", json!({}), "n").await;
+    assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "NO_ROUTE took {:?}",
+        started.elapsed()
+    );
+
+    let r = c.request("billing", "charge", json!({}), "r").await;
+    assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
+
+    // The other way: a nuropb Python client calls the gateway's own methods.
+    let py_name2 = bff_name.clone();
+    let describe =
+        tokio::task::spawn_blocking(move || python_client(&py_name2, "nuropb_describe", json!({})))
+            .await
+            .unwrap();
+    assert_eq!(
+        describe["result"]["service_name"],
+        bff_name.as_str(),
+        "{describe}"
+    );
+    assert!(
+        describe["result"]["methods"]["send_to_users"].is_object(),
+        "{describe}"
+    );
+    let b2 = bff_name.clone();
+    let pushed = tokio::task::spawn_blocking(move || {
+        python_client(
+            &b2,
+            "send_to_users",
+            json!({"user_ids": ["alice"], "message": {"hi": 1}, "topic": "note"}),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(pushed["result"], json!({"delivered": 1}), "{pushed}");
+    assert_eq!(
+        c.recv().await,
+        json!({"type":"event","payload":{"topic":"note","event":{"hi":1}}})
+    );
+
+    gw.stop().await;
+    if let Some(m) = mesh_holder {
+        m.close(Duration::from_secs(5)).await;
+    }
+}

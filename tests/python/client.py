@@ -1,0 +1,30 @@
+"""A real NuroPb (nuropb==0.1.8) client for the interop tests: calls
+SERVICE.METHOD with PARAMS_JSON and prints the result as one JSON line
+(or {"error": ...} when the call raises).
+
+usage: client.py AMQP_URL SERVICE METHOD PARAMS_JSON
+"""
+import asyncio
+import json
+import logging
+import sys
+
+from nuropb.rmq_api import RMQAPI
+
+
+async def main(url, service, method, params):
+    api = RMQAPI(amqp_url=url)
+    await api.connect()
+    try:
+        result = await api.request(service=service, method=method, params=params,
+                                   context={}, ttl=10_000, trace_id="interop-client")
+        print(json.dumps({"result": result}), flush=True)
+    except Exception as err:  # the test reads what went wrong
+        print(json.dumps({"error": type(err).__name__, "description": str(err)}), flush=True)
+    finally:
+        await api.disconnect()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])))
