@@ -1,0 +1,144 @@
+//! Requests/s and latency through the gateway on one WebSocket with many
+//! requests in flight. Not a test: prints numbers.
+//!
+//!   cargo bench --bench gateway                       # via RabbitMQ (127.0.0.1:5672)
+//!   cargo bench --bench gateway -- --memory           # in-process mesh
+//!   cargo bench --bench gateway -- --requests 50000 --in-flight 128
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use nuropb_bff::mesh::IncomingRequest;
+use nuropb_bff::{
+    AmqpConfig, AmqpMesh, DefaultHandler, Gateway, GatewayConfig, Mesh, MemoryMesh, NoAuth,
+    RouteTable, StubService,
+};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let memory = std::env::args().any(|a| a == "--memory");
+    let total = arg("--requests", 20_000);
+    let in_flight = arg("--in-flight", 64);
+    let url = std::env::var("BFF_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let svc = format!("bench-echo-{suffix}");
+
+    let routes = RouteTable::parse("bench", &format!("[[route]]\ncall = \"{svc}.*\"\n")).unwrap();
+    let mut config = GatewayConfig::new(format!("bench-bff-{suffix}"));
+    config.limits.max_in_flight = in_flight.max(1);
+    let gw = Gateway::new(config, routes, Arc::new(NoAuth), Arc::new(DefaultHandler));
+    let echo = Arc::new(
+        StubService::new(svc.clone()).method("echo", |r: IncomingRequest| async move {
+            Ok(Value::Object(r.params))
+        }),
+    );
+    let mut closers = Vec::new();
+    if memory {
+        let mesh = MemoryMesh::new();
+        mesh.add_service(svc.clone(), echo, vec![]);
+        gw.set_mesh(Arc::new(mesh));
+    } else {
+        let server = AmqpMesh::connect(AmqpConfig::new(&url, &svc), echo)
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672");
+        let mesh = AmqpMesh::connect(
+            AmqpConfig::new(&url, gw.config().mesh_service_name.clone()),
+            gw.mesh_service(),
+        )
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672");
+        gw.set_mesh(Arc::new(mesh.clone()) as Arc<dyn Mesh>);
+        closers.push(server);
+        closers.push(mesh);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gw.clone().serve(
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let _hello = rx.next().await;
+
+    let send = |i: usize| {
+        Message::Text(
+            json!({"type":"request","payload":{"service":svc,"method":"echo","params":{"i":i},"trace_id":i.to_string()}})
+                .to_string()
+                .into(),
+        )
+    };
+    let mut sent_at: HashMap<String, Instant> = HashMap::with_capacity(in_flight * 2);
+    let mut latencies = Vec::with_capacity(total);
+    let started = Instant::now();
+    let mut next = 0;
+    while next < in_flight.min(total) {
+        sent_at.insert(next.to_string(), Instant::now());
+        tx.send(send(next)).await.unwrap();
+        next += 1;
+    }
+    let mut errors = 0usize;
+    while latencies.len() + errors < total {
+        let msg = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            .await
+            .expect("no response within 30 s")
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = msg else { continue };
+        let v: Value = serde_json::from_str(t.as_str()).unwrap();
+        let trace = v["payload"]["trace_id"].as_str().unwrap_or_default().to_owned();
+        if let Some(at) = sent_at.remove(&trace) {
+            if v["payload"]["error"].is_null() {
+                latencies.push(at.elapsed());
+            } else {
+                errors += 1;
+            }
+        }
+        if next < total {
+            sent_at.insert(next.to_string(), Instant::now());
+            tx.send(send(next)).await.unwrap();
+            next += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "mesh={} requests={} in_flight={} errors={} elapsed={:.2?} rate={:.0} req/s p50={:.2?} p99={:.2?} max={:.2?}",
+        if memory { "memory" } else { "amqp" },
+        total,
+        in_flight,
+        errors,
+        elapsed,
+        total as f64 / elapsed.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or_default(),
+    );
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    for m in closers {
+        m.close(Duration::from_secs(2)).await;
+    }
+}
