@@ -182,7 +182,8 @@ impl Settings {
         })?;
         let mut warnings = Vec::new();
         for (key, value) in env {
-            if !key.starts_with("BFF_") {
+            // BFF_CONFIG names the settings file itself; the binary reads it.
+            if !key.starts_with("BFF_") || key == "BFF_CONFIG" {
                 continue;
             }
             let Some((_, setting)) = ENV_OVERRIDES.iter().find(|(k, _)| *k == key) else {

@@ -16,6 +16,8 @@ pub mod protocol;
 pub mod routing;
 mod server;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod ws;
 
 pub use auth::{AuthError, AuthHook, Identity, JwtVerifier, NoAuth};
@@ -29,7 +31,7 @@ pub use mesh::{BoxFuture, Call, Mesh, MeshError, MeshHandler};
 pub use metrics::Metrics;
 pub use protocol::{ErrorBody, ErrorName};
 pub use routing::{RouteTable, RoutesError};
-pub use runner::{RunError, auth_from_settings, run};
+pub use runner::{RunError, auth_from_settings, jwt_verifier_from_settings, run};
 pub use session::{SessionInfo, Sessions};
 
 mod runner;

@@ -32,14 +32,18 @@ pub enum RunError {
     Serve(std::io::Error),
 }
 
-/// The default auth hook for the settings' mode.
-pub fn auth_from_settings(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
+/// The JWT verifier the settings describe (`jwt-hs256` or `jwt-rs256`).
+pub fn jwt_verifier_from_settings(settings: &Settings) -> Result<JwtVerifier, RunError> {
     let iss = settings.jwt_issuer.as_deref();
     let aud = settings.jwt_audience.as_deref();
-    Ok(match settings.auth {
+    match settings.auth {
         AuthMode::JwtHs256 => {
-            let secret = settings.jwt_secret.as_deref().unwrap_or_default();
-            Arc::new(JwtVerifier::hs256(secret.as_bytes(), iss, aud))
+            let secret = settings
+                .jwt_secret
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| RunError::Auth("BFF_JWT_SECRET is not set".into()))?;
+            Ok(JwtVerifier::hs256(secret.as_bytes(), iss, aud))
         }
         AuthMode::JwtRs256 => {
             let path = settings
@@ -48,13 +52,21 @@ pub fn auth_from_settings(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunE
                 .ok_or_else(|| RunError::Auth("BFF_JWT_PUBLIC_KEY is not set".into()))?;
             let pem = std::fs::read(path)
                 .map_err(|e| RunError::Auth(format!("cannot read {}: {e}", path.display())))?;
-            Arc::new(
-                JwtVerifier::rs256_pem(&pem, iss, aud)
-                    .map_err(|e| RunError::Auth(format!("{}: {e}", path.display())))?,
-            )
+            JwtVerifier::rs256_pem(&pem, iss, aud)
+                .map_err(|e| RunError::Auth(format!("{}: {e}", path.display())))
         }
-        AuthMode::None => Arc::new(NoAuth),
-    })
+        AuthMode::None => Err(RunError::Auth(
+            "auth is `none`: there is no token verifier".into(),
+        )),
+    }
+}
+
+/// The default auth hook for the settings' mode.
+pub fn auth_from_settings(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
+    match settings.auth {
+        AuthMode::None => Ok(Arc::new(NoAuth)),
+        _ => Ok(Arc::new(jwt_verifier_from_settings(settings)?)),
+    }
 }
 
 /// Load the routing table, join the mesh (or the in-process development

@@ -1,0 +1,49 @@
+//! The auth hook of {{project-name}}: verifies a client's token and says
+//! which user it names. Edit `identity` to map your identity provider's
+//! claims (tenant ids, custom role claims, ...).
+
+use std::sync::Arc;
+
+use nuropb_bff::{AuthHook, Settings};
+{%- if auth != "none" %}
+use nuropb_bff::{AuthError, BoxFuture, Identity, JwtVerifier};
+use serde_json::{Map, Value};
+{%- endif %}
+
+{%- if auth == "none" %}
+
+/// The hook for the settings: no authentication, every connection is its
+/// own anonymous user. Only for public data or local development.
+pub fn hook(settings: &Settings) -> anyhow::Result<Arc<dyn AuthHook>> {
+    anyhow::ensure!(
+        settings.auth == nuropb_bff::AuthMode::None,
+        "this BFF was generated with auth = none; settings ask for {:?}",
+        settings.auth
+    );
+    Ok(Arc::new(nuropb_bff::NoAuth))
+}
+{%- else %}
+
+/// The hook for the settings.
+pub fn hook(settings: &Settings) -> anyhow::Result<Arc<dyn AuthHook>> {
+    let verifier = nuropb_bff::jwt_verifier_from_settings(settings)?;
+    Ok(Arc::new(Auth { verifier }))
+}
+
+/// Turn verified claims into the user a connection acts for. The default
+/// reads `sub`, `name`/`preferred_username` and `roles`/`scope`.
+pub fn identity(token: &str, claims: &Map<String, Value>) -> Result<Identity, AuthError> {
+    Identity::from_claims(token, claims)
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    verifier: JwtVerifier,
+}
+
+impl AuthHook for Auth {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        Box::pin(async move { identity(token, &self.verifier.verify(token)?) })
+    }
+}
+{%- endif %}
