@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use nuropb_bff::mesh::IncomingRequest;
 use nuropb_bff::{
-    AmqpConfig, AmqpMesh, DefaultHandler, Gateway, GatewayConfig, Mesh, MemoryMesh, NoAuth,
+    AmqpConfig, AmqpMesh, DefaultHandler, Gateway, GatewayConfig, MemoryMesh, Mesh, NoAuth,
     RouteTable, StubService,
 };
 use serde_json::{Value, json};
@@ -107,7 +107,10 @@ async fn main() {
             .unwrap();
         let Message::Text(t) = msg else { continue };
         let v: Value = serde_json::from_str(t.as_str()).unwrap();
-        let trace = v["payload"]["trace_id"].as_str().unwrap_or_default().to_owned();
+        let trace = v["payload"]["trace_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         if let Some(at) = sent_at.remove(&trace) {
             if v["payload"]["error"].is_null() {
                 latencies.push(at.elapsed());

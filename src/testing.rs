@@ -103,7 +103,9 @@ impl TestBff {
             .into_client_request()
             .map_err(|e| e.to_string())?;
         if let Some(t) = token {
-            let v = format!("Bearer {t}").parse().map_err(|_| "bad token".to_owned())?;
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| "bad token".to_owned())?;
             req.headers_mut().insert("authorization", v);
         }
         let (ws, _) = tokio_tungstenite::connect_async(req)
@@ -136,7 +138,9 @@ impl TestClient {
                 .ok_or("socket closed")?
                 .map_err(|e| e.to_string())?;
             match msg {
-                Message::Text(t) => return serde_json::from_str(t.as_str()).map_err(|e| e.to_string()),
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str()).map_err(|e| e.to_string());
+                }
                 Message::Close(f) => return Err(format!("closed: {f:?}")),
                 _ => continue,
             }
@@ -144,7 +148,12 @@ impl TestClient {
     }
 
     /// Send a request and wait for its response payload.
-    pub async fn request(&mut self, service: &str, method: &str, params: Value) -> Result<Value, String> {
+    pub async fn request(
+        &mut self,
+        service: &str,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, String> {
         let trace = uuid::Uuid::new_v4().simple().to_string();
         self.send(json!({"type":"request","payload":{"service":service,"method":method,"params":params,"trace_id":trace}}))
             .await?;

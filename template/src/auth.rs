@@ -2,13 +2,13 @@
 //! which user it names. Edit `identity` to map your identity provider's
 //! claims (tenant ids, custom role claims, ...).
 
-use std::sync::Arc;
-
-use nuropb_bff::{AuthHook, Settings};
 {%- if auth != "none" %}
-use nuropb_bff::{AuthError, BoxFuture, Identity, JwtVerifier};
+use nuropb_bff::{AuthError, AuthHook, BoxFuture, Identity, JwtVerifier, Settings};
 use serde_json::{Map, Value};
+{%- else %}
+use nuropb_bff::{AuthHook, Settings};
 {%- endif %}
+use std::sync::Arc;
 
 {%- if auth == "none" %}
 

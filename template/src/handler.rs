@@ -16,7 +16,10 @@ impl WsHandler for Handler {
     /// BFF-local routes: requests for the service `bff` are answered here,
     /// composing mesh calls on the user's behalf; everything else goes
     /// through routes.toml.
-    fn local_request(&self, call: LocalCall) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
+    fn local_request(
+        &self,
+        call: LocalCall,
+    ) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
         if call.call.service != "bff" {
             return None;
         }

@@ -22,13 +22,21 @@ async fn main() -> anyhow::Result<()> {
         settings.amqp_url = "memory://".into();
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&settings.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_new(&settings.log).unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     for warning in warnings {
         tracing::warn!("{warning}");
     }
     let auth = auth::hook(&settings)?;
-    nuropb_bff::run(settings, auth, Arc::new(handler::Handler), shutdown_signal()).await?;
+    nuropb_bff::run(
+        settings,
+        auth,
+        Arc::new(handler::Handler),
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -1,0 +1,158 @@
+//! Tests of {{project-name}}. They run on the in-process mesh (echo stubs
+//! for every routed service): no broker needed, so they run in any CI.
+
+#[path = "../src/auth.rs"]
+mod auth;
+#[path = "../src/handler.rs"]
+mod handler;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nuropb_bff::testing::{TestBff, TestClient};
+use nuropb_bff::{RouteTable, Settings};
+use serde_json::json;
+
+fn crate_path(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn settings() -> Settings {
+    let routes = crate_path("routes.toml").display().to_string();
+    {% if auth == "none" %}let env{% else %}let mut env{% endif %} = vec![("BFF_ROUTES".to_owned(), routes)];
+{%- if auth == "jwt-hs256" %}
+    env.push(("BFF_JWT_SECRET".to_owned(), "test-secret".to_owned()));
+{%- elsif auth == "jwt-rs256" %}
+    let key = crate_path("tests/keys/test_public.pem");
+    env.push(("BFF_JWT_PUBLIC_KEY".to_owned(), key.display().to_string()));
+{%- endif %}
+    let (settings, warnings) =
+        Settings::load(&crate_path("config/default.toml"), env).expect("config/default.toml loads");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    settings
+}
+
+{%- if auth == "jwt-hs256" %}
+
+fn token(sub: &str) -> Option<String> {
+    let t = nuropb_bff::testing::hs256_token("test-secret", sub, &[], 300);
+    Some(t)
+}
+
+fn forged_token(sub: &str) -> Option<String> {
+    let t = nuropb_bff::testing::hs256_token("not-the-secret", sub, &[], 300);
+    Some(t)
+}
+{%- elsif auth == "jwt-rs256" %}
+
+const TEST_PRIVATE_KEY: &[u8] = include_bytes!("keys/test_private.pem");
+
+fn token(sub: &str) -> Option<String> {
+    let t = nuropb_bff::testing::rs256_token(TEST_PRIVATE_KEY, sub, &[], 300);
+    Some(t)
+}
+
+fn forged_token(sub: &str) -> Option<String> {
+    let t = nuropb_bff::testing::hs256_token("guess", sub, &[], 300);
+    Some(t)
+}
+{%- else %}
+
+fn token(_sub: &str) -> Option<String> {
+    None
+}
+{%- endif %}
+
+async fn start() -> TestBff {
+    let settings = settings();
+    let auth = auth::hook(&settings).expect("auth hook");
+    TestBff::start(
+        &settings.routes,
+        settings.gateway_config(),
+        auth,
+        Arc::new(handler::Handler),
+    )
+    .await
+    .expect("gateway starts")
+}
+
+async fn connect(bff: &TestBff, sub: &str) -> (TestClient, serde_json::Value) {
+    let mut client = bff.connect(token(sub).as_deref()).await.expect("handshake");
+    let hello = client.recv().await.expect("hello");
+    assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
+    (client, hello)
+}
+
+#[test]
+fn the_routing_table_is_valid() {
+    let routes = RouteTable::load(&crate_path("routes.toml")).expect("routes.toml is valid");
+    assert!(!routes.routes().is_empty());
+}
+
+#[test]
+fn the_settings_load() {
+    let s = settings();
+    assert_eq!(s.mesh_service_name, "{{mesh_service_name}}");
+    assert_eq!(s.ws_path, "{{ws_path}}");
+}
+
+#[tokio::test]
+async fn auth_accepts_a_valid_token_and_refuses_others() {
+    let bff = start().await;
+    let (_client, hello) = connect(&bff, "alice").await;
+{%- if auth == "none" %}
+    assert!(
+        hello["payload"]["event"]["user_id"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("anonymous-")),
+        "{hello}"
+    );
+{%- else %}
+    assert_eq!(hello["payload"]["event"]["user_id"], "alice", "{hello}");
+    let refused = bff.connect(forged_token("mallory").as_deref()).await;
+    let err = refused.expect_err("a forged token must be refused");
+    assert!(err.contains("401"), "{err}");
+{%- endif %}
+}
+
+#[tokio::test]
+async fn a_request_round_trip() {
+    let bff = start().await;
+    let (mut client, hello) = connect(&bff, "alice").await;
+    let response = client
+        .request("{{sample_service}}", "{{sample_method}}", json!({"x": 1}))
+        .await
+        .expect("response");
+    assert_eq!(response["error"], serde_json::Value::Null, "{response}");
+    assert_eq!(response["result"]["service"], "{{sample_service}}");
+    assert_eq!(response["result"]["params"], json!({"x": 1}));
+    assert_eq!(
+        response["result"]["user_id"],
+        hello["payload"]["event"]["user_id"]
+    );
+}
+
+#[tokio::test]
+async fn a_call_outside_the_routing_table_is_refused() {
+    let bff = start().await;
+    let (mut client, _) = connect(&bff, "alice").await;
+    let response = client
+        .request("not_routed_service", "anything", json!({}))
+        .await
+        .expect("response");
+    assert_eq!(response["error"]["error"], "RouteNotFound", "{response}");
+}
+
+#[tokio::test]
+async fn the_local_route_answers_whoami() {
+    let bff = start().await;
+    let (mut client, hello) = connect(&bff, "alice").await;
+    let response = client
+        .request("bff", "whoami", json!({}))
+        .await
+        .expect("response");
+    assert_eq!(
+        response["result"]["user_id"],
+        hello["payload"]["event"]["user_id"]
+    );
+}
