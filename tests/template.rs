@@ -95,7 +95,15 @@ fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
     let mut all: Vec<(&str, &str)> = vec![("runtime_path", runtime.as_str())];
     all.extend_from_slice(answers);
     ok("cargo generate", &generate(&root, name, &all));
-    let crate_dir = root.join(name);
+    // cargo-generate may rename (`mobile_BFF-2` becomes kebab case): take
+    // the one folder it made.
+    let made: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let crate_dir = made[0].clone();
     // The repo's lock file pins the same dependency versions, so the shared
     // target directory is reused across generated crates.
     std::fs::copy(repo().join("Cargo.lock"), crate_dir.join("Cargo.lock")).unwrap();
