@@ -32,9 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{
-    BoxFuture, Call, IncomingEvent, IncomingRequest, Mesh, MeshError, MeshHandler, OutgoingEvent,
-};
+use super::{BoxFuture, Call, Mesh, MeshError, MeshHandler, OutgoingEvent};
 use crate::protocol::{
     EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
     RequestBody, ResponseBody,
@@ -257,15 +255,23 @@ impl AmqpMesh {
         if !self.shared.ready.load(Ordering::SeqCst) {
             return Err(MeshError::Unavailable("broker connection is down".into()));
         }
-        self.shared
-            .link
+        self.shared.publish_channel()
+    }
+}
+
+impl Shared {
+    /// The publishing channel of the current connection, if any.
+    fn publish_channel(&self) -> Result<Channel, MeshError> {
+        self.link
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|l| l.publish.clone())
             .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))
     }
+}
 
+impl AmqpMesh {
     async fn publish_call(
         &self,
         call: &Call,
@@ -560,15 +566,7 @@ async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
         match decode_delivery(&delivery) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
             Ok(MeshMessage::Event(ev)) => {
-                shared
-                    .handler
-                    .handle_event(IncomingEvent {
-                        topic: ev.topic,
-                        event: ev.event,
-                        target: ev.target,
-                        trace_id: ev.trace_id,
-                    })
-                    .await;
+                shared.handler.handle_event(ev.into()).await;
             }
             Ok(other) => tracing::warn!(
                 kind = other.message_type().as_str(),
@@ -631,15 +629,7 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
             let correlation_id = req.correlation_id.clone();
             let trace_id = req.trace_id.clone();
             let context = req.context.clone();
-            let outcome = shared
-                .handler
-                .handle_request(IncomingRequest {
-                    method: req.method,
-                    params: req.params,
-                    context: req.context,
-                    trace_id: req.trace_id,
-                })
-                .await;
+            let outcome = shared.handler.handle_request(req.into()).await;
             let (result, error) = match outcome {
                 Ok(v) => (v, None),
                 Err(e) => (Value::Null, Some(e)),
@@ -668,26 +658,10 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
             }
         }
         MeshMessage::Command(cmd) => {
-            let _ = shared
-                .handler
-                .handle_request(IncomingRequest {
-                    method: cmd.method,
-                    params: cmd.params,
-                    context: cmd.context,
-                    trace_id: cmd.trace_id,
-                })
-                .await;
+            let _ = shared.handler.handle_request(cmd.into()).await;
         }
         MeshMessage::Event(ev) => {
-            shared
-                .handler
-                .handle_event(IncomingEvent {
-                    topic: ev.topic,
-                    event: ev.event,
-                    target: ev.target,
-                    trace_id: ev.trace_id,
-                })
-                .await;
+            shared.handler.handle_event(ev.into()).await;
         }
         MeshMessage::Response(_) => {
             tracing::warn!("a response on the service queue, dropped");
@@ -703,13 +677,7 @@ async fn publish_response(
     trace_id: Option<&str>,
     body: &MeshMessage,
 ) -> Result<(), MeshError> {
-    let channel = shared
-        .link
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|l| l.publish.clone())
-        .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
+    let channel = shared.publish_channel()?;
     let payload = serde_json::to_vec(body).map_err(unavailable)?;
     let props = BasicProperties::default()
         .with_content_type("application/json".into())

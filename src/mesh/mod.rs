@@ -57,6 +57,28 @@ pub struct IncomingEvent {
     pub trace_id: Option<String>,
 }
 
+impl From<crate::protocol::RequestBody> for IncomingRequest {
+    fn from(r: crate::protocol::RequestBody) -> Self {
+        Self {
+            method: r.method,
+            params: r.params,
+            context: r.context,
+            trace_id: r.trace_id,
+        }
+    }
+}
+
+impl From<crate::protocol::EventBody> for IncomingEvent {
+    fn from(e: crate::protocol::EventBody) -> Self {
+        Self {
+            topic: e.topic,
+            event: e.event,
+            target: e.target,
+            trace_id: e.trace_id,
+        }
+    }
+}
+
 /// Why a mesh call did not produce a result. `Clone` so one failure (a lost
 /// connection) can reach every waiter.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
