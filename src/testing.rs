@@ -11,8 +11,8 @@ use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::auth::{AuthHook, unix_now};
@@ -23,10 +23,17 @@ use crate::routing::RouteTable;
 
 /// An HS256 token for `sub` with `roles`, valid for `ttl_secs`.
 pub fn hs256_token(secret: &str, sub: &str, roles: &[&str], ttl_secs: u64) -> String {
-    let claims = json!({"sub": sub, "name": sub, "roles": roles, "exp": unix_now() + ttl_secs});
+    hs256_token_with(
+        secret,
+        &json!({"sub": sub, "name": sub, "roles": roles, "exp": unix_now() + ttl_secs}),
+    )
+}
+
+/// An HS256 token carrying exactly `claims` (add `exp` yourself).
+pub fn hs256_token_with(secret: &str, claims: &Value) -> String {
     encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap_or_default()
@@ -98,20 +105,7 @@ impl TestBff {
 
     /// Open a socket with a bearer token (or none).
     pub async fn connect(&self, token: Option<&str>) -> Result<TestClient, String> {
-        let mut req = self
-            .ws_url()
-            .into_client_request()
-            .map_err(|e| e.to_string())?;
-        if let Some(t) = token {
-            let v = format!("Bearer {t}")
-                .parse()
-                .map_err(|_| "bad token".to_owned())?;
-            req.headers_mut().insert("authorization", v);
-        }
-        let (ws, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(TestClient { ws })
+        TestClient::connect(&self.ws_url(), token).await
     }
 }
 
@@ -122,11 +116,45 @@ pub struct TestClient {
 }
 
 impl TestClient {
-    pub async fn send(&mut self, frame: Value) -> Result<(), String> {
-        self.ws
-            .send(Message::Text(frame.to_string().into()))
+    /// Open a socket to `url` with a bearer token (or none).
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self, String> {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        Self::connect_with(url, |req| {
+            if let Some(v) = bearer.as_deref().and_then(|b| b.parse().ok()) {
+                req.headers_mut().insert("authorization", v);
+            }
+        })
+        .await
+    }
+
+    /// Open a socket to `url` after `edit` has changed the handshake request
+    /// (headers, cookies, origin). A refused handshake's error names the
+    /// HTTP status.
+    pub async fn connect_with(
+        url: &str,
+        edit: impl FnOnce(&mut http::Request<()>),
+    ) -> Result<Self, String> {
+        let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+        edit(&mut req);
+        let (ws, _) = tokio_tungstenite::connect_async(req)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(Self { ws })
+    }
+
+    /// Send any WebSocket message (binary, ping, a raw close).
+    pub async fn send_message(&mut self, message: Message) -> Result<(), String> {
+        self.ws.send(message).await.map_err(|e| e.to_string())
+    }
+
+    /// Send a text frame as it is, valid JSON or not.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), String> {
+        self.send_message(Message::Text(text.to_owned().into()))
+            .await
+    }
+
+    pub async fn send(&mut self, frame: Value) -> Result<(), String> {
+        self.send_text(&frame.to_string()).await
     }
 
     /// The next JSON frame, within 10 seconds.
@@ -147,6 +175,21 @@ impl TestClient {
         }
     }
 
+    /// Wait for the server's close frame (within 10 seconds), skipping
+    /// other frames; its close code, or `None` if the socket just ended.
+    pub async fn closed(&mut self) -> Result<Option<u16>, String> {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .map_err(|_| "socket not closed within 10 s".to_owned())?;
+            match msg {
+                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ok(None),
+            }
+        }
+    }
+
     /// Send a request and wait for its response payload.
     pub async fn request(
         &mut self,
@@ -155,13 +198,54 @@ impl TestClient {
         params: Value,
     ) -> Result<Value, String> {
         let trace = uuid::Uuid::new_v4().simple().to_string();
-        self.send(json!({"type":"request","payload":{"service":service,"method":method,"params":params,"trace_id":trace}}))
+        self.request_traced(service, method, params, &trace).await
+    }
+
+    /// Send a request with `trace_id` and wait for the response carrying
+    /// it; frames for other requests and events that arrive first are
+    /// skipped.
+    pub async fn request_traced(
+        &mut self,
+        service: &str,
+        method: &str,
+        params: Value,
+        trace_id: &str,
+    ) -> Result<Value, String> {
+        self.send(json!({"type":"request","payload":{"service":service,"method":method,"params":params,"trace_id":trace_id}}))
             .await?;
         loop {
             let frame = self.recv().await?;
-            if frame["type"] == "response" && frame["payload"]["trace_id"] == trace.as_str() {
+            if frame["type"] == "response" && frame["payload"]["trace_id"] == trace_id {
                 return Ok(frame["payload"].clone());
             }
         }
     }
+}
+
+/// `GET path` on `addr` over plain HTTP/1.1: the status and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| format!("GET {path}: no answer within 10 s"))??;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("GET {path}: not an HTTP response: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
 }

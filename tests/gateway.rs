@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use futures_util::SinkExt;
 use nuropb_bff::mesh::IncomingRequest;
 use nuropb_bff::{
     BoxFuture, DefaultHandler, ErrorBody, JwtVerifier, LocalCall, MemoryMesh, Mesh, NoAuth,
@@ -114,7 +113,10 @@ async fn hello_then_a_request_round_trip_with_gateway_built_context() {
         .unwrap()
         .to_owned();
 
-    let r = c.request("orders", "get", json!({"id": 7}), "t1").await;
+    let r = c
+        .request_traced("orders", "get", json!({"id": 7}), "t1")
+        .await
+        .unwrap();
     assert_eq!(r["result"], json!({"id": 7}));
     assert_eq!(r["error"], Value::Null);
 
@@ -123,8 +125,9 @@ async fn hello_then_a_request_round_trip_with_gateway_built_context() {
         json!({"type":"request","payload":{"service":"orders","method":"whoami","params":{},
         "trace_id":"t2","context":{"user_id":"mallory","Authorization":"forged"}}}),
     )
-    .await;
-    let r = c.recv().await;
+    .await
+    .unwrap();
+    let r = c.recv().await.unwrap();
     let ctx = &r["payload"]["result"];
     assert_eq!(ctx["user_id"], "alice");
     assert_eq!(ctx["Authorization"], t.as_str());
@@ -138,10 +141,10 @@ async fn requests_on_one_socket_run_concurrently() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("bob", &[], 300)).await;
     // A slow request first, then a fast one: the fast one must not wait.
-    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":1500},"trace_id":"slow"}})).await;
-    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":1},"trace_id":"fast"}})).await;
-    let first = c.recv().await;
-    let second = c.recv().await;
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":1500},"trace_id":"slow"}})).await.unwrap();
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":1},"trace_id":"fast"}})).await.unwrap();
+    let first = c.recv().await.unwrap();
+    let second = c.recv().await.unwrap();
     assert_eq!(first["payload"]["trace_id"], "fast", "{first}");
     assert_eq!(second["payload"]["trace_id"], "slow", "{second}");
     gw.stop().await;
@@ -152,8 +155,9 @@ async fn a_trace_id_is_made_up_when_missing() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("bob", &[], 300)).await;
     c.send(json!({"type":"request","payload":{"service":"orders","method":"get","params":{}}}))
-        .await;
-    let r = c.recv().await;
+        .await
+        .unwrap();
+    let r = c.recv().await.unwrap();
     assert!(
         r["payload"]["trace_id"]
             .as_str()
@@ -168,15 +172,30 @@ async fn routing_errors_and_service_errors() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("carol", &["user"], 300)).await;
 
-    let r = c.request("users", "delete", json!({}), "a").await;
+    let r = c
+        .request_traced("users", "delete", json!({}), "a")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
-    let r = c.request("admin", "purge", json!({}), "b").await;
+    let r = c
+        .request_traced("admin", "purge", json!({}), "b")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "Forbidden", "{r}");
-    let r = c.request("shop", "get", json!({"id": 1}), "c").await;
+    let r = c
+        .request_traced("shop", "get", json!({"id": 1}), "c")
+        .await
+        .unwrap();
     assert_eq!(r["result"], json!({"id": 1}), "expose_as renames");
-    let r = c.request("ghost", "boo", json!({}), "d").await;
+    let r = c
+        .request_traced("ghost", "boo", json!({}), "d")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
-    let r = c.request("orders", "fail", json!({}), "e").await;
+    let r = c
+        .request_traced("orders", "fail", json!({}), "e")
+        .await
+        .unwrap();
     assert_eq!(
         r["error"]["error"], "NuropbException",
         "service errors pass through: {r}"
@@ -185,11 +204,17 @@ async fn routing_errors_and_service_errors() {
         r["error"]["description"],
         "Runtime exception calling orders.fail:ValueError: no"
     );
-    let r = c.request("slow", "wait", json!({}), "f").await;
+    let r = c
+        .request_traced("slow", "wait", json!({}), "f")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "Timeout", "{r}");
 
     let (mut admin, _) = connect(&gw.url(), &token("root", &["admin"], 300)).await;
-    let r = admin.request("admin", "purge", json!({}), "g").await;
+    let r = admin
+        .request_traced("admin", "purge", json!({}), "g")
+        .await
+        .unwrap();
     assert_eq!(r["result"], "purged");
     gw.stop().await;
 }
@@ -208,8 +233,8 @@ async fn every_malformed_frame_gets_an_error_and_the_socket_stays_usable() {
         r#"{"type":"subscribe","payload":{"topics":["bad..topic"]}}"#,
     ];
     for text in bad {
-        c.send_text(text).await;
-        let e = c.recv().await;
+        c.send_text(text).await.unwrap();
+        let e = c.recv().await.unwrap();
         assert_eq!(e["type"], "error", "{text}: {e}");
         assert_eq!(e["payload"]["error"], "InvalidMessage", "{text}: {e}");
         assert!(
@@ -218,18 +243,27 @@ async fn every_malformed_frame_gets_an_error_and_the_socket_stays_usable() {
                 .is_some_and(|d| !d.is_empty())
         );
     }
-    c.ws.send(Message::Binary(vec![1, 2, 3].into()))
+    c.send_message(Message::Binary(vec![1, 2, 3].into()))
         .await
         .unwrap();
-    assert_eq!(c.recv().await["payload"]["error"], "InvalidMessage");
+    assert_eq!(
+        c.recv().await.unwrap()["payload"]["error"],
+        "InvalidMessage"
+    );
     let big = format!(
         r#"{{"type":"request","payload":{{"service":"orders","method":"get","params":{{"x":"{}"}}}}}}"#,
         "a".repeat(70_000)
     );
-    c.send_text(&big).await;
-    assert_eq!(c.recv().await["payload"]["error"], "MessageTooLarge");
+    c.send_text(&big).await.unwrap();
+    assert_eq!(
+        c.recv().await.unwrap()["payload"]["error"],
+        "MessageTooLarge"
+    );
     // Still usable.
-    let r = c.request("orders", "get", json!({"id": 2}), "ok").await;
+    let r = c
+        .request_traced("orders", "get", json!({"id": 2}), "ok")
+        .await
+        .unwrap();
     assert_eq!(r["result"]["id"], 2);
     gw.stop().await;
 }
@@ -238,7 +272,7 @@ async fn every_malformed_frame_gets_an_error_and_the_socket_stays_usable() {
 async fn handshake_auth_sources_and_refusals() {
     let gw = gateway().await;
     // Bad token in the handshake: HTTP 401 before the upgrade.
-    let err = connect_with(&gw.url(), |r| {
+    let err = TestClient::connect_with(&gw.url(), |r| {
         r.headers_mut()
             .insert("authorization", "Bearer nope".parse().unwrap());
     })
@@ -248,18 +282,24 @@ async fn handshake_auth_sources_and_refusals() {
     // Cookie and query parameter.
     let t = token("erin", &[], 300);
     let cookie = format!("theme=dark; access_token={t}");
-    let mut c = connect_with(&gw.url(), |r| {
+    let mut c = TestClient::connect_with(&gw.url(), |r| {
         r.headers_mut().insert("cookie", cookie.parse().unwrap());
     })
     .await
     .unwrap();
-    assert_eq!(c.recv().await["payload"]["event"]["user_id"], "erin");
-    let mut c = connect_with(&format!("{}?access_token={t}", gw.url()), |_| {})
+    assert_eq!(
+        c.recv().await.unwrap()["payload"]["event"]["user_id"],
+        "erin"
+    );
+    let mut c = TestClient::connect_with(&format!("{}?access_token={t}", gw.url()), |_| {})
         .await
         .unwrap();
-    assert_eq!(c.recv().await["payload"]["event"]["user_id"], "erin");
+    assert_eq!(
+        c.recv().await.unwrap()["payload"]["event"]["user_id"],
+        "erin"
+    );
     // A disallowed browser origin.
-    let err = connect_with(&gw.url(), |r| {
+    let err = TestClient::connect_with(&gw.url(), |r| {
         r.headers_mut()
             .insert("origin", "https://evil.example".parse().unwrap());
     })
@@ -272,18 +312,20 @@ async fn handshake_auth_sources_and_refusals() {
 #[tokio::test]
 async fn first_frame_authentication() {
     let gw = gateway().await;
-    let mut c = connect_with(&gw.url(), |_| {}).await.unwrap();
+    let mut c = TestClient::connect_with(&gw.url(), |_| {}).await.unwrap();
     c.send(json!({"type":"authenticate","payload":{"token": token("fay", &[], 300)}}))
-        .await;
-    let hello = c.recv().await;
+        .await
+        .unwrap();
+    let hello = c.recv().await.unwrap();
     assert_eq!(hello["payload"]["event"]["user_id"], "fay");
 
     // Anything else first is refused and closed.
-    let mut c = connect_with(&gw.url(), |_| {}).await.unwrap();
+    let mut c = TestClient::connect_with(&gw.url(), |_| {}).await.unwrap();
     c.send(json!({"type":"request","payload":{"service":"orders","method":"get"}}))
-        .await;
-    assert_eq!(c.recv().await["payload"]["error"], "Unauthorized");
-    assert_eq!(c.closed().await, Some(4003));
+        .await
+        .unwrap();
+    assert_eq!(c.recv().await.unwrap()["payload"]["error"], "Unauthorized");
+    assert_eq!(c.closed().await.unwrap(), Some(4003));
     gw.stop().await;
 }
 
@@ -291,18 +333,23 @@ async fn first_frame_authentication() {
 async fn an_expiring_token_closes_with_4001_unless_renewed() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("gus", &[], 1)).await;
-    assert_eq!(c.closed().await, Some(4001));
+    assert_eq!(c.closed().await.unwrap(), Some(4001));
 
     let (mut c, _) = connect(&gw.url(), &token("gus", &[], 1)).await;
     c.send(json!({"type":"authenticate","payload":{"token": token("gus", &[], 300)}}))
-        .await;
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let r = c.request("orders", "get", json!({"id": 3}), "after").await;
+    let r = c
+        .request_traced("orders", "get", json!({"id": 3}), "after")
+        .await
+        .unwrap();
     assert_eq!(r["result"]["id"], 3, "renewed session still open");
     // A token for someone else does not renew.
     c.send(json!({"type":"authenticate","payload":{"token": token("other", &[], 300)}}))
-        .await;
-    assert_eq!(c.recv().await["payload"]["error"], "Unauthorized");
+        .await
+        .unwrap();
+    assert_eq!(c.recv().await.unwrap()["payload"]["error"], "Unauthorized");
     gw.stop().await;
 }
 
@@ -310,13 +357,13 @@ async fn an_expiring_token_closes_with_4001_unless_renewed() {
 async fn commands_are_acked() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("hal", &[], 300)).await;
-    c.send(json!({"type":"command","payload":{"service":"orders","method":"get","params":{},"trace_id":"c1"}})).await;
+    c.send(json!({"type":"command","payload":{"service":"orders","method":"get","params":{},"trace_id":"c1"}})).await.unwrap();
     assert_eq!(
-        c.recv().await,
+        c.recv().await.unwrap(),
         json!({"type":"ack","payload":{"trace_id":"c1"}})
     );
-    c.send(json!({"type":"command","payload":{"service":"nope","method":"x","params":{},"trace_id":"c2"}})).await;
-    let e = c.recv().await;
+    c.send(json!({"type":"command","payload":{"service":"nope","method":"x","params":{},"trace_id":"c2"}})).await.unwrap();
+    let e = c.recv().await.unwrap();
     assert_eq!(e["type"], "error");
     assert_eq!(e["payload"]["error"], "RouteNotFound");
     assert_eq!(e["payload"]["trace_id"], "c2");
@@ -335,9 +382,9 @@ async fn in_flight_limit_answers_rate_limited() {
     .await;
     let (mut c, _) = connect(&gw.url(), &token("ivy", &[], 300)).await;
     for i in 0..3 {
-        c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":500},"trace_id":format!("r{i}")}})).await;
+        c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":500},"trace_id":format!("r{i}")}})).await.unwrap();
     }
-    let first = c.recv().await;
+    let first = c.recv().await.unwrap();
     assert_eq!(first["payload"]["trace_id"], "r2");
     assert_eq!(first["payload"]["error"]["error"], "RateLimited");
     gw.stop().await;
@@ -368,7 +415,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     assert_eq!(r, json!({"delivered": 2}));
     for c in [&mut a1, &mut a2] {
         assert_eq!(
-            c.recv().await,
+            c.recv().await.unwrap(),
             json!({"type":"event","payload":{"topic":"note","event":{"n":1}}})
         );
     }
@@ -378,7 +425,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         .unwrap();
     assert_eq!(r, json!({"delivered": 3}));
     for c in [&mut a1, &mut a2, &mut b] {
-        assert_eq!(c.recv().await["payload"]["event"], "hi");
+        assert_eq!(c.recv().await.unwrap()["payload"]["event"], "hi");
     }
     let stats = mesh.request(call("stats", json!({}))).await.unwrap();
     assert_eq!(stats, json!({"sessions": 3, "users": 2}));
@@ -405,26 +452,36 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     mesh.publish_event(publish("orders.shipped", Some(vec!["ben".into()])))
         .await
         .unwrap();
-    assert_eq!(b.recv().await["payload"]["topic"], "orders.shipped");
-    b.send(json!({"type":"subscribe","payload":{"topics":["news.*"]}}))
-        .await;
     assert_eq!(
-        b.recv().await,
+        b.recv().await.unwrap()["payload"]["topic"],
+        "orders.shipped"
+    );
+    b.send(json!({"type":"subscribe","payload":{"topics":["news.*"]}}))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.recv().await.unwrap(),
         json!({"type":"subscribed","payload":{"topics":["news.*"]}})
     );
     mesh.publish_event(publish("news.today", None))
         .await
         .unwrap();
-    assert_eq!(b.recv().await["payload"]["topic"], "news.today");
+    assert_eq!(b.recv().await.unwrap()["payload"]["topic"], "news.today");
     mesh.publish_event(publish("system.restart", None))
         .await
         .unwrap();
     for c in [&mut a1, &mut a2, &mut b] {
-        assert_eq!(c.recv().await["payload"]["topic"], "system.restart");
+        assert_eq!(
+            c.recv().await.unwrap()["payload"]["topic"],
+            "system.restart"
+        );
     }
     // ann got neither the targeted nor the subscribed event: the next frame
     // she sees is her own response.
-    let r = a1.request("orders", "get", json!({"id": 9}), "z").await;
+    let r = a1
+        .request_traced("orders", "get", json!({"id": 9}), "z")
+        .await
+        .unwrap();
     assert_eq!(r["result"]["id"], 9);
 
     let r = mesh
@@ -432,8 +489,8 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         .await
         .unwrap();
     assert_eq!(r, json!({"disconnected": 2}));
-    assert_eq!(a1.closed().await, Some(4000));
-    assert_eq!(a2.closed().await, Some(4000));
+    assert_eq!(a1.closed().await.unwrap(), Some(4000));
+    assert_eq!(a2.closed().await.unwrap(), Some(4000));
     gw.stop().await;
 }
 
@@ -442,7 +499,7 @@ async fn shutdown_closes_sessions_with_1001() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("jo", &[], 300)).await;
     let stopping = tokio::spawn(gw.stop());
-    assert_eq!(c.closed().await, Some(1001));
+    assert_eq!(c.closed().await.unwrap(), Some(1001));
     stopping.await.unwrap();
 }
 
@@ -450,11 +507,10 @@ async fn shutdown_closes_sessions_with_1001() {
 async fn health_ready_and_metrics() {
     let gw = gateway().await;
     let (mut c, _) = connect(&gw.url(), &token("kim", &[], 300)).await;
-    c.request("orders", "get", json!({}), "m").await;
-    let get = |path: &str| {
-        let url = format!("http://{}{path}", gw.addr);
-        async move { http_get(&url).await }
-    };
+    c.request_traced("orders", "get", json!({}), "m")
+        .await
+        .unwrap();
+    let get = |path: &'static str| async move { http_get(gw.addr, path).await.unwrap() };
     assert_eq!(get("/healthz").await.0, 200);
     assert_eq!(get("/readyz").await.0, 200);
     let (status, body) = get("/metrics").await;
@@ -465,27 +521,6 @@ async fn health_ready_and_metrics() {
     );
     assert!(body.contains("bff_ws_sessions 1"), "{body}");
     gw.stop().await;
-}
-
-/// A minimal HTTP/1.1 GET, enough for the health endpoints.
-async fn http_get(url: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf[9..12].parse().unwrap();
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[derive(Debug)]
@@ -541,9 +576,15 @@ async fn handler_hooks_compose_and_transform() {
     )
     .await;
     let (mut c, _) = connect(&gw.url(), &token("lee", &[], 300)).await;
-    let r = c.request("bff", "both", json!({}), "l").await;
+    let r = c
+        .request_traced("bff", "both", json!({}), "l")
+        .await
+        .unwrap();
     assert_eq!(r["result"], json!([{"id":1},{"id":2}]));
-    let r = c.request("shop", "get", json!({"id": 5}), "s").await;
+    let r = c
+        .request_traced("shop", "get", json!({"id": 5}), "s")
+        .await
+        .unwrap();
     assert_eq!(r["result"], json!({"via":"orders.get","result":{"id":5}}));
     gw.stop().await;
 }
@@ -558,10 +599,10 @@ async fn no_auth_mode_gives_each_socket_its_own_anonymous_user() {
         stubs,
     )
     .await;
-    let mut a = connect_with(&gw.url(), |_| {}).await.unwrap();
-    let mut b = connect_with(&gw.url(), |_| {}).await.unwrap();
-    let ha = a.recv().await;
-    let hb = b.recv().await;
+    let mut a = TestClient::connect_with(&gw.url(), |_| {}).await.unwrap();
+    let mut b = TestClient::connect_with(&gw.url(), |_| {}).await.unwrap();
+    let ha = a.recv().await.unwrap();
+    let hb = b.recv().await.unwrap();
     assert_ne!(
         ha["payload"]["event"]["user_id"],
         hb["payload"]["event"]["user_id"]

@@ -114,17 +114,22 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     let (mut c, _) = connect(&gw.url(), &t).await;
 
     let r = c
-        .request(&py_name, "hello", json!({"name": "rust"}), "h")
-        .await;
+        .request_traced(&py_name, "hello", json!({"name": "rust"}), "h")
+        .await
+        .unwrap();
     assert_eq!(r["result"], "hello rust", "{r}");
     assert_eq!(r["error"], Value::Null);
 
     let r = c
-        .request(&py_name, "add", json!({"a": 40, "b": 2}), "a")
-        .await;
+        .request_traced(&py_name, "add", json!({"a": 40, "b": 2}), "a")
+        .await
+        .unwrap();
     assert_eq!(r["result"], 42, "{r}");
 
-    let r = c.request(&py_name, "boom", json!({}), "b").await;
+    let r = c
+        .request_traced(&py_name, "boom", json!({}), "b")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "NuropbException", "{r}");
     assert!(
         r["error"]["description"]
@@ -135,7 +140,10 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     );
 
     // The token reaches the service's authorize_func as context["Authorization"].
-    let r = c.request(&py_name, "whoami", json!({}), "w").await;
+    let r = c
+        .request_traced(&py_name, "whoami", json!({}), "w")
+        .await
+        .unwrap();
     assert_eq!(
         r["result"],
         json!({"sub": "alice", "user_id": "alice"}),
@@ -144,11 +152,11 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
 
     // Concurrent requests on one socket all come back, paired by trace id.
     for i in 0..20 {
-        c.send(json!({"type":"request","payload":{"service":py_name,"method":"add","params":{"a":i,"b":1000},"trace_id":format!("c{i}")}})).await;
+        c.send(json!({"type":"request","payload":{"service":py_name,"method":"add","params":{"a":i,"b":1000},"trace_id":format!("c{i}")}})).await.unwrap();
     }
     let mut seen = std::collections::HashMap::new();
     for _ in 0..20 {
-        let r = c.recv().await;
+        let r = c.recv().await.unwrap();
         seen.insert(
             r["payload"]["trace_id"].as_str().unwrap().to_owned(),
             r["payload"]["result"].clone(),
@@ -159,7 +167,10 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     }
 
     let started = Instant::now();
-    let r = c.request(&absent, "anything", json!({}), "n").await;
+    let r = c
+        .request_traced(&absent, "anything", json!({}), "n")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -167,7 +178,10 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
         started.elapsed()
     );
 
-    let r = c.request("billing", "charge", json!({}), "r").await;
+    let r = c
+        .request_traced("billing", "charge", json!({}), "r")
+        .await
+        .unwrap();
     assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
 
     // The other way: a nuropb Python client calls the gateway's own methods.
@@ -197,7 +211,7 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     .unwrap();
     assert_eq!(pushed["result"], json!({"delivered": 1}), "{pushed}");
     assert_eq!(
-        c.recv().await,
+        c.recv().await.unwrap(),
         json!({"type":"event","payload":{"topic":"note","event":{"hi":1}}})
     );
 

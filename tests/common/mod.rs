@@ -1,33 +1,28 @@
 //! Helpers shared by the integration tests: a gateway on 127.0.0.1:0, a
 //! WebSocket client that speaks JSON frames, token minting.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+pub use nuropb_bff::testing::{TestClient, http_get};
+
 use nuropb_bff::{AuthHook, Gateway, GatewayConfig, Mesh, RouteTable, WsHandler};
-use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Message, http};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use serde_json::Value;
 
 pub const SECRET: &str = "test-secret";
 
-pub fn token(sub: &str, roles: &[&str], exp_in_secs: i64) -> String {
-    let now = std::time::SystemTime::now()
+/// An HS256 token signed with [`SECRET`].
+pub fn token(sub: &str, roles: &[&str], ttl_secs: u64) -> String {
+    let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "name": format!("{sub} name"), "roles": roles, "exp": now + exp_in_secs}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
+        .map_or(0, |d| d.as_secs())
+        + ttl_secs;
+    nuropb_bff::testing::hs256_token_with(
+        SECRET,
+        &serde_json::json!({"sub": sub, "name": format!("{sub} name"), "roles": roles, "exp": exp}),
     )
-    .unwrap()
 }
 
 pub struct Running {
@@ -92,95 +87,15 @@ pub async fn start(
     }
 }
 
-#[derive(Debug)]
-pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-pub async fn connect_with(
-    url: &str,
-    edit: impl FnOnce(&mut http::Request<()>),
-) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-    let mut req = url.into_client_request().unwrap();
-    edit(&mut req);
-    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-    Ok(Client { ws })
-}
-
 /// Connect with a bearer token and read the hello event.
-pub async fn connect(url: &str, token: &str) -> (Client, Value) {
-    let bearer = format!("Bearer {token}");
-    let mut c = connect_with(url, |r| {
-        r.headers_mut()
-            .insert("authorization", bearer.parse().unwrap());
-    })
-    .await
-    .expect("handshake");
-    let hello = c.recv().await;
+pub async fn connect(url: &str, token: &str) -> (TestClient, Value) {
+    let mut c = TestClient::connect(url, Some(token))
+        .await
+        .expect("handshake");
+    let hello = c.recv().await.expect("hello");
     assert_eq!(hello["type"], "event", "{hello}");
     assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
     (c, hello)
-}
-
-impl Client {
-    pub async fn send(&mut self, v: Value) {
-        self.ws
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    pub async fn send_text(&mut self, t: &str) {
-        self.ws
-            .send(Message::Text(t.to_owned().into()))
-            .await
-            .unwrap();
-    }
-
-    /// The next JSON text frame, within 10 s.
-    pub async fn recv(&mut self) -> Value {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .expect("no frame within 10 s")
-                .expect("socket closed")
-                .expect("socket error");
-            match msg {
-                Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    }
-
-    /// Wait for the close frame; its code.
-    pub async fn closed(&mut self) -> Option<u16> {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .expect("socket not closed within 10 s");
-            match msg {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return None,
-            }
-        }
-    }
-
-    pub async fn request(
-        &mut self,
-        service: &str,
-        method: &str,
-        params: Value,
-        trace: &str,
-    ) -> Value {
-        self.send(json!({"type":"request","payload":{"service":service,"method":method,"params":params,"trace_id":trace}}))
-            .await;
-        let resp = self.recv().await;
-        assert_eq!(resp["type"], "response", "{resp}");
-        assert_eq!(resp["payload"]["trace_id"], trace, "{resp}");
-        resp["payload"].clone()
-    }
 }
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
