@@ -4,67 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nuropb_bff::{AmqpConfig, AmqpMesh, DefaultHandler, JwtVerifier, Mesh};
 use serde_json::{Value, json};
-
-fn script(name: &str) -> String {
-    format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python service, killed when dropped.
-struct PyService(Child);
-
-impl Drop for PyService {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_python_service(name: &str) -> PyService {
-    let mut child = Command::new(nuropb_python())
-        .arg(script("service.py"))
-        .arg(amqp_url())
-        .arg(name)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the Python service");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the Python service did not get ready within 60 s");
-    assert_eq!(line.trim(), "READY", "Python service said {line:?}");
-    PyService(child)
-}
-
-fn python_client(service: &str, method: &str, params: Value) -> Value {
-    let out = Command::new(nuropb_python())
-        .arg(script("client.py"))
-        .arg(amqp_url())
-        .arg(service)
-        .arg(method)
-        .arg(params.to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run the Python client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("client printed {text:?}: {e}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_nuropb_service_through_the_gateway_and_back() {

@@ -2,10 +2,20 @@
 //! `cargo generate` CLI for several answer sets, then build each, run its own
 //! tests, `cargo fmt --check` and `cargo clippy -D warnings` on it, sharing
 //! one target directory. Invalid answers must be refused with a message that
-//! names the key.
+//! names the key. And one generated BFF runs as a process against the local
+//! RabbitMQ and a real nuropb Python service.
 
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nuropb_bff::testing::{TestClient, hs256_token, http_get};
+use serde_json::{Value, json};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,7 +99,8 @@ fn ok(what: &str, out: &Output) -> String {
     text
 }
 
-fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
+/// Generate `name` with the local runtime and `answers`; the crate folder.
+fn generate_crate(name: &str, answers: &[(&str, &str)]) -> PathBuf {
     let root = tempdir();
     let runtime = repo().display().to_string();
     let mut all: Vec<(&str, &str)> = vec![("runtime_path", runtime.as_str())];
@@ -107,6 +118,11 @@ fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
     // The repo's lock file pins the same dependency versions, so the shared
     // target directory is reused across generated crates.
     std::fs::copy(repo().join("Cargo.lock"), crate_dir.join("Cargo.lock")).unwrap();
+    crate_dir
+}
+
+fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
+    let crate_dir = generate_crate(name, answers);
     let tests = ok("cargo test", &cargo(&crate_dir, &["test"]));
     assert!(tests.contains("test result: ok. 6 passed"), "{tests}");
     ok("cargo fmt --check", &cargo(&crate_dir, &["fmt", "--check"]));
@@ -215,4 +231,242 @@ fn invalid_answers_are_refused_naming_the_key() {
         assert!(!half_written, "{key}={value} left files behind: {left:?}");
         let _ = std::fs::remove_dir_all(&root);
     }
+}
+
+/// A generated BFF binary running as a child process; its log lines (stdout
+/// and stderr) are collected. Killed when dropped.
+struct BffProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl BffProcess {
+    fn spawn(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .env("BFF_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the generated BFF");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Wait (up to `within`) for a log line containing `needle`.
+    fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {within:?}; log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The address from the `serving addr=...` line.
+    fn serving_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for("serving", Duration::from_secs(60));
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Wait (up to `within`) for the process to exit; its status and log.
+    fn exit(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the BFF did not exit within {within:?}; log:\n{}",
+                self.log.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The reader threads end with the pipes.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.log.push(line);
+        }
+        (status, self.log.join("\n"))
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for BffProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
+    let py = common::unique("e2e-svc");
+    let absent = common::unique("e2e-absent");
+    let mesh_name = common::unique("e2e-bff");
+    let routes = format!("{py}.*,{absent}.*");
+    let crate_dir = generate_crate(
+        "e2e-bff",
+        &[("routes", &routes), ("mesh_service_name", &mesh_name)],
+    );
+    ok("cargo build", &cargo(&crate_dir, &["build"]));
+    let bin = shared_target().join("debug").join("e2e-bff");
+    let secret = "e2e-secret";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // No broker at the configured URL and no --dev: exits, naming the URL
+    // and both ways to start.
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &[],
+        &[
+            ("BFF_JWT_SECRET", secret),
+            ("BFF_AMQP_URL", "amqp://guest:hunter2@127.0.0.1:1/%2f"),
+        ],
+    );
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("127.0.0.1:1"), "the URL is not named:\n{log}");
+    assert!(!log.contains("hunter2"), "the password leaked:\n{log}");
+    assert!(log.contains("rabbitmq-server"), "{log}");
+    assert!(log.contains("memory://"), "{log}");
+    drop(p);
+
+    // Against the local RabbitMQ and a real nuropb service.
+    let _service = common::start_python_service(&py);
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &[],
+        &[
+            ("BFF_JWT_SECRET", secret),
+            ("BFF_AMQP_URL", &common::amqp_url()),
+            ("BFF_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    let addr = p.serving_addr();
+    let url = format!("ws://{addr}/ws");
+    let token = hs256_token(secret, "alice", &["user"], 300);
+    let mut client = rt.block_on(async {
+        assert_eq!(http_get(addr, "/readyz").await.unwrap().0, 200);
+        let mut c = TestClient::connect(&url, Some(&token)).await.unwrap();
+        let hello = c.recv().await.unwrap();
+        assert_eq!(hello["payload"]["event"]["user_id"], "alice", "{hello}");
+
+        let r = c
+            .request(&py, "hello", json!({"name": "e2e"}))
+            .await
+            .unwrap();
+        assert_eq!(r["result"], "hello e2e", "{r}");
+        let r = c.request(&py, "whoami", json!({})).await.unwrap();
+        assert_eq!(
+            r["result"],
+            json!({"sub": "alice", "user_id": "alice"}),
+            "{r}"
+        );
+        let r = c.request(&py, "boom", json!({})).await.unwrap();
+        assert_eq!(r["error"]["error"], "NuropbException", "{r}");
+        let started = Instant::now();
+        let r = c.request(&absent, "x", json!({})).await.unwrap();
+        assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let r = c.request("billing", "charge", json!({})).await.unwrap();
+        assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
+        // The template's BFF-local route.
+        let r = c.request("bff", "whoami", json!({})).await.unwrap();
+        assert_eq!(r["result"]["user_id"], "alice", "{r}");
+        c
+    });
+    // A nuropb Python client pushes to alice through the BFF's mesh method.
+    let pushed = common::python_client(
+        &mesh_name,
+        "send_to_users",
+        json!({"user_ids": ["alice"], "message": {"n": 1}, "topic": "note"}),
+    );
+    assert_eq!(pushed["result"], json!({"delivered": 1}), "{pushed}");
+    rt.block_on(async {
+        let event = client.recv().await.unwrap();
+        assert_eq!(
+            event,
+            json!({"type":"event","payload":{"topic":"note","event":{"n":1}}})
+        );
+    });
+    // SIGTERM: sessions are closed with 1001, then a clean exit.
+    p.terminate();
+    let code = rt.block_on(client.closed()).unwrap();
+    assert_eq!(code, Some(1001));
+    let (status, log) = p.exit(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    drop(p);
+
+    // Development mode: explicit, loud, and served by echo stubs.
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &["--dev"],
+        &[("BFF_JWT_SECRET", secret), ("BFF_LISTEN", "127.0.0.1:0")],
+    );
+    let addr = p.serving_addr();
+    p.wait_for("DEVELOPMENT MODE", Duration::from_secs(5));
+    rt.block_on(async {
+        let mut c = TestClient::connect(&format!("ws://{addr}/ws"), Some(&token))
+            .await
+            .unwrap();
+        c.recv().await.unwrap();
+        let r: Value = c
+            .request(&py, "hello", json!({"name": "dev"}))
+            .await
+            .unwrap();
+        assert_eq!(r["result"]["service"], py.as_str(), "{r}");
+        assert_eq!(r["result"]["params"], json!({"name": "dev"}), "{r}");
+    });
+    p.terminate();
+    let (status, log) = p.exit(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
 }

@@ -1,8 +1,11 @@
-//! Helpers shared by the integration tests: a gateway on 127.0.0.1:0, a
-//! WebSocket client that speaks JSON frames, token minting.
+//! Helpers shared by the integration tests: a gateway on 127.0.0.1:0 over
+//! any mesh, tokens, the broker URL, and the real nuropb Python service and
+//! client of the interop tests.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,4 +127,58 @@ pub fn nuropb_python() -> std::path::PathBuf {
         "no Python with nuropb: run `bash scripts/setup-python.sh` (creates .venv) or set NUROPB_PYTHON"
     );
     p
+}
+
+pub fn script(name: &str) -> String {
+    format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A real nuropb Python service (tests/python/service.py), killed when
+/// dropped.
+pub struct PyService(Child);
+
+impl Drop for PyService {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start_python_service(name: &str) -> PyService {
+    let mut child = Command::new(nuropb_python())
+        .arg(script("service.py"))
+        .arg(amqp_url())
+        .arg(name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the Python service");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the Python service did not get ready within 60 s");
+    assert_eq!(line.trim(), "READY", "Python service said {line:?}");
+    PyService(child)
+}
+
+pub fn python_client(service: &str, method: &str, params: Value) -> Value {
+    let out = Command::new(nuropb_python())
+        .arg(script("client.py"))
+        .arg(amqp_url())
+        .arg(service)
+        .arg(method)
+        .arg(params.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the Python client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("client printed {text:?}: {e}"))
 }
