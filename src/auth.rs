@@ -216,6 +216,34 @@ pub fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) -> Option
     cookie.or_else(|| query_token.filter(|t| !t.is_empty()).map(str::to_owned))
 }
 
+/// An HS256 token for `sub` that a [`JwtVerifier::hs256`] with the same
+/// secret, issuer and audience accepts; for development mode, where the
+/// frontend needs a token before any identity provider is wired up.
+pub fn hs256_dev_token(
+    secret: &[u8],
+    sub: &str,
+    ttl_secs: u64,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> Result<String, AuthError> {
+    let mut claims = serde_json::Map::new();
+    claims.insert("sub".into(), sub.into());
+    claims.insert("name".into(), sub.into());
+    claims.insert("exp".into(), (unix_now() + ttl_secs).into());
+    if let Some(iss) = issuer {
+        claims.insert("iss".into(), iss.into());
+    }
+    if let Some(aud) = audience {
+        claims.insert("aud".into(), aud.into());
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -240,6 +268,17 @@ mod tests {
 
     fn exp_in(secs: i64) -> u64 {
         (unix_now() as i64 + secs) as u64
+    }
+
+    #[tokio::test]
+    async fn a_dev_token_passes_the_matching_verifier_only() {
+        let t = hs256_dev_token(b"k", "dev-user", 60, Some("me"), Some("app")).unwrap();
+        let ok = JwtVerifier::hs256(b"k", Some("me"), Some("app"));
+        assert_eq!(ok.authenticate(&t).await.unwrap().user_id, "dev-user");
+        let other_secret = JwtVerifier::hs256(b"x", Some("me"), Some("app"));
+        assert!(other_secret.authenticate(&t).await.is_err());
+        let other_issuer = JwtVerifier::hs256(b"k", Some("them"), Some("app"));
+        assert!(other_issuer.authenticate(&t).await.is_err());
     }
 
     #[tokio::test]

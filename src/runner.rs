@@ -69,6 +69,29 @@ pub fn auth_from_settings(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunE
     }
 }
 
+/// In development mode with HS256, a token the frontend can use at once.
+fn log_dev_token(settings: &Settings) {
+    let Some(secret) = settings.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
+        return;
+    };
+    if settings.auth != AuthMode::JwtHs256 {
+        return;
+    }
+    let ttl_secs = 8 * 3600;
+    match crate::auth::hs256_dev_token(
+        secret.as_bytes(),
+        "dev-user",
+        ttl_secs,
+        settings.jwt_issuer.as_deref(),
+        settings.jwt_audience.as_deref(),
+    ) {
+        Ok(token) => tracing::warn!(
+            "DEVELOPMENT MODE: a token for user dev-user, valid 8 h (Authorization: Bearer, or ?access_token=): {token}"
+        ),
+        Err(e) => tracing::warn!("DEVELOPMENT MODE: could not make a development token: {e}"),
+    }
+}
+
 /// Load the routing table, join the mesh (or the in-process development
 /// mesh for `memory://`), serve until `shutdown` resolves, then close
 /// sessions and leave the mesh.
@@ -94,6 +117,7 @@ pub async fn run(
             "DEVELOPMENT MODE: BFF_AMQP_URL=memory:// - no broker; every routed service is an in-process echo stub"
         );
         tracing::warn!("DEVELOPMENT MODE: never run this in production");
+        log_dev_token(&settings);
         let mesh = MemoryMesh::with_echo_stubs(gateway.routes());
         mesh.add_service(
             settings.mesh_service_name.clone(),

@@ -453,12 +453,19 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
         &[("BFF_JWT_SECRET", secret), ("BFF_LISTEN", "127.0.0.1:0")],
     );
     let addr = p.serving_addr();
-    p.wait_for("DEVELOPMENT MODE", Duration::from_secs(5));
+    p.wait_for(
+        "DEVELOPMENT MODE: never run this in production",
+        Duration::from_secs(5),
+    );
+    // It hands the frontend developer a token to connect with.
+    let line = p.wait_for("a token for user dev-user", Duration::from_secs(5));
+    let dev_token = line.split_whitespace().last().unwrap().to_owned();
     rt.block_on(async {
-        let mut c = TestClient::connect(&format!("ws://{addr}/ws"), Some(&token))
+        let mut c = TestClient::connect(&format!("ws://{addr}/ws"), Some(&dev_token))
             .await
             .unwrap();
-        c.recv().await.unwrap();
+        let hello = c.recv().await.unwrap();
+        assert_eq!(hello["payload"]["event"]["user_id"], "dev-user", "{hello}");
         let r: Value = c
             .request(&py, "hello", json!({"name": "dev"}))
             .await
