@@ -4,6 +4,9 @@
 //!   cargo bench --bench gateway                       # via RabbitMQ (127.0.0.1:5672)
 //!   cargo bench --bench gateway -- --memory           # in-process mesh
 //!   cargo bench --bench gateway -- --requests 50000 --in-flight 128
+//!
+//! Under `cargo test` (no `--bench` argument) it makes a short smoke run
+//! and fails if any request failed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +33,8 @@ fn arg(name: &str, default: usize) -> usize {
 #[tokio::main]
 async fn main() {
     let memory = std::env::args().any(|a| a == "--memory");
-    let total = arg("--requests", 20_000);
+    let benching = std::env::args().any(|a| a == "--bench");
+    let total = arg("--requests", if benching { 20_000 } else { 1_000 });
     let in_flight = arg("--in-flight", 64);
     let url = std::env::var("BFF_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
@@ -143,5 +147,9 @@ async fn main() {
     let _ = server.await;
     for m in closers {
         m.close(Duration::from_secs(2)).await;
+    }
+    if errors > 0 {
+        eprintln!("{errors} requests failed");
+        std::process::exit(1);
     }
 }
