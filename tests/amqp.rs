@@ -204,3 +204,99 @@ async fn an_unreachable_broker_is_named_in_the_error() {
     assert!(text.contains("127.0.0.1:1"), "{text}");
     assert!(!text.contains("hunter2"), "password leaked: {text}");
 }
+
+/// Have the broker close the connection whose name is `connection_name`
+/// (as an operator's `rabbitmqctl close_connection` or a broker failover
+/// would).
+fn broker_closes(connection_name: &str) {
+    let rabbitmqctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl (part of the RabbitMQ server package)");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
+    let pid = listing
+        .lines()
+        .find(|l| l.contains(connection_name))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("no broker connection named {connection_name}:\n{listing}"))
+        .to_owned();
+    rabbitmqctl(&["close_connection", &pid, "reconnect test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
+    let svc_name = unique("recon");
+    let stub = StubService::new(svc_name.clone())
+        .method("add", |r: IncomingRequest| async move {
+            Ok(json!(
+                r.params["a"].as_i64().unwrap_or(0) + r.params["b"].as_i64().unwrap_or(0)
+            ))
+        })
+        .method("slow", |_| async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            Ok(Value::Null)
+        });
+    let server = peer(&svc_name, Arc::new(stub), vec![]).await;
+    let recorder = Arc::new(Recorder::default());
+    let mut config = AmqpConfig::new(amqp_url(), unique("client"));
+    config.event_bindings = vec![format!("{svc_name}.#")];
+    config.max_backoff = Duration::from_millis(500);
+    let name = config.connection_name();
+    let client = AmqpMesh::connect(config, recorder.clone()).await.unwrap();
+    let ttl = Duration::from_secs(30);
+    let add = |a: i64| call(&svc_name, "add", json!({"a": a, "b": 1}), ttl);
+    assert_eq!(client.request(add(1)).await, Ok(json!(2)));
+
+    // A call in flight when the connection goes fails at once, not after
+    // its 30 s ttl.
+    let in_flight = {
+        let client = client.clone();
+        let c = call(&svc_name, "slow", json!({}), ttl);
+        tokio::spawn(async move { client.request(c).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dropped_at = Instant::now();
+    tokio::task::spawn_blocking(move || broker_closes(&name))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the in-flight call must end when the connection drops")
+        .unwrap();
+    assert!(matches!(r, Err(MeshError::Unavailable(_))), "{r:?}");
+    wait_until("the mesh to notice the loss", || !client.is_ready()).await;
+
+    // Back by itself: requests, and the event bindings of the new queue.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.is_ready() {
+        assert!(Instant::now() < deadline, "no reconnect within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("reconnected {:?} after the drop", dropped_at.elapsed());
+    assert_eq!(client.request(add(41)).await, Ok(json!(42)));
+    server
+        .publish_event(OutgoingEvent {
+            topic: format!("{svc_name}.changed"),
+            event: json!({"n": 1}),
+            context: Map::new(),
+            target: None,
+            trace_id: None,
+        })
+        .await
+        .unwrap();
+    wait_until("the event after reconnecting", || {
+        !recorder.events.lock().unwrap().is_empty()
+    })
+    .await;
+
+    client.close(Duration::from_secs(5)).await;
+    server.close(Duration::from_secs(5)).await;
+}

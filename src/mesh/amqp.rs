@@ -81,6 +81,12 @@ impl AmqpConfig {
     pub fn response_queue(&self) -> String {
         format!("nuropb-{}-{}-rq", self.service_name, self.instance_id)
     }
+
+    /// The name the broker shows for this instance's connection (management
+    /// UI, `rabbitmqctl list_connections client_properties`).
+    pub fn connection_name(&self) -> String {
+        format!("nuropb-bff {} {}", self.service_name, self.instance_id)
+    }
 }
 
 /// The broker URL with its password masked, for logs and error messages.
@@ -411,7 +417,9 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     let fail = |what: &str, e: lapin::Error| {
         MeshError::Unavailable(format!("{what} on {}: {e}", redact_url(&c.url)))
     };
-    let connection = Connection::connect(&c.url, ConnectionProperties::default())
+    let properties =
+        ConnectionProperties::default().with_connection_name(c.connection_name().into());
+    let connection = Connection::connect(&c.url, properties)
         .await
         .map_err(|e| fail("cannot connect", e))?;
     let ch = connection
