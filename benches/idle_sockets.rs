@@ -1,0 +1,129 @@
+//! Memory per idle WebSocket: a gateway process (this binary with
+//! `--server`, on the in-process mesh) holds N authenticated, idle sockets
+//! opened by this process; the server's RSS growth divided by N is the cost
+//! of one socket. Not a test: prints numbers.
+//!
+//!   cargo bench --bench idle_sockets                     # 10,000 sockets
+//!   cargo bench --bench idle_sockets -- --sockets 5000
+//!
+//! Under `cargo test` (no `--bench` argument) it makes a short smoke run of
+//! 200 sockets. Each socket takes a file descriptor on both sides: the
+//! process limit (`ulimit -n`) caps N.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use nuropb_bff::{DefaultHandler, Gateway, GatewayConfig, MemoryMesh, NoAuth, RouteTable};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Resident set size of `pid` in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The gateway side: serve until stdin closes, then report the sessions
+/// still open.
+async fn server() {
+    let routes = RouteTable::parse("bench", "[[route]]\ncall = \"echo.*\"\n").unwrap();
+    let gw = Gateway::new(
+        GatewayConfig::new("idle-bench"),
+        routes,
+        Arc::new(NoAuth),
+        Arc::new(DefaultHandler),
+    );
+    gw.set_mesh(Arc::new(MemoryMesh::with_echo_stubs(gw.routes())));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    let stdin_closed = async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await;
+    };
+    gw.serve(listener, stdin_closed, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--server") {
+        return server().await;
+    }
+    let benching = std::env::args().any(|a| a == "--bench");
+    let n = arg("--sockets", if benching { 10_000 } else { 200 });
+    // `--server-wrapper valgrind,--tool=massif` runs the server under a tool.
+    let args: Vec<String> = std::env::args().collect();
+    let wrapper: Vec<String> = args
+        .iter()
+        .position(|a| a == "--server-wrapper")
+        .and_then(|i| args.get(i + 1))
+        .map(|w| w.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = match wrapper.split_first() {
+        Some((tool, tool_args)) => {
+            let mut c = Command::new(tool);
+            c.args(tool_args).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let mut child = cmd
+        .arg("--server")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut addr = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut addr)
+        .unwrap();
+    let url = format!("ws://{}/ws", addr.trim());
+    let pid = child.id();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+    let mut sockets = Vec::with_capacity(n);
+    for i in 0..n {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("socket {i}: {e}"));
+        // The hello event: the session is registered.
+        let hello = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        assert!(matches!(hello, Ok(Some(Ok(_)))), "socket {i}: no hello");
+        sockets.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+    println!(
+        "idle sockets={n} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
+        per,
+        per / 1024.0
+    );
+    drop(sockets);
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "server exited with {status}");
+}
