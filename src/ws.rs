@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc};
@@ -15,10 +16,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
 use crate::gateway::{Gateway, LocalCall, MeshClient, refusal};
-use crate::mesh::{Call, MeshError};
+use crate::mesh::{BoxFuture, Call, MeshError};
 use crate::protocol::{ClientCall, ClientFrame, ErrorBody, ErrorName, ServerFrame};
 use crate::routing::validate_topic_pattern;
-use crate::session::{CLOSE_AUTH_REQUIRED, CLOSE_TOKEN_EXPIRED, SessionInfo};
+use crate::session::{
+    CLOSE_AUTH_REQUIRED, CLOSE_TOKEN_EXPIRED, SessionChannel, SessionGuard, SessionInfo,
+};
 
 fn text(frame: &ServerFrame) -> Message {
     Message::Text(frame.to_json().into())
@@ -79,30 +82,53 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
 }
 
 /// Serve one upgraded socket to its end.
-pub(crate) async fn connection(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) {
+///
+/// Two phases, so that an idle connection holds only what it needs: the
+/// setup (authentication, registration, hello) runs in its own boxed future
+/// that is freed once it is done; what stays alive for the connection's
+/// lifetime is the [`Live`] state and the read loop.
+pub(crate) fn connection(
+    gw: Gateway,
+    socket: WebSocket,
+    identity: Option<Identity>,
+) -> impl Future<Output = ()> + Send {
+    let setup = Box::pin(open(gw, socket, identity));
+    async move {
+        if let Some(mut live) = setup.await {
+            live.run().await;
+        }
+    }
+}
+
+/// What an open connection keeps: its reader state, the read half of the
+/// socket and the writer task.
+struct Live {
+    conn: Connection,
+    stream: SplitStream<WebSocket>,
+    writer: tokio::task::JoinHandle<()>,
+    _guard: SessionGuard,
+}
+
+/// Authenticate, register the session, start the writer and queue the
+/// hello event.
+async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.0.auth.anonymous(&session_id)) {
         Some(id) => id,
-        None => match first_frame_auth(&gw, &mut socket).await {
-            Some(id) => id,
-            None => return,
-        },
+        None => first_frame_auth(&gw, &mut socket).await?,
     };
     let info = SessionInfo {
-        session_id: session_id.clone(),
+        session_id,
         user_id: identity.user_id.clone(),
         username: identity.username.clone(),
         roles: identity.roles.clone(),
     };
-    let (_guard, channel) = gw.0.sessions.register(&info);
+    let (guard, channel) = gw.0.sessions.register(&info);
+    let reply_tx = gw.0.sessions.sender(&info.session_id)?;
     gw.0.metrics.connection_opened();
-    tracing::debug!(session_id = %session_id, user_id = %info.user_id, "session opened");
+    tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
-    let (mut sink, mut stream) = socket.split();
-    let Some(reply_tx) = gw.0.sessions.sender(&session_id) else {
-        gw.0.metrics.connection_closed();
-        return;
-    };
+    let (sink, stream) = socket.split();
     let hello = ServerFrame::Event {
         topic: "hello".into(),
         event: gw.0.handler.hello(&info),
@@ -110,52 +136,68 @@ pub(crate) async fn connection(gw: Gateway, mut socket: WebSocket, identity: Opt
     let _ = reply_tx.try_send(hello.to_json().into());
 
     let closed = channel.closed.clone();
-    let write_timeout = gw.0.config.limits.write_timeout;
-    let writer = {
-        let reason = channel.close_reason_handle();
-        let mut rx = channel.rx;
-        let closed = closed.clone();
-        tokio::spawn(async move {
-            let mut drained_ok = true;
-            loop {
-                let frame = tokio::select! {
-                    biased;
-                    f = rx.recv() => match f { Some(f) => f, None => break },
-                    _ = closed.cancelled() => break,
-                };
-                match tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))).await {
-                    Ok(Ok(())) => {}
-                    _ => {
-                        drained_ok = false;
-                        break;
-                    }
-                }
-            }
-            closed.cancel();
-            if drained_ok {
-                let (code, why) = reason
-                    .get()
-                    .map_or((1000, "closed".to_owned()), |r| (r.code, r.reason.clone()));
-                let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
-            }
-        })
-    };
-
+    let writer = tokio::spawn(write_loop(sink, channel, gw.0.config.limits.write_timeout));
     let conn = Connection {
-        gw: gw.clone(),
+        in_flight: Arc::new(Semaphore::new(gw.0.config.limits.max_in_flight)),
+        gw,
         info,
         identity,
         reply_tx,
-        in_flight: Arc::new(Semaphore::new(gw.0.config.limits.max_in_flight)),
         tasks: TaskTracker::new(),
         rate: HashMap::new(),
-        closed: closed.clone(),
+        closed,
     };
-    conn.read_loop(&mut stream).await;
+    Some(Live {
+        conn,
+        stream,
+        writer,
+        _guard: guard,
+    })
+}
+
+/// Drain the session's outbound queue into the socket until the session
+/// closes, then send the close frame with the session's close reason.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    channel: SessionChannel,
+    write_timeout: Duration,
+) {
+    let reason = channel.close_reason_handle();
+    let SessionChannel { mut rx, closed, .. } = channel;
+    let mut drained_ok = true;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            f = rx.recv() => match f { Some(f) => f, None => break },
+            _ = closed.cancelled() => break,
+        };
+        match tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))).await {
+            Ok(Ok(())) => {}
+            _ => {
+                drained_ok = false;
+                break;
+            }
+        }
+    }
     closed.cancel();
-    let _ = writer.await;
-    gw.0.metrics.connection_closed();
-    tracing::debug!(session_id = %session_id, "session closed");
+    if drained_ok {
+        let (code, why) = reason
+            .get()
+            .map_or((1000, "closed".to_owned()), |r| (r.code, r.reason.clone()));
+        let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
+    }
+}
+
+impl Live {
+    /// Borrows rather than consumes: a by-value `self` would be stored again
+    /// in each nested future of this long-lived state machine.
+    async fn run(&mut self) {
+        self.conn.read_loop(&mut self.stream).await;
+        self.conn.closed.cancel();
+        let _ = (&mut self.writer).await;
+        self.conn.gw.0.metrics.connection_closed();
+        tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
+    }
 }
 
 struct Connection {
@@ -182,10 +224,7 @@ fn expiry_instant(expires_at: Option<u64>) -> tokio::time::Instant {
 }
 
 impl Connection {
-    async fn read_loop(
-        mut self,
-        stream: &mut futures_util::stream::SplitStream<axum::extract::ws::WebSocket>,
-    ) {
+    async fn read_loop(&mut self, stream: &mut SplitStream<WebSocket>) {
         let expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
         tokio::pin!(expiry);
         loop {
@@ -239,15 +278,15 @@ impl Connection {
                 }
                 Ok(ClientFrame::Subscribe(t)) => {
                     self.gw.0.metrics.frame_in("subscribe");
-                    self.subscribe(t.topics, true).await;
+                    Box::pin(self.subscribe(t.topics, true)).await;
                 }
                 Ok(ClientFrame::Unsubscribe(t)) => {
                     self.gw.0.metrics.frame_in("unsubscribe");
-                    self.subscribe(t.topics, false).await;
+                    Box::pin(self.subscribe(t.topics, false)).await;
                 }
                 Ok(ClientFrame::Authenticate(a)) => {
                     self.gw.0.metrics.frame_in("authenticate");
-                    if let Some(exp) = self.reauthenticate(&a.token).await {
+                    if let Some(exp) = Box::pin(self.reauthenticate(&a.token)).await {
                         expiry.as_mut().reset(expiry_instant(exp));
                     }
                 }
@@ -268,8 +307,14 @@ impl Connection {
         self.tasks.wait().await;
     }
 
-    async fn reply(&self, frame: ServerFrame) {
-        let _ = self.reply_tx.send(frame.to_json().into()).await;
+    /// Queue a frame for this client, waiting while its queue is full.
+    /// Boxed: replies are off the request path, and an inline future would
+    /// grow every idle connection's state by its size.
+    fn reply(&self, frame: ServerFrame) -> BoxFuture<'_, ()> {
+        let bytes: Utf8Bytes = frame.to_json().into();
+        Box::pin(async move {
+            let _ = self.reply_tx.send(bytes).await;
+        })
     }
 
     async fn reauthenticate(&mut self, token: &str) -> Option<Option<u64>> {
