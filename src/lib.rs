@@ -12,6 +12,7 @@ pub mod config;
 mod gateway;
 pub mod mesh;
 mod metrics;
+mod outbox;
 pub mod protocol;
 pub mod routing;
 mod server;

@@ -4,13 +4,12 @@
 //! is full when a push arrives is closed rather than allowed to grow.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+pub use crate::outbox::{CloseReason, Outbox, PushError};
 use crate::routing::topic_matches;
 
 /// Close code for a session whose outbound queue overflowed.
@@ -21,6 +20,8 @@ pub const CLOSE_DISCONNECTED: u16 = 4000;
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// Close code when a connection never authenticated.
 pub const CLOSE_AUTH_REQUIRED: u16 = 4003;
+/// Close code of an ordinary end (the client left, or the socket failed).
+pub const CLOSE_NORMAL: u16 = 1000;
 /// Close code sent to every session when the gateway shuts down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
@@ -33,57 +34,23 @@ pub struct SessionInfo {
     pub roles: Vec<String>,
 }
 
-/// Why and how a session is to be closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: String,
-}
-
-/// The receiving half a connection's writer drains, and the signal that the
-/// registry wants the connection closed.
-#[derive(Debug)]
-pub struct SessionChannel {
-    pub rx: mpsc::Receiver<Utf8Bytes>,
-    pub closed: CancellationToken,
-    close_reason: Arc<OnceLock<CloseReason>>,
-}
-
-impl SessionChannel {
-    /// The reason given when the registry closed the session.
-    pub fn close_reason(&self) -> Option<&CloseReason> {
-        self.close_reason.get()
-    }
-
-    /// A handle on the close reason that outlives this channel's receiver.
-    pub fn close_reason_handle(&self) -> Arc<OnceLock<CloseReason>> {
-        self.close_reason.clone()
-    }
-}
-
 #[derive(Debug)]
 struct Entry {
     user_id: String,
-    tx: mpsc::Sender<Utf8Bytes>,
-    closed: CancellationToken,
-    close_reason: Arc<OnceLock<CloseReason>>,
+    outbox: Outbox,
     topics: HashSet<String>,
 }
 
 impl Entry {
     fn close(&self, code: u16, reason: &str) {
-        let _ = self.close_reason.set(CloseReason {
-            code,
-            reason: reason.to_owned(),
-        });
-        self.closed.cancel();
+        self.outbox.close(code, reason);
     }
 
     /// Queue a frame without waiting; a full queue closes the session.
     fn push(&self, frame: &Utf8Bytes, metrics: Option<&Metrics>) -> bool {
-        match self.tx.try_send(frame.clone()) {
+        match self.outbox.try_push(frame.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full) => {
                 tracing::warn!(user_id = %self.user_id, "outbound queue full, closing slow session");
                 self.close(CLOSE_SLOW_CONSUMER, "outbound queue full");
                 if let Some(m) = metrics {
@@ -91,7 +58,7 @@ impl Entry {
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 }
@@ -151,16 +118,13 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add a session; it lives until the guard is dropped.
-    pub fn register(&self, info: &SessionInfo) -> (SessionGuard, SessionChannel) {
-        let (tx, rx) = mpsc::channel(self.queue_capacity);
-        let closed = CancellationToken::new();
-        let close_reason = Arc::new(OnceLock::new());
+    /// Add a session; it lives until the guard is dropped. The outbox is
+    /// what its connection writes out.
+    pub fn register(&self, info: &SessionInfo) -> (SessionGuard, Outbox) {
+        let outbox = Outbox::new(self.queue_capacity);
         let entry = Entry {
             user_id: info.user_id.clone(),
-            tx,
-            closed: closed.clone(),
-            close_reason: close_reason.clone(),
+            outbox: outbox.clone(),
             topics: HashSet::new(),
         };
         let mut inner = self.lock();
@@ -176,11 +140,7 @@ impl Sessions {
                 sessions: self.clone(),
                 session_id: info.session_id.clone(),
             },
-            SessionChannel {
-                rx,
-                closed,
-                close_reason,
-            },
+            outbox,
         )
     }
 
@@ -194,13 +154,6 @@ impl Sessions {
                 inner.by_user.remove(&entry.user_id);
             }
         }
-    }
-
-    /// A sender for the session's own replies: the connection awaits queue
-    /// space for these (backpressure on its own requests) instead of being
-    /// closed.
-    pub fn sender(&self, session_id: &str) -> Option<mpsc::Sender<Utf8Bytes>> {
-        self.lock().sessions.get(session_id).map(|e| e.tx.clone())
     }
 
     /// Push a frame to one session. False if it is gone or too slow.
@@ -339,20 +292,18 @@ mod tests {
         }
     }
 
-    fn drain(ch: &mut SessionChannel) -> Vec<String> {
-        let mut out = vec![];
-        while let Ok(m) = ch.rx.try_recv() {
-            out.push(m.to_string());
-        }
-        out
+    fn drain(o: &Outbox) -> Vec<String> {
+        std::iter::from_fn(|| o.try_pop())
+            .map(|m| m.to_string())
+            .collect()
     }
 
     #[test]
     fn one_user_many_sessions() {
         let s = Sessions::new(8);
-        let (_g1, mut c1) = s.register(&info("s1", "alice"));
-        let (_g2, mut c2) = s.register(&info("s2", "alice"));
-        let (_g3, mut c3) = s.register(&info("s3", "bob"));
+        let (_g1, c1) = s.register(&info("s1", "alice"));
+        let (_g2, c2) = s.register(&info("s2", "alice"));
+        let (_g3, c3) = s.register(&info("s3", "bob"));
         assert_eq!(
             s.counts(),
             SessionCounts {
@@ -368,9 +319,9 @@ mod tests {
         assert_eq!(s.send_to_users(&["nobody"], "x".into()), 0);
         assert!(!s.send_to_session("nope", "x".into()));
 
-        assert_eq!(drain(&mut c1), vec!["a", "all"]);
-        assert_eq!(drain(&mut c2), vec!["a", "all"]);
-        assert_eq!(drain(&mut c3), vec!["b", "all"]);
+        assert_eq!(drain(&c1), vec!["a", "all"]);
+        assert_eq!(drain(&c2), vec!["a", "all"]);
+        assert_eq!(drain(&c3), vec!["b", "all"]);
     }
 
     #[test]
@@ -398,13 +349,13 @@ mod tests {
         let (_g3, c3) = s.register(&info("s3", "bob"));
         let (_g4, c4) = s.register(&info("s4", "carol"));
         assert!(s.close_session("s4", CLOSE_DISCONNECTED, "bye"));
-        assert!(c4.closed.is_cancelled());
+        assert!(c4.is_closed());
         assert_eq!(c4.close_reason().unwrap().code, CLOSE_DISCONNECTED);
         assert_eq!(s.close_users(&["alice"], CLOSE_DISCONNECTED, "bye"), 2);
-        assert!(c1.closed.is_cancelled() && c2.closed.is_cancelled());
-        assert!(!c3.closed.is_cancelled());
+        assert!(c1.is_closed() && c2.is_closed());
+        assert!(!c3.is_closed());
         assert_eq!(s.close_all(CLOSE_GOING_AWAY, "shutdown"), 4);
-        assert!(c3.closed.is_cancelled());
+        assert!(c3.is_closed());
         // The first reason given sticks.
         assert_eq!(c1.close_reason().unwrap().code, CLOSE_DISCONNECTED);
     }
@@ -412,20 +363,20 @@ mod tests {
     #[test]
     fn a_full_queue_closes_the_slow_session_and_loses_nothing_queued() {
         let s = Sessions::new(2);
-        let (_g, mut c) = s.register(&info("s1", "u"));
+        let (_g, c) = s.register(&info("s1", "u"));
         assert!(s.send_to_session("s1", "1".into()));
         assert!(s.send_to_session("s1", "2".into()));
         assert!(!s.send_to_session("s1", "3".into()));
-        assert!(c.closed.is_cancelled());
+        assert!(c.is_closed());
         assert_eq!(c.close_reason().unwrap().code, CLOSE_SLOW_CONSUMER);
-        assert_eq!(drain(&mut c), vec!["1", "2"]);
+        assert_eq!(drain(&c), vec!["1", "2"]);
     }
 
     #[test]
     fn subscriptions_select_sessions() {
         let s = Sessions::new(8);
-        let (_g1, mut c1) = s.register(&info("s1", "u1"));
-        let (_g2, mut c2) = s.register(&info("s2", "u2"));
+        let (_g1, c1) = s.register(&info("s1", "u1"));
+        let (_g2, c2) = s.register(&info("s2", "u2"));
         assert_eq!(
             s.subscribe("s1", &["orders.*".into(), "news.#".into()]),
             vec!["news.#", "orders.*"]
@@ -433,7 +384,7 @@ mod tests {
         assert_eq!(s.send_to_subscribers("orders.created", "o".into()), 1);
         assert_eq!(s.unsubscribe("s1", &["orders.*".into()]), vec!["news.#"]);
         assert_eq!(s.send_to_subscribers("orders.created", "o2".into()), 0);
-        assert_eq!(drain(&mut c1), vec!["o"]);
-        assert!(drain(&mut c2).is_empty());
+        assert_eq!(drain(&c1), vec!["o"]);
+        assert!(drain(&c2).is_empty());
     }
 }

@@ -10,8 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
@@ -20,7 +19,7 @@ use crate::mesh::{BoxFuture, Call, MeshError};
 use crate::protocol::{ClientCall, ClientFrame, ErrorBody, ErrorName, ServerFrame};
 use crate::routing::validate_topic_pattern;
 use crate::session::{
-    CLOSE_AUTH_REQUIRED, CLOSE_TOKEN_EXPIRED, SessionChannel, SessionGuard, SessionInfo,
+    CLOSE_AUTH_REQUIRED, CLOSE_NORMAL, CLOSE_TOKEN_EXPIRED, Outbox, SessionGuard, SessionInfo,
 };
 
 fn text(frame: &ServerFrame) -> Message {
@@ -123,8 +122,7 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
         username: identity.username.clone(),
         roles: identity.roles.clone(),
     };
-    let (guard, channel) = gw.0.sessions.register(&info);
-    let reply_tx = gw.0.sessions.sender(&info.session_id)?;
+    let (guard, outbox) = gw.0.sessions.register(&info);
     gw.0.metrics.connection_opened();
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
@@ -133,19 +131,21 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
         topic: "hello".into(),
         event: gw.0.handler.hello(&info),
     };
-    let _ = reply_tx.try_send(hello.to_json().into());
+    let _ = outbox.try_push(hello.to_json().into());
 
-    let closed = channel.closed.clone();
-    let writer = tokio::spawn(write_loop(sink, channel, gw.0.config.limits.write_timeout));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox.clone(),
+        gw.0.config.limits.write_timeout,
+    ));
     let conn = Connection {
         in_flight: Arc::new(Semaphore::new(gw.0.config.limits.max_in_flight)),
         gw,
         info,
         identity,
-        reply_tx,
+        outbox,
         tasks: TaskTracker::new(),
         rate: HashMap::new(),
-        closed,
     };
     Some(Live {
         conn,
@@ -159,18 +159,11 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
 /// closes, then send the close frame with the session's close reason.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    channel: SessionChannel,
+    outbox: Outbox,
     write_timeout: Duration,
 ) {
-    let reason = channel.close_reason_handle();
-    let SessionChannel { mut rx, closed, .. } = channel;
     let mut drained_ok = true;
-    loop {
-        let frame = tokio::select! {
-            biased;
-            f = rx.recv() => match f { Some(f) => f, None => break },
-            _ = closed.cancelled() => break,
-        };
+    while let Some(frame) = outbox.pop().await {
         match tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))).await {
             Ok(Ok(())) => {}
             _ => {
@@ -179,11 +172,12 @@ async fn write_loop(
             }
         }
     }
-    closed.cancel();
+    // Stops the reader too when the write side failed.
+    outbox.close(CLOSE_NORMAL, "closed");
     if drained_ok {
-        let (code, why) = reason
-            .get()
-            .map_or((1000, "closed".to_owned()), |r| (r.code, r.reason.clone()));
+        let (code, why) = outbox
+            .close_reason()
+            .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
         let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
     }
 }
@@ -193,7 +187,7 @@ impl Live {
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
         self.conn.read_loop(&mut self.stream).await;
-        self.conn.closed.cancel();
+        self.conn.outbox.close(CLOSE_NORMAL, "closed");
         let _ = (&mut self.writer).await;
         self.conn.gw.0.metrics.connection_closed();
         tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
@@ -204,12 +198,11 @@ struct Connection {
     gw: Gateway,
     info: SessionInfo,
     identity: Identity,
-    reply_tx: mpsc::Sender<Utf8Bytes>,
+    outbox: Outbox,
     in_flight: Arc<Semaphore>,
     tasks: TaskTracker,
     /// Per-route request counts in the current one-second window.
     rate: HashMap<usize, (Instant, u32)>,
-    closed: CancellationToken,
 }
 
 fn expiry_instant(expires_at: Option<u64>) -> tokio::time::Instant {
@@ -229,7 +222,7 @@ impl Connection {
         tokio::pin!(expiry);
         loop {
             let msg = tokio::select! {
-                _ = self.closed.cancelled() => break,
+                _ = self.outbox.closed() => break,
                 _ = &mut expiry => {
                     self.gw.0.sessions.close_session(&self.info.session_id, CLOSE_TOKEN_EXPIRED, "token expired");
                     break;
@@ -313,7 +306,7 @@ impl Connection {
     fn reply(&self, frame: ServerFrame) -> BoxFuture<'_, ()> {
         let bytes: Utf8Bytes = frame.to_json().into();
         Box::pin(async move {
-            let _ = self.reply_tx.send(bytes).await;
+            let _ = self.outbox.push(bytes).await;
         })
     }
 
@@ -403,7 +396,7 @@ impl Connection {
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let started = Instant::now();
         let gw = self.gw.clone();
-        let tx = self.reply_tx.clone();
+        let outbox = self.outbox.clone();
         let respond = move |outcome: Result<Value, ErrorBody>, trace_id: String| {
             let label = match &outcome {
                 Ok(_) => "ok",
@@ -429,9 +422,9 @@ impl Connection {
                     error: Some(e),
                 },
             };
-            let tx = tx.clone();
+            let outbox = outbox.clone();
             async move {
-                let _ = tx.send(frame.to_json().into()).await;
+                let _ = outbox.push(frame.to_json().into()).await;
             }
         };
 

@@ -609,3 +609,55 @@ async fn no_auth_mode_gives_each_socket_its_own_anonymous_user() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_as_slow_and_unregistered() {
+    let gw = start(
+        ROUTES,
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |c| {
+            c.limits.outbound_queue = 4;
+            c.limits.write_timeout = Duration::from_millis(500);
+        },
+        stubs,
+    )
+    .await;
+    let (mut sleeper, _) = connect(&gw.url(), &token("sleepy", &[], 300)).await;
+    let (mut awake, _) = connect(&gw.url(), &token("awake", &[], 300)).await;
+    let sessions = gw.gateway.sessions();
+    // Big frames until the sleeper's socket buffers and then its queue are
+    // full; it never reads.
+    let frame = format!("\"{}\"", "x".repeat(60_000));
+    let mut pushes = 0;
+    while sessions.sessions_of("sleepy").len() == 1 {
+        assert!(pushes < 5_000, "the sleeper was never closed");
+        if sessions.send_to_users(&["sleepy"], frame.clone().into()) == 0 {
+            break;
+        }
+        pushes += 1;
+        if pushes % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Closed, counted, and gone from the registry once its writer gives up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sessions.sessions_of("sleepy").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("bff_slow_consumer_closes_total 1"),
+        "{metrics}"
+    );
+    // What was queued before the close still arrives, then the close code.
+    assert_eq!(sleeper.closed().await.unwrap(), Some(4008));
+    // The other client is unaffected.
+    let r = awake
+        .request_traced("orders", "get", json!({"id": 9}), "still-here")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["id"], 9);
+    gw.stop().await;
+}

@@ -1,0 +1,286 @@
+//! A session's outbound queue: bounded, plus the session's close signal and
+//! close reason, in one small allocation.
+//!
+//! Why not `tokio::sync::mpsc` with a `CancellationToken`: a bounded tokio
+//! channel allocates its first block of 32 slots and two cache-padded halves
+//! up front, about 1.5 KiB per session, held by every idle socket. This
+//! queue allocates nothing until the first frame and keeps the close signal
+//! beside the frames. A fleet holds tens of thousands of idle sockets, so
+//! per-socket bytes matter (see `benches/idle_sockets.rs`).
+//!
+//! One writer drains it; any number of producers fill it. Locks are never
+//! held across an `.await`.
+
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
+
+/// Why and how a session is to be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue holds its capacity of frames.
+    Full,
+    /// The session is closed.
+    Closed,
+}
+
+/// A session's bounded outbound queue. Cheap to clone; clones share it.
+#[derive(Debug, Clone)]
+pub struct Outbox(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Frames pushed or popped, or the outbox closed: wakes the writer and
+    /// producers waiting for room.
+    changed: Notify,
+    /// The outbox closed: wakes whoever waits in [`Outbox::closed`].
+    closing: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Utf8Bytes>,
+    closed: Option<CloseReason>,
+}
+
+impl Outbox {
+    /// An empty outbox holding at most `capacity` frames (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Self(Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            closing: Notify::new(),
+            capacity: capacity.max(1),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a frame without waiting.
+    pub fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+        {
+            let mut state = self.lock();
+            if state.closed.is_some() {
+                return Err(PushError::Closed);
+            }
+            if state.frames.len() >= self.0.capacity {
+                return Err(PushError::Full);
+            }
+            state.frames.push_back(frame);
+        }
+        self.0.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Queue a frame, waiting while the queue is full; fails only once the
+    /// session is closed.
+    pub async fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+        loop {
+            let mut changed = pin!(self.0.changed.notified());
+            // Registered before the check, so a pop in between is not missed.
+            changed.as_mut().enable();
+            match self.try_push(frame.clone()) {
+                Err(PushError::Full) => changed.await,
+                done => return done,
+            }
+        }
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_pop(&self) -> Option<Utf8Bytes> {
+        let frame = {
+            let mut state = self.lock();
+            let frame = state.frames.pop_front()?;
+            if state.frames.is_empty() && state.frames.capacity() > 16 {
+                // A burst is over: give its memory back.
+                state.frames.shrink_to(4);
+            }
+            frame
+        };
+        self.0.changed.notify_waiters();
+        Some(frame)
+    }
+
+    /// The next frame, waiting for one; frames queued before the outbox
+    /// closed are still handed out, then `None`.
+    pub async fn pop(&self) -> Option<Utf8Bytes> {
+        loop {
+            let mut changed = pin!(self.0.changed.notified());
+            changed.as_mut().enable();
+            if let Some(frame) = self.try_pop() {
+                return Some(frame);
+            }
+            if self.is_closed() {
+                // Nothing can be queued after the close: drained for good.
+                return self.try_pop();
+            }
+            changed.await;
+        }
+    }
+
+    /// Close the session. The first reason given is kept; returns whether
+    /// this call closed it.
+    pub fn close(&self, code: u16, reason: &str) -> bool {
+        {
+            let mut state = self.lock();
+            if state.closed.is_some() {
+                return false;
+            }
+            state.closed = Some(CloseReason {
+                code,
+                reason: reason.to_owned(),
+            });
+        }
+        self.0.changed.notify_waiters();
+        self.0.closing.notify_waiters();
+        true
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
+
+    /// The reason the session was closed with, once it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().closed.clone()
+    }
+
+    /// Resolves once the outbox is closed.
+    pub async fn closed(&self) {
+        loop {
+            let mut closing = pin!(self.0.closing.notified());
+            closing.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            closing.await;
+        }
+    }
+
+    /// Frames waiting to be written.
+    pub fn len(&self) -> usize {
+        self.lock().frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn f(s: &str) -> Utf8Bytes {
+        s.to_owned().into()
+    }
+
+    #[test]
+    fn bounded_and_ordered() {
+        let o = Outbox::new(2);
+        assert_eq!(o.try_push(f("a")), Ok(()));
+        assert_eq!(o.try_push(f("b")), Ok(()));
+        assert_eq!(o.try_push(f("c")), Err(PushError::Full));
+        assert_eq!(o.len(), 2);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(o.pop().await.as_deref(), Some("a"));
+            assert_eq!(o.pop().await.as_deref(), Some("b"));
+        });
+        assert!(o.is_empty());
+    }
+
+    #[tokio::test]
+    async fn close_keeps_the_first_reason_and_drains_what_was_queued() {
+        let o = Outbox::new(4);
+        o.try_push(f("last words")).unwrap();
+        assert!(o.close(4000, "bye"));
+        assert!(!o.close(1001, "later"));
+        assert_eq!(o.try_push(f("too late")), Err(PushError::Closed));
+        assert_eq!(o.close_reason().map(|r| r.code), Some(4000));
+        assert_eq!(o.pop().await.as_deref(), Some("last words"));
+        assert_eq!(o.pop().await, None);
+        o.closed().await;
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_on_push_room_and_close() {
+        let o = Outbox::new(1);
+        // The writer waits for a frame.
+        let writer = tokio::spawn({
+            let o = o.clone();
+            async move { o.pop().await }
+        });
+        tokio::task::yield_now().await;
+        o.try_push(f("x")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        assert_eq!(got.unwrap().unwrap().as_deref(), Some("x"));
+
+        // A producer waits for room.
+        o.try_push(f("full")).unwrap();
+        let producer = tokio::spawn({
+            let o = o.clone();
+            async move { o.push(f("waited")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!producer.is_finished());
+        assert_eq!(o.pop().await.as_deref(), Some("full"));
+        let pushed = tokio::time::timeout(Duration::from_secs(5), producer).await;
+        assert_eq!(pushed.unwrap().unwrap(), Ok(()));
+        assert_eq!(o.pop().await.as_deref(), Some("waited"));
+
+        // A waiting producer and the close watcher both wake on close.
+        o.try_push(f("full again")).unwrap();
+        let producer = tokio::spawn({
+            let o = o.clone();
+            async move { o.push(f("never")).await }
+        });
+        let watcher = tokio::spawn({
+            let o = o.clone();
+            async move { o.closed().await }
+        });
+        tokio::task::yield_now().await;
+        o.close(1001, "shutdown");
+        let pushed = tokio::time::timeout(Duration::from_secs(5), producer).await;
+        assert_eq!(pushed.unwrap().unwrap(), Err(PushError::Closed));
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn memory_is_taken_on_demand_and_given_back_after_a_burst() {
+        let o = Outbox::new(256);
+        assert_eq!(o.lock().frames.capacity(), 0);
+        for i in 0..200 {
+            o.try_push(f(&i.to_string())).unwrap();
+        }
+        for _ in 0..200 {
+            o.pop().await.unwrap();
+        }
+        assert!(
+            o.lock().frames.capacity() <= 16,
+            "{}",
+            o.lock().frames.capacity()
+        );
+    }
+}
