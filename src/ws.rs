@@ -7,15 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
 use crate::gateway::{Gateway, LocalCall, MeshClient, refusal};
-use crate::mesh::{BoxFuture, Call, MeshError};
+use crate::mesh::{Call, MeshError};
 use crate::protocol::{ClientCall, ClientFrame, ErrorBody, ErrorName, ServerFrame};
 use crate::routing::validate_topic_pattern;
 use crate::session::{
@@ -93,23 +91,23 @@ pub(crate) fn connection(
 ) -> impl Future<Output = ()> + Send {
     let setup = Box::pin(open(gw, socket, identity));
     async move {
-        if let Some(mut live) = setup.await {
-            live.run().await;
-        }
+        // let-else, not if-let: an if-let scrutinee's temporary would keep
+        // a second `Live`-sized slot for the whole connection.
+        let Some(mut live) = setup.await else {
+            return;
+        };
+        live.run().await;
     }
 }
 
-/// What an open connection keeps: its reader state, the read half of the
-/// socket and the writer task.
+/// What an open connection keeps for its lifetime.
 struct Live {
     conn: Connection,
-    stream: SplitStream<WebSocket>,
-    writer: tokio::task::JoinHandle<()>,
+    socket: WebSocket,
     _guard: SessionGuard,
 }
 
-/// Authenticate, register the session, start the writer and queue the
-/// hello event.
+/// Authenticate, register the session and queue the hello event.
 async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.0.auth.anonymous(&session_id)) {
@@ -126,18 +124,11 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
     gw.0.metrics.connection_opened();
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
-    let (sink, stream) = socket.split();
     let hello = ServerFrame::Event {
         topic: "hello".into(),
         event: gw.0.handler.hello(&info),
     };
     let _ = outbox.try_push(hello.to_json().into());
-
-    let writer = tokio::spawn(write_loop(
-        sink,
-        outbox.clone(),
-        gw.0.config.limits.write_timeout,
-    ));
     let conn = Connection {
         in_flight: Arc::new(Semaphore::new(gw.0.config.limits.max_in_flight)),
         gw,
@@ -149,46 +140,98 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
     };
     Some(Live {
         conn,
-        stream,
-        writer,
+        socket,
         _guard: guard,
     })
 }
 
-/// Drain the session's outbound queue into the socket until the session
-/// closes, then send the close frame with the session's close reason.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    outbox: Outbox,
-    write_timeout: Duration,
-) {
-    let mut drained_ok = true;
-    while let Some(frame) = outbox.pop().await {
-        match tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))).await {
-            Ok(Ok(())) => {}
-            _ => {
-                drained_ok = false;
-                break;
-            }
-        }
-    }
-    // Stops the reader too when the write side failed.
-    outbox.close(CLOSE_NORMAL, "closed");
-    if drained_ok {
-        let (code, why) = outbox
-            .close_reason()
-            .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
-        let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
-    }
+/// One write with the configured timeout; false if it failed.
+async fn send(socket: &mut WebSocket, message: Message, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, socket.send(message)).await,
+        Ok(Ok(()))
+    )
 }
 
 impl Live {
+    /// One task per connection reads client frames and writes the session's
+    /// outbox (a second writer task per socket would cost memory on every
+    /// idle connection). Frames queued before a close are written, then the
+    /// close frame with the session's reason.
+    ///
     /// Borrows rather than consumes: a by-value `self` would be stored again
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
-        self.conn.read_loop(&mut self.stream).await;
+        let write_timeout = self.conn.gw.0.config.limits.write_timeout;
+        let expiry = tokio::time::sleep_until(expiry_instant(self.conn.identity.expires_at));
+        tokio::pin!(expiry);
+        let mut reading = true;
+        let mut written_ok = true;
+        loop {
+            tokio::select! {
+                biased;
+                frame = self.conn.outbox.pop() => {
+                    // None: closed and drained.
+                    let Some(frame) = frame else { break };
+                    if !send(&mut self.socket, Message::Text(frame), write_timeout).await {
+                        written_ok = false;
+                        break;
+                    }
+                }
+                _ = &mut expiry, if reading => {
+                    self.conn.gw.0.sessions.close_session(
+                        &self.conn.info.session_id, CLOSE_TOKEN_EXPIRED, "token expired");
+                    reading = false;
+                }
+                // The client has stopped sending: its requests still in
+                // flight are answered, then the session closes.
+                _ = self.conn.tasks.wait(), if !reading => {
+                    self.conn.outbox.close(CLOSE_NORMAL, "closed");
+                }
+                msg = self.socket.recv(), if reading => {
+                    match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(token) = self.conn.on_text(text)
+                                && let Some(exp) = Box::pin(self.conn.reauthenticate(&token)).await
+                            {
+                                expiry.as_mut().reset(expiry_instant(exp));
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            self.conn.gw.0.metrics.frame_in("binary");
+                            self.conn.reply(ServerFrame::error(
+                                ErrorName::InvalidMessage,
+                                "binary frames are not supported; send JSON text frames",
+                                None,
+                            ));
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => reading = false,
+                        Some(Err(e)) => {
+                            // A frame over tungstenite's hard cap ends up here.
+                            tracing::debug!(error = %e, "websocket read error");
+                            reading = false;
+                        }
+                    }
+                    if !reading {
+                        self.conn.tasks.close();
+                    }
+                }
+            }
+        }
         self.conn.outbox.close(CLOSE_NORMAL, "closed");
-        let _ = (&mut self.writer).await;
+        if written_ok {
+            let (code, why) = self
+                .conn
+                .outbox
+                .close_reason()
+                .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
+            let _ = send(&mut self.socket, close(code, &why), write_timeout).await;
+        }
+        // Requests still running finish (their replies go nowhere) or are
+        // bounded by their own timeouts.
+        self.conn.tasks.close();
+        self.conn.tasks.wait().await;
         self.conn.gw.0.metrics.connection_closed();
         tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
     }
@@ -217,97 +260,60 @@ fn expiry_instant(expires_at: Option<u64>) -> tokio::time::Instant {
 }
 
 impl Connection {
-    async fn read_loop(&mut self, stream: &mut SplitStream<WebSocket>) {
-        let expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
-        tokio::pin!(expiry);
-        loop {
-            let msg = tokio::select! {
-                _ = self.outbox.closed() => break,
-                _ = &mut expiry => {
-                    self.gw.0.sessions.close_session(&self.info.session_id, CLOSE_TOKEN_EXPIRED, "token expired");
-                    break;
-                }
-                msg = stream.next() => msg,
-            };
-            let text = match msg {
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(Message::Binary(_))) => {
-                    self.gw.0.metrics.frame_in("binary");
-                    self.reply(ServerFrame::error(
-                        ErrorName::InvalidMessage,
-                        "binary frames are not supported; send JSON text frames",
-                        None,
-                    ))
-                    .await;
-                    continue;
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Err(e)) => {
-                    // A frame over tungstenite's hard cap ends up here.
-                    tracing::debug!(error = %e, "websocket read error");
-                    break;
-                }
-            };
-            if text.len() > self.gw.0.config.limits.max_frame_bytes {
-                self.gw.0.metrics.frame_in("too_large");
-                let limit = self.gw.0.config.limits.max_frame_bytes;
-                self.reply(ServerFrame::error(
-                    ErrorName::MessageTooLarge,
-                    format!("frames are limited to {limit} bytes"),
-                    None,
-                ))
-                .await;
-                continue;
+    /// Handle one text frame without waiting; a token to re-authenticate
+    /// with is handed back, since that waits on the auth hook.
+    fn on_text(&mut self, text: Utf8Bytes) -> Option<String> {
+        if text.len() > self.gw.0.config.limits.max_frame_bytes {
+            self.gw.0.metrics.frame_in("too_large");
+            let limit = self.gw.0.config.limits.max_frame_bytes;
+            self.reply(ServerFrame::error(
+                ErrorName::MessageTooLarge,
+                format!("frames are limited to {limit} bytes"),
+                None,
+            ));
+            return None;
+        }
+        match ClientFrame::decode(text.as_str()) {
+            Ok(ClientFrame::Request(call)) => {
+                self.gw.0.metrics.frame_in("request");
+                self.start_request(call, false);
             }
-            match ClientFrame::decode(text.as_str()) {
-                Ok(ClientFrame::Request(call)) => {
-                    self.gw.0.metrics.frame_in("request");
-                    self.start_request(call, false);
-                }
-                Ok(ClientFrame::Command(call)) => {
-                    self.gw.0.metrics.frame_in("command");
-                    self.start_request(call, true);
-                }
-                Ok(ClientFrame::Subscribe(t)) => {
-                    self.gw.0.metrics.frame_in("subscribe");
-                    Box::pin(self.subscribe(t.topics, true)).await;
-                }
-                Ok(ClientFrame::Unsubscribe(t)) => {
-                    self.gw.0.metrics.frame_in("unsubscribe");
-                    Box::pin(self.subscribe(t.topics, false)).await;
-                }
-                Ok(ClientFrame::Authenticate(a)) => {
-                    self.gw.0.metrics.frame_in("authenticate");
-                    if let Some(exp) = Box::pin(self.reauthenticate(&a.token)).await {
-                        expiry.as_mut().reset(expiry_instant(exp));
-                    }
-                }
-                Err(e) => {
-                    self.gw.0.metrics.frame_in("invalid");
-                    self.reply(ServerFrame::error(
-                        ErrorName::InvalidMessage,
-                        e.description,
-                        e.trace_id,
-                    ))
-                    .await;
-                }
+            Ok(ClientFrame::Command(call)) => {
+                self.gw.0.metrics.frame_in("command");
+                self.start_request(call, true);
+            }
+            Ok(ClientFrame::Subscribe(t)) => {
+                self.gw.0.metrics.frame_in("subscribe");
+                self.subscribe(t.topics, true);
+            }
+            Ok(ClientFrame::Unsubscribe(t)) => {
+                self.gw.0.metrics.frame_in("unsubscribe");
+                self.subscribe(t.topics, false);
+            }
+            Ok(ClientFrame::Authenticate(a)) => {
+                self.gw.0.metrics.frame_in("authenticate");
+                return Some(a.token);
+            }
+            Err(e) => {
+                self.gw.0.metrics.frame_in("invalid");
+                self.reply(ServerFrame::error(
+                    ErrorName::InvalidMessage,
+                    e.description,
+                    e.trace_id,
+                ));
             }
         }
-        self.tasks.close();
-        // Requests still running finish (their replies go nowhere) or are
-        // bounded by their own timeouts.
-        self.tasks.wait().await;
+        None
     }
 
-    /// Queue a frame for this client, waiting while its queue is full.
-    /// Boxed: replies are off the request path, and an inline future would
-    /// grow every idle connection's state by its size.
-    fn reply(&self, frame: ServerFrame) -> BoxFuture<'_, ()> {
-        let bytes: Utf8Bytes = frame.to_json().into();
-        Box::pin(async move {
-            let _ = self.outbox.push(bytes).await;
-        })
+    /// Queue a frame for this client without waiting: the connection's own
+    /// task drains the queue, so it must never wait for room in it. A client
+    /// whose queue is full is closed as too slow.
+    fn reply(&self, frame: ServerFrame) {
+        self.gw
+            .0
+            .sessions
+            .send_to_session(&self.info.session_id, frame.to_json().into());
     }
 
     async fn reauthenticate(&mut self, token: &str) -> Option<Option<u64>> {
@@ -322,8 +328,7 @@ impl Connection {
                     ErrorName::Unauthorized,
                     "the token names another user",
                     None,
-                ))
-                .await;
+                ));
                 None
             }
             Err(e) => {
@@ -331,21 +336,19 @@ impl Connection {
                     ErrorName::Unauthorized,
                     e.to_string(),
                     None,
-                ))
-                .await;
+                ));
                 None
             }
         }
     }
 
-    async fn subscribe(&self, topics: Vec<String>, add: bool) {
+    fn subscribe(&self, topics: Vec<String>, add: bool) {
         if let Some(bad) = topics.iter().find_map(|t| validate_topic_pattern(t).err()) {
             self.reply(ServerFrame::error(
                 ErrorName::InvalidMessage,
                 format!("topic {bad}"),
                 None,
-            ))
-            .await;
+            ));
             return;
         }
         let sessions = &self.gw.0.sessions;
@@ -354,7 +357,7 @@ impl Connection {
         } else {
             sessions.unsubscribe(&self.info.session_id, &topics)
         };
-        self.reply(ServerFrame::Subscribed { topics: now }).await;
+        self.reply(ServerFrame::Subscribed { topics: now });
     }
 
     /// The mesh context the gateway builds for this client; whatever the
