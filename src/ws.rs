@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
 use crate::gateway::{Gateway, LocalCall, MeshClient, refusal};
-use crate::mesh::{Call, MeshError};
+use crate::mesh::{BoxFuture, Call, MeshError};
 use crate::protocol::{ClientCall, ClientFrame, ErrorBody, ErrorName, ServerFrame};
 use crate::routing::validate_topic_pattern;
 use crate::session::{
@@ -100,14 +102,17 @@ pub(crate) fn connection(
     }
 }
 
-/// What an open connection keeps for its lifetime.
+/// What an open connection keeps: its reader state, the read half of the
+/// socket and the writer task.
 struct Live {
     conn: Connection,
-    socket: WebSocket,
+    stream: SplitStream<WebSocket>,
+    writer: tokio::task::JoinHandle<()>,
     _guard: SessionGuard,
 }
 
-/// Authenticate, register the session and queue the hello event.
+/// Authenticate, register the session, start the writer and queue the
+/// hello event.
 async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.0.auth.anonymous(&session_id)) {
@@ -124,11 +129,18 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
     gw.0.metrics.connection_opened();
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
+    let (sink, stream) = socket.split();
     let hello = ServerFrame::Event {
         topic: "hello".into(),
         event: gw.0.handler.hello(&info),
     };
     let _ = outbox.try_push(hello.to_json().into());
+
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox.clone(),
+        gw.0.config.limits.write_timeout,
+    ));
     let conn = Connection {
         in_flight: Arc::new(Semaphore::new(gw.0.config.limits.max_in_flight)),
         gw,
@@ -140,98 +152,46 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
     };
     Some(Live {
         conn,
-        socket,
+        stream,
+        writer,
         _guard: guard,
     })
 }
 
-/// One write with the configured timeout; false if it failed.
-async fn send(socket: &mut WebSocket, message: Message, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, socket.send(message)).await,
-        Ok(Ok(()))
-    )
+/// Drain the session's outbound queue into the socket until the session
+/// closes, then send the close frame with the session's close reason.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    outbox: Outbox,
+    write_timeout: Duration,
+) {
+    let mut drained_ok = true;
+    while let Some(frame) = outbox.pop().await {
+        match tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))).await {
+            Ok(Ok(())) => {}
+            _ => {
+                drained_ok = false;
+                break;
+            }
+        }
+    }
+    // Stops the reader too when the write side failed.
+    outbox.close(CLOSE_NORMAL, "closed");
+    if drained_ok {
+        let (code, why) = outbox
+            .close_reason()
+            .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
+        let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
+    }
 }
 
 impl Live {
-    /// One task per connection reads client frames and writes the session's
-    /// outbox (a second writer task per socket would cost memory on every
-    /// idle connection). Frames queued before a close are written, then the
-    /// close frame with the session's reason.
-    ///
     /// Borrows rather than consumes: a by-value `self` would be stored again
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
-        let write_timeout = self.conn.gw.0.config.limits.write_timeout;
-        let expiry = tokio::time::sleep_until(expiry_instant(self.conn.identity.expires_at));
-        tokio::pin!(expiry);
-        let mut reading = true;
-        let mut written_ok = true;
-        loop {
-            tokio::select! {
-                biased;
-                frame = self.conn.outbox.pop() => {
-                    // None: closed and drained.
-                    let Some(frame) = frame else { break };
-                    if !send(&mut self.socket, Message::Text(frame), write_timeout).await {
-                        written_ok = false;
-                        break;
-                    }
-                }
-                _ = &mut expiry, if reading => {
-                    self.conn.gw.0.sessions.close_session(
-                        &self.conn.info.session_id, CLOSE_TOKEN_EXPIRED, "token expired");
-                    reading = false;
-                }
-                // The client has stopped sending: its requests still in
-                // flight are answered, then the session closes.
-                _ = self.conn.tasks.wait(), if !reading => {
-                    self.conn.outbox.close(CLOSE_NORMAL, "closed");
-                }
-                msg = self.socket.recv(), if reading => {
-                    match msg {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(token) = self.conn.on_text(text)
-                                && let Some(exp) = Box::pin(self.conn.reauthenticate(&token)).await
-                            {
-                                expiry.as_mut().reset(expiry_instant(exp));
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            self.conn.gw.0.metrics.frame_in("binary");
-                            self.conn.reply(ServerFrame::error(
-                                ErrorName::InvalidMessage,
-                                "binary frames are not supported; send JSON text frames",
-                                None,
-                            ));
-                        }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => reading = false,
-                        Some(Err(e)) => {
-                            // A frame over tungstenite's hard cap ends up here.
-                            tracing::debug!(error = %e, "websocket read error");
-                            reading = false;
-                        }
-                    }
-                    if !reading {
-                        self.conn.tasks.close();
-                    }
-                }
-            }
-        }
+        self.conn.read_loop(&mut self.stream).await;
         self.conn.outbox.close(CLOSE_NORMAL, "closed");
-        if written_ok {
-            let (code, why) = self
-                .conn
-                .outbox
-                .close_reason()
-                .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
-            let _ = send(&mut self.socket, close(code, &why), write_timeout).await;
-        }
-        // Requests still running finish (their replies go nowhere) or are
-        // bounded by their own timeouts.
-        self.conn.tasks.close();
-        self.conn.tasks.wait().await;
+        let _ = (&mut self.writer).await;
         self.conn.gw.0.metrics.connection_closed();
         tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
     }
@@ -260,60 +220,104 @@ fn expiry_instant(expires_at: Option<u64>) -> tokio::time::Instant {
 }
 
 impl Connection {
-    /// Handle one text frame without waiting; a token to re-authenticate
-    /// with is handed back, since that waits on the auth hook.
-    fn on_text(&mut self, text: Utf8Bytes) -> Option<String> {
-        if text.len() > self.gw.0.config.limits.max_frame_bytes {
-            self.gw.0.metrics.frame_in("too_large");
-            let limit = self.gw.0.config.limits.max_frame_bytes;
-            self.reply(ServerFrame::error(
-                ErrorName::MessageTooLarge,
-                format!("frames are limited to {limit} bytes"),
-                None,
-            ));
-            return None;
-        }
-        match ClientFrame::decode(text.as_str()) {
-            Ok(ClientFrame::Request(call)) => {
-                self.gw.0.metrics.frame_in("request");
-                self.start_request(call, false);
-            }
-            Ok(ClientFrame::Command(call)) => {
-                self.gw.0.metrics.frame_in("command");
-                self.start_request(call, true);
-            }
-            Ok(ClientFrame::Subscribe(t)) => {
-                self.gw.0.metrics.frame_in("subscribe");
-                self.subscribe(t.topics, true);
-            }
-            Ok(ClientFrame::Unsubscribe(t)) => {
-                self.gw.0.metrics.frame_in("unsubscribe");
-                self.subscribe(t.topics, false);
-            }
-            Ok(ClientFrame::Authenticate(a)) => {
-                self.gw.0.metrics.frame_in("authenticate");
-                return Some(a.token);
-            }
-            Err(e) => {
-                self.gw.0.metrics.frame_in("invalid");
+    async fn read_loop(&mut self, stream: &mut SplitStream<WebSocket>) {
+        let expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
+        tokio::pin!(expiry);
+        loop {
+            let msg = tokio::select! {
+                _ = self.outbox.closed() => break,
+                _ = &mut expiry => {
+                    self.gw.0.sessions.close_session(&self.info.session_id, CLOSE_TOKEN_EXPIRED, "token expired");
+                    break;
+                }
+                msg = stream.next() => msg,
+            };
+            let text = match msg {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Binary(_))) => {
+                    self.gw.0.metrics.frame_in("binary");
+                    self.reply(ServerFrame::error(
+                        ErrorName::InvalidMessage,
+                        "binary frames are not supported; send JSON text frames",
+                        None,
+                    ))
+                    .await;
+                    continue;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    // A frame over tungstenite's hard cap ends up here.
+                    tracing::debug!(error = %e, "websocket read error");
+                    break;
+                }
+            };
+            if text.len() > self.gw.0.config.limits.max_frame_bytes {
+                self.gw.0.metrics.frame_in("too_large");
+                let limit = self.gw.0.config.limits.max_frame_bytes;
                 self.reply(ServerFrame::error(
-                    ErrorName::InvalidMessage,
-                    e.description,
-                    e.trace_id,
-                ));
+                    ErrorName::MessageTooLarge,
+                    format!("frames are limited to {limit} bytes"),
+                    None,
+                ))
+                .await;
+                continue;
+            }
+            match ClientFrame::decode(text.as_str()) {
+                Ok(ClientFrame::Request(call)) => {
+                    self.gw.0.metrics.frame_in("request");
+                    if let Some(refused) = self.start_request(call, false) {
+                        self.reply_bytes(refused).await;
+                    }
+                }
+                Ok(ClientFrame::Command(call)) => {
+                    self.gw.0.metrics.frame_in("command");
+                    if let Some(refused) = self.start_request(call, true) {
+                        self.reply_bytes(refused).await;
+                    }
+                }
+                Ok(ClientFrame::Subscribe(t)) => {
+                    self.gw.0.metrics.frame_in("subscribe");
+                    Box::pin(self.subscribe(t.topics, true)).await;
+                }
+                Ok(ClientFrame::Unsubscribe(t)) => {
+                    self.gw.0.metrics.frame_in("unsubscribe");
+                    Box::pin(self.subscribe(t.topics, false)).await;
+                }
+                Ok(ClientFrame::Authenticate(a)) => {
+                    self.gw.0.metrics.frame_in("authenticate");
+                    if let Some(exp) = Box::pin(self.reauthenticate(&a.token)).await {
+                        expiry.as_mut().reset(expiry_instant(exp));
+                    }
+                }
+                Err(e) => {
+                    self.gw.0.metrics.frame_in("invalid");
+                    self.reply(ServerFrame::error(
+                        ErrorName::InvalidMessage,
+                        e.description,
+                        e.trace_id,
+                    ))
+                    .await;
+                }
             }
         }
-        None
+        self.tasks.close();
+        // Requests still running finish (their replies go nowhere) or are
+        // bounded by their own timeouts.
+        self.tasks.wait().await;
     }
 
-    /// Queue a frame for this client without waiting: the connection's own
-    /// task drains the queue, so it must never wait for room in it. A client
-    /// whose queue is full is closed as too slow.
-    fn reply(&self, frame: ServerFrame) {
-        self.gw
-            .0
-            .sessions
-            .send_to_session(&self.info.session_id, frame.to_json().into());
+    /// Queue a frame for this client, waiting while its queue is full.
+    /// Boxed: replies are off the request path, and an inline future would
+    /// grow every idle connection's state by its size.
+    fn reply(&self, frame: ServerFrame) -> BoxFuture<'_, ()> {
+        self.reply_bytes(frame.to_json().into())
+    }
+
+    fn reply_bytes(&self, frame: Utf8Bytes) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.outbox.push(frame).await;
+        })
     }
 
     async fn reauthenticate(&mut self, token: &str) -> Option<Option<u64>> {
@@ -328,7 +332,8 @@ impl Connection {
                     ErrorName::Unauthorized,
                     "the token names another user",
                     None,
-                ));
+                ))
+                .await;
                 None
             }
             Err(e) => {
@@ -336,19 +341,21 @@ impl Connection {
                     ErrorName::Unauthorized,
                     e.to_string(),
                     None,
-                ));
+                ))
+                .await;
                 None
             }
         }
     }
 
-    fn subscribe(&self, topics: Vec<String>, add: bool) {
+    async fn subscribe(&self, topics: Vec<String>, add: bool) {
         if let Some(bad) = topics.iter().find_map(|t| validate_topic_pattern(t).err()) {
             self.reply(ServerFrame::error(
                 ErrorName::InvalidMessage,
                 format!("topic {bad}"),
                 None,
-            ));
+            ))
+            .await;
             return;
         }
         let sessions = &self.gw.0.sessions;
@@ -357,7 +364,7 @@ impl Connection {
         } else {
             sessions.unsubscribe(&self.info.session_id, &topics)
         };
-        self.reply(ServerFrame::Subscribed { topics: now });
+        self.reply(ServerFrame::Subscribed { topics: now }).await;
     }
 
     /// The mesh context the gateway builds for this client; whatever the
@@ -392,15 +399,19 @@ impl Connection {
         *count > limit
     }
 
-    fn start_request(&mut self, call: ClientCall, command: bool) {
+    /// Start a request or command. A refusal (not routed, forbidden, rate
+    /// limited, ...) is answered at once: its frame is handed back for the
+    /// reader to queue, so a client flooding refused calls is slowed by its
+    /// own queue instead of spawning a task per call. Accepted calls run as
+    /// tasks, at most `max_in_flight` per connection.
+    fn start_request(&mut self, call: ClientCall, command: bool) -> Option<Utf8Bytes> {
         let trace_id = call
             .trace_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let started = Instant::now();
         let gw = self.gw.clone();
-        let outbox = self.outbox.clone();
-        let respond = move |outcome: Result<Value, ErrorBody>, trace_id: String| {
+        let respond = move |outcome: Result<Value, ErrorBody>, trace_id: String| -> Utf8Bytes {
             let label = match &outcome {
                 Ok(_) => "ok",
                 Err(e) => outcome_label(&e.error),
@@ -425,31 +436,24 @@ impl Connection {
                     error: Some(e),
                 },
             };
-            let outbox = outbox.clone();
-            async move {
-                let _ = outbox.push(frame.to_json().into()).await;
-            }
+            frame.to_json().into()
         };
 
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             let limit = self.gw.0.config.limits.max_in_flight;
-            let fut = respond(
+            return Some(respond(
                 Err(refusal(
                     ErrorName::RateLimited,
                     format!("at most {limit} requests may be in flight per connection"),
                 )),
                 trace_id,
-            );
-            self.tasks.spawn(fut);
-            return;
+            ));
         };
         let Some(mesh) = self.gw.mesh().cloned() else {
-            let fut = respond(
+            return Some(respond(
                 Err(MeshError::Unavailable("no mesh".into()).to_client()),
                 trace_id,
-            );
-            self.tasks.spawn(fut);
-            return;
+            ));
         };
         let context = self.context(&trace_id);
 
@@ -465,18 +469,19 @@ impl Connection {
                 ),
             };
             if let Some(fut) = self.gw.0.handler.local_request(local) {
+                let outbox = self.outbox.clone();
                 self.tasks.spawn(async move {
                     let outcome = fut.await;
-                    respond(outcome, trace_id).await;
+                    let _ = outbox.push(respond(outcome, trace_id)).await;
                     drop(permit);
                 });
-                return;
+                return None;
             }
         }
 
         let routes = self.gw.0.routes.clone();
         let Some(resolved) = routes.resolve(&call.service, &call.method) else {
-            let fut = respond(
+            return Some(respond(
                 Err(refusal(
                     ErrorName::RouteNotFound,
                     format!(
@@ -485,12 +490,10 @@ impl Connection {
                     ),
                 )),
                 trace_id,
-            );
-            self.tasks.spawn(fut);
-            return;
+            ));
         };
         if !resolved.route.allows(&self.info.roles) {
-            let fut = respond(
+            return Some(respond(
                 Err(refusal(
                     ErrorName::Forbidden,
                     format!(
@@ -499,12 +502,10 @@ impl Connection {
                     ),
                 )),
                 trace_id,
-            );
-            self.tasks.spawn(fut);
-            return;
+            ));
         }
         if self.rate_exceeded(resolved.route_index, resolved.route.rate_per_sec) {
-            let fut = respond(
+            return Some(respond(
                 Err(refusal(
                     ErrorName::RateLimited,
                     format!(
@@ -515,9 +516,7 @@ impl Connection {
                     ),
                 )),
                 trace_id,
-            );
-            self.tasks.spawn(fut);
-            return;
+            ));
         }
         let mut mesh_call = Call {
             service: resolved.service.to_owned(),
@@ -530,6 +529,7 @@ impl Connection {
         let handler = self.gw.0.handler.clone();
         handler.on_request(&self.info, &mut mesh_call);
         let info = self.info.clone();
+        let outbox = self.outbox.clone();
         self.tasks.spawn(async move {
             let outcome = if command {
                 mesh.command(mesh_call)
@@ -543,9 +543,10 @@ impl Connection {
                     Err(e) => Err(log_mesh_error(&e)),
                 }
             };
-            respond(outcome, trace_id).await;
+            let _ = outbox.push(respond(outcome, trace_id)).await;
             drop(permit);
         });
+        None
     }
 }
 

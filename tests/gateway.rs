@@ -661,3 +661,72 @@ async fn a_client_that_stops_reading_is_closed_as_slow_and_unregistered() {
     assert_eq!(r["result"]["id"], 9);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_calls_is_answered_in_order_without_loss() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = start(
+        ROUTES,
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |c| c.limits.outbound_queue = 4,
+        stubs,
+    )
+    .await;
+    let url = format!("{}?access_token={}", gw.url(), token("flood", &[], 300));
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    // Each refusal names the 8 KB method: 3,000 of them are far more than
+    // the socket buffers and the 4-frame queue hold while nobody reads. The
+    // gateway must stop reading rather than drop answers, close the client
+    // or pile up tasks.
+    let n = 3_000;
+    let method = "m".repeat(8_000);
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            let frame = json!({"type":"request","payload":{"service":"unrouted","method":method,"trace_id":format!("f{i}")}});
+            tx.send(Message::Text(frame.to_string().into()))
+                .await
+                .unwrap();
+        }
+        tx
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !sender.is_finished(),
+        "the gateway kept reading a client that does not read"
+    );
+    let mut seen = 0;
+    while seen < n {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.next())
+            .await
+            .expect("stalled")
+            .unwrap()
+            .unwrap();
+        let Message::Text(t) = msg else { continue };
+        let v: Value = serde_json::from_str(t.as_str()).unwrap();
+        if v["payload"]["topic"] == "hello" {
+            continue;
+        }
+        assert_eq!(v["payload"]["trace_id"], format!("f{seen}"));
+        assert_eq!(v["payload"]["error"]["error"], "RouteNotFound");
+        seen += 1;
+    }
+    let mut tx = sender.await.unwrap();
+    tx.send(Message::Text(
+        json!({"type":"request","payload":{"service":"orders","method":"get","params":{"id":1},"trace_id":"after"}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+    assert_eq!(v["payload"]["result"]["id"], 1, "{v}");
+    gw.stop().await;
+}
