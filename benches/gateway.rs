@@ -8,6 +8,8 @@
 //! Under `cargo test` (no `--bench` argument) it makes a short smoke run
 //! and fails if any request failed.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,21 +23,12 @@ use nuropb_bff::{
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
     let memory = std::env::args().any(|a| a == "--memory");
-    let benching = std::env::args().any(|a| a == "--bench");
-    let total = arg("--requests", if benching { 20_000 } else { 1_000 });
-    let in_flight = arg("--in-flight", 64);
+    let benching = common::benching();
+    let total = common::arg("--requests", if benching { 20_000 } else { 1_000 });
+    let in_flight = common::arg("--in-flight", 64);
     let url = std::env::var("BFF_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();

@@ -10,6 +10,8 @@
 //! 200 sockets. Each socket takes a file descriptor on both sides: the
 //! process limit (`ulimit -n`) caps N.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,15 +19,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use nuropb_bff::{DefaultHandler, Gateway, GatewayConfig, MemoryMesh, NoAuth, RouteTable};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Resident set size of `pid` in KiB, from /proc.
 fn rss_kib(pid: u32) -> u64 {
@@ -70,8 +63,8 @@ async fn main() {
     if std::env::args().any(|a| a == "--server") {
         return server().await;
     }
-    let benching = std::env::args().any(|a| a == "--bench");
-    let n = arg("--sockets", if benching { 10_000 } else { 200 });
+    let benching = common::benching();
+    let n = common::arg("--sockets", if benching { 10_000 } else { 200 });
     // `--server-wrapper valgrind,--tool=massif` runs the server under a tool.
     let args: Vec<String> = std::env::args().collect();
     let wrapper: Vec<String> = args
