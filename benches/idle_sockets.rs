@@ -5,6 +5,7 @@
 //!
 //!   cargo bench --bench idle_sockets                     # 10,000 sockets
 //!   cargo bench --bench idle_sockets -- --sockets 5000
+//!   cargo bench --bench idle_sockets -- --jwt          # HS256 tokens, as in production
 //!
 //! Under `cargo test` (no `--bench` argument) it makes a short smoke run of
 //! 200 sockets. Each socket takes a file descriptor on both sides: the
@@ -18,7 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use nuropb_bff::{DefaultHandler, Gateway, GatewayConfig, MemoryMesh, NoAuth, RouteTable};
+use nuropb_bff::testing::hs256_token;
+use nuropb_bff::{
+    AuthHook, DefaultHandler, Gateway, GatewayConfig, JwtVerifier, MemoryMesh, NoAuth, RouteTable,
+};
+
+const SECRET: &str = "idle-bench-secret";
 
 /// Resident set size of `pid` in KiB, from /proc.
 fn rss_kib(pid: u32) -> u64 {
@@ -35,12 +41,17 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// The gateway side: serve until stdin closes, then report the sessions
 /// still open.
-async fn server() {
+async fn server(jwt: bool) {
     let routes = RouteTable::parse("bench", "[[route]]\ncall = \"echo.*\"\n").unwrap();
+    let auth: Arc<dyn AuthHook> = if jwt {
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None))
+    } else {
+        Arc::new(NoAuth)
+    };
     let gw = Gateway::new(
         GatewayConfig::new("idle-bench"),
         routes,
-        Arc::new(NoAuth),
+        auth,
         Arc::new(DefaultHandler),
     );
     gw.set_mesh(Arc::new(MemoryMesh::with_echo_stubs(gw.routes())));
@@ -60,8 +71,9 @@ async fn server() {
 
 #[tokio::main]
 async fn main() {
+    let jwt = std::env::args().any(|a| a == "--jwt");
     if std::env::args().any(|a| a == "--server") {
-        return server().await;
+        return server(jwt).await;
     }
     let benching = common::benching();
     let n = common::arg("--sockets", if benching { 10_000 } else { 200 });
@@ -84,6 +96,7 @@ async fn main() {
     };
     let mut child = cmd
         .arg("--server")
+        .args(jwt.then_some("--jwt"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -92,13 +105,18 @@ async fn main() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut addr)
         .unwrap();
-    let url = format!("ws://{}/ws", addr.trim());
+    let mut url = format!("ws://{}/ws", addr.trim());
     let pid = child.id();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid);
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
+        if jwt {
+            // A token per user, as a frontend fleet would present them.
+            let token = hs256_token(SECRET, &format!("user-{i}"), &["user"], 3600);
+            url = format!("ws://{}/ws?access_token={token}", addr.trim());
+        }
         let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
             .await
             .unwrap_or_else(|e| panic!("socket {i}: {e}"));
@@ -111,7 +129,8 @@ async fn main() {
     let after = rss_kib(pid);
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     println!(
-        "idle sockets={n} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
+        "idle sockets={n} auth={} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
+        if jwt { "hs256" } else { "none" },
         per,
         per / 1024.0
     );
