@@ -183,6 +183,9 @@ async fn write_loop(
             .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
         let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
     }
+    // Completes the closing handshake when the client started it (the reply
+    // tungstenite queued is flushed here), then shuts the socket down.
+    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
 }
 
 impl Live {

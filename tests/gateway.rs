@@ -730,3 +730,29 @@ async fn a_flood_of_refused_calls_is_answered_in_order_without_loss() {
     assert_eq!(v["payload"]["result"]["id"], 1, "{v}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_closes_with_requests_in_flight_gets_a_clean_close() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let gw = gateway().await;
+    let (mut c, _) = connect(&gw.url(), &token("leaving", &[], 300)).await;
+    c.send(json!({"type":"request","payload":{"service":"orders","method":"sleep","params":{"ms":300},"trace_id":"last"}}))
+        .await
+        .unwrap();
+    c.send_message(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    // The closing handshake completes (the answer to the request may or may
+    // not come first: a WebSocket sends nothing after its close reply).
+    assert_eq!(c.closed().await.unwrap(), Some(1000));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gw.gateway.sessions().counts().sessions > 0 {
+        assert!(std::time::Instant::now() < deadline, "session not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+}
