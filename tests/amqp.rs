@@ -300,3 +300,90 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
     client.close(Duration::from_secs(5)).await;
     server.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn malformed_broker_messages_are_dropped_and_both_peers_keep_serving() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let svc_name = unique("sturdy");
+    let stub = StubService::new(svc_name.clone()).method("add", |r: IncomingRequest| async move {
+        Ok(json!(
+            r.params["a"].as_i64().unwrap_or(0) + r.params["b"].as_i64().unwrap_or(0)
+        ))
+    });
+    let server = peer(&svc_name, Arc::new(stub), vec![]).await;
+    let recorder = Arc::new(Recorder::default());
+    let client = peer(&unique("client"), recorder.clone(), vec![]).await;
+
+    let raw = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = raw.create_channel().await.unwrap();
+    let nuropb = |kind: &str, protocol: &str| {
+        let mut h = FieldTable::default();
+        h.insert(
+            "nuropb_protocol".into(),
+            AMQPValue::LongString(protocol.into()),
+        );
+        h.insert("nuropb_type".into(), AMQPValue::LongString(kind.into()));
+        Some(h)
+    };
+    let response_queue = client.config().response_queue();
+    let cases: Vec<(Option<FieldTable>, Vec<u8>)> = vec![
+        (None, b"no headers at all".to_vec()),
+        (nuropb("request", "0.1.1"), b"not json".to_vec()),
+        (nuropb("request", "0.1.1"), vec![0xff, 0xfe, 0x00]),
+        (nuropb("request", "0.1.1"), b"[1,2,3]".to_vec()),
+        (nuropb("request", "0.1.1"), br#"{"tag":"request"}"#.to_vec()),
+        (nuropb("request", "9.9.9"), b"{}".to_vec()),
+        (nuropb("gossip", "0.1.1"), b"{}".to_vec()),
+        (
+            nuropb("event", "0.1.1"),
+            br#"{"tag":"request","service":"x","method":"y","params":{},"context":{},"correlation_id":"c","trace_id":null}"#.to_vec(),
+        ),
+        (
+            nuropb("response", "0.1.1"),
+            br#"{"tag":"response","correlation_id":"nobody-waits","context":{},"trace_id":null,"result":1,"error":null}"#.to_vec(),
+        ),
+    ];
+    for queue in [format!("nuropb-{svc_name}-sq"), response_queue] {
+        for (headers, body) in &cases {
+            let mut props = BasicProperties::default();
+            if let Some(h) = headers {
+                props = props.with_headers(h.clone());
+            }
+            ch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    // Give both peers time to chew on all of it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(server.is_ready() && client.is_ready());
+    let r = client
+        .request(call(
+            &svc_name,
+            "add",
+            json!({"a": 20, "b": 22}),
+            Duration::from_secs(10),
+        ))
+        .await;
+    assert_eq!(r, Ok(json!(42)));
+    assert!(
+        recorder.events.lock().unwrap().is_empty(),
+        "a malformed message reached the handler"
+    );
+
+    let _ = raw.close(200, "bye".into()).await;
+    client.close(Duration::from_secs(5)).await;
+    server.close(Duration::from_secs(5)).await;
+}
