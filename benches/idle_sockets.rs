@@ -6,6 +6,7 @@
 //!   cargo bench --bench idle_sockets                     # 10,000 sockets
 //!   cargo bench --bench idle_sockets -- --sockets 5000
 //!   cargo bench --bench idle_sockets -- --jwt          # HS256 tokens, as in production
+//!   cargo bench --bench idle_sockets -- --read-buffer 2048
 //!
 //! Under `cargo test` (no `--bench` argument) it makes a short smoke run of
 //! 200 sockets. Each socket takes a file descriptor on both sides: the
@@ -41,19 +42,16 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// The gateway side: serve until stdin closes, then report the sessions
 /// still open.
-async fn server(jwt: bool) {
+async fn server(jwt: bool, read_buffer: usize) {
     let routes = RouteTable::parse("bench", "[[route]]\ncall = \"echo.*\"\n").unwrap();
     let auth: Arc<dyn AuthHook> = if jwt {
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None))
     } else {
         Arc::new(NoAuth)
     };
-    let gw = Gateway::new(
-        GatewayConfig::new("idle-bench"),
-        routes,
-        auth,
-        Arc::new(DefaultHandler),
-    );
+    let mut config = GatewayConfig::new("idle-bench");
+    config.limits.read_buffer_bytes = read_buffer;
+    let gw = Gateway::new(config, routes, auth, Arc::new(DefaultHandler));
     gw.set_mesh(Arc::new(MemoryMesh::with_echo_stubs(gw.routes())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", listener.local_addr().unwrap());
@@ -72,8 +70,9 @@ async fn server(jwt: bool) {
 #[tokio::main]
 async fn main() {
     let jwt = std::env::args().any(|a| a == "--jwt");
+    let read_buffer = common::arg("--read-buffer", 4096);
     if std::env::args().any(|a| a == "--server") {
-        return server(jwt).await;
+        return server(jwt, read_buffer).await;
     }
     let benching = common::benching();
     let n = common::arg("--sockets", if benching { 10_000 } else { 200 });
@@ -97,6 +96,7 @@ async fn main() {
     let mut child = cmd
         .arg("--server")
         .args(jwt.then_some("--jwt"))
+        .args(["--read-buffer", &read_buffer.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -129,7 +129,7 @@ async fn main() {
     let after = rss_kib(pid);
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     println!(
-        "idle sockets={n} auth={} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
+        "idle sockets={n} auth={} read_buffer={read_buffer} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
         if jwt { "hs256" } else { "none" },
         per,
         per / 1024.0

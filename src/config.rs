@@ -33,6 +33,11 @@ pub struct LimitSettings {
     pub auth_timeout_ms: u64,
     #[serde(default = "d_write_timeout")]
     pub write_timeout_ms: u64,
+    /// Bytes a socket reads at a time; each socket holds a buffer this
+    /// size for its lifetime, so it is the biggest part of an idle socket's
+    /// memory.
+    #[serde(default = "d_read_buffer")]
+    pub read_buffer_bytes: usize,
 }
 
 fn d_max_frame() -> usize {
@@ -43,6 +48,9 @@ fn d_in_flight() -> usize {
 }
 fn d_queue() -> usize {
     Limits::default().outbound_queue
+}
+fn d_read_buffer() -> usize {
+    Limits::default().read_buffer_bytes
 }
 fn d_auth_timeout() -> u64 {
     10_000
@@ -65,6 +73,7 @@ impl Default for LimitSettings {
             outbound_queue: d_queue(),
             auth_timeout_ms: d_auth_timeout(),
             write_timeout_ms: d_write_timeout(),
+            read_buffer_bytes: d_read_buffer(),
         }
     }
 }
@@ -225,6 +234,12 @@ impl Settings {
                 self.mesh_service_name
             ));
         }
+        if !(512..=1 << 20).contains(&self.limits.read_buffer_bytes) {
+            return bad(format!(
+                "limits.read_buffer_bytes must be between 512 and 1048576, found {}",
+                self.limits.read_buffer_bytes
+            ));
+        }
         if !self.ws_path.starts_with('/') {
             return bad(format!(
                 "ws_path must start with `/`, found `{}`",
@@ -253,7 +268,7 @@ impl Settings {
                 outbound_queue: self.limits.outbound_queue.max(1),
                 auth_timeout: Duration::from_millis(self.limits.auth_timeout_ms),
                 write_timeout: Duration::from_millis(self.limits.write_timeout_ms),
-                ..Limits::default()
+                read_buffer_bytes: self.limits.read_buffer_bytes,
             },
         }
     }
@@ -341,5 +356,17 @@ allowed_origins = ["http://localhost:3000"]
         assert!(e.to_string().contains("line 1"), "{e}");
         let e = Settings::parse("d.toml", &format!("{BASE}\ncolour = 1\n"), env(&[])).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn the_read_buffer_is_bounded_and_reaches_the_gateway() {
+        let with = |n: usize| format!("{BASE}\n[limits]\nread_buffer_bytes = {n}\n");
+        let secret = || env(&[("BFF_JWT_SECRET", "k")]);
+        let (s, _) = Settings::parse("d.toml", &with(2048), secret()).unwrap();
+        assert_eq!(s.gateway_config().limits.read_buffer_bytes, 2048);
+        for bad in [0, 100, 2 << 20] {
+            let e = Settings::parse("d.toml", &with(bad), secret()).unwrap_err();
+            assert!(e.to_string().contains("read_buffer_bytes"), "{e}");
+        }
     }
 }
