@@ -4,6 +4,7 @@
 //!   cargo bench --bench gateway                       # via RabbitMQ (127.0.0.1:5672)
 //!   cargo bench --bench gateway -- --memory           # in-process mesh
 //!   cargo bench --bench gateway -- --requests 50000 --in-flight 128
+//!   cargo bench --bench gateway -- --memory --payload 30000 --read-buffer 2048
 //!
 //! Under `cargo test` (no `--bench` argument) it makes a short smoke run
 //! and fails if any request failed.
@@ -29,6 +30,12 @@ async fn main() {
     let benching = common::benching();
     let total = common::arg("--requests", if benching { 20_000 } else { 1_000 });
     let in_flight = common::arg("--in-flight", 64);
+    // Bytes of padding in each request (and so in each echoed response).
+    let payload = "p".repeat(common::arg("--payload", 0));
+    let read_buffer = common::arg(
+        "--read-buffer",
+        nuropb_bff::Limits::default().read_buffer_bytes,
+    );
     let url = std::env::var("BFF_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -37,6 +44,7 @@ async fn main() {
     let routes = RouteTable::parse("bench", &format!("[[route]]\ncall = \"{svc}.*\"\n")).unwrap();
     let mut config = GatewayConfig::new(format!("bench-bff-{suffix}"));
     config.limits.max_in_flight = in_flight.max(1);
+    config.limits.read_buffer_bytes = read_buffer;
     let gw = Gateway::new(config, routes, Arc::new(NoAuth), Arc::new(DefaultHandler));
     let echo = Arc::new(
         StubService::new(svc.clone()).method("echo", |r: IncomingRequest| async move {
@@ -81,7 +89,7 @@ async fn main() {
 
     let send = |i: usize| {
         Message::Text(
-            json!({"type":"request","payload":{"service":svc,"method":"echo","params":{"i":i},"trace_id":i.to_string()}})
+            json!({"type":"request","payload":{"service":svc,"method":"echo","params":{"i":i,"pad":payload},"trace_id":i.to_string()}})
                 .to_string()
                 .into(),
         )
@@ -125,10 +133,12 @@ async fn main() {
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
-        "mesh={} requests={} in_flight={} errors={} elapsed={:.2?} rate={:.0} req/s p50={:.2?} p99={:.2?} max={:.2?}",
+        "mesh={} requests={} in_flight={} payload={} read_buffer={} errors={} elapsed={:.2?} rate={:.0} req/s p50={:.2?} p99={:.2?} max={:.2?}",
         if memory { "memory" } else { "amqp" },
         total,
         in_flight,
+        payload.len(),
+        read_buffer,
         errors,
         elapsed,
         total as f64 / elapsed.as_secs_f64(),

@@ -70,7 +70,10 @@ async fn server(jwt: bool, read_buffer: usize) {
 #[tokio::main]
 async fn main() {
     let jwt = std::env::args().any(|a| a == "--jwt");
-    let read_buffer = common::arg("--read-buffer", 4096);
+    let read_buffer = common::arg(
+        "--read-buffer",
+        nuropb_bff::Limits::default().read_buffer_bytes,
+    );
     if std::env::args().any(|a| a == "--server") {
         return server(jwt, read_buffer).await;
     }

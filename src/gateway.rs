@@ -34,7 +34,10 @@ pub struct Limits {
     pub auth_timeout: Duration,
     /// How long one write to a client may take before the client is dropped.
     pub write_timeout: Duration,
-    /// tungstenite's read buffer per socket (memory per idle socket).
+    /// tungstenite's read buffer, which every socket keeps: the largest part
+    /// of an idle socket's memory. 2048 keeps an idle socket near 6.5 KiB;
+    /// larger values save a little CPU only on large client frames (about
+    /// 8% on 30 KB requests against 4096).
     pub read_buffer_bytes: usize,
 }
 
@@ -46,7 +49,7 @@ impl Default for Limits {
             outbound_queue: 256,
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 4096,
+            read_buffer_bytes: 2048,
         }
     }
 }
