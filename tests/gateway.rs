@@ -677,11 +677,11 @@ async fn a_flood_of_refused_calls_is_answered_in_order_without_loss() {
     let url = format!("{}?access_token={}", gw.url(), token("flood", &[], 300));
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let (mut tx, mut rx) = ws.split();
-    // Each refusal names the 8 KB method: 3,000 of them are far more than
+    // Each refusal names the 8 KB method: 5,000 of them (40 MB) are far more than
     // the socket buffers and the 4-frame queue hold while nobody reads. The
     // gateway must stop reading rather than drop answers, close the client
     // or pile up tasks.
-    let n = 3_000;
+    let n = 5_000;
     let method = "m".repeat(8_000);
     let sender = tokio::spawn(async move {
         for i in 0..n {
