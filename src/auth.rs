@@ -216,6 +216,17 @@ pub fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) -> Option
     cookie.or_else(|| query_token.filter(|t| !t.is_empty()).map(str::to_owned))
 }
 
+/// Sign `claims` with an HS256 `secret`: the token a
+/// [`JwtVerifier::hs256`] with the same secret verifies.
+pub fn sign_hs256(secret: &[u8], claims: &impl serde::Serialize) -> Result<String, AuthError> {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
 /// An HS256 token for `sub` that a [`JwtVerifier::hs256`] with the same
 /// secret, issuer and audience accepts; for development mode, where the
 /// frontend needs a token before any identity provider is wired up.
@@ -226,7 +237,7 @@ pub fn hs256_dev_token(
     issuer: Option<&str>,
     audience: Option<&str>,
 ) -> Result<String, AuthError> {
-    let mut claims = serde_json::Map::new();
+    let mut claims = Map::new();
     claims.insert("sub".into(), sub.into());
     claims.insert("name".into(), sub.into());
     claims.insert("exp".into(), (unix_now() + ttl_secs).into());
@@ -236,12 +247,7 @@ pub fn hs256_dev_token(
     if let Some(aud) = audience {
         claims.insert("aud".into(), aud.into());
     }
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .map_err(|e| AuthError::Invalid(e.to_string()))
+    sign_hs256(secret, &claims)
 }
 
 /// Seconds since the epoch.
@@ -254,16 +260,10 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
 
     fn token(secret: &str, claims: Value) -> String {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap()
+        sign_hs256(secret.as_bytes(), &claims).unwrap()
     }
 
     fn exp_in(secs: i64) -> u64 {

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::auth::{AuthHook, unix_now};
+use crate::auth::{AuthHook, sign_hs256, unix_now};
 use crate::gateway::{Gateway, GatewayConfig, WsHandler};
 use crate::mesh::Mesh;
 use crate::mesh::memory::MemoryMesh;
@@ -31,12 +31,7 @@ pub fn hs256_token(secret: &str, sub: &str, roles: &[&str], ttl_secs: u64) -> St
 
 /// An HS256 token carrying exactly `claims` (add `exp` yourself).
 pub fn hs256_token_with(secret: &str, claims: &Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap_or_default()
+    sign_hs256(secret.as_bytes(), claims).unwrap_or_default()
 }
 
 /// An RS256 token signed with an RSA private key in PEM.

@@ -18,10 +18,7 @@ pub const SECRET: &str = "test-secret";
 
 /// An HS256 token signed with [`SECRET`].
 pub fn token(sub: &str, roles: &[&str], ttl_secs: u64) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        + ttl_secs;
+    let exp = nuropb_bff::auth::unix_now() + ttl_secs;
     nuropb_bff::testing::hs256_token_with(
         SECRET,
         &serde_json::json!({"sub": sub, "name": format!("{sub} name"), "roles": roles, "exp": exp}),
