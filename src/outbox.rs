@@ -55,6 +55,17 @@ struct State {
     closed: Option<CloseReason>,
 }
 
+impl State {
+    fn pop_front(&mut self) -> Option<Utf8Bytes> {
+        let frame = self.frames.pop_front()?;
+        if self.frames.is_empty() && self.frames.capacity() > 16 {
+            // A burst is over: give its memory back.
+            self.frames.shrink_to(4);
+        }
+        Some(frame)
+    }
+}
+
 impl Outbox {
     /// An empty outbox holding at most `capacity` frames (at least one).
     pub fn new(capacity: usize) -> Self {
@@ -102,15 +113,7 @@ impl Outbox {
 
     /// The next frame if one is queued.
     pub fn try_pop(&self) -> Option<Utf8Bytes> {
-        let frame = {
-            let mut state = self.lock();
-            let frame = state.frames.pop_front()?;
-            if state.frames.is_empty() && state.frames.capacity() > 16 {
-                // A burst is over: give its memory back.
-                state.frames.shrink_to(4);
-            }
-            frame
-        };
+        let frame = self.lock().pop_front()?;
         self.0.changed.notify_waiters();
         Some(frame)
     }
@@ -121,12 +124,17 @@ impl Outbox {
         loop {
             let mut changed = pin!(self.0.changed.notified());
             changed.as_mut().enable();
-            if let Some(frame) = self.try_pop() {
-                return Some(frame);
-            }
-            if self.is_closed() {
-                // Nothing can be queued after the close: drained for good.
-                return self.try_pop();
+            {
+                let mut state = self.lock();
+                if let Some(frame) = state.pop_front() {
+                    drop(state);
+                    self.0.changed.notify_waiters();
+                    return Some(frame);
+                }
+                if state.closed.is_some() {
+                    // Nothing can be queued after the close: drained for good.
+                    return None;
+                }
             }
             changed.await;
         }
