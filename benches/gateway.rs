@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use nuropb_bff::mesh::IncomingRequest;
 use nuropb_bff::{
-    AmqpConfig, AmqpMesh, DefaultHandler, Gateway, GatewayConfig, MemoryMesh, Mesh, NoAuth,
-    RouteTable, StubService,
+    AmqpConfig, AmqpMesh, Gateway, IncomingRequest, MemoryMesh, NoAuth, RouteTable, Settings,
+    StubService,
 };
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -42,44 +41,35 @@ async fn main() {
     let svc = format!("bench-echo-{suffix}");
 
     let routes = RouteTable::parse("bench", &format!("[[route]]\ncall = \"{svc}.*\"\n")).unwrap();
-    let mut config = GatewayConfig::new(format!("bench-bff-{suffix}"));
-    config.limits.max_in_flight = in_flight.max(1);
-    config.limits.read_buffer_bytes = read_buffer;
-    let gw = Gateway::new(config, routes, Arc::new(NoAuth), Arc::new(DefaultHandler));
+    let mut settings = Settings::new(format!("bench-bff-{suffix}"));
+    settings.limits.max_in_flight = in_flight.max(1);
+    settings.limits.read_buffer_bytes = read_buffer;
+    settings.shutdown_grace_ms = 5_000;
+    if !memory {
+        settings.amqp_url = url.clone();
+    }
     let echo = Arc::new(
         StubService::new(svc.clone()).method("echo", |r: IncomingRequest| async move {
             Ok(Value::Object(r.params))
         }),
     );
-    let mut closers = Vec::new();
+    let mut builder = Gateway::builder(settings)
+        .routes(routes)
+        .auth(Arc::new(NoAuth));
+    let mut echo_server = None;
     if memory {
         let mesh = MemoryMesh::new();
         mesh.add_service(svc.clone(), echo, vec![]);
-        gw.set_mesh(Arc::new(mesh));
+        builder = builder.memory_mesh(mesh);
     } else {
         let server = AmqpMesh::connect(AmqpConfig::new(&url, &svc), echo)
             .await
             .expect("RabbitMQ on 127.0.0.1:5672");
-        let mesh = AmqpMesh::connect(
-            AmqpConfig::new(&url, gw.config().mesh_service_name.clone()),
-            gw.mesh_service(),
-        )
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672");
-        gw.set_mesh(Arc::new(mesh.clone()) as Arc<dyn Mesh>);
-        closers.push(server);
-        closers.push(mesh);
+        echo_server = Some(server);
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gw.clone().serve(
-        listener,
-        async {
-            let _ = stop_rx.await;
-        },
-        Duration::from_secs(5),
-    ));
+    let gw = builder.start().await.expect("the gateway starts");
+    let serving = gw.spawn().await.expect("the gateway serves");
+    let addr = serving.addr();
 
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
         .await
@@ -146,9 +136,8 @@ async fn main() {
         pct(0.99),
         latencies.last().copied().unwrap_or_default(),
     );
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    for m in closers {
+    let _ = serving.stop().await;
+    if let Some(m) = echo_server {
         m.close(Duration::from_secs(2)).await;
     }
     if errors > 0 {

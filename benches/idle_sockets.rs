@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use nuropb_bff::testing::hs256_token;
-use nuropb_bff::{
-    AuthHook, DefaultHandler, Gateway, GatewayConfig, JwtVerifier, MemoryMesh, NoAuth, RouteTable,
-};
+use nuropb_bff::{AuthHook, Gateway, JwtVerifier, NoAuth, RouteTable, Settings};
 
 const SECRET: &str = "idle-bench-secret";
 
@@ -49,11 +47,16 @@ async fn server(jwt: bool, read_buffer: usize) {
     } else {
         Arc::new(NoAuth)
     };
-    let mut config = GatewayConfig::new("idle-bench");
-    config.limits.read_buffer_bytes = read_buffer;
-    let gw = Gateway::new(config, routes, auth, Arc::new(DefaultHandler));
-    gw.set_mesh(Arc::new(MemoryMesh::with_echo_stubs(gw.routes())));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut settings = Settings::new("idle-bench");
+    settings.limits.read_buffer_bytes = read_buffer;
+    settings.shutdown_grace_ms = 5_000;
+    let gw = Gateway::builder(settings)
+        .routes(routes)
+        .auth(auth)
+        .start()
+        .await
+        .expect("the gateway starts");
+    let listener = gw.bind().await.unwrap();
     println!("{}", listener.local_addr().unwrap());
     let stdin_closed = async {
         let _ = tokio::task::spawn_blocking(|| {
@@ -62,9 +65,7 @@ async fn server(jwt: bool, read_buffer: usize) {
         })
         .await;
     };
-    gw.serve(listener, stdin_closed, Duration::from_secs(5))
-        .await
-        .unwrap();
+    gw.serve(listener, stdin_closed).await.unwrap();
 }
 
 #[tokio::main]

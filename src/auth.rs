@@ -1,6 +1,6 @@
-//! Authentication: where a token comes from, how it is verified, and the hook
-//! trait a BFF implements to turn a token into an [`Identity`]. HS256 JWT is
-//! shipped here; the generated `auth.rs` wraps it and maps claims.
+//! Authentication: where a token comes from, how it is verified, and who it
+//! names ([`Identity`]). JWT verification is shipped here; the generated
+//! `auth.rs` implements [`AuthHook`] around it and maps claims.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,6 +9,7 @@ use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
 use serde_json::{Map, Value};
 
+use crate::hooks::AuthHook;
 use crate::mesh::BoxFuture;
 
 /// Who a connection acts for.
@@ -77,19 +78,6 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
-}
-
-/// A BFF's authentication hook.
-pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
-    /// Verify a token and say whom it names.
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
-
-    /// The identity of a connection that presented no token, or `None` when a
-    /// token is required (the default).
-    fn anonymous(&self, session_id: &str) -> Option<Identity> {
-        let _ = session_id;
-        None
-    }
 }
 
 /// JWT verification (HS256 with a shared secret, RS256 with a PEM public
@@ -192,7 +180,7 @@ impl AuthHook for NoAuth {
 /// The token of a WebSocket handshake, in the contract's order:
 /// `Authorization: Bearer`, the `access_token` cookie, the `access_token`
 /// query parameter.
-pub fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
+pub(crate) fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -218,7 +206,10 @@ pub fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) -> Option
 
 /// Sign `claims` with an HS256 `secret`: the token a
 /// [`JwtVerifier::hs256`] with the same secret verifies.
-pub fn sign_hs256(secret: &[u8], claims: &impl serde::Serialize) -> Result<String, AuthError> {
+pub(crate) fn sign_hs256(
+    secret: &[u8],
+    claims: &impl serde::Serialize,
+) -> Result<String, AuthError> {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),
         claims,
@@ -230,7 +221,7 @@ pub fn sign_hs256(secret: &[u8], claims: &impl serde::Serialize) -> Result<Strin
 /// An HS256 token for `sub` that a [`JwtVerifier::hs256`] with the same
 /// secret, issuer and audience accepts; for development mode, where the
 /// frontend needs a token before any identity provider is wired up.
-pub fn hs256_dev_token(
+pub(crate) fn hs256_dev_token(
     secret: &[u8],
     sub: &str,
     ttl_secs: u64,
@@ -251,7 +242,7 @@ pub fn hs256_dev_token(
 }
 
 /// Seconds since the epoch.
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

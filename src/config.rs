@@ -1,16 +1,19 @@
 //! Settings of a BFF: `config/default.toml` overridden by `BFF_*`
-//! environment variables. The runtime never reads the environment itself:
-//! the binary passes `std::env::vars()` in.
+//! environment variables, one variable per setting, nested keys joined by a
+//! double underscore (`BFF_LIMITS__MAX_FRAME_BYTES`). The runtime never reads
+//! the environment itself: the binary passes `std::env::vars()` in.
+//!
+//! The set of keys (and so of variables) is read off [`Settings`] itself,
+//! not kept in a second table: every key of [`Settings::every_key`] has a
+//! variable, typed like the setting.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use crate::gateway::{GatewayConfig, Limits};
+use serde::{Deserialize, Serialize};
 
 /// How clients authenticate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthMode {
     #[serde(rename = "jwt-hs256")]
     JwtHs256,
@@ -20,72 +23,70 @@ pub enum AuthMode {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitSettings {
-    #[serde(default = "d_max_frame")]
+/// Per-connection limits. The defaults suit a browser frontend; every one is
+/// a setting (`[limits]` in the file, `BFF_LIMITS__*` in the environment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest client frame accepted, in bytes; larger ones get `MessageTooLarge`.
     pub max_frame_bytes: usize,
-    #[serde(default = "d_in_flight")]
+    /// Requests one connection may have in flight; more get `RateLimited`.
     pub max_in_flight: usize,
-    #[serde(default = "d_queue")]
+    /// Frames queued towards one slow client before it is disconnected.
     pub outbound_queue: usize,
-    #[serde(default = "d_auth_timeout")]
-    pub auth_timeout_ms: u64,
-    #[serde(default = "d_write_timeout")]
-    pub write_timeout_ms: u64,
-    /// Bytes a socket reads at a time; each socket holds a buffer this
-    /// size for its lifetime, so it is the biggest part of an idle socket's
-    /// memory.
-    #[serde(default = "d_read_buffer")]
+    /// How long a connection without a handshake token has to authenticate.
+    #[serde(rename = "auth_timeout_ms", with = "millis")]
+    pub auth_timeout: Duration,
+    /// How long one write to a client may take before the client is dropped.
+    #[serde(rename = "write_timeout_ms", with = "millis")]
+    pub write_timeout: Duration,
+    /// tungstenite's read buffer, which every socket keeps: the largest part
+    /// of an idle socket's memory. 2048 keeps an idle socket near 6.5 KiB;
+    /// larger values save a little CPU only on large client frames (about
+    /// 8% on 30 KB requests against 4096).
     pub read_buffer_bytes: usize,
 }
 
-fn d_max_frame() -> usize {
-    Limits::default().max_frame_bytes
-}
-fn d_in_flight() -> usize {
-    Limits::default().max_in_flight
-}
-fn d_queue() -> usize {
-    Limits::default().outbound_queue
-}
-fn d_read_buffer() -> usize {
-    Limits::default().read_buffer_bytes
-}
-fn d_auth_timeout() -> u64 {
-    10_000
-}
-fn d_write_timeout() -> u64 {
-    10_000
-}
-fn d_grace() -> u64 {
-    10_000
-}
-fn d_log() -> String {
-    "info".into()
-}
-
-impl Default for LimitSettings {
+impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_frame_bytes: d_max_frame(),
-            max_in_flight: d_in_flight(),
-            outbound_queue: d_queue(),
-            auth_timeout_ms: d_auth_timeout(),
-            write_timeout_ms: d_write_timeout(),
-            read_buffer_bytes: d_read_buffer(),
+            max_frame_bytes: 64 * 1024,
+            max_in_flight: 64,
+            outbound_queue: 256,
+            auth_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 2048,
         }
     }
 }
 
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
 /// Everything a BFF binary needs to run.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// The BFF's own service name on the mesh.
     pub mesh_service_name: String,
+    /// Socket address to listen on.
     pub listen: String,
+    /// Broker URL; `memory://` runs on in-process echo services.
     pub amqp_url: String,
+    /// Path of the routing file.
     pub routes: PathBuf,
+    /// The WebSocket endpoint path.
     pub ws_path: String,
     pub auth: AuthMode,
     #[serde(default)]
@@ -98,25 +99,34 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// Browser origins allowed to open a socket; `*` allows any.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
     #[serde(default = "d_log")]
     pub log: String,
+    /// Distinguishes instances on the broker (a random id when unset).
     #[serde(default)]
     pub instance_id: Option<String>,
     #[serde(default = "d_grace")]
     pub shutdown_grace_ms: u64,
     #[serde(default)]
-    pub limits: LimitSettings,
+    pub limits: Limits,
+}
+
+fn d_grace() -> u64 {
+    10_000
+}
+fn d_log() -> String {
+    "info".into()
 }
 
 impl std::fmt::Debug for Settings {
-    // The secret stays out of logs.
+    // Secrets stay out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("mesh_service_name", &self.mesh_service_name)
             .field("listen", &self.listen)
-            .field("amqp_url", &crate::mesh::amqp::redact_url(&self.amqp_url))
+            .field("amqp_url", &crate::mesh::redact_url(&self.amqp_url))
             .field("routes", &self.routes)
             .field("ws_path", &self.ws_path)
             .field("auth", &self.auth)
@@ -124,9 +134,14 @@ impl std::fmt::Debug for Settings {
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwks_url", &self.jwks_url)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("allowed_origins", &self.allowed_origins)
+            .field("instance_id", &self.instance_id)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -139,24 +154,50 @@ pub enum SettingsError {
     Invalid(String),
 }
 
-/// The `BFF_*` variables and the setting each one overrides.
-pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    ("BFF_LISTEN", "listen"),
-    ("BFF_AMQP_URL", "amqp_url"),
-    ("BFF_ROUTES", "routes"),
-    ("BFF_JWT_SECRET", "jwt_secret"),
-    ("BFF_JWT_PUBLIC_KEY", "jwt_public_key"),
-    ("BFF_JWKS_URL", "jwks_url"),
-    ("BFF_JWT_ISSUER", "jwt_issuer"),
-    ("BFF_JWT_AUDIENCE", "jwt_audience"),
-    ("BFF_LOG", "log"),
-    ("BFF_ALLOWED_ORIGINS", "allowed_origins"),
-    ("BFF_MESH_SERVICE_NAME", "mesh_service_name"),
-    ("BFF_INSTANCE_ID", "instance_id"),
-    ("BFF_WS_PATH", "ws_path"),
-];
+/// The prefix of every settings variable.
+const ENV_PREFIX: &str = "BFF_";
+/// Names the settings file itself; the binary reads it.
+const CONFIG_VAR: &str = "BFF_CONFIG";
 
 impl Settings {
+    /// Settings for a gateway named `mesh_service_name` on the in-process
+    /// mesh, listening on an ephemeral port, without authentication: the
+    /// starting point of tests and benchmarks, which change what they need.
+    pub fn new(mesh_service_name: impl Into<String>) -> Self {
+        Self {
+            mesh_service_name: mesh_service_name.into(),
+            listen: "127.0.0.1:0".into(),
+            amqp_url: "memory://".into(),
+            routes: PathBuf::from("routes.toml"),
+            ws_path: "/ws".into(),
+            auth: AuthMode::None,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwks_url: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            allowed_origins: vec!["http://localhost:3000".into()],
+            log: d_log(),
+            instance_id: None,
+            shutdown_grace_ms: d_grace(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Settings with every optional key present: the source of the list of
+    /// keys (and environment variables) the loader accepts.
+    fn every_key() -> Self {
+        Self {
+            jwt_secret: Some(String::new()),
+            jwt_public_key: Some(PathBuf::new()),
+            jwks_url: Some(String::new()),
+            jwt_issuer: Some(String::new()),
+            jwt_audience: Some(String::new()),
+            instance_id: Some(String::new()),
+            ..Self::new("x")
+        }
+    }
+
     /// Read `path`, apply `BFF_*` overrides from `env`, validate. Unknown
     /// `BFF_*` variables come back as warnings (a typo should be visible).
     pub fn load(
@@ -171,6 +212,7 @@ impl Settings {
         Self::parse(&file, &text, env)
     }
 
+    /// [`Settings::load`] from text; `file` names it in errors.
     pub fn parse(
         file: &str,
         text: &str,
@@ -189,29 +231,19 @@ impl Settings {
                 None => e.message().trim().to_owned(),
             })
         })?;
+        let schema = toml::Table::try_from(Self::every_key())
+            .map_err(|e| SettingsError::Invalid(format!("settings schema: {e}")))?;
         let mut warnings = Vec::new();
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_VAR)
+            .collect();
+        env.sort();
         for (key, value) in env {
-            // BFF_CONFIG names the settings file itself; the binary reads it.
-            if !key.starts_with("BFF_") || key == "BFF_CONFIG" {
-                continue;
+            match env_override(&schema, &key, value)? {
+                Some((path, value)) => insert_path(&mut table, &path, value),
+                None => warnings.push(format!("unknown environment variable {key} ignored")),
             }
-            let Some((_, setting)) = ENV_OVERRIDES.iter().find(|(k, _)| *k == key) else {
-                warnings.push(format!("unknown environment variable {key} ignored"));
-                continue;
-            };
-            let v = if *setting == "allowed_origins" {
-                toml::Value::Array(
-                    value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| toml::Value::String(s.to_owned()))
-                        .collect(),
-                )
-            } else {
-                toml::Value::String(value)
-            };
-            table.insert((*setting).to_owned(), v);
         }
         let settings: Settings = table
             .try_into()
@@ -234,11 +266,21 @@ impl Settings {
                 self.mesh_service_name
             ));
         }
-        if !(512..=1 << 20).contains(&self.limits.read_buffer_bytes) {
+        let l = &self.limits;
+        if !(512..=1 << 20).contains(&l.read_buffer_bytes) {
             return bad(format!(
                 "limits.read_buffer_bytes must be between 512 and 1048576, found {}",
-                self.limits.read_buffer_bytes
+                l.read_buffer_bytes
             ));
+        }
+        for (name, value) in [
+            ("max_frame_bytes", l.max_frame_bytes),
+            ("max_in_flight", l.max_in_flight),
+            ("outbound_queue", l.outbound_queue),
+        ] {
+            if value == 0 {
+                return bad(format!("limits.{name} must be at least 1"));
+            }
         }
         if !self.ws_path.starts_with('/') {
             return bad(format!(
@@ -257,26 +299,86 @@ impl Settings {
         }
     }
 
-    pub fn gateway_config(&self) -> GatewayConfig {
-        GatewayConfig {
-            mesh_service_name: self.mesh_service_name.clone(),
-            ws_path: self.ws_path.clone(),
-            allowed_origins: self.allowed_origins.clone(),
-            limits: Limits {
-                max_frame_bytes: self.limits.max_frame_bytes,
-                max_in_flight: self.limits.max_in_flight.max(1),
-                outbound_queue: self.limits.outbound_queue.max(1),
-                auth_timeout: Duration::from_millis(self.limits.auth_timeout_ms),
-                write_timeout: Duration::from_millis(self.limits.write_timeout_ms),
-                read_buffer_bytes: self.limits.read_buffer_bytes,
-            },
-        }
+    /// How long shutdown waits for connections and the mesh.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
     }
 
     /// True when the settings ask for the in-process development mesh.
     pub fn is_memory_mesh(&self) -> bool {
         self.amqp_url.starts_with("memory://")
     }
+}
+
+/// The setting a `BFF_*` variable names and its value typed like that
+/// setting; `None` when no setting has that name.
+fn env_override(
+    schema: &toml::Table,
+    var: &str,
+    value: String,
+) -> Result<Option<(Vec<String>, toml::Value)>, SettingsError> {
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let mut at = schema;
+    let mut kind = None;
+    for (i, key) in path.iter().enumerate() {
+        match at.get(key) {
+            Some(toml::Value::Table(t)) if i + 1 < path.len() => at = t,
+            Some(v) if i + 1 == path.len() => kind = Some(v),
+            _ => return Ok(None),
+        }
+    }
+    let Some(kind) = kind else { return Ok(None) };
+    let wrong = |expected: &str| {
+        SettingsError::Invalid(format!("{var} must be {expected}, found `{value}`"))
+    };
+    let typed = match kind {
+        toml::Value::String(_) => toml::Value::String(value.clone()),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(value.trim().parse().map_err(|_| wrong("a whole number"))?)
+        }
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(value.trim().parse().map_err(|_| wrong("true or false"))?)
+        }
+        toml::Value::Float(_) => {
+            toml::Value::Float(value.trim().parse().map_err(|_| wrong("a number"))?)
+        }
+        toml::Value::Array(_) => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+        toml::Value::Table(_) => {
+            return Err(SettingsError::Invalid(format!(
+                "{var} names a section; set its keys, like {var}__KEY"
+            )));
+        }
+        toml::Value::Datetime(_) => return Err(wrong("a date")),
+    };
+    Ok(Some((path, typed)))
+}
+
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = table;
+    for key in parents {
+        let entry = at
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(t) = entry else { return };
+        at = t;
+    }
+    at.insert(last.clone(), value);
 }
 
 #[cfg(test)]
@@ -331,6 +433,45 @@ allowed_origins = ["http://localhost:3000"]
             !format!("{s:?}").contains("\"k\""),
             "secret must not be in Debug"
         );
+        assert!(!format!("{s:?}").contains("guest:guest"), "{s:?}");
+    }
+
+    #[test]
+    fn nested_settings_have_variables_typed_like_the_setting() {
+        let (s, warnings) = Settings::parse(
+            "d.toml",
+            BASE,
+            env(&[
+                ("BFF_JWT_SECRET", "12345"),
+                ("BFF_LIMITS__MAX_FRAME_BYTES", "1000"),
+                ("BFF_LIMITS__AUTH_TIMEOUT_MS", "250"),
+                ("BFF_SHUTDOWN_GRACE_MS", "7"),
+                ("BFF_LIMITS__NOPE", "1"),
+                ("BFF_CONFIG", "elsewhere.toml"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.jwt_secret.as_deref(), Some("12345"), "a string stays one");
+        assert_eq!(s.limits.max_frame_bytes, 1000);
+        assert_eq!(s.limits.auth_timeout, Duration::from_millis(250));
+        assert_eq!(s.shutdown_grace_ms, 7);
+        assert_eq!(
+            warnings,
+            vec!["unknown environment variable BFF_LIMITS__NOPE ignored"]
+        );
+        let e = Settings::parse(
+            "d.toml",
+            BASE,
+            env(&[
+                ("BFF_JWT_SECRET", "k"),
+                ("BFF_LIMITS__MAX_IN_FLIGHT", "lots"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("BFF_LIMITS__MAX_IN_FLIGHT"), "{e}");
+        assert!(e.to_string().contains("whole number"), "{e}");
+        let e = Settings::parse("d.toml", BASE, env(&[("BFF_LIMITS", "1")])).unwrap_err();
+        assert!(e.to_string().contains("BFF_LIMITS__KEY"), "{e}");
     }
 
     #[test]
@@ -356,17 +497,30 @@ allowed_origins = ["http://localhost:3000"]
         assert!(e.to_string().contains("line 1"), "{e}");
         let e = Settings::parse("d.toml", &format!("{BASE}\ncolour = 1\n"), env(&[])).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+        let e = Settings::parse(
+            "d.toml",
+            &format!("{BASE}\n[limits]\nmax_in_flight = 0\n"),
+            env(&[("BFF_JWT_SECRET", "k")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("limits.max_in_flight"), "{e}");
     }
 
     #[test]
-    fn the_read_buffer_is_bounded_and_reaches_the_gateway() {
+    fn the_read_buffer_is_bounded() {
         let with = |n: usize| format!("{BASE}\n[limits]\nread_buffer_bytes = {n}\n");
         let secret = || env(&[("BFF_JWT_SECRET", "k")]);
         let (s, _) = Settings::parse("d.toml", &with(2048), secret()).unwrap();
-        assert_eq!(s.gateway_config().limits.read_buffer_bytes, 2048);
+        assert_eq!(s.limits.read_buffer_bytes, 2048);
         for bad in [0, 100, 2 << 20] {
             let e = Settings::parse("d.toml", &with(bad), secret()).unwrap_err();
             assert!(e.to_string().contains("read_buffer_bytes"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_test_settings_are_valid() {
+        Settings::new("t").validate().unwrap();
+        Settings::every_key().validate().unwrap();
     }
 }

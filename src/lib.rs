@@ -2,37 +2,39 @@
 //! Backend-For-Frontend runs on. It speaks NuroPb 0.1.1 to the service mesh
 //! over RabbitMQ and a JSON frame protocol to browsers and apps.
 //!
-//! A BFF binary reads its settings ([`Settings`]), builds a [`Gateway`] with
-//! its routing table ([`RouteTable`]), auth hook ([`AuthHook`]) and handler
-//! hooks ([`WsHandler`]), attaches a [`Mesh`] and serves. [`run`] does all of
-//! that in one call.
+//! A BFF binary reads its [`Settings`], implements an [`AuthHook`] and a
+//! [`WsHandler`], and hands them to [`run`]. Tests and tools build a
+//! [`Gateway`] the same way with [`Gateway::builder`]; the `testing` feature
+//! adds a test gateway and a WebSocket client.
 
-pub mod auth;
-pub mod config;
+mod auth;
+mod config;
+mod dispatch;
 mod gateway;
-pub mod mesh;
+mod hooks;
+mod hub;
+mod mesh;
+mod mesh_api;
 mod metrics;
 mod outbox;
-pub mod protocol;
-pub mod routing;
+mod protocol;
+mod routing;
+mod runner;
 mod server;
-pub mod session;
+mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod ws;
 
-pub use auth::{AuthError, AuthHook, Identity, JwtVerifier, NoAuth};
-pub use config::{AuthMode, Settings, SettingsError};
-pub use gateway::{
-    DefaultHandler, Gateway, GatewayConfig, Limits, LocalCall, MeshClient, WsHandler,
+pub use auth::{AuthError, Identity, JwtVerifier, NoAuth};
+pub use config::{AuthMode, Limits, Settings, SettingsError};
+pub use gateway::{Gateway, GatewayBuilder, Serving};
+pub use hooks::{AuthHook, DefaultHandler, LocalCall, MeshClient, WsHandler};
+pub use mesh::{
+    AmqpConfig, AmqpMesh, BoxFuture, Call, EchoService, IncomingEvent, IncomingRequest, MemoryMesh,
+    Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
 };
-pub use mesh::amqp::{AmqpConfig, AmqpMesh};
-pub use mesh::memory::{EchoService, MemoryMesh, StubService};
-pub use mesh::{BoxFuture, Call, Mesh, MeshError, MeshHandler};
-pub use metrics::Metrics;
-pub use protocol::{ErrorBody, ErrorName};
-pub use routing::{RouteTable, RoutesError};
+pub use protocol::{ClientCall, ErrorBody, ErrorName, close};
+pub use routing::{Delivery, EventRule, Route, RouteTable, RoutesError};
 pub use runner::{RunError, auth_from_settings, jwt_verifier_from_settings, run};
-pub use session::{SessionInfo, Sessions};
-
-mod runner;
+pub use session::{SessionCounts, SessionInfo, Sessions};

@@ -22,7 +22,7 @@ pub(crate) struct KindLabels {
 
 /// The gateway's metrics. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Metrics(Arc<Inner>);
+pub(crate) struct Metrics(Arc<Inner>);
 
 #[derive(Debug)]
 struct Inner {
@@ -44,7 +44,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("bff");
         let connections = Counter::default();
         let sessions = Gauge::default();
@@ -106,20 +106,20 @@ impl Metrics {
         }))
     }
 
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         self.0.connections.inc();
         self.0.sessions.inc();
     }
 
-    pub fn connection_closed(&self) {
+    pub(crate) fn connection_closed(&self) {
         self.0.sessions.dec();
     }
 
-    pub fn frame_in(&self, kind: &'static str) {
+    pub(crate) fn frame_in(&self, kind: &'static str) {
         self.0.frames_in.get_or_create(&KindLabels { kind }).inc();
     }
 
-    pub fn request_done(&self, outcome: &'static str, seconds: f64) {
+    pub(crate) fn request_done(&self, outcome: &'static str, seconds: f64) {
         self.0
             .requests
             .get_or_create(&OutcomeLabels { outcome })
@@ -127,23 +127,23 @@ impl Metrics {
         self.0.request_seconds.observe(seconds);
     }
 
-    pub fn pushed(&self, kind: &'static str, count: usize) {
+    pub(crate) fn pushed(&self, kind: &'static str, count: usize) {
         self.0
             .pushes
             .get_or_create(&KindLabels { kind })
             .inc_by(count as u64);
     }
 
-    pub fn slow_consumer_closed(&self) {
+    pub(crate) fn slow_consumer_closed(&self) {
         self.0.slow_closes.inc();
     }
 
-    pub fn set_mesh_ready(&self, ready: bool) {
+    pub(crate) fn set_mesh_ready(&self, ready: bool) {
         self.0.mesh_ready.set(i64::from(ready));
     }
 
     /// The text exposition format.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.0.registry);

@@ -20,14 +20,14 @@ use tokio::sync::Notify;
 
 /// Why and how a session is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseReason {
+pub(crate) struct CloseReason {
     pub code: u16,
     pub reason: String,
 }
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
+pub(crate) enum PushError {
     /// The queue holds its capacity of frames.
     Full,
     /// The session is closed.
@@ -36,7 +36,7 @@ pub enum PushError {
 
 /// A session's bounded outbound queue. Cheap to clone; clones share it.
 #[derive(Debug, Clone)]
-pub struct Outbox(Arc<Shared>);
+pub(crate) struct Outbox(Arc<Shared>);
 
 #[derive(Debug)]
 struct Shared {
@@ -68,7 +68,7 @@ impl State {
 
 impl Outbox {
     /// An empty outbox holding at most `capacity` frames (at least one).
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self(Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
@@ -82,7 +82,7 @@ impl Outbox {
     }
 
     /// Queue a frame without waiting.
-    pub fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+    pub(crate) fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
         {
             let mut state = self.lock();
             if state.closed.is_some() {
@@ -99,7 +99,7 @@ impl Outbox {
 
     /// Queue a frame, waiting while the queue is full; fails only once the
     /// session is closed.
-    pub async fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+    pub(crate) async fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
         loop {
             let mut changed = pin!(self.0.changed.notified());
             // Registered before the check, so a pop in between is not missed.
@@ -112,7 +112,8 @@ impl Outbox {
     }
 
     /// The next frame if one is queued.
-    pub fn try_pop(&self) -> Option<Utf8Bytes> {
+    #[cfg(test)]
+    pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
         let frame = self.lock().pop_front()?;
         self.0.changed.notify_waiters();
         Some(frame)
@@ -120,7 +121,7 @@ impl Outbox {
 
     /// The next frame, waiting for one; frames queued before the outbox
     /// closed are still handed out, then `None`.
-    pub async fn pop(&self) -> Option<Utf8Bytes> {
+    pub(crate) async fn pop(&self) -> Option<Utf8Bytes> {
         loop {
             let mut changed = pin!(self.0.changed.notified());
             changed.as_mut().enable();
@@ -142,7 +143,7 @@ impl Outbox {
 
     /// Close the session. The first reason given is kept; returns whether
     /// this call closed it.
-    pub fn close(&self, code: u16, reason: &str) -> bool {
+    pub(crate) fn close(&self, code: u16, reason: &str) -> bool {
         {
             let mut state = self.lock();
             if state.closed.is_some() {
@@ -158,17 +159,17 @@ impl Outbox {
         true
     }
 
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed.is_some()
     }
 
     /// The reason the session was closed with, once it is.
-    pub fn close_reason(&self) -> Option<CloseReason> {
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         self.lock().closed.clone()
     }
 
     /// Resolves once the outbox is closed.
-    pub async fn closed(&self) {
+    pub(crate) async fn closed(&self) {
         loop {
             let mut closing = pin!(self.0.closing.notified());
             closing.as_mut().enable();
@@ -178,13 +179,15 @@ impl Outbox {
             closing.await;
         }
     }
+}
 
-    /// Frames waiting to be written.
-    pub fn len(&self) -> usize {
+#[cfg(test)]
+impl Outbox {
+    fn len(&self) -> usize {
         self.lock().frames.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

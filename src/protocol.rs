@@ -6,9 +6,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The NuroPb protocol version this gateway speaks (`nuropb_protocol` header).
-pub const NUROPB_PROTOCOL_VERSION: &str = "0.1.1";
+pub(crate) const NUROPB_PROTOCOL_VERSION: &str = "0.1.1";
 /// What the gateway writes in the `nuropb_version` header.
-pub const NUROPB_LIBRARY_VERSION: &str = concat!("nuropb-bff-", env!("CARGO_PKG_VERSION"));
+pub(crate) const NUROPB_LIBRARY_VERSION: &str = concat!("nuropb-bff-", env!("CARGO_PKG_VERSION"));
+
+/// WebSocket close codes the gateway sends (bff-contract.md section 3).
+pub mod close {
+    /// An ordinary end (the client left, or the socket failed).
+    pub const NORMAL: u16 = 1000;
+    /// The gateway is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A service closed the session (`disconnect_users`).
+    pub const DISCONNECTED: u16 = 4000;
+    /// The token expired and no new one arrived in time.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The connection never authenticated.
+    pub const AUTH_REQUIRED: u16 = 4003;
+    /// The outbound queue overflowed: the client reads too slowly.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
 
 /// The error names the gateway itself produces (bff-contract.md section 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +89,7 @@ impl ErrorBody {
 /// are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", content = "payload", rename_all = "lowercase")]
-pub enum ClientFrame {
+pub(crate) enum ClientFrame {
     Request(ClientCall),
     Command(ClientCall),
     Subscribe(Topics),
@@ -92,26 +108,26 @@ pub struct ClientCall {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Topics {
+pub(crate) struct Topics {
     pub topics: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Authenticate {
+pub(crate) struct Authenticate {
     pub token: String,
 }
 
 /// Why a client frame could not be decoded, with the trace id when the frame
 /// carried one so the client can pair the error with its request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FrameError {
+pub(crate) struct FrameError {
     pub description: String,
     pub trace_id: Option<String>,
 }
 
 impl ClientFrame {
     /// Decode one text frame. Every failure says what was wrong.
-    pub fn decode(text: &str) -> Result<Self, FrameError> {
+    pub(crate) fn decode(text: &str) -> Result<Self, FrameError> {
         let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
             description: format!("frame is not valid JSON: {e}"),
             trace_id: None,
@@ -143,7 +159,7 @@ impl ClientFrame {
 /// A frame the gateway sends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", content = "payload", rename_all = "lowercase")]
-pub enum ServerFrame {
+pub(crate) enum ServerFrame {
     Event {
         topic: String,
         event: Value,
@@ -168,7 +184,7 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
-    pub fn error(
+    pub(crate) fn error(
         name: ErrorName,
         description: impl Into<String>,
         trace_id: Option<String>,
@@ -180,7 +196,7 @@ impl ServerFrame {
         }
     }
 
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         // Serialising these types cannot fail: every map key is a string.
         serde_json::to_string(self).unwrap_or_else(|_| {
             r#"{"type":"error","payload":{"error":"InternalError","description":"unencodable frame"}}"#
@@ -193,7 +209,7 @@ impl ServerFrame {
 
 /// The `nuropb_type` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageType {
+pub(crate) enum MessageType {
     Request,
     Response,
     Command,
@@ -201,7 +217,7 @@ pub enum MessageType {
 }
 
 impl MessageType {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Request => "request",
             Self::Response => "response",
@@ -210,7 +226,7 @@ impl MessageType {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "request" => Some(Self::Request),
             "response" => Some(Self::Response),
@@ -224,7 +240,7 @@ impl MessageType {
 /// A NuroPb message body; the `tag` field names the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "tag", rename_all = "lowercase")]
-pub enum MeshMessage {
+pub(crate) enum MeshMessage {
     Request(RequestBody),
     Command(RequestBody),
     Event(EventBody),
@@ -232,7 +248,7 @@ pub enum MeshMessage {
 }
 
 impl MeshMessage {
-    pub fn message_type(&self) -> MessageType {
+    pub(crate) fn message_type(&self) -> MessageType {
         match self {
             Self::Request(_) => MessageType::Request,
             Self::Command(_) => MessageType::Command,
@@ -270,7 +286,7 @@ pub struct EventBody {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     pub correlation_id: String,
     #[serde(default)]
     pub context: Map<String, Value>,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// Timeout of a route that names none and whose file sets no default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A routing file that could not be loaded: which file, where, and what was
 /// expected there.
@@ -290,7 +290,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// A service or method name: what nuropb accepts as a routing key and a
 /// Python method name.
-pub fn is_name(s: &str) -> bool {
+pub(crate) fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 200
         && s.chars()
@@ -298,7 +298,7 @@ pub fn is_name(s: &str) -> bool {
 }
 
 /// Split `service.method` or `service.*`.
-pub fn parse_call(s: &str) -> Result<(String, Option<String>), String> {
+pub(crate) fn parse_call(s: &str) -> Result<(String, Option<String>), String> {
     let expected = format!("must be `service.method` or `service.*`, found `{s}`");
     let Some((service, method)) = s.trim().split_once('.') else {
         return Err(expected);
@@ -316,7 +316,7 @@ pub fn parse_call(s: &str) -> Result<(String, Option<String>), String> {
 }
 
 /// An AMQP topic pattern: dot-separated words, each a name, `*` or `#`.
-pub fn validate_topic_pattern(p: &str) -> Result<(), String> {
+pub(crate) fn validate_topic_pattern(p: &str) -> Result<(), String> {
     let ok = !p.is_empty() && p.split('.').all(|w| w == "*" || w == "#" || is_name(w));
     if ok {
         Ok(())
@@ -328,7 +328,7 @@ pub fn validate_topic_pattern(p: &str) -> Result<(), String> {
 }
 
 /// AMQP topic matching: `*` is exactly one word, `#` zero or more.
-pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+pub(crate) fn topic_matches(pattern: &str, topic: &str) -> bool {
     fn go(p: &[&str], t: &[&str]) -> bool {
         match p.split_first() {
             None => t.is_empty(),

@@ -3,15 +3,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::auth::{AuthHook, JwtVerifier, NoAuth};
+use crate::auth::{JwtVerifier, NoAuth};
 use crate::config::{AuthMode, Settings};
-use crate::gateway::{Gateway, WsHandler};
-use crate::mesh::amqp::{AmqpConfig, AmqpMesh, redact_url};
-use crate::mesh::memory::MemoryMesh;
-use crate::mesh::{Mesh, MeshError};
-use crate::routing::{RouteTable, RoutesError};
+use crate::gateway::Gateway;
+use crate::hooks::{AuthHook, WsHandler};
+use crate::mesh::MeshError;
+use crate::routing::RoutesError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -101,60 +99,31 @@ pub async fn run(
     handler: Arc<dyn WsHandler>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let routes = RouteTable::load(&settings.routes)?;
-    tracing::info!(
-        routes = routes.routes().len(),
-        event_rules = routes.events().len(),
-        file = %settings.routes.display(),
-        "routing table loaded"
-    );
-    let gateway = Gateway::new(settings.gateway_config(), routes, auth, handler);
-    let grace = Duration::from_millis(settings.shutdown_grace_ms);
-
-    let mut amqp = None;
     if settings.is_memory_mesh() {
         tracing::warn!(
             "DEVELOPMENT MODE: BFF_AMQP_URL=memory:// - no broker; every routed service is an in-process echo stub"
         );
         tracing::warn!("DEVELOPMENT MODE: never run this in production");
         log_dev_token(&settings);
-        let mesh = MemoryMesh::with_echo_stubs(gateway.routes());
-        mesh.add_service(
-            settings.mesh_service_name.clone(),
-            gateway.mesh_service(),
-            gateway.event_bindings(),
-        );
-        gateway.set_mesh(Arc::new(mesh) as Arc<dyn Mesh>);
-    } else {
-        let mut config = AmqpConfig::new(&settings.amqp_url, &settings.mesh_service_name);
-        if let Some(id) = &settings.instance_id {
-            config.instance_id = id.clone();
-        }
-        config.event_bindings = gateway.event_bindings();
-        let mesh = AmqpMesh::connect(config, gateway.mesh_service())
-            .await
-            .map_err(|source| RunError::Broker {
-                url: redact_url(&settings.amqp_url),
-                source,
-            })?;
-        gateway.set_mesh(Arc::new(mesh.clone()) as Arc<dyn Mesh>);
-        amqp = Some(mesh);
     }
-
-    let listener = tokio::net::TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: settings.listen.clone(),
-            source,
-        })?;
+    let gateway = Gateway::builder(settings)
+        .auth(auth)
+        .handler(handler)
+        .start()
+        .await?;
+    let routes = gateway.routes();
+    tracing::info!(
+        routes = routes.routes().len(),
+        event_rules = routes.events().len(),
+        file = %gateway.settings().routes.display(),
+        "routing table loaded"
+    );
+    let listener = gateway.bind().await?;
     let addr = listener
         .local_addr()
-        .map_or_else(|_| settings.listen.clone(), |a| a.to_string());
-    tracing::info!(%addr, ws_path = %settings.ws_path, "serving");
-    let served = gateway.serve(listener, shutdown, grace).await;
-    if let Some(mesh) = amqp {
-        mesh.close(grace).await;
-    }
+        .map_or_else(|_| gateway.settings().listen.clone(), |a| a.to_string());
+    tracing::info!(%addr, ws_path = %gateway.settings().ws_path, "serving");
+    let served = gateway.serve(listener, shutdown).await;
     tracing::info!("stopped");
     served.map_err(RunError::Serve)
 }

@@ -1,9 +1,8 @@
 //! HTTP side of the gateway: the axum router (WebSocket endpoint, health,
-//! readiness, metrics) and `serve`, which runs it until a shutdown token
-//! fires and then closes every session.
+//! readiness, metrics) and `serve`, which runs it until shutdown and then
+//! closes every session.
 
 use std::future::Future;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State, WebSocketUpgrade};
@@ -32,7 +31,7 @@ impl Gateway {
     /// and `/metrics`. Merge a BFF's own HTTP routes into it as needed.
     pub fn router(&self) -> Router {
         Router::new()
-            .route(&self.0.config.ws_path, get(ws_upgrade))
+            .route(&self.settings().ws_path, get(ws_upgrade))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
@@ -40,35 +39,34 @@ impl Gateway {
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
-        self.0
-            .config
+        self.settings()
             .allowed_origins
             .iter()
             .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
     }
 
-    /// Serve on `listener` until `shutdown` resolves, then close every session
-    /// (code 1001) and wait up to `grace` for connections to finish.
+    /// Serve on `listener` until `shutdown` resolves (or [`Gateway::stop`]),
+    /// then close every session (code 1001), wait up to the shutdown grace
+    /// for connections to finish, and leave the mesh.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-        grace: Duration,
     ) -> std::io::Result<()> {
-        let token = self.0.shutdown.clone();
+        let grace = self.settings().shutdown_grace();
         let app = self.router();
-        let stop = token.clone();
+        let stopping = self.clone();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .with_graceful_shutdown(async move { stopping.stopping().await })
                 .await
         });
         tokio::select! {
             _ = shutdown => {}
-            _ = token.cancelled() => {}
+            _ = self.stopping() => {}
         }
         tracing::info!("shutting down: closing sessions");
-        self.shutdown(grace).await;
+        self.shutdown().await;
         match tokio::time::timeout(grace, server).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(std::io::Error::other(join)),
@@ -81,7 +79,7 @@ impl Gateway {
 }
 
 async fn readyz(State(gw): State<Gateway>) -> Response {
-    if gw.is_ready() && !gw.0.shutdown.is_cancelled() {
+    if gw.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "mesh unavailable").into_response()
@@ -95,7 +93,7 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        gw.0.metrics.encode(),
+        gw.metrics().encode(),
     )
         .into_response()
 }
@@ -106,7 +104,7 @@ async fn ws_upgrade(
     Query(query): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if gw.0.shutdown.is_cancelled() {
+    if gw.is_stopping() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
@@ -117,7 +115,7 @@ async fn ws_upgrade(
     }
     let query_token = query.access_token.as_deref();
     let identity = match handshake_token(&headers, query_token) {
-        Some(token) => match gw.0.auth.authenticate(&token).await {
+        Some(token) => match gw.hub().auth().authenticate(&token).await {
             Ok(id) => Some(id),
             Err(e) => {
                 tracing::debug!(error = %e, "handshake refused");
@@ -126,8 +124,8 @@ async fn ws_upgrade(
         },
         None => None,
     };
-    let limits = &gw.0.config.limits;
-    let tasks = gw.0.tasks.clone();
+    let limits = gw.limits();
+    let tasks = gw.tasks().clone();
     ws.read_buffer_size(limits.read_buffer_bytes)
         .write_buffer_size(0)
         .max_message_size(limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR))

@@ -9,21 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use axum::extract::ws::Utf8Bytes;
 
 use crate::metrics::Metrics;
-pub use crate::outbox::{CloseReason, Outbox, PushError};
+use crate::outbox::{Outbox, PushError};
+use crate::protocol::close;
 use crate::routing::topic_matches;
-
-/// Close code for a session whose outbound queue overflowed.
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
-/// Close code for a session closed on request (a `disconnect_users` call).
-pub const CLOSE_DISCONNECTED: u16 = 4000;
-/// Close code for an expired token.
-pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
-/// Close code when a connection never authenticated.
-pub const CLOSE_AUTH_REQUIRED: u16 = 4003;
-/// Close code of an ordinary end (the client left, or the socket failed).
-pub const CLOSE_NORMAL: u16 = 1000;
-/// Close code sent to every session when the gateway shuts down.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// Who is on the other end of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +40,7 @@ impl Entry {
             Ok(()) => true,
             Err(PushError::Full) => {
                 tracing::warn!(user_id = %self.user_id, "outbound queue full, closing slow session");
-                self.close(CLOSE_SLOW_CONSUMER, "outbound queue full");
+                self.close(close::SLOW_CONSUMER, "outbound queue full");
                 if let Some(m) = metrics {
                     m.slow_consumer_closed();
                 }
@@ -80,7 +68,7 @@ pub struct Sessions {
 /// Unregisters its session when dropped, so no path out of a connection
 /// leaves a stale entry behind.
 #[derive(Debug)]
-pub struct SessionGuard {
+pub(crate) struct SessionGuard {
     sessions: Sessions,
     session_id: String,
 }
@@ -100,7 +88,7 @@ pub struct SessionCounts {
 
 impl Sessions {
     /// `queue_capacity` bounds each session's outbound queue (frames).
-    pub fn new(queue_capacity: usize) -> Self {
+    pub(crate) fn new(queue_capacity: usize) -> Self {
         Self {
             inner: Arc::default(),
             queue_capacity: queue_capacity.max(1),
@@ -109,7 +97,7 @@ impl Sessions {
     }
 
     /// Count slow-consumer closes in these metrics.
-    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+    pub(crate) fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
     }
@@ -120,7 +108,7 @@ impl Sessions {
 
     /// Add a session; it lives until the guard is dropped. The outbox is
     /// what its connection writes out.
-    pub fn register(&self, info: &SessionInfo) -> (SessionGuard, Outbox) {
+    pub(crate) fn register(&self, info: &SessionInfo) -> (SessionGuard, Outbox) {
         let outbox = Outbox::new(self.queue_capacity);
         let entry = Entry {
             user_id: info.user_id.clone(),
@@ -193,7 +181,7 @@ impl Sessions {
     }
 
     /// Push a frame to the sessions subscribed to a pattern matching `topic`.
-    pub fn send_to_subscribers(&self, topic: &str, frame: Utf8Bytes) -> usize {
+    pub(crate) fn send_to_subscribers(&self, topic: &str, frame: Utf8Bytes) -> usize {
         let inner = self.lock();
         inner
             .sessions
@@ -204,11 +192,11 @@ impl Sessions {
     }
 
     /// Add topic patterns to a session's subscriptions; the full set after.
-    pub fn subscribe(&self, session_id: &str, topics: &[String]) -> Vec<String> {
+    pub(crate) fn subscribe(&self, session_id: &str, topics: &[String]) -> Vec<String> {
         self.update_topics(session_id, |set| set.extend(topics.iter().cloned()))
     }
 
-    pub fn unsubscribe(&self, session_id: &str, topics: &[String]) -> Vec<String> {
+    pub(crate) fn unsubscribe(&self, session_id: &str, topics: &[String]) -> Vec<String> {
         self.update_topics(session_id, |set| {
             for t in topics {
                 set.remove(t);
@@ -348,16 +336,16 @@ mod tests {
         let (_g2, c2) = s.register(&info("s2", "alice"));
         let (_g3, c3) = s.register(&info("s3", "bob"));
         let (_g4, c4) = s.register(&info("s4", "carol"));
-        assert!(s.close_session("s4", CLOSE_DISCONNECTED, "bye"));
+        assert!(s.close_session("s4", close::DISCONNECTED, "bye"));
         assert!(c4.is_closed());
-        assert_eq!(c4.close_reason().unwrap().code, CLOSE_DISCONNECTED);
-        assert_eq!(s.close_users(&["alice"], CLOSE_DISCONNECTED, "bye"), 2);
+        assert_eq!(c4.close_reason().unwrap().code, close::DISCONNECTED);
+        assert_eq!(s.close_users(&["alice"], close::DISCONNECTED, "bye"), 2);
         assert!(c1.is_closed() && c2.is_closed());
         assert!(!c3.is_closed());
-        assert_eq!(s.close_all(CLOSE_GOING_AWAY, "shutdown"), 4);
+        assert_eq!(s.close_all(close::GOING_AWAY, "shutdown"), 4);
         assert!(c3.is_closed());
         // The first reason given sticks.
-        assert_eq!(c1.close_reason().unwrap().code, CLOSE_DISCONNECTED);
+        assert_eq!(c1.close_reason().unwrap().code, close::DISCONNECTED);
     }
 
     #[test]
@@ -368,7 +356,7 @@ mod tests {
         assert!(s.send_to_session("s1", "2".into()));
         assert!(!s.send_to_session("s1", "3".into()));
         assert!(c.is_closed());
-        assert_eq!(c.close_reason().unwrap().code, CLOSE_SLOW_CONSUMER);
+        assert_eq!(c.close_reason().unwrap().code, close::SLOW_CONSUMER);
         assert_eq!(drain(&c), vec!["1", "2"]);
     }
 

@@ -3,7 +3,6 @@
 //! real WebSocket, and mint tokens. No broker needed.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +14,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::auth::{AuthHook, sign_hs256, unix_now};
-use crate::gateway::{Gateway, GatewayConfig, WsHandler};
-use crate::mesh::Mesh;
-use crate::mesh::memory::MemoryMesh;
+use crate::auth::{sign_hs256, unix_now};
+use crate::config::Settings;
+use crate::gateway::{Gateway, Serving};
+use crate::hooks::{AuthHook, WsHandler};
+use crate::mesh::MemoryMesh;
 use crate::routing::RouteTable;
 
 /// An HS256 token for `sub` with `roles`, valid for `ttl_secs`.
@@ -27,6 +27,11 @@ pub fn hs256_token(secret: &str, sub: &str, roles: &[&str], ttl_secs: u64) -> St
         secret,
         &json!({"sub": sub, "name": sub, "roles": roles, "exp": unix_now() + ttl_secs}),
     )
+}
+
+/// Seconds since the Unix epoch, for `exp`, `nbf` and `iat` claims.
+pub fn unix_time() -> u64 {
+    unix_now()
 }
 
 /// An HS256 token carrying exactly `claims` (add `exp` yourself).
@@ -43,59 +48,49 @@ pub fn rs256_token(private_pem: &[u8], sub: &str, roles: &[&str], ttl_secs: u64)
         .unwrap_or_default()
 }
 
-/// A running test gateway; stops when dropped.
+/// A running test gateway on the in-process mesh; stops when dropped.
 #[derive(Debug)]
 pub struct TestBff {
     pub addr: SocketAddr,
     pub gateway: Gateway,
+    /// The in-process mesh: echo stubs for the routed services; a test may
+    /// add its own services.
     pub mesh: MemoryMesh,
-    ws_path: String,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Drop for TestBff {
-    fn drop(&mut self) {
-        self.gateway.shutdown_token().cancel();
-        self.server.abort();
-    }
+    serving: Serving,
 }
 
 impl TestBff {
-    /// Start `routes_file` with `auth` and `handler` on echo stubs (the
-    /// mesh is exposed so a test can add its own stub services).
+    /// Start a BFF from the same `settings` its binary runs with, on
+    /// 127.0.0.1:0 and echo stubs for every routed service, with its own
+    /// `auth` and `handler` hooks.
     pub async fn start(
-        routes_file: &Path,
-        config: GatewayConfig,
+        settings: Settings,
         auth: Arc<dyn AuthHook>,
         handler: Arc<dyn WsHandler>,
     ) -> Result<Self, String> {
-        let routes = RouteTable::load(routes_file).map_err(|e| e.to_string())?;
+        let mut settings = settings;
+        settings.listen = "127.0.0.1:0".into();
+        let routes = RouteTable::load(&settings.routes).map_err(|e| e.to_string())?;
         let mesh = MemoryMesh::with_echo_stubs(&routes);
-        let ws_path = config.ws_path.clone();
-        let name = config.mesh_service_name.clone();
-        let gateway = Gateway::new(config, routes, auth, handler);
-        mesh.add_service(name, gateway.mesh_service(), gateway.event_bindings());
-        gateway.set_mesh(Arc::new(mesh.clone()) as Arc<dyn Mesh>);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let gateway = Gateway::builder(settings)
+            .routes(routes)
+            .auth(auth)
+            .handler(handler)
+            .memory_mesh(mesh.clone())
+            .start()
             .await
             .map_err(|e| e.to_string())?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let g = gateway.clone();
-        let server = tokio::spawn(async move {
-            g.serve(listener, std::future::pending(), Duration::from_secs(2))
-                .await
-        });
+        let serving = gateway.clone().spawn().await.map_err(|e| e.to_string())?;
         Ok(Self {
-            addr,
+            addr: serving.addr(),
             gateway,
             mesh,
-            ws_path,
-            server,
+            serving,
         })
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://{}{}", self.addr, self.ws_path)
+        self.serving.ws_url()
     }
 
     /// Open a socket with a bearer token (or none).

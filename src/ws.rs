@@ -1,26 +1,27 @@
 //! One WebSocket connection: authenticate, register the session, then a
 //! reader loop that decodes frames and runs requests concurrently, and a
-//! writer task that drains the session's bounded outbound queue.
+//! writer task that drains the session's bounded outbound queue. Whether a
+//! call may go out is `dispatch`'s to say; this module carries it out.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
-use crate::gateway::{Gateway, LocalCall, MeshClient, refusal};
+use crate::dispatch::{self, Failure, Rates, Refusal};
+use crate::gateway::Gateway;
+use crate::hooks::{LocalCall, MeshClient};
 use crate::mesh::{BoxFuture, Call, MeshError};
-use crate::protocol::{ClientCall, ClientFrame, ErrorBody, ErrorName, ServerFrame};
+use crate::outbox::Outbox;
+use crate::protocol::{ClientCall, ClientFrame, ErrorName, ServerFrame, close};
 use crate::routing::validate_topic_pattern;
-use crate::session::{
-    CLOSE_AUTH_REQUIRED, CLOSE_NORMAL, CLOSE_TOKEN_EXPIRED, Outbox, SessionGuard, SessionInfo,
-};
+use crate::session::{SessionGuard, SessionInfo};
 
 fn text(frame: &ServerFrame) -> Message {
     Message::Text(frame.to_json().into())
@@ -35,33 +36,34 @@ fn close(code: u16, reason: &str) -> Message {
 
 /// Wait for `{"type":"authenticate"}` as the first frame.
 async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identity> {
-    let limits = &gw.0.config.limits;
-    let deadline = tokio::time::sleep(limits.auth_timeout);
+    let deadline = tokio::time::sleep(gw.limits().auth_timeout);
     tokio::pin!(deadline);
     loop {
         let msg = tokio::select! {
             _ = &mut deadline => {
                 let _ = socket.send(text(&ServerFrame::error(ErrorName::Unauthorized,
                     "no token: send an `authenticate` frame first", None))).await;
-                let _ = socket.send(close(CLOSE_AUTH_REQUIRED, "authentication timed out")).await;
+                let _ = socket.send(close(close::AUTH_REQUIRED, "authentication timed out")).await;
                 return None;
             }
-            _ = gw.0.shutdown.cancelled() => return None,
+            _ = gw.stopping() => return None,
             msg = socket.recv() => msg,
         };
         let refuse = |desc: String| ServerFrame::error(ErrorName::Unauthorized, desc, None);
         match msg {
             Some(Ok(Message::Text(t))) => match ClientFrame::decode(t.as_str()) {
-                Ok(ClientFrame::Authenticate(a)) => match gw.0.auth.authenticate(&a.token).await {
-                    Ok(id) => return Some(id),
-                    Err(e) => {
-                        let _ = socket.send(text(&refuse(e.to_string()))).await;
-                        let _ = socket
-                            .send(close(CLOSE_AUTH_REQUIRED, "authentication failed"))
-                            .await;
-                        return None;
+                Ok(ClientFrame::Authenticate(a)) => {
+                    match gw.hub().auth().authenticate(&a.token).await {
+                        Ok(id) => return Some(id),
+                        Err(e) => {
+                            let _ = socket.send(text(&refuse(e.to_string()))).await;
+                            let _ = socket
+                                .send(close(close::AUTH_REQUIRED, "authentication failed"))
+                                .await;
+                            return None;
+                        }
                     }
-                },
+                }
                 _ => {
                     let _ = socket
                         .send(text(&refuse(
@@ -69,7 +71,7 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
                         )))
                         .await;
                     let _ = socket
-                        .send(close(CLOSE_AUTH_REQUIRED, "authentication required"))
+                        .send(close(close::AUTH_REQUIRED, "authentication required"))
                         .await;
                     return None;
                 }
@@ -115,7 +117,7 @@ struct Live {
 /// hello event.
 async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
-    let identity = match identity.or_else(|| gw.0.auth.anonymous(&session_id)) {
+    let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
         Some(id) => id,
         None => first_frame_auth(&gw, &mut socket).await?,
     };
@@ -125,30 +127,26 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
         username: identity.username.clone(),
         roles: identity.roles.clone(),
     };
-    let (guard, outbox) = gw.0.sessions.register(&info);
-    gw.0.metrics.connection_opened();
+    let (guard, outbox) = gw.sessions().register(&info);
+    gw.metrics().connection_opened();
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
     let (sink, stream) = socket.split();
     let hello = ServerFrame::Event {
         topic: "hello".into(),
-        event: gw.0.handler.hello(&info),
+        event: gw.hub().handler().hello(&info),
     };
     let _ = outbox.try_push(hello.to_json().into());
 
-    let writer = tokio::spawn(write_loop(
-        sink,
-        outbox.clone(),
-        gw.0.config.limits.write_timeout,
-    ));
+    let writer = tokio::spawn(write_loop(sink, outbox.clone(), gw.limits().write_timeout));
     let conn = Connection {
-        in_flight: Arc::new(Semaphore::new(gw.0.config.limits.max_in_flight)),
+        in_flight: Arc::new(Semaphore::new(gw.limits().max_in_flight)),
         gw,
         info,
         identity,
         outbox,
         tasks: TaskTracker::new(),
-        rate: HashMap::new(),
+        rates: Rates::default(),
     };
     Some(Live {
         conn,
@@ -176,11 +174,11 @@ async fn write_loop(
         }
     }
     // Stops the reader too when the write side failed.
-    outbox.close(CLOSE_NORMAL, "closed");
+    outbox.close(close::NORMAL, "closed");
     if drained_ok {
         let (code, why) = outbox
             .close_reason()
-            .map_or((CLOSE_NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
+            .map_or((close::NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
         let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
     }
     // Completes the closing handshake when the client started it (the reply
@@ -193,9 +191,9 @@ impl Live {
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
         self.conn.read_loop(&mut self.stream).await;
-        self.conn.outbox.close(CLOSE_NORMAL, "closed");
+        self.conn.outbox.close(close::NORMAL, "closed");
         let _ = (&mut self.writer).await;
-        self.conn.gw.0.metrics.connection_closed();
+        self.conn.gw.metrics().connection_closed();
         tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
     }
 }
@@ -207,8 +205,7 @@ struct Connection {
     outbox: Outbox,
     in_flight: Arc<Semaphore>,
     tasks: TaskTracker,
-    /// Per-route request counts in the current one-second window.
-    rate: HashMap<usize, (Instant, u32)>,
+    rates: Rates,
 }
 
 fn expiry_instant(expires_at: Option<u64>) -> tokio::time::Instant {
@@ -230,7 +227,7 @@ impl Connection {
             let msg = tokio::select! {
                 _ = self.outbox.closed() => break,
                 _ = &mut expiry => {
-                    self.gw.0.sessions.close_session(&self.info.session_id, CLOSE_TOKEN_EXPIRED, "token expired");
+                    self.gw.sessions().close_session(&self.info.session_id, close::TOKEN_EXPIRED, "token expired");
                     break;
                 }
                 msg = stream.next() => msg,
@@ -238,7 +235,7 @@ impl Connection {
             let text = match msg {
                 Some(Ok(Message::Text(t))) => t,
                 Some(Ok(Message::Binary(_))) => {
-                    self.gw.0.metrics.frame_in("binary");
+                    self.gw.metrics().frame_in("binary");
                     self.reply(ServerFrame::error(
                         ErrorName::InvalidMessage,
                         "binary frames are not supported; send JSON text frames",
@@ -255,9 +252,9 @@ impl Connection {
                     break;
                 }
             };
-            if text.len() > self.gw.0.config.limits.max_frame_bytes {
-                self.gw.0.metrics.frame_in("too_large");
-                let limit = self.gw.0.config.limits.max_frame_bytes;
+            let limit = self.gw.limits().max_frame_bytes;
+            if text.len() > limit {
+                self.gw.metrics().frame_in("too_large");
                 self.reply(ServerFrame::error(
                     ErrorName::MessageTooLarge,
                     format!("frames are limited to {limit} bytes"),
@@ -268,33 +265,33 @@ impl Connection {
             }
             match ClientFrame::decode(text.as_str()) {
                 Ok(ClientFrame::Request(call)) => {
-                    self.gw.0.metrics.frame_in("request");
+                    self.gw.metrics().frame_in("request");
                     if let Some(refused) = self.start_request(call, false) {
                         self.reply_bytes(refused).await;
                     }
                 }
                 Ok(ClientFrame::Command(call)) => {
-                    self.gw.0.metrics.frame_in("command");
+                    self.gw.metrics().frame_in("command");
                     if let Some(refused) = self.start_request(call, true) {
                         self.reply_bytes(refused).await;
                     }
                 }
                 Ok(ClientFrame::Subscribe(t)) => {
-                    self.gw.0.metrics.frame_in("subscribe");
+                    self.gw.metrics().frame_in("subscribe");
                     Box::pin(self.subscribe(t.topics, true)).await;
                 }
                 Ok(ClientFrame::Unsubscribe(t)) => {
-                    self.gw.0.metrics.frame_in("unsubscribe");
+                    self.gw.metrics().frame_in("unsubscribe");
                     Box::pin(self.subscribe(t.topics, false)).await;
                 }
                 Ok(ClientFrame::Authenticate(a)) => {
-                    self.gw.0.metrics.frame_in("authenticate");
+                    self.gw.metrics().frame_in("authenticate");
                     if let Some(exp) = Box::pin(self.reauthenticate(&a.token)).await {
                         expiry.as_mut().reset(expiry_instant(exp));
                     }
                 }
                 Err(e) => {
-                    self.gw.0.metrics.frame_in("invalid");
+                    self.gw.metrics().frame_in("invalid");
                     self.reply(ServerFrame::error(
                         ErrorName::InvalidMessage,
                         e.description,
@@ -324,7 +321,7 @@ impl Connection {
     }
 
     async fn reauthenticate(&mut self, token: &str) -> Option<Option<u64>> {
-        match self.gw.0.auth.authenticate(token).await {
+        match self.gw.hub().auth().authenticate(token).await {
             Ok(id) if id.user_id == self.identity.user_id => {
                 let exp = id.expires_at;
                 self.identity = id;
@@ -361,45 +358,13 @@ impl Connection {
             .await;
             return;
         }
-        let sessions = &self.gw.0.sessions;
+        let sessions = self.gw.sessions();
         let now = if add {
             sessions.subscribe(&self.info.session_id, &topics)
         } else {
             sessions.unsubscribe(&self.info.session_id, &topics)
         };
         self.reply(ServerFrame::Subscribed { topics: now }).await;
-    }
-
-    /// The mesh context the gateway builds for this client; whatever the
-    /// client sent is ignored.
-    fn context(&self, trace_id: &str) -> Map<String, Value> {
-        let mut ctx = Map::new();
-        ctx.insert("user_id".into(), Value::String(self.info.user_id.clone()));
-        ctx.insert(
-            "Authorization".into(),
-            self.identity
-                .token
-                .clone()
-                .map_or(Value::Null, Value::String),
-        );
-        ctx.insert("trace_id".into(), Value::String(trace_id.to_owned()));
-        ctx.insert(
-            "session_id".into(),
-            Value::String(self.info.session_id.clone()),
-        );
-        ctx
-    }
-
-    fn rate_exceeded(&mut self, route_index: usize, limit: Option<u32>) -> bool {
-        let Some(limit) = limit else { return false };
-        let now = Instant::now();
-        let (start, count) = self.rate.entry(route_index).or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(1) {
-            *start = now;
-            *count = 0;
-        }
-        *count += 1;
-        *count > limit
     }
 
     /// Start a request or command. A refusal (not routed, forbidden, rate
@@ -412,53 +377,24 @@ impl Connection {
             .trace_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        let started = Instant::now();
-        let gw = self.gw.clone();
-        let respond = move |outcome: Result<Value, ErrorBody>, trace_id: String| -> Utf8Bytes {
-            let label = match &outcome {
-                Ok(_) => "ok",
-                Err(e) => outcome_label(&e.error),
-            };
-            gw.0.metrics
-                .request_done(label, started.elapsed().as_secs_f64());
-            let frame = match (command, outcome) {
-                (true, Ok(_)) => ServerFrame::Ack { trace_id },
-                (true, Err(e)) => ServerFrame::Error {
-                    error: e.error,
-                    description: e.description.unwrap_or_default(),
-                    trace_id: Some(trace_id),
-                },
-                (false, Ok(result)) => ServerFrame::Response {
-                    trace_id,
-                    result,
-                    error: None,
-                },
-                (false, Err(e)) => ServerFrame::Response {
-                    trace_id,
-                    result: Value::Null,
-                    error: Some(e),
-                },
-            };
-            frame.to_json().into()
+        let respond = Responder {
+            gw: self.gw.clone(),
+            started: Instant::now(),
+            command,
+            trace_id,
         };
 
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            let limit = self.gw.0.config.limits.max_in_flight;
-            return Some(respond(
-                Err(refusal(
-                    ErrorName::RateLimited,
-                    format!("at most {limit} requests may be in flight per connection"),
-                )),
-                trace_id,
-            ));
+            let limit = self.gw.limits().max_in_flight;
+            return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
         };
-        let Some(mesh) = self.gw.mesh().cloned() else {
-            return Some(respond(
-                Err(MeshError::Unavailable("no mesh".into()).to_client()),
-                trace_id,
-            ));
-        };
-        let context = self.context(&trace_id);
+        let mesh = self.gw.mesh().clone();
+        let context = dispatch::context(
+            &self.info,
+            self.identity.token.as_deref(),
+            &respond.trace_id,
+        );
+        let handler = self.gw.hub().handler().clone();
 
         if !command {
             let local = LocalCall {
@@ -467,107 +403,108 @@ impl Connection {
                 mesh: MeshClient::new(
                     mesh.clone(),
                     context.clone(),
-                    trace_id.clone(),
+                    respond.trace_id.clone(),
                     crate::routing::DEFAULT_TIMEOUT,
                 ),
             };
-            if let Some(fut) = self.gw.0.handler.local_request(local) {
+            if let Some(fut) = handler.local_request(local) {
                 let outbox = self.outbox.clone();
                 self.tasks.spawn(async move {
-                    let outcome = fut.await;
-                    let _ = outbox.push(respond(outcome, trace_id)).await;
+                    let outcome = fut.await.map_err(Failure::Local);
+                    let _ = outbox.push(respond.frame(outcome)).await;
                     drop(permit);
                 });
                 return None;
             }
         }
 
-        let routes = self.gw.0.routes.clone();
-        let Some(resolved) = routes.resolve(&call.service, &call.method) else {
-            return Some(respond(
-                Err(refusal(
-                    ErrorName::RouteNotFound,
-                    format!(
-                        "{}.{} is not routed by this gateway",
-                        call.service, call.method
-                    ),
-                )),
-                trace_id,
-            ));
+        let allowed = match dispatch::authorize(
+            self.gw.routes(),
+            &self.info,
+            &mut self.rates,
+            Instant::now(),
+            &call.service,
+            &call.method,
+        ) {
+            Ok(allowed) => allowed,
+            Err(refusal) => return Some(respond.frame(Err(refusal.into()))),
         };
-        if !resolved.route.allows(&self.info.roles) {
-            return Some(respond(
-                Err(refusal(
-                    ErrorName::Forbidden,
-                    format!(
-                        "{}.{} requires one of the roles {:?}",
-                        call.service, call.method, resolved.route.roles
-                    ),
-                )),
-                trace_id,
-            ));
-        }
-        if self.rate_exceeded(resolved.route_index, resolved.route.rate_per_sec) {
-            return Some(respond(
-                Err(refusal(
-                    ErrorName::RateLimited,
-                    format!(
-                        "{}.{} allows {} requests a second",
-                        call.service,
-                        call.method,
-                        resolved.route.rate_per_sec.unwrap_or(0)
-                    ),
-                )),
-                trace_id,
-            ));
-        }
         let mut mesh_call = Call {
-            service: resolved.service.to_owned(),
-            method: resolved.method.to_owned(),
+            service: allowed.service.to_owned(),
+            method: allowed.method.to_owned(),
             params: call.params,
             context,
-            ttl: resolved.route.timeout,
-            trace_id: Some(trace_id.clone()),
+            ttl: allowed.timeout(),
+            trace_id: Some(respond.trace_id.clone()),
         };
-        let handler = self.gw.0.handler.clone();
         handler.on_request(&self.info, &mut mesh_call);
         let info = self.info.clone();
         let outbox = self.outbox.clone();
         self.tasks.spawn(async move {
             let outcome = if command {
-                mesh.command(mesh_call)
-                    .await
-                    .map(|()| Value::Null)
-                    .map_err(|e| log_mesh_error(&e))
+                mesh.command(mesh_call).await.map(|()| Value::Null)
             } else {
                 let sent = mesh_call.clone();
-                match mesh.request(mesh_call).await {
-                    Ok(v) => Ok(handler.on_response(&info, &sent, v)),
-                    Err(e) => Err(log_mesh_error(&e)),
-                }
+                mesh.request(mesh_call)
+                    .await
+                    .map(|v| handler.on_response(&info, &sent, v))
             };
-            let _ = outbox.push(respond(outcome, trace_id)).await;
+            let outcome = outcome.map_err(|e| {
+                log_mesh_error(&e);
+                Failure::Mesh(e)
+            });
+            let _ = outbox.push(respond.frame(outcome)).await;
             drop(permit);
         });
         None
     }
 }
 
-fn log_mesh_error(e: &MeshError) -> ErrorBody {
-    if let MeshError::Unavailable(detail) = e {
-        tracing::warn!(%detail, "mesh call failed");
-    }
-    e.to_client()
+/// Turns a call's outcome into the frame its client gets, and counts it.
+struct Responder {
+    gw: Gateway,
+    started: Instant,
+    command: bool,
+    trace_id: String,
 }
 
-fn outcome_label(name: &str) -> &'static str {
-    match name {
-        "RouteNotFound" => "RouteNotFound",
-        "Forbidden" => "Forbidden",
-        "NuropbNotDeliveredError" => "NuropbNotDeliveredError",
-        "Timeout" => "Timeout",
-        "MeshUnavailable" => "MeshUnavailable",
-        "RateLimited" => "RateLimited",
-        _ => "service_error",
+impl Responder {
+    fn frame(self, outcome: Result<Value, Failure>) -> Utf8Bytes {
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(f) => f.label(),
+        };
+        self.gw
+            .metrics()
+            .request_done(label, self.started.elapsed().as_secs_f64());
+        let trace_id = self.trace_id;
+        let frame = match (self.command, outcome) {
+            (true, Ok(_)) => ServerFrame::Ack { trace_id },
+            (true, Err(f)) => {
+                let e = f.to_client();
+                ServerFrame::Error {
+                    error: e.error,
+                    description: e.description.unwrap_or_default(),
+                    trace_id: Some(trace_id),
+                }
+            }
+            (false, Ok(result)) => ServerFrame::Response {
+                trace_id,
+                result,
+                error: None,
+            },
+            (false, Err(f)) => ServerFrame::Response {
+                trace_id,
+                result: Value::Null,
+                error: Some(f.to_client()),
+            },
+        };
+        frame.to_json().into()
+    }
+}
+
+fn log_mesh_error(e: &MeshError) {
+    if let MeshError::Unavailable(detail) = e {
+        tracing::warn!(%detail, "mesh call failed");
     }
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{amqp_url, unique};
-use nuropb_bff::mesh::{IncomingEvent, IncomingRequest, OutgoingEvent};
 use nuropb_bff::{
-    AmqpConfig, AmqpMesh, BoxFuture, Call, ErrorBody, Mesh, MeshError, MeshHandler, StubService,
+    AmqpConfig, AmqpMesh, BoxFuture, Call, ErrorBody, IncomingEvent, IncomingRequest, Mesh,
+    MeshError, MeshHandler, OutgoingEvent, StubService,
 };
 use serde_json::{Map, Value, json};
 

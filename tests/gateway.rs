@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nuropb_bff::mesh::IncomingRequest;
 use nuropb_bff::{
-    BoxFuture, DefaultHandler, ErrorBody, JwtVerifier, LocalCall, MemoryMesh, Mesh, NoAuth,
-    StubService, WsHandler,
+    BoxFuture, DefaultHandler, ErrorBody, IncomingRequest, JwtVerifier, LocalCall, MemoryMesh,
+    NoAuth, StubService, WsHandler,
 };
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -47,7 +46,7 @@ topic = "system.*"
 deliver = "all"
 "#;
 
-fn stubs(gw: &nuropb_bff::Gateway) -> Arc<dyn Mesh> {
+fn stubs() -> MeshSetup {
     let mesh = MemoryMesh::new();
     mesh.add_service(
         "orders",
@@ -86,8 +85,7 @@ fn stubs(gw: &nuropb_bff::Gateway) -> Arc<dyn Mesh> {
         })),
         vec![],
     );
-    mesh.add_service("test-bff", gw.mesh_service(), gw.event_bindings());
-    Arc::new(mesh)
+    MeshSetup::Memory(mesh)
 }
 
 async fn gateway() -> Running {
@@ -96,7 +94,7 @@ async fn gateway() -> Running {
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
         Arc::new(DefaultHandler),
         |_| {},
-        stubs,
+        stubs(),
     )
     .await
 }
@@ -377,7 +375,7 @@ async fn in_flight_limit_answers_rate_limited() {
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
         Arc::new(DefaultHandler),
         |c| c.limits.max_in_flight = 2,
-        stubs,
+        stubs(),
     )
     .await;
     let (mut c, _) = connect(&gw.url(), &token("ivy", &[], 300)).await;
@@ -396,7 +394,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     let (mut a1, _) = connect(&gw.url(), &token("ann", &[], 300)).await;
     let (mut a2, _) = connect(&gw.url(), &token("ann", &[], 300)).await;
     let (mut b, _) = connect(&gw.url(), &token("ben", &[], 300)).await;
-    let mesh = gw.gateway.mesh().unwrap().clone();
+    let mesh = gw.gateway.mesh().clone();
     let call = |method: &str, params: Value| nuropb_bff::Call {
         service: "test-bff".into(),
         method: method.into(),
@@ -442,7 +440,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     assert!(desc["methods"]["send_to_users"].is_object());
 
     // Events: targeted, subscribed, to all.
-    let publish = |topic: &str, target: Option<Vec<String>>| nuropb_bff::mesh::OutgoingEvent {
+    let publish = |topic: &str, target: Option<Vec<String>>| nuropb_bff::OutgoingEvent {
         topic: topic.into(),
         event: json!({"t": topic}),
         context: Default::default(),
@@ -572,7 +570,7 @@ async fn handler_hooks_compose_and_transform() {
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
         Arc::new(Composer),
         |_| {},
-        stubs,
+        stubs(),
     )
     .await;
     let (mut c, _) = connect(&gw.url(), &token("lee", &[], 300)).await;
@@ -596,7 +594,7 @@ async fn no_auth_mode_gives_each_socket_its_own_anonymous_user() {
         Arc::new(NoAuth),
         Arc::new(DefaultHandler),
         |_| {},
-        stubs,
+        stubs(),
     )
     .await;
     let mut a = TestClient::connect_with(&gw.url(), |_| {}).await.unwrap();
@@ -620,7 +618,7 @@ async fn a_client_that_stops_reading_is_closed_as_slow_and_unregistered() {
             c.limits.outbound_queue = 4;
             c.limits.write_timeout = Duration::from_millis(500);
         },
-        stubs,
+        stubs(),
     )
     .await;
     let (mut sleeper, _) = connect(&gw.url(), &token("sleepy", &[], 300)).await;
@@ -671,7 +669,7 @@ async fn a_flood_of_refused_calls_is_answered_in_order_without_loss() {
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
         Arc::new(DefaultHandler),
         |c| c.limits.outbound_queue = 4,
-        stubs,
+        stubs(),
     )
     .await;
     let url = format!("{}?access_token={}", gw.url(), token("flood", &[], 300));

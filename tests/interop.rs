@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{AmqpConfig, AmqpMesh, DefaultHandler, JwtVerifier, Mesh};
+use nuropb_bff::{DefaultHandler, JwtVerifier};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,27 +30,13 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
         .to_owned();
 
     // The gateway first: it declares the exchanges nuropb expects.
-    let mut mesh_holder = None;
     let bff = bff_name.clone();
     let gw = start(
         &routes,
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
         Arc::new(DefaultHandler),
-        |c| c.mesh_service_name = bff.clone(),
-        |g| {
-            let g = g.clone();
-            let handle = tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async {
-                    let mut config = AmqpConfig::new(amqp_url(), bff.clone());
-                    config.event_bindings = g.event_bindings();
-                    AmqpMesh::connect(config, g.mesh_service())
-                        .await
-                        .expect("RabbitMQ must be running")
-                })
-            });
-            mesh_holder = Some(handle.clone());
-            Arc::new(handle) as Arc<dyn Mesh>
-        },
+        |c| c.mesh_service_name = bff,
+        MeshSetup::Broker,
     )
     .await;
     let _service = start_python_service(&py_name);
@@ -161,7 +147,4 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     );
 
     gw.stop().await;
-    if let Some(m) = mesh_holder {
-        m.close(Duration::from_secs(5)).await;
-    }
 }

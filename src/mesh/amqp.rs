@@ -32,14 +32,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BoxFuture, Call, Mesh, MeshError, MeshHandler, OutgoingEvent};
+use super::{BoxFuture, Call, Mesh, MeshError, MeshHandler, OutgoingEvent, redact_url};
 use crate::protocol::{
     EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
     RequestBody, ResponseBody,
 };
 
 /// Where and as whom to join the mesh.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
     pub url: String,
     /// This peer's service name: its service queue is `nuropb-{name}-sq`.
@@ -56,6 +56,24 @@ pub struct AmqpConfig {
     pub connect_timeout: Duration,
     /// Longest pause between reconnect attempts.
     pub max_backoff: Duration,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    // The URL carries the broker password: masked.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("service_name", &self.service_name)
+            .field("instance_id", &self.instance_id)
+            .field("rpc_exchange", &self.rpc_exchange)
+            .field("events_exchange", &self.events_exchange)
+            .field("dl_exchange", &self.dl_exchange)
+            .field("event_bindings", &self.event_bindings)
+            .field("prefetch", &self.prefetch)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_backoff", &self.max_backoff)
+            .finish()
+    }
 }
 
 impl AmqpConfig {
@@ -86,20 +104,6 @@ impl AmqpConfig {
     /// UI, `rabbitmqctl list_connections client_properties`).
     pub fn connection_name(&self) -> String {
         format!("nuropb-bff {} {}", self.service_name, self.instance_id)
-    }
-}
-
-/// The broker URL with its password masked, for logs and error messages.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
     }
 }
 
@@ -714,6 +718,14 @@ mod tests {
         c.instance_id = "abc".into();
         assert_eq!(c.service_queue(), "nuropb-my-bff-sq");
         assert_eq!(c.response_queue(), "nuropb-my-bff-abc-rq");
+    }
+
+    #[test]
+    fn the_config_debug_masks_the_password() {
+        let c = AmqpConfig::new("amqp://guest:hunter2@host/%2f", "x");
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("guest:***@host"), "{text}");
     }
 
     #[test]

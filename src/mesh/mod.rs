@@ -11,14 +11,31 @@ use serde_json::{Map, Value};
 
 use crate::protocol::{ErrorBody, ErrorName};
 
-pub mod amqp;
-pub mod memory;
+mod amqp;
+mod memory;
+
+pub use amqp::{AmqpConfig, AmqpMesh};
+pub use memory::{EchoService, MemoryMesh, StubService};
+
+/// The broker URL with its password masked, for logs and error messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
 
 /// A boxed, sendable future: what the object-safe traits here return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One request or command for a mesh service.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Call {
     pub service: String,
     pub method: String,
@@ -27,6 +44,20 @@ pub struct Call {
     /// How long the caller waits; also the message's `expiration`.
     pub ttl: Duration,
     pub trace_id: Option<String>,
+}
+
+impl fmt::Debug for Call {
+    // The context carries the user's token: never in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("service", &self.service)
+            .field("method", &self.method)
+            .field("params", &self.params)
+            .field("context_keys", &self.context.keys().collect::<Vec<_>>())
+            .field("ttl", &self.ttl)
+            .field("trace_id", &self.trace_id)
+            .finish()
+    }
 }
 
 /// An event to publish on the events exchange.
@@ -97,6 +128,17 @@ pub enum MeshError {
 }
 
 impl MeshError {
+    /// The gateway's own name for this failure; `None` for a service's
+    /// error, which passes through under the service's name.
+    pub fn gateway_name(&self) -> Option<ErrorName> {
+        match self {
+            MeshError::NotDelivered { .. } => Some(ErrorName::NuropbNotDeliveredError),
+            MeshError::Timeout(_) => Some(ErrorName::Timeout),
+            MeshError::Unavailable(_) => Some(ErrorName::MeshUnavailable),
+            MeshError::Remote(_) => None,
+        }
+    }
+
     /// The error object a client sees. Broker details stay in the log.
     pub fn to_client(&self) -> ErrorBody {
         match self {
@@ -140,7 +182,7 @@ pub trait MeshHandler: Send + Sync + fmt::Debug + 'static {
 }
 
 /// The error nuropb answers for a method a service does not have.
-pub fn unknown_method(service: &str, method: &str) -> ErrorBody {
+pub(crate) fn unknown_method(service: &str, method: &str) -> ErrorBody {
     ErrorBody::new(
         "NuropbException",
         format!(

@@ -66,14 +66,9 @@ fn token(_sub: &str) -> Option<String> {
 async fn start() -> TestBff {
     let settings = settings();
     let auth = auth::hook(&settings).expect("auth hook");
-    TestBff::start(
-        &settings.routes,
-        settings.gateway_config(),
-        auth,
-        Arc::new(handler::Handler),
-    )
-    .await
-    .expect("gateway starts")
+    TestBff::start(settings, auth, Arc::new(handler::Handler))
+        .await
+        .expect("gateway starts")
 }
 
 async fn connect(bff: &TestBff, sub: &str) -> (TestClient, serde_json::Value) {

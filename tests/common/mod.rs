@@ -11,14 +11,14 @@ use std::time::Duration;
 
 pub use nuropb_bff::testing::{TestClient, http_get};
 
-use nuropb_bff::{AuthHook, Gateway, GatewayConfig, Mesh, RouteTable, WsHandler};
+use nuropb_bff::{AuthHook, Gateway, MemoryMesh, RouteTable, Serving, Settings, WsHandler};
 use serde_json::Value;
 
 pub const SECRET: &str = "test-secret";
 
 /// An HS256 token signed with [`SECRET`].
 pub fn token(sub: &str, roles: &[&str], ttl_secs: u64) -> String {
-    let exp = nuropb_bff::auth::unix_now() + ttl_secs;
+    let exp = nuropb_bff::testing::unix_time() + ttl_secs;
     nuropb_bff::testing::hs256_token_with(
         SECRET,
         &serde_json::json!({"sub": sub, "name": format!("{sub} name"), "roles": roles, "exp": exp}),
@@ -28,8 +28,7 @@ pub fn token(sub: &str, roles: &[&str], ttl_secs: u64) -> String {
 pub struct Running {
     pub addr: SocketAddr,
     pub gateway: Gateway,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    serving: Option<Serving>,
 }
 
 impl Running {
@@ -38,52 +37,52 @@ impl Running {
     }
 
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), t)
+        if let Some(serving) = self.serving.take() {
+            tokio::time::timeout(Duration::from_secs(15), serving.stop())
                 .await
                 .expect("gateway did not stop in time")
-                .unwrap()
                 .unwrap();
         }
     }
 }
 
-/// Start a gateway over `mesh_for(gateway)` on an ephemeral port.
+/// Where a test gateway finds its services.
+pub enum MeshSetup {
+    /// This in-process mesh (the gateway registers itself in it).
+    Memory(MemoryMesh),
+    /// The test broker.
+    Broker,
+}
+
+/// Start a gateway named `test-bff` (unless `configure` renames it) on an
+/// ephemeral port, with `routes`, the hooks and `mesh`.
 pub async fn start(
     routes: &str,
     auth: Arc<dyn AuthHook>,
     handler: Arc<dyn WsHandler>,
-    configure: impl FnOnce(&mut GatewayConfig),
-    mesh_for: impl FnOnce(&Gateway) -> Arc<dyn Mesh>,
+    configure: impl FnOnce(&mut Settings),
+    mesh: MeshSetup,
 ) -> Running {
     let routes = RouteTable::parse("routes.toml", routes).unwrap();
-    let mut config = GatewayConfig::new("test-bff");
-    configure(&mut config);
-    let gateway = Gateway::new(config, routes, auth, handler);
-    let mesh = mesh_for(&gateway);
-    gateway.set_mesh(mesh);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let g = gateway.clone();
-    let task = tokio::spawn(async move {
-        g.serve(
-            listener,
-            async move {
-                let _ = rx.await;
-            },
-            Duration::from_secs(5),
-        )
-        .await
-    });
+    let mut settings = Settings::new("test-bff");
+    settings.shutdown_grace_ms = 5_000;
+    if let MeshSetup::Broker = mesh {
+        settings.amqp_url = amqp_url();
+    }
+    configure(&mut settings);
+    let mut builder = Gateway::builder(settings)
+        .routes(routes)
+        .auth(auth)
+        .handler(handler);
+    if let MeshSetup::Memory(m) = mesh {
+        builder = builder.memory_mesh(m);
+    }
+    let gateway = builder.start().await.expect("the gateway starts");
+    let serving = gateway.clone().spawn().await.expect("the gateway serves");
     Running {
-        addr,
+        addr: serving.addr(),
         gateway,
-        stop: Some(tx),
-        task: Some(task),
+        serving: Some(serving),
     }
 }
 

@@ -1,0 +1,377 @@
+//! A client call's policy, in one place and without I/O: may it go out
+//! (routing table, roles, per-route rate), to which mesh method, under which
+//! context; and what every outcome is called, for the client and for the
+//! metrics. The socket loop in `ws` only asks and carries out the answer.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use crate::mesh::MeshError;
+use crate::protocol::{ErrorBody, ErrorName};
+use crate::routing::{Route, RouteTable};
+use crate::session::SessionInfo;
+
+/// Why the gateway refused a call before it reached the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Outside the routing table.
+    NotRouted { service: String, method: String },
+    /// The route needs one of `roles`, which the user lacks.
+    Forbidden {
+        service: String,
+        method: String,
+        roles: Vec<String>,
+    },
+    /// The route's `rate_per_sec` is used up for this second.
+    RateLimited {
+        service: String,
+        method: String,
+        per_sec: u32,
+    },
+    /// The connection has `limit` calls in flight already.
+    TooManyInFlight { limit: usize },
+}
+
+impl Refusal {
+    pub(crate) fn name(&self) -> ErrorName {
+        match self {
+            Refusal::NotRouted { .. } => ErrorName::RouteNotFound,
+            Refusal::Forbidden { .. } => ErrorName::Forbidden,
+            Refusal::RateLimited { .. } | Refusal::TooManyInFlight { .. } => ErrorName::RateLimited,
+        }
+    }
+
+    pub(crate) fn description(&self) -> String {
+        match self {
+            Refusal::NotRouted { service, method } => {
+                format!("{service}.{method} is not routed by this gateway")
+            }
+            Refusal::Forbidden {
+                service,
+                method,
+                roles,
+            } => format!("{service}.{method} requires one of the roles {roles:?}"),
+            Refusal::RateLimited {
+                service,
+                method,
+                per_sec,
+            } => format!("{service}.{method} allows {per_sec} requests a second"),
+            Refusal::TooManyInFlight { limit } => {
+                format!("at most {limit} requests may be in flight per connection")
+            }
+        }
+    }
+}
+
+/// Why a call produced no result.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Failure {
+    /// The gateway refused it.
+    Refused(Refusal),
+    /// The mesh did not deliver a result (or the service answered an error).
+    Mesh(MeshError),
+    /// A BFF-local route answered an error.
+    Local(ErrorBody),
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure::Refused(r)
+    }
+}
+
+impl Failure {
+    /// The error object the client sees. Broker details stay in the log.
+    pub(crate) fn to_client(&self) -> ErrorBody {
+        match self {
+            Failure::Refused(r) => ErrorBody::gateway(r.name(), r.description()),
+            Failure::Mesh(e) => e.to_client(),
+            Failure::Local(body) => body.clone(),
+        }
+    }
+
+    /// The `outcome` label of the request metrics.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Failure::Refused(r) => r.name().as_str(),
+            Failure::Mesh(e) => match e.gateway_name() {
+                Some(name) => name.as_str(),
+                None => SERVICE_ERROR,
+            },
+            Failure::Local(_) => SERVICE_ERROR,
+        }
+    }
+}
+
+/// The outcome label of an error that a service (or a BFF-local route)
+/// answered: the gateway passes those on and does not name them.
+pub(crate) const SERVICE_ERROR: &str = "service_error";
+
+/// A call the policy let through: the route that allowed it and the mesh
+/// method it maps to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Allowed<'a> {
+    pub(crate) route: &'a Route,
+    pub(crate) service: &'a str,
+    pub(crate) method: &'a str,
+}
+
+impl Allowed<'_> {
+    pub(crate) fn timeout(&self) -> Duration {
+        self.route.timeout
+    }
+}
+
+/// Per-route request counts of one connection in the current one-second
+/// window. Only routes with a `rate_per_sec` take an entry, so its size is
+/// bounded by the routing table.
+#[derive(Debug, Default)]
+pub(crate) struct Rates {
+    windows: HashMap<usize, (Instant, u32)>,
+}
+
+impl Rates {
+    /// Count a call at `now`; false once the route's limit is used up.
+    fn admit(&mut self, route_index: usize, limit: u32, now: Instant) -> bool {
+        let (start, count) = self.windows.entry(route_index).or_insert((now, 0));
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            *start = now;
+            *count = 0;
+        }
+        *count = count.saturating_add(1);
+        *count <= limit
+    }
+}
+
+/// May `session` call `service.method` now? The routing table decides what
+/// exists, the route's roles who may call it, its rate how often.
+pub(crate) fn authorize<'a>(
+    routes: &'a RouteTable,
+    session: &SessionInfo,
+    rates: &mut Rates,
+    now: Instant,
+    service: &str,
+    method: &'a str,
+) -> Result<Allowed<'a>, Refusal> {
+    let Some(resolved) = routes.resolve(service, method) else {
+        return Err(Refusal::NotRouted {
+            service: service.into(),
+            method: method.into(),
+        });
+    };
+    let route = resolved.route;
+    if !route.allows(&session.roles) {
+        return Err(Refusal::Forbidden {
+            service: service.into(),
+            method: method.into(),
+            roles: route.roles.clone(),
+        });
+    }
+    if let Some(per_sec) = route.rate_per_sec
+        && !rates.admit(resolved.route_index, per_sec, now)
+    {
+        return Err(Refusal::RateLimited {
+            service: service.into(),
+            method: method.into(),
+            per_sec,
+        });
+    }
+    Ok(Allowed {
+        route,
+        service: resolved.service,
+        method: resolved.method,
+    })
+}
+
+/// The mesh context the gateway builds for a client's call; whatever
+/// context the client sent is ignored.
+pub(crate) fn context(
+    session: &SessionInfo,
+    token: Option<&str>,
+    trace_id: &str,
+) -> Map<String, Value> {
+    let mut ctx = Map::new();
+    ctx.insert("user_id".into(), Value::String(session.user_id.clone()));
+    ctx.insert(
+        "Authorization".into(),
+        token.map_or(Value::Null, |t| Value::String(t.to_owned())),
+    );
+    ctx.insert("trace_id".into(), Value::String(trace_id.to_owned()));
+    ctx.insert(
+        "session_id".into(),
+        Value::String(session.session_id.clone()),
+    );
+    ctx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTES: &str = r#"
+[[route]]
+call = "orders.*"
+
+[[route]]
+call = "admin.purge"
+roles = ["admin", "ops"]
+
+[[route]]
+call = "users.get_profile"
+expose_as = "me.profile"
+
+[[route]]
+call = "search.query"
+rate_per_sec = 2
+"#;
+
+    fn table() -> RouteTable {
+        RouteTable::parse("routes.toml", ROUTES).unwrap()
+    }
+
+    fn user(roles: &[&str]) -> SessionInfo {
+        SessionInfo {
+            session_id: "s1".into(),
+            user_id: "u1".into(),
+            username: None,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn ask<'a>(
+        t: &'a RouteTable,
+        s: &SessionInfo,
+        rates: &mut Rates,
+        service: &str,
+        method: &'a str,
+    ) -> Result<(String, String), Refusal> {
+        authorize(t, s, rates, Instant::now(), service, method)
+            .map(|a| (a.service.to_owned(), a.method.to_owned()))
+    }
+
+    #[test]
+    fn wildcards_exact_routes_and_aliases_resolve_to_mesh_methods() {
+        let t = table();
+        let mut r = Rates::default();
+        let u = user(&[]);
+        assert_eq!(
+            ask(&t, &u, &mut r, "orders", "list"),
+            Ok(("orders".into(), "list".into()))
+        );
+        assert_eq!(
+            ask(&t, &u, &mut r, "me", "profile"),
+            Ok(("users".into(), "get_profile".into()))
+        );
+        let a = authorize(&t, &u, &mut r, Instant::now(), "orders", "x").unwrap();
+        assert_eq!(a.timeout(), crate::routing::DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn what_is_not_routed_is_refused_by_name() {
+        let t = table();
+        let mut r = Rates::default();
+        let u = user(&["admin"]);
+        for (s, m) in [
+            ("users", "get_profile"),
+            ("admin", "other"),
+            ("ordersx", "list"),
+            ("", ""),
+        ] {
+            let refusal = ask(&t, &u, &mut r, s, m).unwrap_err();
+            assert_eq!(refusal.name(), ErrorName::RouteNotFound);
+            assert!(refusal.description().contains("is not routed"));
+        }
+    }
+
+    #[test]
+    fn roles_gate_a_route() {
+        let t = table();
+        let mut r = Rates::default();
+        let refusal = ask(&t, &user(&["user"]), &mut r, "admin", "purge").unwrap_err();
+        assert_eq!(refusal.name(), ErrorName::Forbidden);
+        assert!(refusal.description().contains("admin"), "{refusal:?}");
+        assert!(ask(&t, &user(&[]), &mut r, "admin", "purge").is_err());
+        assert!(ask(&t, &user(&["ops"]), &mut r, "admin", "purge").is_ok());
+    }
+
+    #[test]
+    fn a_route_rate_is_per_second_and_per_connection() {
+        let t = table();
+        let u = user(&[]);
+        let mut r = Rates::default();
+        let t0 = Instant::now();
+        let at = |r: &mut Rates, ms: u64| {
+            authorize(&t, &u, r, t0 + Duration::from_millis(ms), "search", "query")
+        };
+        assert!(at(&mut r, 0).is_ok());
+        assert!(at(&mut r, 10).is_ok());
+        let refusal = at(&mut r, 20).unwrap_err();
+        assert_eq!(refusal.name(), ErrorName::RateLimited);
+        assert!(refusal.description().contains("2 requests a second"));
+        assert!(at(&mut r, 1000).is_ok(), "a new window");
+        let mut other_connection = Rates::default();
+        assert!(at(&mut other_connection, 20).is_ok());
+        // Unlimited routes take no window.
+        for _ in 0..100 {
+            assert!(authorize(&t, &u, &mut r, t0, "orders", "list").is_ok());
+        }
+        assert_eq!(r.windows.len(), 1);
+    }
+
+    #[test]
+    fn the_context_names_the_user_and_carries_the_token() {
+        let ctx = context(&user(&[]), Some("tok"), "t1");
+        assert_eq!(ctx["user_id"], "u1");
+        assert_eq!(ctx["Authorization"], "tok");
+        assert_eq!(ctx["trace_id"], "t1");
+        assert_eq!(ctx["session_id"], "s1");
+        assert_eq!(context(&user(&[]), None, "t")["Authorization"], Value::Null);
+    }
+
+    #[test]
+    fn every_failure_has_a_client_name_and_a_label() {
+        let cases = [
+            (
+                Failure::Refused(Refusal::TooManyInFlight { limit: 3 }),
+                "RateLimited",
+                "RateLimited",
+            ),
+            (
+                Failure::Mesh(MeshError::Timeout(Duration::from_millis(5))),
+                "Timeout",
+                "Timeout",
+            ),
+            (
+                Failure::Mesh(MeshError::Unavailable("secret broker detail".into())),
+                "MeshUnavailable",
+                "MeshUnavailable",
+            ),
+            (
+                Failure::Mesh(MeshError::NotDelivered {
+                    service: "a".into(),
+                    method: "b".into(),
+                }),
+                "NuropbNotDeliveredError",
+                "NuropbNotDeliveredError",
+            ),
+            (
+                Failure::Mesh(MeshError::Remote(ErrorBody::new("NuropbException", "x"))),
+                "NuropbException",
+                SERVICE_ERROR,
+            ),
+            (
+                Failure::Local(ErrorBody::new("Timeout", "a local route's own")),
+                "Timeout",
+                SERVICE_ERROR,
+            ),
+        ];
+        for (failure, name, label) in cases {
+            let body = failure.to_client();
+            assert_eq!(body.error, name);
+            assert_eq!(failure.label(), label);
+            assert!(!body.description.unwrap_or_default().contains("secret"));
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The hook traits a BFF implements: [`AuthHook`] turns a token into an
+//! [`Identity`]; [`WsHandler`] shapes what clients see (the hello event,
+//! BFF-local routes, calls, results, events). The generated crate's
+//! `auth.rs` and `handler.rs` implement them; the runtime calls them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use crate::auth::{AuthError, Identity};
+use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
+use crate::protocol::{ClientCall, ErrorBody};
+use crate::session::SessionInfo;
+
+/// A BFF's authentication hook.
+pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
+    /// Verify a token and say whom it names.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
+
+    /// The identity of a connection that presented no token, or `None` when a
+    /// token is required (the default).
+    fn anonymous(&self, session_id: &str) -> Option<Identity> {
+        let _ = session_id;
+        None
+    }
+}
+
+/// The WebSocket handler hooks of a BFF. Every method has a default, so a
+/// BFF overrides only what it needs.
+pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
+    /// The `hello` event sent once a connection is authenticated.
+    fn hello(&self, session: &SessionInfo) -> Value {
+        json!({
+            "session_id": session.session_id,
+            "user_id": session.user_id,
+            "username": session.username,
+        })
+    }
+
+    /// A BFF-local route: answer `call` here (composing mesh calls, say)
+    /// instead of forwarding it. `None` forwards through the routing table.
+    fn local_request(
+        &self,
+        call: LocalCall,
+    ) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
+        let _ = call;
+        None
+    }
+
+    /// Change a mesh call before it is sent (extra params, a header in the
+    /// context). The routing table has already allowed it.
+    fn on_request(&self, session: &SessionInfo, call: &mut Call) {
+        let _ = (session, call);
+    }
+
+    /// Change a service's result before the client sees it.
+    fn on_response(&self, session: &SessionInfo, call: &Call, result: Value) -> Value {
+        let _ = (session, call);
+        result
+    }
+
+    /// Change or drop (`None`) a mesh event before it is pushed to clients.
+    fn on_event(&self, topic: &str, event: Value) -> Option<Value> {
+        let _ = topic;
+        Some(event)
+    }
+}
+
+/// The hooks with every default.
+#[derive(Debug, Clone, Default)]
+pub struct DefaultHandler;
+impl WsHandler for DefaultHandler {}
+
+/// What a BFF-local route gets: who asked, what they asked, and a mesh client
+/// that calls on their behalf.
+#[derive(Debug, Clone)]
+pub struct LocalCall {
+    pub session: SessionInfo,
+    pub call: ClientCall,
+    pub mesh: MeshClient,
+}
+
+/// Calls the mesh on behalf of one client, with the context the gateway
+/// built for them. BFF code is trusted: these calls are not checked against
+/// the routing table.
+#[derive(Clone)]
+pub struct MeshClient {
+    mesh: Arc<dyn Mesh>,
+    context: Map<String, Value>,
+    trace_id: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for MeshClient {
+    // The context carries the user's token: never in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshClient")
+            .field("context_keys", &self.context.keys().collect::<Vec<_>>())
+            .field("trace_id", &self.trace_id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshClient {
+    pub(crate) fn new(
+        mesh: Arc<dyn Mesh>,
+        context: Map<String, Value>,
+        trace_id: String,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            mesh,
+            context,
+            trace_id,
+            timeout,
+        }
+    }
+
+    /// Call `service.method` as the client, and wait for its result.
+    pub async fn request(
+        &self,
+        service: &str,
+        method: &str,
+        params: Map<String, Value>,
+    ) -> Result<Value, MeshError> {
+        self.mesh
+            .request(Call {
+                service: service.to_owned(),
+                method: method.to_owned(),
+                params,
+                context: self.context.clone(),
+                ttl: self.timeout,
+                trace_id: Some(self.trace_id.clone()),
+            })
+            .await
+    }
+}

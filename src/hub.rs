@@ -1,0 +1,96 @@
+//! The hub: what every connection and the BFF's own mesh service share,
+//! built before the mesh is joined (settings, routing table, hooks, the
+//! session registry, metrics). It knows nothing of sockets or the broker.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::{Limits, Settings};
+use crate::hooks::{AuthHook, WsHandler};
+use crate::metrics::Metrics;
+use crate::routing::RouteTable;
+use crate::session::Sessions;
+
+/// Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub(crate) struct Hub(Arc<Inner>);
+
+struct Inner {
+    settings: Settings,
+    routes: RouteTable,
+    auth: Arc<dyn AuthHook>,
+    handler: Arc<dyn WsHandler>,
+    sessions: Sessions,
+    metrics: Metrics,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("service", &self.0.settings.mesh_service_name)
+            .field("sessions", &self.0.sessions.counts())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(
+        settings: Settings,
+        routes: RouteTable,
+        auth: Arc<dyn AuthHook>,
+        handler: Arc<dyn WsHandler>,
+    ) -> Self {
+        let metrics = Metrics::new();
+        let sessions = Sessions::new(settings.limits.outbound_queue).with_metrics(metrics.clone());
+        Self(Arc::new(Inner {
+            settings,
+            routes,
+            auth,
+            handler,
+            sessions,
+            metrics,
+        }))
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.0.settings.limits
+    }
+
+    pub(crate) fn service_name(&self) -> &str {
+        &self.0.settings.mesh_service_name
+    }
+
+    pub(crate) fn routes(&self) -> &RouteTable {
+        &self.0.routes
+    }
+
+    pub(crate) fn auth(&self) -> &dyn AuthHook {
+        self.0.auth.as_ref()
+    }
+
+    pub(crate) fn handler(&self) -> &Arc<dyn WsHandler> {
+        &self.0.handler
+    }
+
+    pub(crate) fn sessions(&self) -> &Sessions {
+        &self.0.sessions
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The topic patterns the BFF must receive mesh events for.
+    pub(crate) fn event_bindings(&self) -> Vec<String> {
+        self.0
+            .routes
+            .events()
+            .iter()
+            .map(|r| r.pattern.clone())
+            .collect()
+    }
+}
