@@ -65,9 +65,20 @@ impl Identity {
             username,
             roles,
             token: Some(token.to_owned()),
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            expires_at: claims.get("exp").and_then(unix_seconds),
         })
     }
+}
+
+/// A NumericDate claim as whole seconds: an integer, or a fraction rounded
+/// down (a token never lives longer than it says). Negative, infinite or
+/// non-numeric values are not dates.
+fn unix_seconds(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.floor() as u64)
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,15 +137,25 @@ impl JwtVerifier {
         audience: Option<&str>,
     ) -> Self {
         let mut validation = Validation::new(alg);
+        // Clock skew between the identity provider and this host.
         validation.leeway = 30;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
         match issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Self { key, validation }
     }
 
@@ -339,6 +360,50 @@ mod tests {
 
         assert!(auth.authenticate("not.a.jwt").await.is_err());
         assert!(auth.authenticate("").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn time_claims_and_configured_issuer_and_audience_are_enforced() {
+        let auth = JwtVerifier::hs256(b"k", Some("idp"), Some("bff"));
+        let now = unix_now();
+        let with = |extra: Value| {
+            let mut c = json!({"sub":"u","iss":"idp","aud":"bff","exp": now + 60});
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        let auth = &auth;
+        let ok = |claims: Value| {
+            let t = token("k", claims);
+            async move { auth.authenticate(&t).await }
+        };
+        assert!(ok(with(json!({}))).await.is_ok());
+        assert!(
+            ok(with(json!({"nbf": now + 3600}))).await.is_err(),
+            "not yet valid"
+        );
+        assert!(
+            ok(with(json!({"nbf": now + 5}))).await.is_ok(),
+            "within the leeway"
+        );
+        let mut no_iss = with(json!({}));
+        no_iss.as_object_mut().unwrap().remove("iss");
+        assert!(ok(no_iss).await.is_err(), "iss is required when configured");
+        let mut no_aud = with(json!({}));
+        no_aud.as_object_mut().unwrap().remove("aud");
+        assert!(ok(no_aud).await.is_err(), "aud is required when configured");
+        let mut no_exp = with(json!({}));
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert!(ok(no_exp).await.is_err(), "exp is required");
+
+        let fractional = ok(with(json!({"exp": now as f64 + 3.5}))).await.unwrap();
+        assert_eq!(fractional.expires_at, Some(now + 3));
+        let far = ok(with(json!({"exp": u64::MAX}))).await.unwrap();
+        assert_eq!(far.expires_at, Some(u64::MAX));
+        for absurd in [json!(1e300), json!(-5), json!("soon"), json!(null)] {
+            assert!(ok(with(json!({"exp": absurd}))).await.is_err(), "{absurd}");
+        }
     }
 
     #[test]

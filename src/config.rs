@@ -45,6 +45,19 @@ pub struct Limits {
     /// larger values save a little CPU only on large client frames (about
     /// 8% on 30 KB requests against 4096).
     pub read_buffer_bytes: usize,
+    /// How long a client has to send its HTTP request headers.
+    #[serde(rename = "handshake_timeout_ms", with = "millis")]
+    pub handshake_timeout: Duration,
+    /// Sockets open at once; past it, HTTP 503 before the upgrade.
+    pub max_connections: usize,
+    /// Sockets one user may hold; past it, HTTP 429 before the upgrade.
+    pub max_connections_per_user: usize,
+    /// How often an idle socket is pinged; one that answers neither two
+    /// pings nor with any frame is closed with 1011.
+    #[serde(rename = "ping_interval_ms", with = "millis")]
+    pub ping_interval: Duration,
+    /// Subscription patterns one socket may hold.
+    pub max_subscriptions: usize,
 }
 
 impl Default for Limits {
@@ -56,6 +69,11 @@ impl Default for Limits {
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 2048,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            max_connections_per_user: 32,
+            ping_interval: Duration::from_secs(25),
+            max_subscriptions: 128,
         }
     }
 }
@@ -277,9 +295,25 @@ impl Settings {
             ("max_frame_bytes", l.max_frame_bytes),
             ("max_in_flight", l.max_in_flight),
             ("outbound_queue", l.outbound_queue),
+            ("max_connections", l.max_connections),
+            ("max_connections_per_user", l.max_connections_per_user),
+            ("max_subscriptions", l.max_subscriptions),
         ] {
             if value == 0 {
                 return bad(format!("limits.{name} must be at least 1"));
+            }
+        }
+        for (name, value) in [
+            ("auth_timeout_ms", l.auth_timeout),
+            ("write_timeout_ms", l.write_timeout),
+            ("handshake_timeout_ms", l.handshake_timeout),
+            ("ping_interval_ms", l.ping_interval),
+        ] {
+            if value < Duration::from_millis(10) || value > Duration::from_secs(24 * 3600) {
+                return bad(format!(
+                    "limits.{name} must be between 10 and 86400000 ms, found {}",
+                    value.as_millis()
+                ));
             }
         }
         if !self.ws_path.starts_with('/') {

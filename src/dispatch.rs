@@ -10,8 +10,9 @@ use serde_json::{Map, Value};
 
 use crate::mesh::MeshError;
 use crate::protocol::{ErrorBody, ErrorName};
-use crate::routing::{Route, RouteTable};
+use crate::routing::{Delivery, Route, RouteTable};
 use crate::session::SessionInfo;
+use crate::topic;
 
 /// Why the gateway refused a call before it reached the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,12 @@ pub(crate) enum Refusal {
     },
     /// The connection has `limit` calls in flight already.
     TooManyInFlight { limit: usize },
+    /// A subscription pattern that is not a bounded topic pattern.
+    BadTopic { why: String },
+    /// A subscription outside every `subscribers` rule the user may see.
+    NotSubscribable { topic: String },
+    /// The connection would hold more than `limit` subscriptions.
+    TooManySubscriptions { limit: usize },
 }
 
 impl Refusal {
@@ -39,7 +46,11 @@ impl Refusal {
         match self {
             Refusal::NotRouted { .. } => ErrorName::RouteNotFound,
             Refusal::Forbidden { .. } => ErrorName::Forbidden,
-            Refusal::RateLimited { .. } | Refusal::TooManyInFlight { .. } => ErrorName::RateLimited,
+            Refusal::RateLimited { .. }
+            | Refusal::TooManyInFlight { .. }
+            | Refusal::TooManySubscriptions { .. } => ErrorName::RateLimited,
+            Refusal::BadTopic { .. } => ErrorName::InvalidMessage,
+            Refusal::NotSubscribable { .. } => ErrorName::Forbidden,
         }
     }
 
@@ -60,6 +71,13 @@ impl Refusal {
             } => format!("{service}.{method} allows {per_sec} requests a second"),
             Refusal::TooManyInFlight { limit } => {
                 format!("at most {limit} requests may be in flight per connection")
+            }
+            Refusal::BadTopic { why } => format!("topic {why}"),
+            Refusal::NotSubscribable { topic } => {
+                format!("`{topic}` is not inside an event rule this connection may subscribe to")
+            }
+            Refusal::TooManySubscriptions { limit } => {
+                format!("at most {limit} subscriptions per connection")
             }
         }
     }
@@ -185,6 +203,29 @@ pub(crate) fn authorize<'a>(
     })
 }
 
+/// May a user with `roles` subscribe to `pattern`? Only a bounded pattern
+/// that lies inside a `subscribers` rule whose roles the user holds
+/// (bff-contract.md section 4).
+pub(crate) fn authorize_subscription(
+    routes: &RouteTable,
+    roles: &[String],
+    pattern: &str,
+) -> Result<(), Refusal> {
+    topic::validate_subscription(pattern).map_err(|why| Refusal::BadTopic { why })?;
+    let inside = routes.events().iter().any(|rule| {
+        rule.delivery == Delivery::Subscribers
+            && rule.allows(roles)
+            && topic::covers(&rule.pattern, pattern)
+    });
+    if inside {
+        Ok(())
+    } else {
+        Err(Refusal::NotSubscribable {
+            topic: pattern.to_owned(),
+        })
+    }
+}
+
 /// The mesh context the gateway builds for a client's call; whatever
 /// context the client sent is ignored.
 pub(crate) fn context(
@@ -225,6 +266,19 @@ expose_as = "me.profile"
 [[route]]
 call = "search.query"
 rate_per_sec = 2
+
+[[event]]
+topic = "orders.#"
+deliver = "subscribers"
+
+[[event]]
+topic = "audit.#"
+deliver = "subscribers"
+roles = ["auditor"]
+
+[[event]]
+topic = "system.*"
+deliver = "all"
 "#;
 
     fn table() -> RouteTable {
@@ -318,6 +372,37 @@ rate_per_sec = 2
             assert!(authorize(&t, &u, &mut r, t0, "orders", "list").is_ok());
         }
         assert_eq!(r.windows.len(), 1);
+    }
+
+    #[test]
+    fn subscriptions_stay_inside_subscribers_rules_the_user_may_see() {
+        let t = table();
+        let none: Vec<String> = vec![];
+        let auditor = vec!["auditor".to_owned()];
+        for ok in ["orders.#", "orders.created", "orders.*.eu"] {
+            assert_eq!(authorize_subscription(&t, &none, ok), Ok(()), "{ok}");
+        }
+        for (pattern, name) in [
+            ("#", ErrorName::Forbidden),
+            ("*.*", ErrorName::Forbidden),
+            ("secret.stuff", ErrorName::Forbidden),
+            ("nuropb.#", ErrorName::Forbidden),
+            ("system.restart", ErrorName::Forbidden),
+            ("audit.#", ErrorName::Forbidden),
+            ("orders..x", ErrorName::InvalidMessage),
+            ("orders.#.a.#.b.#", ErrorName::InvalidMessage),
+        ] {
+            let refusal = authorize_subscription(&t, &none, pattern).unwrap_err();
+            assert_eq!(refusal.name(), name, "{pattern}");
+        }
+        assert_eq!(authorize_subscription(&t, &auditor, "audit.login"), Ok(()));
+        let evil = format!("{}x", "#.".repeat(20_000));
+        let refusal = authorize_subscription(&t, &none, &evil).unwrap_err();
+        assert_eq!(refusal.name(), ErrorName::InvalidMessage);
+        assert!(
+            refusal.description().len() < 200,
+            "no echo of the whole input"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::routing::RouteTable;
 use crate::runner::{RunError, auth_from_settings};
-use crate::session::Sessions;
+use crate::session::{Caps, Sessions};
 
 /// The gateway: shared state, the mesh it joined, and its lifecycle. Cheap
 /// to clone; clones share everything.
@@ -91,6 +91,17 @@ impl GatewayBuilder {
             Some(r) => r,
             None => RouteTable::load(&settings.routes)?,
         };
+        if let Some(own) = routes
+            .routes()
+            .iter()
+            .find(|r| r.service == settings.mesh_service_name && r.method.is_none())
+        {
+            return Err(RunError::Invalid(format!(
+                "route `{}` would let clients call this BFF's own mesh methods \
+                 (send_to_users, broadcast, ...); route them one by one if you mean to",
+                own.describe()
+            )));
+        }
         let auth = match self.auth {
             Some(a) => a,
             None => auth_from_settings(&settings)?,
@@ -153,6 +164,15 @@ impl Gateway {
 
     pub(crate) fn limits(&self) -> &Limits {
         self.0.hub.limits()
+    }
+
+    /// The connection caps of the settings.
+    pub(crate) fn caps(&self) -> Caps {
+        let l = self.limits();
+        Caps {
+            total: l.max_connections,
+            per_user: l.max_connections_per_user,
+        }
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

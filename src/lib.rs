@@ -24,6 +24,7 @@ mod server;
 mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod topic;
 mod ws;
 
 pub use auth::{AuthError, Identity, JwtVerifier, NoAuth};
@@ -36,5 +37,5 @@ pub use mesh::{
 };
 pub use protocol::{ClientCall, ErrorBody, ErrorName, close};
 pub use routing::{Delivery, EventRule, Route, RouteTable, RoutesError};
-pub use runner::{RunError, auth_from_settings, jwt_verifier_from_settings, run};
+pub use runner::{RunError, auth_from_settings, jwt_verifier_from_settings, log_filter, run};
 pub use session::{SessionCounts, SessionInfo, Sessions};

@@ -177,13 +177,19 @@ impl BffService {
         };
         let frame = event_frame(&event.topic, payload);
         let sessions = hub.sessions();
+        // An event that names its audience reaches only that audience,
+        // whatever the rule's mode: rules narrow, never widen.
+        let target = event.target.as_deref().filter(|t| !t.is_empty());
+        let topic = event.topic.as_str();
         let n = match rule.delivery {
-            Delivery::All => sessions.broadcast(frame),
-            Delivery::Target => match &event.target {
-                Some(users) => sessions.send_to_users(users, frame),
+            Delivery::All => sessions.deliver_event(topic, target, false, &rule.roles, frame),
+            Delivery::Target => match target {
+                Some(_) => sessions.deliver_event(topic, target, false, &rule.roles, frame),
                 None => 0,
             },
-            Delivery::Subscribers => sessions.send_to_subscribers(&event.topic, frame),
+            Delivery::Subscribers => {
+                sessions.deliver_event(topic, target, true, &rule.roles, frame)
+            }
         };
         hub.metrics().pushed("event", n);
         tracing::debug!(topic = %event.topic, delivery = %rule.delivery, sessions = n, "mesh event pushed");

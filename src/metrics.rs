@@ -34,7 +34,15 @@ struct Inner {
     request_seconds: Histogram,
     pushes: Family<KindLabels, Counter>,
     slow_closes: Counter,
+    dead_closes: Counter,
+    refused_connections: Family<ReasonLabels, Counter>,
+    events_dropped: Counter,
     mesh_ready: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabels {
+    pub(crate) reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -56,6 +64,9 @@ impl Metrics {
         ]);
         let pushes = Family::<KindLabels, Counter>::default();
         let slow_closes = Counter::default();
+        let dead_closes = Counter::default();
+        let refused_connections = Family::<ReasonLabels, Counter>::default();
+        let events_dropped = Counter::default();
         let mesh_ready = Gauge::default();
         registry.register(
             "ws_connections",
@@ -89,6 +100,21 @@ impl Metrics {
             slow_closes.clone(),
         );
         registry.register(
+            "dead_socket_closes",
+            "Sessions closed because two pings went unanswered",
+            dead_closes.clone(),
+        );
+        registry.register(
+            "refused_connections",
+            "Sockets refused at the door, by reason",
+            refused_connections.clone(),
+        );
+        registry.register(
+            "mesh_events_dropped",
+            "Mesh events dropped because the event queue was full",
+            events_dropped.clone(),
+        );
+        registry.register(
             "mesh_ready",
             "1 while the broker connection is up",
             mesh_ready.clone(),
@@ -102,6 +128,9 @@ impl Metrics {
             request_seconds,
             pushes,
             slow_closes,
+            dead_closes,
+            refused_connections,
+            events_dropped,
             mesh_ready,
         }))
     }
@@ -136,6 +165,25 @@ impl Metrics {
 
     pub(crate) fn slow_consumer_closed(&self) {
         self.0.slow_closes.inc();
+    }
+
+    pub(crate) fn dead_socket_closed(&self) {
+        self.0.dead_closes.inc();
+    }
+
+    pub(crate) fn connection_refused(&self, reason: &'static str) {
+        self.0
+            .refused_connections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Bring the dropped-events counter up to the mesh's own count.
+    pub(crate) fn set_events_dropped(&self, total: u64) {
+        let seen = self.0.events_dropped.get();
+        if total > seen {
+            self.0.events_dropped.inc_by(total - seen);
+        }
     }
 
     pub(crate) fn set_mesh_ready(&self, ready: bool) {

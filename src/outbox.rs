@@ -53,6 +53,15 @@ struct Shared {
 struct State {
     frames: VecDeque<Utf8Bytes>,
     closed: Option<CloseReason>,
+    /// A WebSocket ping is to be sent (a keepalive, not a queued frame).
+    ping: bool,
+}
+
+/// What the writer sends next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Out {
+    Frame(Utf8Bytes),
+    Ping,
 }
 
 impl State {
@@ -119,18 +128,34 @@ impl Outbox {
         Some(frame)
     }
 
-    /// The next frame, waiting for one; frames queued before the outbox
-    /// closed are still handed out, then `None`.
-    pub(crate) async fn pop(&self) -> Option<Utf8Bytes> {
+    /// Ask the writer to send a ping (at most one waits at a time).
+    pub(crate) fn ping(&self) {
+        {
+            let mut state = self.lock();
+            if state.closed.is_some() || state.ping {
+                return;
+            }
+            state.ping = true;
+        }
+        self.0.changed.notify_waiters();
+    }
+
+    /// The next frame (or ping), waiting for one; frames queued before the
+    /// outbox closed are still handed out, then `None`.
+    pub(crate) async fn pop(&self) -> Option<Out> {
         loop {
             let mut changed = pin!(self.0.changed.notified());
             changed.as_mut().enable();
             {
                 let mut state = self.lock();
+                if state.ping && state.closed.is_none() {
+                    state.ping = false;
+                    return Some(Out::Ping);
+                }
                 if let Some(frame) = state.pop_front() {
                     drop(state);
                     self.0.changed.notify_waiters();
-                    return Some(frame);
+                    return Some(Out::Frame(frame));
                 }
                 if state.closed.is_some() {
                     // Nothing can be queued after the close: drained for good.
@@ -183,6 +208,13 @@ impl Outbox {
 
 #[cfg(test)]
 impl Outbox {
+    async fn pop_frame(&self) -> Option<Utf8Bytes> {
+        match self.pop().await? {
+            Out::Frame(f) => Some(f),
+            Out::Ping => None,
+        }
+    }
+
     fn len(&self) -> usize {
         self.lock().frames.len()
     }
@@ -195,6 +227,19 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_ping_goes_first_once_and_never_after_the_close() {
+        let o = Outbox::new(4);
+        o.try_push("a".into()).unwrap();
+        o.ping();
+        o.ping();
+        assert_eq!(o.pop().await, Some(Out::Ping));
+        assert_eq!(o.pop().await, Some(Out::Frame("a".into())));
+        o.ping();
+        o.close(1000, "bye");
+        assert_eq!(o.pop().await, None);
+    }
     use std::time::Duration;
 
     fn f(s: &str) -> Utf8Bytes {
@@ -208,7 +253,7 @@ mod tests {
         assert_eq!(o.try_push(f("b")), Ok(()));
         assert_eq!(o.try_push(f("c")), Err(PushError::Full));
         assert_eq!(o.len(), 2);
-        assert_eq!(o.pop().await.as_deref(), Some("a"));
+        assert_eq!(o.pop_frame().await.as_deref(), Some("a"));
         assert_eq!(o.try_pop().as_deref(), Some("b"));
         assert!(o.is_empty());
     }
@@ -221,8 +266,8 @@ mod tests {
         assert!(!o.close(1001, "later"));
         assert_eq!(o.try_push(f("too late")), Err(PushError::Closed));
         assert_eq!(o.close_reason().map(|r| r.code), Some(4000));
-        assert_eq!(o.pop().await.as_deref(), Some("last words"));
-        assert_eq!(o.pop().await, None);
+        assert_eq!(o.pop_frame().await.as_deref(), Some("last words"));
+        assert_eq!(o.pop_frame().await, None);
         o.closed().await;
     }
 
@@ -232,7 +277,7 @@ mod tests {
         // The writer waits for a frame.
         let writer = tokio::spawn({
             let o = o.clone();
-            async move { o.pop().await }
+            async move { o.pop_frame().await }
         });
         tokio::task::yield_now().await;
         o.try_push(f("x")).unwrap();
@@ -247,10 +292,10 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!producer.is_finished());
-        assert_eq!(o.pop().await.as_deref(), Some("full"));
+        assert_eq!(o.pop_frame().await.as_deref(), Some("full"));
         let pushed = tokio::time::timeout(Duration::from_secs(5), producer).await;
         assert_eq!(pushed.unwrap().unwrap(), Ok(()));
-        assert_eq!(o.pop().await.as_deref(), Some("waited"));
+        assert_eq!(o.pop_frame().await.as_deref(), Some("waited"));
 
         // A waiting producer and the close watcher both wake on close.
         o.try_push(f("full again")).unwrap();
@@ -280,7 +325,7 @@ mod tests {
             o.try_push(f(&i.to_string())).unwrap();
         }
         for _ in 0..200 {
-            o.pop().await.unwrap();
+            o.pop_frame().await.unwrap();
         }
         assert!(
             o.lock().frames.capacity() <= 16,

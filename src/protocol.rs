@@ -16,6 +16,11 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The gateway is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// A socket over a connection cap that could not be refused before the
+    /// upgrade (it named its user only in its first frame).
+    pub const POLICY: u16 = 1008;
+    /// Two pings went unanswered: the peer is taken for dead.
+    pub const NO_PONG: u16 = 1011;
     /// A service closed the session (`disconnect_users`).
     pub const DISCONNECTED: u16 = 4000;
     /// The token expired and no new one arrived in time.

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::topic::{self, validate_pattern};
+
 /// Timeout of a route that names none and whose file sets no default.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -66,11 +68,21 @@ impl Route {
 pub struct EventRule {
     pub pattern: String,
     pub delivery: Delivery,
+    /// Any one of these roles is needed to receive (and, for
+    /// `subscribers`, to subscribe to) its events; empty means any user.
+    pub roles: Vec<String>,
+}
+
+impl EventRule {
+    /// Whether a user with `roles` may receive this rule's events.
+    pub fn allows(&self, roles: &[String]) -> bool {
+        self.roles.is_empty() || self.roles.iter().any(|r| roles.contains(r))
+    }
 }
 
 /// A resolved call: which route allowed it and the mesh method to call.
 #[derive(Debug, Clone, Copy)]
-pub struct Resolved<'a> {
+pub(crate) struct Resolved<'a> {
     pub route: &'a Route,
     pub route_index: usize,
     pub service: &'a str,
@@ -119,6 +131,8 @@ struct FileEvent {
     topic: Spanned<String>,
     #[serde(default = "default_delivery")]
     deliver: Delivery,
+    #[serde(default)]
+    roles: Vec<Spanned<String>>,
 }
 
 fn default_delivery() -> Delivery {
@@ -231,23 +245,32 @@ impl RouteTable {
             });
         }
         for e in doc.event {
-            validate_topic_pattern(e.topic.get_ref())
+            validate_pattern(e.topic.get_ref())
                 .map_err(|m| at(e.topic.span(), format!("`topic` {m}")))?;
+            let mut roles = Vec::with_capacity(e.roles.len());
+            for role in &e.roles {
+                if role.get_ref().trim().is_empty() {
+                    return Err(at(role.span(), "a role must not be empty".into()));
+                }
+                roles.push(role.get_ref().clone());
+            }
             table.events.push(EventRule {
                 pattern: e.topic.get_ref().clone(),
                 delivery: e.deliver,
+                roles,
             });
         }
         Ok(table)
     }
 
-    /// Which mesh call a client's `service.method` maps to, if any.
-    pub fn resolve<'a>(&'a self, service: &str, method: &'a str) -> Option<Resolved<'a>> {
-        let index = self
-            .exact
-            .get(&(service.to_owned(), method.to_owned()))
-            .or_else(|| self.wildcard.get(service))
-            .copied()?;
+    /// Which mesh call a client's `service.method` maps to, if any. A
+    /// wildcard covers public method names only ([`is_public_method`]).
+    pub(crate) fn resolve<'a>(&'a self, service: &str, method: &'a str) -> Option<Resolved<'a>> {
+        let index = match self.exact.get(&(service.to_owned(), method.to_owned())) {
+            Some(i) => *i,
+            None if is_public_method(method) => *self.wildcard.get(service)?,
+            None => return None,
+        };
         let route = &self.routes[index];
         Some(Resolved {
             route,
@@ -269,7 +292,7 @@ impl RouteTable {
     pub fn event_rule(&self, topic: &str) -> Option<&EventRule> {
         self.events
             .iter()
-            .find(|rule| topic_matches(&rule.pattern, topic))
+            .find(|rule| topic::matches(&rule.pattern, topic))
     }
 }
 
@@ -315,33 +338,16 @@ pub(crate) fn parse_call(s: &str) -> Result<(String, Option<String>), String> {
     Ok((service.to_owned(), Some(method.to_owned())))
 }
 
-/// An AMQP topic pattern: dot-separated words, each a name, `*` or `#`.
-pub(crate) fn validate_topic_pattern(p: &str) -> Result<(), String> {
-    let ok = !p.is_empty() && p.split('.').all(|w| w == "*" || w == "#" || is_name(w));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "must be dot-separated words of letters, digits, `_` or `-`, or `*` / `#`, found `{p}`"
-        ))
-    }
-}
-
-/// AMQP topic matching: `*` is exactly one word, `#` zero or more.
-pub(crate) fn topic_matches(pattern: &str, topic: &str) -> bool {
-    fn go(p: &[&str], t: &[&str]) -> bool {
-        match p.split_first() {
-            None => t.is_empty(),
-            Some((&"#", rest)) => (0..=t.len()).any(|i| go(rest, &t[i..])),
-            Some((&w, rest)) => match t.split_first() {
-                Some((&tw, trest)) => (w == "*" || w == tw) && go(rest, trest),
-                None => false,
-            },
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let t: Vec<&str> = topic.split('.').collect();
-    go(&p, &t)
+/// A method name a wildcard route (`service.*`) lets a client call: a
+/// public Python method name (a letter, then letters, digits or `_`), never
+/// one of nuropb's own (`nuropb_describe`, ...). Private (`_x`), dunder,
+/// empty, dotted or otherwise odd names never reach a service through a
+/// wildcard.
+pub(crate) fn is_public_method(m: &str) -> bool {
+    m.len() <= 200
+        && m.bytes().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && m.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        && !m.starts_with("nuropb_")
 }
 
 impl fmt::Display for Delivery {
@@ -431,14 +437,28 @@ topic = "news.*"
     }
 
     #[test]
-    fn topic_matching_follows_amqp() {
-        assert!(topic_matches("a.*.c", "a.b.c"));
-        assert!(!topic_matches("a.*.c", "a.c"));
-        assert!(topic_matches("a.#", "a"));
-        assert!(topic_matches("a.#", "a.b.c"));
-        assert!(topic_matches("#", "x.y"));
-        assert!(topic_matches("#.z", "x.y.z"));
-        assert!(!topic_matches("a.b", "a.b.c"));
+    fn wildcards_cover_public_method_names_only() {
+        let t = RouteTable::parse("routes.toml", SAMPLE).unwrap();
+        for m in ["list", "get_profile", "v2", "a_b_c"] {
+            assert!(t.resolve("orders", m).is_some(), "{m}");
+        }
+        for m in [
+            "nuropb_describe",
+            "nuropb_x",
+            "_private",
+            "__init__",
+            "",
+            "a.b",
+            "add\n",
+            "9lives",
+            "a-b",
+            "a b",
+        ] {
+            assert!(t.resolve("orders", m).is_none(), "{m:?}");
+        }
+        // An exact route names its method itself.
+        let t = RouteTable::parse("r", "[[route]]\ncall = \"svc.nuropb_describe\"\n").unwrap();
+        assert!(t.resolve("svc", "nuropb_describe").is_some());
     }
 
     fn err(text: &str) -> RoutesError {

@@ -26,6 +26,8 @@ pub enum RunError {
     },
     #[error("auth: {0}")]
     Auth(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -57,6 +59,16 @@ pub fn jwt_verifier_from_settings(settings: &Settings) -> Result<JwtVerifier, Ru
             "auth is `none`: there is no token verifier".into(),
         )),
     }
+}
+
+/// The tracing filter for a settings `log` value: what it says, and never
+/// lapin's own line for a returned (NO_ROUTE) message, which dumps the
+/// message and with it the caller's token. The gateway answers those calls
+/// with `NuropbNotDeliveredError` and counts them.
+pub fn log_filter(log: &str) -> String {
+    let log = log.trim();
+    let base = if log.is_empty() { "info" } else { log };
+    format!("{base},lapin::returned_messages=off")
 }
 
 /// The default auth hook for the settings' mode.

@@ -3,17 +3,28 @@
 //! closes every session.
 
 use std::future::Future;
+use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::Request;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use crate::auth::handshake_token;
 use crate::gateway::Gateway;
+use crate::session::Crowded;
 use crate::ws::connection;
 
 /// Hard cap on a frame tungstenite will read at all: a frame above
@@ -48,32 +59,78 @@ impl Gateway {
     /// Serve on `listener` until `shutdown` resolves (or [`Gateway::stop`]),
     /// then close every session (code 1001), wait up to the shutdown grace
     /// for connections to finish, and leave the mesh.
+    ///
+    /// Each TCP connection is HTTP/1.1 with a header timer
+    /// (`limits.handshake_timeout_ms`): a client that sends half a request
+    /// (or nothing) is dropped when it runs out, whatever it does next.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let grace = self.settings().shutdown_grace();
-        let app = self.router();
-        let stopping = self.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stopping.stopping().await })
-                .await
-        });
+        let connections = TaskTracker::new();
+        let accepting = tokio::spawn(accept_loop(
+            self.clone(),
+            listener,
+            self.router(),
+            connections.clone(),
+        ));
         tokio::select! {
             _ = shutdown => {}
             _ = self.stopping() => {}
         }
         tracing::info!("shutting down: closing sessions");
         self.shutdown().await;
-        match tokio::time::timeout(grace, server).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(std::io::Error::other(join)),
-            Err(_) => {
-                tracing::warn!("HTTP server did not stop within the grace period");
-                Ok(())
+        let accepted = accepting.await;
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP connections still open after the shutdown grace period");
+        }
+        accepted.map_err(std::io::Error::other)
+    }
+}
+
+/// Accept TCP connections until the gateway stops; each one is served by
+/// its own task in `connections`.
+async fn accept_loop(gw: Gateway, listener: TcpListener, app: Router, connections: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = gw.stopping() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors (or a connection reset before it
+                // was accepted): wait a little rather than spin.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
+        };
+        let _ = tcp.set_nodelay(true);
+        connections.spawn(serve_connection(gw.clone(), tcp, app.clone()));
+    }
+}
+
+async fn serve_connection(gw: Gateway, tcp: TcpStream, app: Router) {
+    let service = service_fn(move |req: Request<Incoming>| app.clone().oneshot(req.map(Body::new)));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(gw.limits().handshake_timeout);
+    let conn = http
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = gw.stopping() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(gw.settings().shutdown_grace(), conn).await;
         }
     }
 }
@@ -88,6 +145,7 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
 
 async fn metrics(State(gw): State<Gateway>) -> Response {
     gw.is_ready();
+    gw.metrics().set_events_dropped(gw.mesh().events_dropped());
     (
         [(
             header::CONTENT_TYPE,
@@ -124,11 +182,29 @@ async fn ws_upgrade(
         },
         None => None,
     };
+    let user = identity.as_ref().map(|i| i.user_id.as_str());
+    let admission = match gw.sessions().admit(user, gw.caps()) {
+        Ok(admission) => admission,
+        Err(Crowded::Total(limit)) => {
+            gw.metrics().connection_refused("max_connections");
+            let why = format!("this gateway holds its limit of {limit} connections");
+            return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+        }
+        Err(Crowded::User(limit)) => {
+            gw.metrics().connection_refused("per_user");
+            let why = format!("at most {limit} connections per user");
+            return (StatusCode::TOO_MANY_REQUESTS, why).into_response();
+        }
+    };
     let limits = gw.limits();
+    let (read_buffer, hard_cap) = (
+        limits.read_buffer_bytes,
+        limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR),
+    );
     let tasks = gw.tasks().clone();
-    ws.read_buffer_size(limits.read_buffer_bytes)
+    ws.read_buffer_size(read_buffer)
         .write_buffer_size(0)
-        .max_message_size(limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR))
-        .max_frame_size(limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR))
-        .on_upgrade(move |socket| tasks.track_future(connection(gw, socket, identity)))
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| tasks.track_future(connection(gw, socket, identity, admission)))
 }

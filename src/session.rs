@@ -1,7 +1,17 @@
 //! The registry of live WebSocket sessions, by connection and by user: send
-//! to one session, to every session of some users, or to all; close the
-//! same way. Each session has a bounded outbound queue; a session whose queue
-//! is full when a push arrives is closed rather than allowed to grow.
+//! to one session, to every session of some users, to subscribers, or to
+//! all; close the same way. Each session has a bounded outbound queue; a
+//! session whose queue is full when a push arrives is closed rather than
+//! allowed to grow.
+//!
+//! Admission is counted here too: a socket reserves its place (in all, and
+//! per user) before the WebSocket upgrade, so caps hold under a burst of
+//! concurrent handshakes.
+//!
+//! The registry lock is held only to find sessions; matching a topic
+//! against a session's subscriptions and queueing frames happen after it is
+//! released, under that session's own lock, so no client's input makes
+//! another client's delivery wait.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,7 +21,7 @@ use axum::extract::ws::Utf8Bytes;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, PushError};
 use crate::protocol::close;
-use crate::routing::topic_matches;
+use crate::topic;
 
 /// Who is on the other end of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +36,23 @@ pub struct SessionInfo {
 struct Entry {
     user_id: String,
     outbox: Outbox,
-    topics: HashSet<String>,
+    state: Mutex<EntryState>,
+}
+
+/// What changes over a session's life: its roles (re-authentication) and
+/// its subscriptions.
+#[derive(Debug, Default)]
+struct EntryState {
+    roles: Vec<String>,
+    /// Sorted, without duplicates; at most the subscription cap.
+    topics: Vec<Box<str>>,
 }
 
 impl Entry {
+    fn state(&self) -> MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn close(&self, code: u16, reason: &str) {
         self.outbox.close(code, reason);
     }
@@ -39,10 +62,14 @@ impl Entry {
         match self.outbox.try_push(frame.clone()) {
             Ok(()) => true,
             Err(PushError::Full) => {
-                tracing::warn!(user_id = %self.user_id, "outbound queue full, closing slow session");
-                self.close(close::SLOW_CONSUMER, "outbound queue full");
-                if let Some(m) = metrics {
-                    m.slow_consumer_closed();
+                if self
+                    .outbox
+                    .close(close::SLOW_CONSUMER, "outbound queue full")
+                {
+                    tracing::debug!(user_id = %self.user_id, "outbound queue full, closing slow session");
+                    if let Some(m) = metrics {
+                        m.slow_consumer_closed();
+                    }
                 }
                 false
             }
@@ -52,9 +79,40 @@ impl Entry {
 }
 
 #[derive(Debug, Default)]
+struct UserEntry {
+    sessions: HashSet<String>,
+    /// Sockets of this user between admission and registration.
+    pending: usize,
+}
+
+#[derive(Debug, Default)]
 struct Inner {
-    sessions: HashMap<String, Entry>,
-    by_user: HashMap<String, HashSet<String>>,
+    sessions: HashMap<String, Arc<Entry>>,
+    by_user: HashMap<String, UserEntry>,
+    /// Sessions with at least one subscription.
+    subscribed: HashMap<String, Arc<Entry>>,
+    /// Sockets admitted but not registered yet.
+    pending: usize,
+}
+
+impl Inner {
+    fn user_count(&self, user: &str) -> usize {
+        self.by_user
+            .get(user)
+            .map_or(0, |u| u.sessions.len() + u.pending)
+    }
+
+    fn release(&mut self, user: Option<&str>) {
+        self.pending = self.pending.saturating_sub(1);
+        if let Some(user) = user
+            && let Some(u) = self.by_user.get_mut(user)
+        {
+            u.pending = u.pending.saturating_sub(1);
+            if u.pending == 0 && u.sessions.is_empty() {
+                self.by_user.remove(user);
+            }
+        }
+    }
 }
 
 /// The registry. Cheap to clone; clones share the sessions.
@@ -86,6 +144,46 @@ pub struct SessionCounts {
     pub users: usize,
 }
 
+/// Why a socket was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Crowded {
+    /// `max_connections` sockets are open.
+    Total(usize),
+    /// This user has `max_connections_per_user` sockets open.
+    User(usize),
+}
+
+/// How many sockets may be open.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    pub(crate) total: usize,
+    pub(crate) per_user: usize,
+}
+
+/// A socket's place, held from before the upgrade until its session is
+/// registered (or the socket goes away first).
+#[derive(Debug)]
+pub(crate) struct Admission {
+    sessions: Sessions,
+    user: Option<String>,
+    released: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.released {
+            self.sessions.lock().release(self.user.as_deref());
+        }
+    }
+}
+
+/// Why a subscription change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubscribeError {
+    /// The session would hold more than the cap.
+    TooMany(usize),
+}
+
 impl Sessions {
     /// `queue_capacity` bounds each session's outbound queue (frames).
     pub(crate) fn new(queue_capacity: usize) -> Self {
@@ -106,149 +204,273 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add a session; it lives until the guard is dropped. The outbox is
-    /// what its connection writes out.
-    pub(crate) fn register(&self, info: &SessionInfo) -> (SessionGuard, Outbox) {
+    /// Reserve a place for a new socket, of `user` when the handshake
+    /// already named one.
+    pub(crate) fn admit(&self, user: Option<&str>, caps: Caps) -> Result<Admission, Crowded> {
+        let mut inner = self.lock();
+        if inner.sessions.len() + inner.pending >= caps.total {
+            return Err(Crowded::Total(caps.total));
+        }
+        if let Some(user) = user {
+            if inner.user_count(user) >= caps.per_user {
+                return Err(Crowded::User(caps.per_user));
+            }
+            inner.by_user.entry(user.to_owned()).or_default().pending += 1;
+        }
+        inner.pending += 1;
+        Ok(Admission {
+            sessions: self.clone(),
+            user: user.map(str::to_owned),
+            released: false,
+        })
+    }
+
+    /// Add a session in the place `admission` holds; it lives until the
+    /// guard is dropped. A socket admitted before it named its user is
+    /// counted against that user now. The outbox is what its connection
+    /// writes out.
+    pub(crate) fn register(
+        &self,
+        mut admission: Admission,
+        info: &SessionInfo,
+        caps: Caps,
+    ) -> Result<(SessionGuard, Outbox), Crowded> {
+        let mut inner = self.lock();
+        let counted_as = admission.user.as_deref();
+        if counted_as != Some(info.user_id.as_str()) {
+            let others = inner.user_count(&info.user_id);
+            if others >= caps.per_user {
+                // The admission releases its place when dropped, which
+                // takes the lock: let go of it first.
+                drop(inner);
+                return Err(Crowded::User(caps.per_user));
+            }
+        }
+        inner.release(counted_as);
+        admission.released = true;
         let outbox = Outbox::new(self.queue_capacity);
-        let entry = Entry {
+        let entry = Arc::new(Entry {
             user_id: info.user_id.clone(),
             outbox: outbox.clone(),
-            topics: HashSet::new(),
-        };
-        let mut inner = self.lock();
+            state: Mutex::new(EntryState {
+                roles: info.roles.clone(),
+                topics: Vec::new(),
+            }),
+        });
         inner
             .by_user
             .entry(info.user_id.clone())
             .or_default()
+            .sessions
             .insert(info.session_id.clone());
         inner.sessions.insert(info.session_id.clone(), entry);
         drop(inner);
-        (
+        Ok((
             SessionGuard {
                 sessions: self.clone(),
                 session_id: info.session_id.clone(),
             },
             outbox,
-        )
+        ))
     }
 
     fn unregister(&self, session_id: &str) {
         let mut inner = self.lock();
+        inner.subscribed.remove(session_id);
         if let Some(entry) = inner.sessions.remove(session_id)
-            && let Some(set) = inner.by_user.get_mut(&entry.user_id)
+            && let Some(u) = inner.by_user.get_mut(&entry.user_id)
         {
-            set.remove(session_id);
-            if set.is_empty() {
+            u.sessions.remove(session_id);
+            if u.sessions.is_empty() && u.pending == 0 {
                 inner.by_user.remove(&entry.user_id);
             }
         }
     }
 
-    /// Push a frame to one session. False if it is gone or too slow.
+    /// Push a frame (the JSON text a client receives) to one session.
+    /// False if it is gone or too slow.
     pub fn send_to_session(&self, session_id: &str, frame: Utf8Bytes) -> bool {
-        self.lock()
-            .sessions
-            .get(session_id)
-            .is_some_and(|e| e.push(&frame, self.metrics.as_ref()))
+        let entry = self.lock().sessions.get(session_id).cloned();
+        entry.is_some_and(|e| e.push(&frame, self.metrics.as_ref()))
+    }
+
+    /// The sessions of these users (each once, however often a user is
+    /// named).
+    fn of_users<S: AsRef<str>>(&self, user_ids: &[S]) -> Vec<Arc<Entry>> {
+        let inner = self.lock();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for user in user_ids {
+            let Some(u) = inner.by_user.get(user.as_ref()) else {
+                continue;
+            };
+            if !seen.insert(user.as_ref()) {
+                continue;
+            }
+            out.extend(
+                u.sessions
+                    .iter()
+                    .filter_map(|s| inner.sessions.get(s))
+                    .cloned(),
+            );
+        }
+        out
+    }
+
+    fn push_all(&self, entries: &[Arc<Entry>], frame: &Utf8Bytes) -> usize {
+        entries
+            .iter()
+            .filter(|e| e.push(frame, self.metrics.as_ref()))
+            .count()
     }
 
     /// Push a frame to every session of these users; how many got it.
     pub fn send_to_users<S: AsRef<str>>(&self, user_ids: &[S], frame: Utf8Bytes) -> usize {
-        let inner = self.lock();
-        let mut delivered = 0;
-        for user in user_ids {
-            for sid in inner.by_user.get(user.as_ref()).into_iter().flatten() {
-                if inner
-                    .sessions
-                    .get(sid)
-                    .is_some_and(|e| e.push(&frame, self.metrics.as_ref()))
-                {
-                    delivered += 1;
-                }
-            }
-        }
-        delivered
+        self.push_all(&self.of_users(user_ids), &frame)
     }
 
     /// Push a frame to every session.
     pub fn broadcast(&self, frame: Utf8Bytes) -> usize {
-        let inner = self.lock();
-        inner
-            .sessions
-            .values()
+        let all: Vec<Arc<Entry>> = self.lock().sessions.values().cloned().collect();
+        self.push_all(&all, &frame)
+    }
+
+    /// Push a mesh event: to the sessions of `target` users when the event
+    /// names any (else to all), only to those subscribed to a pattern
+    /// matching `topic` when `subscribers`, and only to sessions holding
+    /// one of `roles` (when there are any).
+    pub(crate) fn deliver_event(
+        &self,
+        topic: &str,
+        target: Option<&[String]>,
+        subscribers: bool,
+        roles: &[String],
+        frame: Utf8Bytes,
+    ) -> usize {
+        let candidates: Vec<Arc<Entry>> = match target {
+            Some(users) => self.of_users(users),
+            None if subscribers => self.lock().subscribed.values().cloned().collect(),
+            None => self.lock().sessions.values().cloned().collect(),
+        };
+        candidates
+            .iter()
+            .filter(|e| {
+                let state = e.state();
+                let allowed = roles.is_empty() || roles.iter().any(|r| state.roles.contains(r));
+                allowed && (!subscribers || state.topics.iter().any(|p| topic::matches(p, topic)))
+            })
             .filter(|e| e.push(&frame, self.metrics.as_ref()))
             .count()
     }
 
-    /// Push a frame to the sessions subscribed to a pattern matching `topic`.
-    pub(crate) fn send_to_subscribers(&self, topic: &str, frame: Utf8Bytes) -> usize {
-        let inner = self.lock();
-        inner
-            .sessions
-            .values()
-            .filter(|e| e.topics.iter().any(|p| topic_matches(p, topic)))
-            .filter(|e| e.push(&frame, self.metrics.as_ref()))
-            .count()
+    /// A session's subscriptions now, sorted.
+    #[cfg(test)]
+    fn topics(&self, session_id: &str) -> Vec<String> {
+        let entry = self.lock().sessions.get(session_id).cloned();
+        entry.map_or_else(Vec::new, |e| {
+            e.state().topics.iter().map(|t| t.to_string()).collect()
+        })
     }
 
-    /// Add topic patterns to a session's subscriptions; the full set after.
-    pub(crate) fn subscribe(&self, session_id: &str, topics: &[String]) -> Vec<String> {
-        self.update_topics(session_id, |set| set.extend(topics.iter().cloned()))
+    /// Add topic patterns to a session's subscriptions, all or none: the
+    /// full set after, or an error when it would pass `max`.
+    pub(crate) fn subscribe(
+        &self,
+        session_id: &str,
+        topics: &[String],
+        max: usize,
+    ) -> Result<Vec<String>, SubscribeError> {
+        self.update_topics(session_id, |set| {
+            let new: HashSet<&str> = topics
+                .iter()
+                .map(String::as_str)
+                .filter(|t| set.binary_search_by(|s| (**s).cmp(t)).is_err())
+                .collect();
+            if set.len() + new.len() > max {
+                return Err(SubscribeError::TooMany(max));
+            }
+            set.extend(new.into_iter().map(Box::from));
+            set.sort_unstable();
+            Ok(())
+        })
     }
 
     pub(crate) fn unsubscribe(&self, session_id: &str, topics: &[String]) -> Vec<String> {
         self.update_topics(session_id, |set| {
-            for t in topics {
-                set.remove(t);
-            }
+            set.retain(|s| !topics.iter().any(|t| **s == **t));
+            Ok(())
         })
+        .unwrap_or_default()
     }
 
-    fn update_topics(&self, session_id: &str, f: impl FnOnce(&mut HashSet<String>)) -> Vec<String> {
+    /// Replace a session's roles (re-authentication) and keep only the
+    /// subscriptions `still_allowed` under the new roles.
+    pub(crate) fn set_roles(
+        &self,
+        session_id: &str,
+        roles: &[String],
+        still_allowed: impl Fn(&str) -> bool,
+    ) {
+        let _ = self.update_topics(session_id, |set| {
+            set.retain(|t| still_allowed(t));
+            Ok(())
+        });
+        if let Some(e) = self.lock().sessions.get(session_id) {
+            e.state().roles = roles.to_vec();
+        }
+    }
+
+    fn update_topics(
+        &self,
+        session_id: &str,
+        f: impl FnOnce(&mut Vec<Box<str>>) -> Result<(), SubscribeError>,
+    ) -> Result<Vec<String>, SubscribeError> {
         let mut inner = self.lock();
-        let Some(entry) = inner.sessions.get_mut(session_id) else {
-            return Vec::new();
+        let Some(entry) = inner.sessions.get(session_id).cloned() else {
+            return Ok(Vec::new());
         };
-        f(&mut entry.topics);
-        let mut topics: Vec<String> = entry.topics.iter().cloned().collect();
-        topics.sort();
-        topics
+        let mut state = entry.state();
+        f(&mut state.topics)?;
+        if state.topics.is_empty() {
+            inner.subscribed.remove(session_id);
+        } else {
+            inner
+                .subscribed
+                .insert(session_id.to_owned(), Arc::clone(&entry));
+        }
+        if state.topics.capacity() > 2 * state.topics.len() + 4 {
+            state.topics.shrink_to_fit();
+        }
+        Ok(state.topics.iter().map(|t| t.to_string()).collect())
     }
 
     pub fn close_session(&self, session_id: &str, code: u16, reason: &str) -> bool {
-        self.lock()
-            .sessions
-            .get(session_id)
-            .map(|e| e.close(code, reason))
-            .is_some()
+        let entry = self.lock().sessions.get(session_id).cloned();
+        entry.map(|e| e.close(code, reason)).is_some()
     }
 
     /// Close every session of these users; how many were closed.
     pub fn close_users<S: AsRef<str>>(&self, user_ids: &[S], code: u16, reason: &str) -> usize {
-        let inner = self.lock();
-        let mut closed = 0;
-        for user in user_ids {
-            for sid in inner.by_user.get(user.as_ref()).into_iter().flatten() {
-                if let Some(e) = inner.sessions.get(sid) {
-                    e.close(code, reason);
-                    closed += 1;
-                }
-            }
-        }
-        closed
+        let entries = self.of_users(user_ids);
+        entries.iter().for_each(|e| e.close(code, reason));
+        entries.len()
     }
 
     pub fn close_all(&self, code: u16, reason: &str) -> usize {
-        let inner = self.lock();
-        inner.sessions.values().for_each(|e| e.close(code, reason));
-        inner.sessions.len()
+        let all: Vec<Arc<Entry>> = self.lock().sessions.values().cloned().collect();
+        all.iter().for_each(|e| e.close(code, reason));
+        all.len()
     }
 
     pub fn counts(&self) -> SessionCounts {
         let inner = self.lock();
         SessionCounts {
             sessions: inner.sessions.len(),
-            users: inner.by_user.len(),
+            users: inner
+                .by_user
+                .values()
+                .filter(|u| !u.sessions.is_empty())
+                .count(),
         }
     }
 
@@ -258,10 +480,8 @@ impl Sessions {
             .lock()
             .by_user
             .get(user_id)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
+            .map(|u| u.sessions.iter().cloned().collect())
+            .unwrap_or_default();
         v.sort();
         v
     }
@@ -271,6 +491,11 @@ impl Sessions {
 mod tests {
     use super::*;
 
+    const CAPS: Caps = Caps {
+        total: 100,
+        per_user: 10,
+    };
+
     fn info(sid: &str, uid: &str) -> SessionInfo {
         SessionInfo {
             session_id: sid.into(),
@@ -278,6 +503,11 @@ mod tests {
             username: None,
             roles: vec![],
         }
+    }
+
+    fn add(s: &Sessions, sid: &str, uid: &str) -> (SessionGuard, Outbox) {
+        let a = s.admit(Some(uid), CAPS).unwrap();
+        s.register(a, &info(sid, uid), CAPS).unwrap()
     }
 
     fn drain(o: &Outbox) -> Vec<String> {
@@ -289,9 +519,9 @@ mod tests {
     #[test]
     fn one_user_many_sessions() {
         let s = Sessions::new(8);
-        let (_g1, c1) = s.register(&info("s1", "alice"));
-        let (_g2, c2) = s.register(&info("s2", "alice"));
-        let (_g3, c3) = s.register(&info("s3", "bob"));
+        let (_g1, c1) = add(&s, "s1", "alice");
+        let (_g2, c2) = add(&s, "s2", "alice");
+        let (_g3, c3) = add(&s, "s3", "bob");
         assert_eq!(
             s.counts(),
             SessionCounts {
@@ -301,7 +531,7 @@ mod tests {
         );
         assert_eq!(s.sessions_of("alice"), vec!["s1", "s2"]);
 
-        assert_eq!(s.send_to_users(&["alice"], "a".into()), 2);
+        assert_eq!(s.send_to_users(&["alice", "alice"], "a".into()), 2);
         assert!(s.send_to_session("s3", "b".into()));
         assert_eq!(s.broadcast("all".into()), 3);
         assert_eq!(s.send_to_users(&["nobody"], "x".into()), 0);
@@ -315,8 +545,8 @@ mod tests {
     #[test]
     fn dropping_the_guard_unregisters() {
         let s = Sessions::new(8);
-        let (g1, _c1) = s.register(&info("s1", "alice"));
-        let (g2, _c2) = s.register(&info("s2", "alice"));
+        let (g1, _c1) = add(&s, "s1", "alice");
+        let (g2, _c2) = add(&s, "s2", "alice");
         drop(g1);
         assert_eq!(s.sessions_of("alice"), vec!["s2"]);
         drop(g2);
@@ -327,15 +557,16 @@ mod tests {
                 users: 0
             }
         );
+        assert!(s.lock().by_user.is_empty());
     }
 
     #[test]
     fn close_by_session_user_and_all() {
         let s = Sessions::new(8);
-        let (_g1, c1) = s.register(&info("s1", "alice"));
-        let (_g2, c2) = s.register(&info("s2", "alice"));
-        let (_g3, c3) = s.register(&info("s3", "bob"));
-        let (_g4, c4) = s.register(&info("s4", "carol"));
+        let (_g1, c1) = add(&s, "s1", "alice");
+        let (_g2, c2) = add(&s, "s2", "alice");
+        let (_g3, c3) = add(&s, "s3", "bob");
+        let (_g4, c4) = add(&s, "s4", "carol");
         assert!(s.close_session("s4", close::DISCONNECTED, "bye"));
         assert!(c4.is_closed());
         assert_eq!(c4.close_reason().unwrap().code, close::DISCONNECTED);
@@ -351,7 +582,7 @@ mod tests {
     #[test]
     fn a_full_queue_closes_the_slow_session_and_loses_nothing_queued() {
         let s = Sessions::new(2);
-        let (_g, c) = s.register(&info("s1", "u"));
+        let (_g, c) = add(&s, "s1", "u");
         assert!(s.send_to_session("s1", "1".into()));
         assert!(s.send_to_session("s1", "2".into()));
         assert!(!s.send_to_session("s1", "3".into()));
@@ -361,18 +592,98 @@ mod tests {
     }
 
     #[test]
-    fn subscriptions_select_sessions() {
+    fn subscriptions_select_sessions_and_are_capped() {
         let s = Sessions::new(8);
-        let (_g1, c1) = s.register(&info("s1", "u1"));
-        let (_g2, c2) = s.register(&info("s2", "u2"));
+        let (_g1, c1) = add(&s, "s1", "u1");
+        let (_g2, c2) = add(&s, "s2", "u2");
         assert_eq!(
-            s.subscribe("s1", &["orders.*".into(), "news.#".into()]),
-            vec!["news.#", "orders.*"]
+            s.subscribe("s1", &["orders.*".into(), "news.#".into()], 3),
+            Ok(vec!["news.#".to_owned(), "orders.*".to_owned()])
         );
-        assert_eq!(s.send_to_subscribers("orders.created", "o".into()), 1);
-        assert_eq!(s.unsubscribe("s1", &["orders.*".into()]), vec!["news.#"]);
-        assert_eq!(s.send_to_subscribers("orders.created", "o2".into()), 0);
+        let deliver = |t: &str, f: &str| s.deliver_event(t, None, true, &[], f.into());
+        assert_eq!(deliver("orders.created", "o"), 1);
+        assert_eq!(
+            s.subscribe("s1", &["a".into(), "b".into()], 3),
+            Err(SubscribeError::TooMany(3)),
+            "all or nothing"
+        );
+        assert_eq!(s.topics("s1"), vec!["news.#", "orders.*"]);
+        assert_eq!(
+            s.subscribe("s1", &["news.#".into(), "a".into()], 3),
+            Ok(vec!["a".into(), "news.#".into(), "orders.*".into()]),
+            "a pattern held already does not count twice"
+        );
+        assert_eq!(
+            s.unsubscribe("s1", &["orders.*".into()]),
+            vec!["a", "news.#"]
+        );
+        assert_eq!(deliver("orders.created", "o2"), 0);
         assert_eq!(drain(&c1), vec!["o"]);
         assert!(drain(&c2).is_empty());
+        s.unsubscribe("s1", &["a".into(), "news.#".into()]);
+        assert!(s.lock().subscribed.is_empty());
+    }
+
+    #[test]
+    fn targeted_events_never_widen() {
+        let s = Sessions::new(8);
+        let (_ga, ann) = add(&s, "sa", "ann");
+        let (_gb, bob) = add(&s, "sb", "bob");
+        s.subscribe("sa", &["orders.#".into()], 8).unwrap();
+        s.subscribe("sb", &["orders.#".into()], 8).unwrap();
+        let to_bob = ["bob".to_owned()];
+        assert_eq!(
+            s.deliver_event("orders.x", Some(&to_bob), true, &[], "t".into()),
+            1
+        );
+        assert_eq!(
+            s.deliver_event("orders.x", Some(&to_bob), false, &[], "u".into()),
+            1
+        );
+        assert!(drain(&ann).is_empty());
+        assert_eq!(drain(&bob), vec!["t", "u"]);
+    }
+
+    #[test]
+    fn rule_roles_select_sessions_and_follow_reauthentication() {
+        let s = Sessions::new(8);
+        let (_g, c) = add(&s, "s1", "u");
+        let admins = ["admin".to_owned()];
+        assert_eq!(s.deliver_event("x", None, false, &admins, "1".into()), 0);
+        s.subscribe("s1", &["secret.#".into(), "news.#".into()], 8)
+            .unwrap();
+        s.set_roles("s1", &admins, |_| true);
+        assert_eq!(s.deliver_event("x", None, false, &admins, "2".into()), 1);
+        s.set_roles("s1", &[], |t| t != "secret.#");
+        assert_eq!(s.topics("s1"), vec!["news.#"]);
+        assert_eq!(s.deliver_event("x", None, false, &admins, "3".into()), 0);
+        assert_eq!(drain(&c), vec!["2"]);
+    }
+
+    #[test]
+    fn admission_caps_hold_before_registration() {
+        let s = Sessions::new(8);
+        let caps = Caps {
+            total: 3,
+            per_user: 2,
+        };
+        let a1 = s.admit(Some("ann"), caps).unwrap();
+        let a2 = s.admit(Some("ann"), caps).unwrap();
+        assert_eq!(s.admit(Some("ann"), caps).unwrap_err(), Crowded::User(2));
+        let anon = s.admit(None, caps).unwrap();
+        assert_eq!(s.admit(Some("bob"), caps).unwrap_err(), Crowded::Total(3));
+        drop(a2);
+        let (_g1, _) = s.register(a1, &info("s1", "ann"), caps).unwrap();
+        // The anonymous handshake turns out to be ann's third socket.
+        let a3 = s.admit(Some("ann"), caps).unwrap();
+        assert_eq!(
+            s.register(anon, &info("s2", "ann"), caps).unwrap_err(),
+            Crowded::User(2)
+        );
+        let (_g3, _) = s.register(a3, &info("s3", "ann"), caps).unwrap();
+        assert_eq!(s.counts().sessions, 2);
+        let inner = s.lock();
+        assert_eq!(inner.pending, 0);
+        assert_eq!(inner.by_user["ann"].pending, 0);
     }
 }

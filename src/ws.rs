@@ -4,7 +4,9 @@
 //! call may go out is `dispatch`'s to say; this module carries it out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -17,11 +19,10 @@ use crate::auth::{Identity, unix_now};
 use crate::dispatch::{self, Failure, Rates, Refusal};
 use crate::gateway::Gateway;
 use crate::hooks::{LocalCall, MeshClient};
-use crate::mesh::{BoxFuture, Call, MeshError};
-use crate::outbox::Outbox;
+use crate::mesh::{BoxFuture, Call};
+use crate::outbox::{Out, Outbox};
 use crate::protocol::{ClientCall, ClientFrame, ErrorName, ServerFrame, close};
-use crate::routing::validate_topic_pattern;
-use crate::session::{SessionGuard, SessionInfo};
+use crate::session::{Admission, Crowded, SessionGuard, SessionInfo, SubscribeError};
 
 fn text(frame: &ServerFrame) -> Message {
     Message::Text(frame.to_json().into())
@@ -92,8 +93,9 @@ pub(crate) fn connection(
     gw: Gateway,
     socket: WebSocket,
     identity: Option<Identity>,
+    admission: Admission,
 ) -> impl Future<Output = ()> + Send {
-    let setup = Box::pin(open(gw, socket, identity));
+    let setup = Box::pin(open(gw, socket, identity, admission));
     async move {
         // let-else, not if-let: an if-let scrutinee's temporary would keep
         // a second `Live`-sized slot for the whole connection.
@@ -115,7 +117,12 @@ struct Live {
 
 /// Authenticate, register the session, start the writer and queue the
 /// hello event.
-async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) -> Option<Live> {
+async fn open(
+    gw: Gateway,
+    mut socket: WebSocket,
+    identity: Option<Identity>,
+    admission: Admission,
+) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
         Some(id) => id,
@@ -127,7 +134,25 @@ async fn open(gw: Gateway, mut socket: WebSocket, identity: Option<Identity>) ->
         username: identity.username.clone(),
         roles: identity.roles.clone(),
     };
-    let (guard, outbox) = gw.sessions().register(&info);
+    let (guard, outbox) = match gw.sessions().register(admission, &info, gw.caps()) {
+        Ok(registered) => registered,
+        Err(Crowded::User(limit) | Crowded::Total(limit)) => {
+            // Only a socket that authenticated after the upgrade gets here.
+            gw.metrics().connection_refused("per_user");
+            let refusal = format!("at most {limit} connections per user");
+            let _ = socket
+                .send(text(&ServerFrame::error(
+                    ErrorName::RateLimited,
+                    refusal,
+                    None,
+                )))
+                .await;
+            let _ = socket
+                .send(close(close::POLICY, "too many connections for this user"))
+                .await;
+            return None;
+        }
+    };
     gw.metrics().connection_opened();
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
@@ -164,8 +189,12 @@ async fn write_loop(
     write_timeout: Duration,
 ) {
     let mut drained_ok = true;
-    while let Some(frame) = outbox.pop().await {
-        match tokio::time::timeout(write_timeout, sink.send(Message::Text(frame))).await {
+    while let Some(out) = outbox.pop().await {
+        let message = match out {
+            Out::Frame(frame) => Message::Text(frame),
+            Out::Ping => Message::Ping(Default::default()),
+        };
+        match tokio::time::timeout(write_timeout, sink.send(message)).await {
             Ok(Ok(())) => {}
             _ => {
                 drained_ok = false;
@@ -208,30 +237,84 @@ struct Connection {
     rates: Rates,
 }
 
-fn expiry_instant(expires_at: Option<u64>) -> tokio::time::Instant {
-    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    match expires_at {
-        Some(exp) => {
-            let left = exp.saturating_sub(unix_now());
-            tokio::time::Instant::now() + Duration::from_secs(left)
-        }
-        None => far,
-    }
+/// The longest the connection timer sleeps: an absurd `exp` (years ahead)
+/// re-arms it daily instead of overflowing an `Instant`.
+const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
+
+/// When the token expiry should be looked at next.
+fn expiry_check(expires_at: Option<u64>, now: Instant) -> Option<Instant> {
+    let left = expires_at?.saturating_sub(unix_now());
+    Some(now + Duration::from_secs(left).min(MAX_TIMER))
 }
 
+/// Keepalive state: when the next ping is due and how many went
+/// unanswered (any frame from the client counts as an answer).
+struct Keepalive {
+    next_ping: Instant,
+    missed: u8,
+}
+
+/// Pings a client may leave unanswered before it is taken for dead.
+const MAX_MISSED_PINGS: u8 = 2;
+
 impl Connection {
+    /// The next moment the timer must wake: the next ping or the token
+    /// expiry check, whichever comes first.
+    fn next_wake(&self, keepalive: &Keepalive, now: Instant) -> Instant {
+        match expiry_check(self.identity.expires_at, now) {
+            Some(at) => at.min(keepalive.next_ping),
+            None => keepalive.next_ping,
+        }
+    }
+
+    /// The timer fired: close an expired session or a dead one, or ping.
+    /// False once the connection is to end.
+    fn on_timer(&mut self, keepalive: &mut Keepalive) -> bool {
+        let sessions = self.gw.sessions();
+        let sid = &self.info.session_id;
+        if self
+            .identity
+            .expires_at
+            .is_some_and(|exp| unix_now() >= exp)
+        {
+            sessions.close_session(sid, close::TOKEN_EXPIRED, "token expired");
+            return false;
+        }
+        let now = Instant::now();
+        if now >= keepalive.next_ping {
+            if keepalive.missed >= MAX_MISSED_PINGS {
+                self.gw.metrics().dead_socket_closed();
+                sessions.close_session(sid, close::NO_PONG, "no pong");
+                return false;
+            }
+            keepalive.missed += 1;
+            self.outbox.ping();
+            keepalive.next_ping = now + self.gw.limits().ping_interval;
+        }
+        true
+    }
+
     async fn read_loop(&mut self, stream: &mut SplitStream<WebSocket>) {
-        let expiry = tokio::time::sleep_until(expiry_instant(self.identity.expires_at));
-        tokio::pin!(expiry);
+        let now = Instant::now();
+        let mut keepalive = Keepalive {
+            next_ping: now + self.gw.limits().ping_interval,
+            missed: 0,
+        };
+        let timer = tokio::time::sleep_until(self.next_wake(&keepalive, now));
+        tokio::pin!(timer);
         loop {
             let msg = tokio::select! {
                 _ = self.outbox.closed() => break,
-                _ = &mut expiry => {
-                    self.gw.sessions().close_session(&self.info.session_id, close::TOKEN_EXPIRED, "token expired");
-                    break;
+                _ = &mut timer => {
+                    if !self.on_timer(&mut keepalive) {
+                        break;
+                    }
+                    timer.as_mut().reset(self.next_wake(&keepalive, Instant::now()));
+                    continue;
                 }
                 msg = stream.next() => msg,
             };
+            keepalive.missed = 0;
             let text = match msg {
                 Some(Ok(Message::Text(t))) => t,
                 Some(Ok(Message::Binary(_))) => {
@@ -278,17 +361,20 @@ impl Connection {
                 }
                 Ok(ClientFrame::Subscribe(t)) => {
                     self.gw.metrics().frame_in("subscribe");
-                    Box::pin(self.subscribe(t.topics, true)).await;
+                    Box::pin(self.subscribe(t.topics)).await;
                 }
                 Ok(ClientFrame::Unsubscribe(t)) => {
                     self.gw.metrics().frame_in("unsubscribe");
-                    Box::pin(self.subscribe(t.topics, false)).await;
+                    Box::pin(self.unsubscribe(t.topics)).await;
                 }
                 Ok(ClientFrame::Authenticate(a)) => {
                     self.gw.metrics().frame_in("authenticate");
-                    if let Some(exp) = Box::pin(self.reauthenticate(&a.token)).await {
-                        expiry.as_mut().reset(expiry_instant(exp));
+                    if !Box::pin(self.reauthenticate(&a.token)).await {
+                        break;
                     }
+                    timer
+                        .as_mut()
+                        .reset(self.next_wake(&keepalive, Instant::now()));
                 }
                 Err(e) => {
                     self.gw.metrics().frame_in("invalid");
@@ -320,21 +406,37 @@ impl Connection {
         })
     }
 
-    async fn reauthenticate(&mut self, token: &str) -> Option<Option<u64>> {
+    /// A new token on an open connection. For the same user, its roles and
+    /// expiry replace the old ones together (and subscriptions the new
+    /// roles no longer allow are dropped); for another user the connection
+    /// ends. False once the connection is to end.
+    async fn reauthenticate(&mut self, token: &str) -> bool {
         match self.gw.hub().auth().authenticate(token).await {
             Ok(id) if id.user_id == self.identity.user_id => {
-                let exp = id.expires_at;
+                let routes = self.gw.routes();
+                self.gw
+                    .sessions()
+                    .set_roles(&self.info.session_id, &id.roles, |t| {
+                        dispatch::authorize_subscription(routes, &id.roles, t).is_ok()
+                    });
+                self.info.roles.clone_from(&id.roles);
+                self.info.username.clone_from(&id.username);
                 self.identity = id;
-                Some(exp)
+                true
             }
             Ok(_) => {
                 self.reply(ServerFrame::error(
                     ErrorName::Unauthorized,
-                    "the token names another user",
+                    "the token names another user; reconnect as that user",
                     None,
                 ))
                 .await;
-                None
+                self.gw.sessions().close_session(
+                    &self.info.session_id,
+                    close::AUTH_REQUIRED,
+                    "the token names another user",
+                );
+                false
             }
             Err(e) => {
                 self.reply(ServerFrame::error(
@@ -343,27 +445,40 @@ impl Connection {
                     None,
                 ))
                 .await;
-                None
+                true
             }
         }
     }
 
-    async fn subscribe(&self, topics: Vec<String>, add: bool) {
-        if let Some(bad) = topics.iter().find_map(|t| validate_topic_pattern(t).err()) {
-            self.reply(ServerFrame::error(
-                ErrorName::InvalidMessage,
-                format!("topic {bad}"),
-                None,
-            ))
-            .await;
-            return;
-        }
-        let sessions = self.gw.sessions();
-        let now = if add {
-            sessions.subscribe(&self.info.session_id, &topics)
+    /// Subscribe to all of `topics` or (refused, with the first reason) to
+    /// none.
+    async fn subscribe(&self, topics: Vec<String>) {
+        let limit = self.gw.limits().max_subscriptions;
+        let checked = if topics.len() > limit {
+            Err(Refusal::TooManySubscriptions { limit })
         } else {
-            sessions.unsubscribe(&self.info.session_id, &topics)
+            topics.iter().try_for_each(|t| {
+                dispatch::authorize_subscription(self.gw.routes(), &self.info.roles, t)
+            })
         };
+        let checked = checked.and_then(|()| {
+            self.gw
+                .sessions()
+                .subscribe(&self.info.session_id, &topics, limit)
+                .map_err(|SubscribeError::TooMany(limit)| Refusal::TooManySubscriptions { limit })
+        });
+        let frame = match checked {
+            Ok(now) => ServerFrame::Subscribed { topics: now },
+            Err(refusal) => ServerFrame::error(refusal.name(), refusal.description(), None),
+        };
+        self.reply(frame).await;
+    }
+
+    async fn unsubscribe(&self, topics: Vec<String>) {
+        let now = self
+            .gw
+            .sessions()
+            .unsubscribe(&self.info.session_id, &topics);
         self.reply(ServerFrame::Subscribed { topics: now }).await;
     }
 
@@ -422,7 +537,7 @@ impl Connection {
             self.gw.routes(),
             &self.info,
             &mut self.rates,
-            Instant::now(),
+            std::time::Instant::now(),
             &call.service,
             &call.method,
         ) {
@@ -449,10 +564,10 @@ impl Connection {
                     .await
                     .map(|v| handler.on_response(&info, &sent, v))
             };
-            let outcome = outcome.map_err(|e| {
-                log_mesh_error(&e);
-                Failure::Mesh(e)
-            });
+            // Failures are counted by outcome in the request metrics; the
+            // broker's state changes are logged once by the mesh, never
+            // once per call.
+            let outcome = outcome.map_err(Failure::Mesh);
             let _ = outbox.push(respond.frame(outcome)).await;
             drop(permit);
         });
@@ -500,11 +615,5 @@ impl Responder {
             },
         };
         frame.to_json().into()
-    }
-}
-
-fn log_mesh_error(e: &MeshError) {
-    if let MeshError::Unavailable(detail) = e {
-        tracing::warn!(%detail, "mesh call failed");
     }
 }

@@ -11,7 +11,7 @@
 //! gateway instance sees every event and can reach its own sockets.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,12 +27,14 @@ use lapin::{
     ExchangeKind,
 };
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BoxFuture, Call, Mesh, MeshError, MeshHandler, OutgoingEvent, redact_url};
+use super::{
+    BoxFuture, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent, redact_url,
+};
 use crate::protocol::{
     EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
     RequestBody, ResponseBody,
@@ -53,6 +55,9 @@ pub struct AmqpConfig {
     pub event_bindings: Vec<String>,
     /// Service-queue messages handled at once.
     pub prefetch: u16,
+    /// Mesh events waiting for the handler; past it, events are dropped
+    /// (and counted) rather than delaying responses or growing memory.
+    pub event_queue: usize,
     pub connect_timeout: Duration,
     /// Longest pause between reconnect attempts.
     pub max_backoff: Duration,
@@ -70,6 +75,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("dl_exchange", &self.dl_exchange)
             .field("event_bindings", &self.event_bindings)
             .field("prefetch", &self.prefetch)
+            .field("event_queue", &self.event_queue)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_backoff", &self.max_backoff)
             .finish()
@@ -87,6 +93,7 @@ impl AmqpConfig {
             dl_exchange: "nuropb-dl-exchange".into(),
             event_bindings: Vec::new(),
             prefetch: 64,
+            event_queue: 4096,
             connect_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(10),
         }
@@ -117,6 +124,11 @@ struct Shared {
     link: RwLock<Option<Link>>,
     ready: AtomicBool,
     handler: Arc<dyn MeshHandler>,
+    /// Events from the response queue, on their way to the handler: off
+    /// the loop that completes responses, so a burst of events never
+    /// delays one. Bounded; what does not fit is dropped and counted.
+    events: mpsc::Sender<IncomingEvent>,
+    events_dropped: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -209,16 +221,22 @@ impl AmqpMesh {
         handler: Arc<dyn MeshHandler>,
     ) -> Result<Self, MeshError> {
         let response_queue = config.response_queue();
+        let (events, events_rx) = mpsc::channel(config.event_queue.max(1));
         let shared = Arc::new(Shared {
             response_queue,
             pending: Mutex::new(HashMap::new()),
             link: RwLock::new(None),
             ready: AtomicBool::new(false),
             handler,
+            events,
+            events_dropped: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             config,
         });
+        shared
+            .tasks
+            .spawn(deliver_events(shared.clone(), events_rx));
         let consumers = tokio::time::timeout(shared.config.connect_timeout, establish(&shared))
             .await
             .map_err(|_| {
@@ -409,6 +427,10 @@ impl Mesh for AmqpMesh {
     fn is_ready(&self) -> bool {
         self.shared.ready.load(Ordering::SeqCst)
     }
+
+    fn events_dropped(&self) -> u64 {
+        self.shared.events_dropped.load(Ordering::Relaxed)
+    }
 }
 
 struct Consumers {
@@ -564,8 +586,8 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
             }
             match tokio::time::timeout(shared.config.connect_timeout, establish(&shared)).await {
                 Ok(Ok(c)) => break c,
-                Ok(Err(e)) => tracing::warn!(error = %e, "reconnect failed"),
-                Err(_) => tracing::warn!("reconnect timed out"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "reconnect failed"),
+                Err(_) => tracing::debug!("reconnect timed out"),
             }
             backoff = (backoff * 2).min(shared.config.max_backoff);
         };
@@ -578,14 +600,28 @@ async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
         match decode_delivery(&delivery) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
             Ok(MeshMessage::Event(ev)) => {
-                shared.handler.handle_event(ev.into()).await;
+                if shared.events.try_send(ev.into()).is_err() {
+                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            Ok(other) => tracing::warn!(
+            Ok(other) => tracing::debug!(
                 kind = other.message_type().as_str(),
                 "unexpected message on the response queue, dropped"
             ),
-            Err(why) => tracing::warn!(%why, "undecodable message on the response queue, dropped"),
+            Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
         }
+    }
+}
+
+/// Hand queued mesh events to the handler, one at a time, until shutdown.
+async fn deliver_events(shared: Arc<Shared>, mut events: mpsc::Receiver<IncomingEvent>) {
+    loop {
+        let event = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            event = events.recv() => event,
+        };
+        let Some(event) = event else { return };
+        shared.handler.handle_event(event).await;
     }
 }
 
@@ -622,7 +658,7 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
     let msg = match decode_delivery(&delivery) {
         Ok(m) => m,
         Err(why) => {
-            tracing::warn!(%why, "rejecting an undecodable service message");
+            tracing::debug!(%why, "rejecting an undecodable service message");
             let _ = delivery
                 .acker
                 .reject(BasicRejectOptions { requeue: false })
@@ -656,7 +692,7 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
                 reply_to: String::new(),
             });
             if reply_to.is_empty() {
-                tracing::warn!("request without reply_to, answered nowhere");
+                tracing::debug!("request without reply_to, answered nowhere");
             } else if let Err(e) = publish_response(
                 shared,
                 &reply_to,
@@ -666,7 +702,7 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
             )
             .await
             {
-                tracing::warn!(error = %e, "could not publish a response");
+                tracing::debug!(error = %e, "could not publish a response");
             }
         }
         MeshMessage::Command(cmd) => {
@@ -676,7 +712,7 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
             shared.handler.handle_event(ev.into()).await;
         }
         MeshMessage::Response(_) => {
-            tracing::warn!("a response on the service queue, dropped");
+            tracing::debug!("a response on the service queue, dropped");
         }
     }
     let _ = delivery.acker.ack(BasicAckOptions::default()).await;

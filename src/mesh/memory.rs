@@ -15,7 +15,8 @@ use super::{
     unknown_method,
 };
 use crate::protocol::ErrorBody;
-use crate::routing::{RouteTable, topic_matches};
+use crate::routing::RouteTable;
+use crate::topic;
 
 #[derive(Debug)]
 struct Registered {
@@ -135,7 +136,7 @@ impl Mesh for MemoryMesh {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
-                .filter(|r| r.bindings.iter().any(|b| topic_matches(b, &event.topic)))
+                .filter(|r| r.bindings.iter().any(|b| topic::matches(b, &event.topic)))
                 .cloned()
                 .collect();
             for r in receivers {

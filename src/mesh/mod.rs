@@ -168,6 +168,10 @@ pub trait Mesh: Send + Sync + fmt::Debug + 'static {
     fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>>;
     /// Whether calls can be made now (drives `/readyz`).
     fn is_ready(&self) -> bool;
+    /// Mesh events dropped so far because the gateway could not keep up.
+    fn events_dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// The service side: what a peer does with requests and events addressed to

@@ -23,7 +23,8 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_new(&settings.log).unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_new(nuropb_bff::log_filter(&settings.log))
+                .unwrap_or_else(|_| EnvFilter::new(nuropb_bff::log_filter("info"))),
         )
         .init();
     for warning in warnings {
