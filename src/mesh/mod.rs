@@ -194,3 +194,28 @@ pub(crate) fn unknown_method(service: &str, method: &str) -> ErrorBody {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_debug_carries_no_token() {
+        let mut context = Map::new();
+        context.insert(
+            "Authorization".into(),
+            Value::String("eyJ.secret.sig".into()),
+        );
+        let call = Call {
+            service: "s".into(),
+            method: "m".into(),
+            params: Map::new(),
+            context,
+            ttl: Duration::from_secs(1),
+            trace_id: None,
+        };
+        let text = format!("{call:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("Authorization"), "{text}");
+    }
+}

@@ -192,3 +192,83 @@ fn server_frames_have_the_contract_shapes() {
         r#"{"type":"ack","payload":{"trace_id":"t"}}"#
     );
 }
+
+mod decoder_never_panics {
+    use super::super::ClientFrame;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// JSON values of any shape, a few levels deep.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::String),
+            prop_oneof![
+                Just("request"),
+                Just("command"),
+                Just("subscribe"),
+                Just("authenticate"),
+                Just("payload"),
+                Just("topics"),
+            ]
+            .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_owned()),
+                        Just("payload".to_owned()),
+                        Just("service".to_owned()),
+                        Just("method".to_owned()),
+                        Just("params".to_owned()),
+                        Just("trace_id".to_owned()),
+                        Just("topics".to_owned()),
+                        Just("token".to_owned()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn on_any_text(text in ".{0,200}") {
+            let _ = ClientFrame::decode(&text);
+        }
+
+        #[test]
+        fn on_any_json(v in value()) {
+            let _ = ClientFrame::decode(&v.to_string());
+        }
+
+        #[test]
+        fn on_frames_of_the_right_type_with_any_payload(
+            kind in prop_oneof![Just("request"), Just("command"), Just("subscribe"), Just("unsubscribe"), Just("authenticate")],
+            payload in value(),
+        ) {
+            let frame = json!({"type": kind, "payload": payload}).to_string();
+            let _ = ClientFrame::decode(&frame);
+        }
+    }
+
+    #[test]
+    fn on_deep_nesting() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(ClientFrame::decode(&deep).is_err());
+        let deep_obj = format!(
+            r#"{{"type":"request","payload":{{"service":"a","method":"b","params":{}1{}}}}}"#,
+            r#"{"a":"#.repeat(10_000),
+            "}".repeat(10_000)
+        );
+        assert!(ClientFrame::decode(&deep_obj).is_err());
+    }
+}

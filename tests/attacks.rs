@@ -1,0 +1,597 @@
+//! The trust boundary, tried as an attacker would (bff-contract.md sections
+//! 4 and 6): a gateway on real sockets over RabbitMQ, a Rust service peer
+//! that records every call reaching it, and a peer that publishes events.
+//! Every attack asserts the refusal, that nothing reached the service where
+//! that matters, and that the gateway still answers a fresh client within a
+//! second.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nuropb_bff::testing::hs256_token_with;
+use nuropb_bff::{
+    AmqpConfig, AmqpMesh, AuthHook, BoxFuture, DefaultHandler, ErrorBody, IncomingRequest,
+    JwtVerifier, Mesh, MeshHandler, OutgoingEvent, Settings,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Every log line of this test binary, at debug level through the same
+/// filter a BFF binary uses: the secret scan reads it.
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        struct Sink(&'static Mutex<Vec<u8>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(nuropb_bff::log_filter(
+                "debug",
+            )))
+            .with_ansi(false)
+            .with_writer(move || Sink(buffer))
+            .try_init();
+        buffer
+    })
+}
+
+/// Records the method of every request that reaches the service.
+#[derive(Debug, Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Recorder {
+    fn calls(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl MeshHandler for Recorder {
+    fn handle_request(&self, r: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
+        self.0.lock().unwrap().push(r.method.clone());
+        Box::pin(async move { Ok(json!({"method": r.method})) })
+    }
+}
+
+/// A gateway over RabbitMQ routing `{svc}.*` (plus an admin-only method),
+/// with the template's default event rule (`{svc}.#` to subscribers) and an
+/// auditor-only rule, and a recording service peer.
+struct Scene {
+    gw: Running,
+    svc: String,
+    service: Arc<Recorder>,
+    peer: AmqpMesh,
+}
+
+impl Scene {
+    async fn start(auth: Arc<dyn AuthHook>, configure: impl FnOnce(&mut Settings)) -> Self {
+        logs();
+        let svc = unique("orders");
+        let routes = format!(
+            r#"
+[[route]]
+call = "{svc}.*"
+
+[[route]]
+call = "{svc}.purge"
+roles = ["admin"]
+
+[[event]]
+topic = "{svc}.#"
+deliver = "subscribers"
+
+[[event]]
+topic = "{svc}-audit.#"
+deliver = "subscribers"
+roles = ["auditor"]
+"#
+        );
+        let service = Arc::new(Recorder::default());
+        let peer = AmqpMesh::connect(AmqpConfig::new(amqp_url(), &svc), service.clone())
+            .await
+            .expect("RabbitMQ must be running on 127.0.0.1:5672");
+        let gw = start(
+            &routes,
+            auth,
+            Arc::new(DefaultHandler),
+            |s| {
+                s.mesh_service_name = unique("bff");
+                configure(s);
+            },
+            MeshSetup::Broker,
+        )
+        .await;
+        Self {
+            gw,
+            svc,
+            service,
+            peer,
+        }
+    }
+
+    async fn default() -> Self {
+        Self::start(hs256(), |_| {}).await
+    }
+
+    async fn publish(&self, topic: &str, target: Option<Vec<String>>) {
+        self.peer
+            .publish_event(OutgoingEvent {
+                topic: topic.into(),
+                event: json!({"topic": topic}),
+                context: Default::default(),
+                target,
+                trace_id: None,
+            })
+            .await
+            .expect("event published");
+    }
+
+    /// A fresh client gets an answer through the broker within a second.
+    async fn still_serving(&self) {
+        let started = Instant::now();
+        let (mut c, _) = connect(&self.gw.url(), &token("fresh", &[], 300)).await;
+        let r = c
+            .request_traced(&self.svc, "ping", json!({}), "alive")
+            .await
+            .expect("a fresh client is answered");
+        assert_eq!(r["result"]["method"], "ping", "{r}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a fresh client waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    async fn stop(self) {
+        self.gw.stop().await;
+        self.peer.close(Duration::from_secs(2)).await;
+    }
+}
+
+fn hs256() -> Arc<dyn AuthHook> {
+    Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None))
+}
+
+/// The next frame that is not an event on `topic`-less noise: skips nothing,
+/// so a test sees exactly what the gateway sent next.
+async fn next(c: &mut TestClient) -> Value {
+    c.recv().await.expect("a frame")
+}
+
+async fn subscribe(c: &mut TestClient, topics: &[&str]) -> Value {
+    c.send(json!({"type":"subscribe","payload":{"topics":topics}}))
+        .await
+        .unwrap();
+    next(c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_subscription_pattern_neither_crashes_nor_stalls_the_gateway() {
+    let scene = Scene::default().await;
+    let (mut mallory, _) = connect(&scene.gw.url(), &token("mallory", &[], 300)).await;
+    let evil = format!("{}x", "#.".repeat(20_000));
+    let refused = subscribe(&mut mallory, &[&evil]).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["payload"]["error"], "InvalidMessage", "{refused}");
+    assert!(
+        refused.to_string().len() < 1_000,
+        "the pattern is not echoed"
+    );
+    // A legitimate subscription next to it, then an event on the rule.
+    let ok = subscribe(&mut mallory, &[&format!("{}.#", scene.svc)]).await;
+    assert_eq!(ok["type"], "subscribed", "{ok}");
+    scene.publish(&format!("{}.created", scene.svc), None).await;
+    let event = next(&mut mallory).await;
+    assert_eq!(
+        event["payload"]["topic"],
+        format!("{}.created", scene.svc),
+        "{event}"
+    );
+    scene.still_serving().await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_targeted_event_reaches_only_its_target_whatever_others_subscribed() {
+    let scene = Scene::default().await;
+    let pattern = format!("{}.#", scene.svc);
+    let (mut ann, _) = connect(&scene.gw.url(), &token("ann", &[], 300)).await;
+    let (mut bob, _) = connect(&scene.gw.url(), &token("bob", &[], 300)).await;
+    assert_eq!(subscribe(&mut ann, &[&pattern]).await["type"], "subscribed");
+    assert_eq!(subscribe(&mut bob, &[&pattern]).await["type"], "subscribed");
+    let topic = format!("{}.shipped", scene.svc);
+    scene.publish(&topic, Some(vec!["bob".into()])).await;
+    assert_eq!(next(&mut bob).await["payload"]["topic"], topic);
+    // Ann's next frame is her own response, not bob's event.
+    let r = ann
+        .request_traced(&scene.svc, "ping", json!({}), "ann-1")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["method"], "ping");
+    // An untargeted event still reaches both subscribers.
+    scene.publish(&topic, None).await;
+    assert_eq!(next(&mut ann).await["payload"]["topic"], topic);
+    assert_eq!(next(&mut bob).await["payload"]["topic"], topic);
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_outside_the_rules_are_refused_and_the_count_is_capped() {
+    let scene = Scene::start(hs256(), |s| s.limits.max_subscriptions = 4).await;
+    let svc = scene.svc.clone();
+    let (mut c, _) = connect(&scene.gw.url(), &token("eve", &[], 300)).await;
+    let audit = format!("{svc}-audit.#");
+    for pattern in ["#", "*.*", "secret.stuff", "nuropb.#", "*", audit.as_str()] {
+        let r = subscribe(&mut c, &[pattern]).await;
+        assert_eq!(r["type"], "error", "{pattern}: {r}");
+        assert_eq!(r["payload"]["error"], "Forbidden", "{pattern}: {r}");
+    }
+    // One bad pattern in a frame refuses the whole frame.
+    let r = subscribe(&mut c, &[&format!("{svc}.a"), "#"]).await;
+    assert_eq!(r["payload"]["error"], "Forbidden", "{r}");
+    let four: Vec<String> = (0..4).map(|i| format!("{svc}.t{i}")).collect();
+    let four: Vec<&str> = four.iter().map(String::as_str).collect();
+    let r = subscribe(&mut c, &four).await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    assert_eq!(r["payload"]["topics"].as_array().unwrap().len(), 4);
+    let r = subscribe(&mut c, &[&format!("{svc}.t9")]).await;
+    assert_eq!(r["payload"]["error"], "RateLimited", "{r}");
+    // Nothing was stored: unsubscribing nothing echoes the same four.
+    c.send(json!({"type":"unsubscribe","payload":{"topics":[]}}))
+        .await
+        .unwrap();
+    let r = next(&mut c).await;
+    assert_eq!(r["payload"]["topics"].as_array().unwrap().len(), 4, "{r}");
+    // A flood of patterns in one frame is refused at once.
+    let many: Vec<String> = (0..2_000).map(|i| format!("{svc}.m{i}")).collect();
+    let r = subscribe(&mut c, &many.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(r["payload"]["error"], "RateLimited", "{r}");
+    // An auditor may subscribe to the audit rule.
+    let (mut auditor, _) = connect(&scene.gw.url(), &token("ada", &["auditor"], 300)).await;
+    assert_eq!(
+        subscribe(&mut auditor, &[&audit]).await["type"],
+        "subscribed"
+    );
+    scene.still_serving().await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_never_reach_internal_or_malformed_method_names() {
+    let scene = Scene::default().await;
+    let (mut c, _) = connect(&scene.gw.url(), &token("ivan", &[], 300)).await;
+    for method in [
+        "nuropb_describe",
+        "_private",
+        "__init__",
+        "",
+        "a.b",
+        "add\n",
+        "purge",
+    ] {
+        let r = c
+            .request_traced(&scene.svc, method, json!({}), "w")
+            .await
+            .unwrap();
+        let expected = if method == "purge" {
+            "Forbidden"
+        } else {
+            "RouteNotFound"
+        };
+        assert_eq!(r["error"]["error"], expected, "{method:?}: {r}");
+    }
+    let r = c
+        .request_traced(&scene.svc, "list", json!({}), "ok")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["method"], "list");
+    assert_eq!(
+        scene.service.calls(),
+        vec!["list"],
+        "only the public call reached the service"
+    );
+    scene.still_serving().await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_nbf_fractional_exp_issuer_audience_and_reauthentication() {
+    let scene = Scene::default().await;
+    let now = nuropb_bff::testing::unix_time();
+    let url = scene.gw.url();
+
+    let early = hs256_token_with(
+        SECRET,
+        &json!({"sub":"nico","exp": now + 600, "nbf": now + 3600}),
+    );
+    let err = TestClient::connect(&url, Some(&early)).await.unwrap_err();
+    assert!(err.contains("401"), "{err}");
+
+    let fractional = hs256_token_with(SECRET, &json!({"sub":"fran","exp": now as f64 + 2.5}));
+    let (mut c, _) = connect(&url, &fractional).await;
+    let started = Instant::now();
+    assert_eq!(c.closed().await.unwrap(), Some(4001));
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let absurd = hs256_token_with(SECRET, &json!({"sub":"abe","exp": u64::MAX}));
+    let (mut c, _) = connect(&url, &absurd).await;
+    let r = c
+        .request_traced(&scene.svc, "ping", json!({}), "a")
+        .await
+        .unwrap();
+    assert_eq!(
+        r["result"]["method"], "ping",
+        "an absurd exp does not crash"
+    );
+
+    // Re-authentication replaces roles: purge is forbidden, then allowed.
+    let (mut c, _) = connect(&url, &token("rita", &[], 300)).await;
+    let r = c
+        .request_traced(&scene.svc, "purge", json!({}), "p1")
+        .await
+        .unwrap();
+    assert_eq!(r["error"]["error"], "Forbidden", "{r}");
+    let admin = token("rita", &["admin"], 300);
+    c.send(json!({"type":"authenticate","payload":{"token": admin}}))
+        .await
+        .unwrap();
+    let r = c
+        .request_traced(&scene.svc, "purge", json!({}), "p2")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["method"], "purge", "{r}");
+    // ... and a token for someone else ends the connection.
+    let other = token("mallory", &["admin"], 300);
+    c.send(json!({"type":"authenticate","payload":{"token": other}}))
+        .await
+        .unwrap();
+    assert_eq!(c.closed().await.unwrap(), Some(4003));
+    scene.stop().await;
+
+    // With an issuer and audience configured, both are required.
+    let strict = Arc::new(JwtVerifier::hs256(
+        SECRET.as_bytes(),
+        Some("idp"),
+        Some("bff"),
+    ));
+    let scene = Scene::start(strict, |_| {}).await;
+    let bare = token("ivy", &[], 300);
+    let err = TestClient::connect(&scene.gw.url(), Some(&bare))
+        .await
+        .unwrap_err();
+    assert!(err.contains("401"), "{err}");
+    let good = hs256_token_with(
+        SECRET,
+        &json!({"sub":"ivy","iss":"idp","aud":"bff","exp": now + 300}),
+    );
+    let (_c, hello) = connect(&scene.gw.url(), &good).await;
+    assert_eq!(hello["payload"]["event"]["user_id"], "ivy");
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_request_headers_are_dropped_after_the_handshake_timeout() {
+    let gw = start(
+        "[[route]]\ncall = \"echo.*\"\n",
+        hs256(),
+        Arc::new(DefaultHandler),
+        |s| s.limits.handshake_timeout = Duration::from_millis(300),
+        MeshSetup::Memory(nuropb_bff::MemoryMesh::new()),
+    )
+    .await;
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: web")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    for mut s in slow {
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the gateway hung up on a half-sent request");
+        // EOF, or an error status followed by EOF.
+        if let Ok(n) = read
+            && n > 0
+        {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (code, _) = http_get(gw.addr, "/healthz").await.unwrap();
+    assert_eq!(code, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_refuse_before_the_upgrade() {
+    let gw = start(
+        "[[route]]\ncall = \"echo.*\"\n",
+        hs256(),
+        Arc::new(DefaultHandler),
+        |s| {
+            s.limits.max_connections = 5;
+            s.limits.max_connections_per_user = 2;
+        },
+        MeshSetup::Memory(nuropb_bff::MemoryMesh::new()),
+    )
+    .await;
+    let url = gw.url();
+    let ann = token("ann", &[], 300);
+    let (_a1, _) = connect(&url, &ann).await;
+    let (_a2, _) = connect(&url, &ann).await;
+    let err = TestClient::connect(&url, Some(&ann)).await.unwrap_err();
+    assert!(err.contains("429"), "{err}");
+    // A socket that names its user only in its first frame is closed.
+    let mut late = TestClient::connect(&url, None).await.unwrap();
+    late.send(json!({"type":"authenticate","payload":{"token": ann}}))
+        .await
+        .unwrap();
+    let refused = late.recv().await.unwrap();
+    assert_eq!(refused["payload"]["error"], "RateLimited", "{refused}");
+    assert_eq!(late.closed().await.unwrap(), Some(1008));
+    let (_b1, _) = connect(&url, &token("bob", &[], 300)).await;
+    let (_c1, _) = connect(&url, &token("cy", &[], 300)).await;
+    let (_d1, _) = connect(&url, &token("di", &[], 300)).await;
+    let err = TestClient::connect(&url, Some(&token("eli", &[], 300)))
+        .await
+        .unwrap_err();
+    assert!(err.contains("503"), "{err}");
+    let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"bff_refused_connections_total{reason="max_connections"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"bff_refused_connections_total{reason="per_user"} 2"#),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_closed_after_two_missed_pings_and_a_live_one_stays() {
+    let gw = start(
+        "[[route]]\ncall = \"echo.*\"\n",
+        hs256(),
+        Arc::new(DefaultHandler),
+        |s| s.limits.ping_interval = Duration::from_millis(200),
+        MeshSetup::Memory(nuropb_bff::MemoryMesh::with_echo_stubs(
+            &nuropb_bff::RouteTable::parse("r", "[[route]]\ncall = \"echo.*\"\n").unwrap(),
+        )),
+    )
+    .await;
+    let (mut silent, _) = connect(&gw.url(), &token("sid", &[], 300)).await;
+    let (mut live, _) = connect(&gw.url(), &token("liv", &[], 300)).await;
+    // The live client keeps talking (and so answers pings); the silent one
+    // does not read at all.
+    let until = Instant::now() + Duration::from_millis(1_500);
+    while Instant::now() < until {
+        let r = live
+            .request_traced("echo", "x", json!({}), "keep")
+            .await
+            .unwrap();
+        assert_eq!(r["result"]["method"], "x");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Closed and unregistered on the server side; the client sees its
+    // socket end (its queued pong replies may race the close frame).
+    let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("bff_dead_socket_closes_total 1"),
+        "{metrics}"
+    );
+    assert!(gw.gateway.sessions().sessions_of("sid").is_empty());
+    assert!(gw.gateway.sessions().sessions_of("liv").len() == 1);
+    let end = silent.closed().await.unwrap();
+    assert!(matches!(end, None | Some(1011)), "{end:?}");
+    let r = live
+        .request_traced("echo", "y", json!({}), "still")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["method"], "y");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_and_the_socket_kept() {
+    let scene = Scene::start(hs256(), |s| s.limits.max_frame_bytes = 1_000).await;
+    let (mut c, _) = connect(&scene.gw.url(), &token("olga", &[], 300)).await;
+    let big = json!({"type":"request","payload":{"service":scene.svc,"method":"ping","params":{"pad":"x".repeat(2_000)}}});
+    c.send(big).await.unwrap();
+    let r = next(&mut c).await;
+    assert_eq!(r["payload"]["error"], "MessageTooLarge", "{r}");
+    assert!(
+        scene.service.calls().is_empty(),
+        "nothing reached the service"
+    );
+    let r = c
+        .request_traced(&scene.svc, "ping", json!({}), "small")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["method"], "ping");
+    scene.still_serving().await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_no_secret_and_no_line_per_refused_call() {
+    let scene = Scene::default().await;
+    let t = token("lou", &[], 300);
+    let (mut c, _) = connect(&scene.gw.url(), &t).await;
+    // A routed name no service is bound to: NO_ROUTE, whose returned
+    // message carries the token.
+    let ghost = format!("{}-ghost", scene.svc);
+    let before = logs().lock().unwrap().len();
+    for i in 0..200 {
+        let r = c
+            .request_traced(&scene.svc, &format!("m{i}"), json!({}), &format!("t{i}"))
+            .await
+            .unwrap();
+        assert!(r["error"].is_null(), "{r}");
+    }
+    drop(c);
+    scene.stop().await;
+
+    let routes = format!("[[route]]\ncall = \"{ghost}.*\"\n");
+    let gw = start(
+        &routes,
+        hs256(),
+        Arc::new(DefaultHandler),
+        |_| {},
+        MeshSetup::Broker,
+    )
+    .await;
+    let (mut c, _) = connect(&gw.url(), &t).await;
+    let mid = logs().lock().unwrap().len();
+    for i in 0..100 {
+        let r = c
+            .request_traced(&ghost, "call", json!({}), &format!("g{i}"))
+            .await
+            .unwrap();
+        assert_eq!(r["error"]["error"], "NuropbNotDeliveredError", "{r}");
+    }
+    gw.stop().await;
+
+    let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    assert!(text.len() > before, "the scenario logged something");
+    assert!(!text.contains(&t), "a token reached the logs");
+    let password_in_url = amqp_url()
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(userinfo, _)| userinfo.to_owned())
+        .unwrap_or_default();
+    assert!(
+        password_in_url.contains(':') && !text.contains(&format!("{password_in_url}@")),
+        "the broker password reached the logs"
+    );
+    let refused_window = &text[mid.min(text.len())..];
+    let loud = refused_window
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" INFO ") || l.contains(" ERROR "))
+        .filter(|l| !l.contains("shutting down") && !l.contains("joined the mesh"))
+        .count();
+    assert!(
+        loud < 10,
+        "{loud} info/warn lines for 100 refused calls:\n{refused_window}"
+    );
+    assert!(
+        !refused_window.contains("Server returned us a message"),
+        "lapin's returned-message line is silenced"
+    );
+}
