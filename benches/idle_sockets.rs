@@ -7,6 +7,7 @@
 //!   cargo bench --bench idle_sockets -- --sockets 5000
 //!   cargo bench --bench idle_sockets -- --jwt          # HS256 tokens, as in production
 //!   cargo bench --bench idle_sockets -- --read-buffer 2048
+//!   cargo bench --bench idle_sockets -- --jwt --subscriptions 128   # each socket at its cap
 //!
 //! Under `cargo test` (no `--bench` argument) it makes a short smoke run of
 //! 200 sockets. Each socket takes a file descriptor on both sides: the
@@ -41,7 +42,11 @@ fn rss_kib(pid: u32) -> u64 {
 /// The gateway side: serve until stdin closes, then report the sessions
 /// still open.
 async fn server(jwt: bool, read_buffer: usize) {
-    let routes = RouteTable::parse("bench", "[[route]]\ncall = \"echo.*\"\n").unwrap();
+    let routes = RouteTable::parse(
+        "bench",
+        "[[route]]\ncall = \"echo.*\"\n\n[[event]]\ntopic = \"echo.#\"\ndeliver = \"subscribers\"\n",
+    )
+    .unwrap();
     let auth: Arc<dyn AuthHook> = if jwt {
         Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None))
     } else {
@@ -50,6 +55,8 @@ async fn server(jwt: bool, read_buffer: usize) {
     let mut settings = Settings::new("idle-bench");
     settings.limits.read_buffer_bytes = read_buffer;
     settings.shutdown_grace_ms = 5_000;
+    // The clients never answer pings; keep them past the measurement.
+    settings.limits.ping_interval = Duration::from_secs(600);
     let gw = Gateway::builder(settings)
         .routes(routes)
         .auth(auth)
@@ -80,6 +87,8 @@ async fn main() {
     }
     let benching = common::benching();
     let n = common::arg("--sockets", if benching { 10_000 } else { 200 });
+    // Subscription patterns each socket holds (the cap is 128 by default).
+    let subscriptions = common::arg("--subscriptions", 0);
     // `--server-wrapper valgrind,--tool=massif` runs the server under a tool.
     let args: Vec<String> = std::env::args().collect();
     let wrapper: Vec<String> = args
@@ -127,13 +136,30 @@ async fn main() {
         // The hello event: the session is registered.
         let hello = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
         assert!(matches!(hello, Ok(Some(Ok(_)))), "socket {i}: no hello");
+        if subscriptions > 0 {
+            use futures_util::SinkExt;
+            let topics: Vec<String> = (0..subscriptions)
+                .map(|j| format!("echo.user{i}.topic{j}.#"))
+                .collect();
+            let frame = serde_json::json!({"type":"subscribe","payload":{"topics":topics}});
+            ws.send(tokio_tungstenite::tungstenite::Message::Text(
+                frame.to_string().into(),
+            ))
+            .await
+            .unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+            let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = reply else {
+                panic!("socket {i}: no answer to subscribe");
+            };
+            assert!(t.as_str().contains("\"subscribed\""), "socket {i}: {t}");
+        }
         sockets.push(ws);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_kib(pid);
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     println!(
-        "idle sockets={n} auth={} read_buffer={read_buffer} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
+        "idle sockets={n} auth={} read_buffer={read_buffer} subscriptions={subscriptions} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
         if jwt { "hs256" } else { "none" },
         per,
         per / 1024.0

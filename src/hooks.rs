@@ -138,3 +138,39 @@ impl MeshClient {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::MemoryMesh;
+
+    #[test]
+    fn a_local_call_debug_carries_no_token() {
+        let mut context = Map::new();
+        context.insert("Authorization".into(), Value::String("eyJ.secret.sig".into()));
+        let client = MeshClient::new(
+            Arc::new(MemoryMesh::new()),
+            context,
+            "t".into(),
+            Duration::from_secs(1),
+        );
+        let local = LocalCall {
+            session: SessionInfo {
+                session_id: "s".into(),
+                user_id: "u".into(),
+                username: None,
+                roles: vec![],
+            },
+            call: ClientCall {
+                service: "bff".into(),
+                method: "whoami".into(),
+                params: Map::new(),
+                trace_id: None,
+            },
+            mesh: client,
+        };
+        let text = format!("{local:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("Authorization"), "{text}");
+    }
+}
