@@ -78,6 +78,37 @@ impl Default for Limits {
     }
 }
 
+/// The BFF's own methods on the mesh (bff-contract.md section 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshApi {
+    /// The role a caller's token needs for `send_to_users`, `broadcast`
+    /// and `disconnect_users`.
+    pub push_role: String,
+    /// Let any broker peer push without a token: for closed development
+    /// meshes only (logged as a warning at start).
+    pub open: bool,
+    /// How long a push waits for the other instances to report what they
+    /// delivered.
+    #[serde(rename = "gather_ms", with = "millis")]
+    pub gather: Duration,
+    /// How often each instance tells the others it is alive (and its
+    /// counts, for `stats`).
+    #[serde(rename = "heartbeat_ms", with = "millis")]
+    pub heartbeat: Duration,
+}
+
+impl Default for MeshApi {
+    fn default() -> Self {
+        Self {
+            push_role: "bff:push".into(),
+            open: false,
+            gather: Duration::from_millis(1000),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
 mod millis {
     use std::time::Duration;
 
@@ -129,6 +160,8 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub mesh_api: MeshApi,
 }
 
 fn d_grace() -> u64 {
@@ -160,6 +193,7 @@ impl std::fmt::Debug for Settings {
             .field("instance_id", &self.instance_id)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("limits", &self.limits)
+            .field("mesh_api", &self.mesh_api)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +233,7 @@ impl Settings {
             instance_id: None,
             shutdown_grace_ms: d_grace(),
             limits: Limits::default(),
+            mesh_api: MeshApi::default(),
         }
     }
 
@@ -211,7 +246,7 @@ impl Settings {
             jwks_url: Some(String::new()),
             jwt_issuer: Some(String::new()),
             jwt_audience: Some(String::new()),
-            instance_id: Some(String::new()),
+            instance_id: Some("x".into()),
             ..Self::new("x")
         }
     }
@@ -312,6 +347,25 @@ impl Settings {
             if value < Duration::from_millis(10) || value > Duration::from_secs(24 * 3600) {
                 return bad(format!(
                     "limits.{name} must be between 10 and 86400000 ms, found {}",
+                    value.as_millis()
+                ));
+            }
+        }
+        if let Some(id) = &self.instance_id
+            && !(crate::routing::is_name(id) && id.len() <= 64)
+        {
+            return bad(format!(
+                "instance_id (BFF_INSTANCE_ID) must be up to 64 letters, digits, `_` or `-`, found `{id}`"
+            ));
+        }
+        let m = &self.mesh_api;
+        if m.push_role.trim().is_empty() {
+            return bad("mesh_api.push_role must not be empty".into());
+        }
+        for (name, value) in [("gather_ms", m.gather), ("heartbeat_ms", m.heartbeat)] {
+            if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
+                return bad(format!(
+                    "mesh_api.{name} must be between 10 and 3600000 ms, found {}",
                     value.as_millis()
                 ));
             }

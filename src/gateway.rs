@@ -7,14 +7,16 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{Limits, Settings};
 use crate::hooks::{AuthHook, DefaultHandler, WsHandler};
 use crate::hub::Hub;
 use crate::mesh::{AmqpConfig, AmqpMesh, MemoryMesh, Mesh, MeshHandler, redact_url};
-use crate::mesh_api::BffService;
+use crate::mesh_api::{self, BffService, CONTROL_OUTBOX, ControlItem, ControlOut};
 use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::routing::RouteTable;
@@ -32,7 +34,12 @@ struct Inner {
     /// Set when the gateway joined a broker: closed on shutdown.
     amqp: Option<AmqpMesh>,
     shutdown: CancellationToken,
+    /// Connection tasks.
     tasks: TaskTracker,
+    /// The control pump and the heartbeat: they outlive the connections
+    /// (the last heartbeat says this instance leaves).
+    background: TaskTracker,
+    background_stop: CancellationToken,
 }
 
 impl fmt::Debug for Gateway {
@@ -107,10 +114,21 @@ impl GatewayBuilder {
             None => auth_from_settings(&settings)?,
         };
         let hub = Hub::new(settings, routes, auth, self.handler);
-        let service: Arc<dyn MeshHandler> = Arc::new(BffService::new(hub.clone()));
+        let cluster = Arc::new(Cluster::new(
+            hub.instance_id().to_owned(),
+            hub.settings().mesh_api.heartbeat,
+        ));
+        let (control, control_rx) = mpsc::channel(CONTROL_OUTBOX);
+        let service: Arc<dyn MeshHandler> =
+            Arc::new(BffService::new(hub.clone(), cluster, control));
         let name = hub.service_name().to_owned();
         let bindings = hub.event_bindings();
         let settings = hub.settings();
+        if settings.mesh_api.open {
+            tracing::warn!(
+                "mesh_api.open is set: any program that reaches the broker may push to every user and disconnect anyone"
+            );
+        }
         let (mesh, amqp): (Arc<dyn Mesh>, Option<AmqpMesh>) = match self.memory {
             Some(mesh) => {
                 mesh.add_service(name, service, bindings);
@@ -122,11 +140,10 @@ impl GatewayBuilder {
                 (Arc::new(mesh), None)
             }
             None => {
-                let mut config = AmqpConfig::new(&settings.amqp_url, name);
-                if let Some(id) = &settings.instance_id {
-                    config.instance_id = id.clone();
-                }
+                let mut config = AmqpConfig::new(&settings.amqp_url, name.clone());
+                config.instance_id = hub.instance_id().to_owned();
                 config.event_bindings = bindings;
+                config.control_exchange = Some(format!("nuropb-bff-{name}-control"));
                 let mesh = AmqpMesh::connect(config, service).await.map_err(|source| {
                     RunError::Broker {
                         url: redact_url(&settings.amqp_url),
@@ -136,14 +153,72 @@ impl GatewayBuilder {
                 (Arc::new(mesh.clone()), Some(mesh))
             }
         };
-        Ok(Gateway(Arc::new(Inner {
+        let gateway = Gateway(Arc::new(Inner {
             hub,
             mesh,
             amqp,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        })))
+            background: TaskTracker::new(),
+            background_stop: CancellationToken::new(),
+        }));
+        let g = &gateway.0;
+        g.background.spawn(pump_control(
+            g.mesh.clone(),
+            control_rx,
+            g.background_stop.clone(),
+        ));
+        g.background.spawn(heartbeat(gateway.clone()));
+        Ok(gateway)
     }
+}
+
+/// Publish queued control messages, in order, until the gateway is gone.
+async fn pump_control(
+    mesh: Arc<dyn Mesh>,
+    mut outbox: mpsc::Receiver<ControlItem>,
+    stop: CancellationToken,
+) {
+    loop {
+        let item = tokio::select! {
+            _ = stop.cancelled() => return,
+            item = outbox.recv() => item,
+        };
+        let Some((out, done)) = item else { return };
+        let sent = match out {
+            ControlOut::All(body) => mesh.broadcast_control(body).await,
+            ControlOut::To(instance, body) => mesh.send_control(&instance, body).await,
+        };
+        if let Some(done) = done {
+            let _ = done.send(sent);
+        }
+    }
+}
+
+/// Tell the other instances, every `mesh_api.heartbeat`, that this one is
+/// alive (and its counts); say goodbye when the gateway stops.
+async fn heartbeat(gateway: Gateway) {
+    let hub = gateway.hub();
+    let me = hub.instance_id();
+    let mut every = tokio::time::interval(hub.settings().mesh_api.heartbeat);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = gateway.stopping() => break,
+            _ = every.tick() => {}
+        }
+        if gateway.0.mesh.is_ready() {
+            let _ = gateway
+                .0
+                .mesh
+                .broadcast_control(mesh_api::presence(hub, me))
+                .await;
+        }
+    }
+    let bye = gateway.0.mesh.broadcast_control(mesh_api::leave(me));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bye).await;
+    // The control pump is needed no more.
+    gateway.0.background_stop.cancel();
 }
 
 impl Gateway {
@@ -239,6 +314,14 @@ impl Gateway {
                 remaining = self.0.tasks.len(),
                 "connections still open after the shutdown grace period"
             );
+        }
+        self.0.background.close();
+        if tokio::time::timeout(grace, self.0.background.wait())
+            .await
+            .is_err()
+        {
+            self.0.background_stop.cancel();
+            self.0.background.wait().await;
         }
         if let Some(amqp) = &self.0.amqp {
             amqp.close(grace).await;

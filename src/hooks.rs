@@ -147,7 +147,10 @@ mod tests {
     #[test]
     fn a_local_call_debug_carries_no_token() {
         let mut context = Map::new();
-        context.insert("Authorization".into(), Value::String("eyJ.secret.sig".into()));
+        context.insert(
+            "Authorization".into(),
+            Value::String("eyJ.secret.sig".into()),
+        );
         let client = MeshClient::new(
             Arc::new(MemoryMesh::new()),
             context,

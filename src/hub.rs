@@ -17,6 +17,8 @@ pub(crate) struct Hub(Arc<Inner>);
 
 struct Inner {
     settings: Settings,
+    /// This instance among the BFF's instances on the broker.
+    instance_id: String,
     routes: RouteTable,
     auth: Arc<dyn AuthHook>,
     handler: Arc<dyn WsHandler>,
@@ -42,7 +44,12 @@ impl Hub {
     ) -> Self {
         let metrics = Metrics::new();
         let sessions = Sessions::new(settings.limits.outbound_queue).with_metrics(metrics.clone());
+        let instance_id = settings
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         Self(Arc::new(Inner {
+            instance_id,
             settings,
             routes,
             auth,
@@ -54,6 +61,10 @@ impl Hub {
 
     pub(crate) fn settings(&self) -> &Settings {
         &self.0.settings
+    }
+
+    pub(crate) fn instance_id(&self) -> &str {
+        &self.0.instance_id
     }
 
     pub(crate) fn limits(&self) -> &Limits {

@@ -8,6 +8,7 @@
 //! adds a test gateway and a WebSocket client.
 
 mod auth;
+mod cluster;
 mod config;
 mod dispatch;
 mod gateway;
@@ -28,7 +29,7 @@ mod topic;
 mod ws;
 
 pub use auth::{AuthError, Identity, JwtVerifier, NoAuth};
-pub use config::{AuthMode, Limits, Settings, SettingsError};
+pub use config::{AuthMode, Limits, MeshApi, Settings, SettingsError};
 pub use gateway::{Gateway, GatewayBuilder, Serving};
 pub use hooks::{AuthHook, DefaultHandler, LocalCall, MeshClient, WsHandler};
 pub use mesh::{

@@ -2,25 +2,150 @@
 //! (`send_to_users`, `broadcast`, `disconnect_users`, `stats`,
 //! `nuropb_describe`), and the fan-out of mesh events to sessions by the
 //! routing file's event rules.
+//!
+//! Pushes are guarded and clustered (bff-contract.md section 5): a caller
+//! proves it may push with a token the BFF's own verifier accepts and whose
+//! roles include `mesh_api.push_role`. The instance that takes the call
+//! from the shared service queue fans it out to every instance over the
+//! BFF's control exchange; each instance checks the caller's token itself,
+//! applies the push once to its own sockets and reports its count back to
+//! the origin, which answers with the total.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::{Ack, Cluster};
 use crate::hub::Hub;
-use crate::mesh::{BoxFuture, IncomingEvent, IncomingRequest, MeshHandler, unknown_method};
+use crate::mesh::{
+    BoxFuture, IncomingEvent, IncomingRequest, MeshError, MeshHandler, unknown_method,
+};
 use crate::protocol::{ErrorBody, ServerFrame, close};
 use crate::routing::Delivery;
 
-/// The handler the mesh calls for requests and events addressed to the BFF.
+/// A control message on its way out, and where to.
+#[derive(Debug)]
+pub(crate) enum ControlOut {
+    /// To every instance, this one included.
+    All(Value),
+    /// To one instance.
+    To(String, Value),
+}
+
+/// A control message and, when the sender waits for it, where to say
+/// whether the broker took it.
+pub(crate) type ControlItem = (ControlOut, Option<oneshot::Sender<Result<(), MeshError>>>);
+
+/// Control messages waiting to be published.
+pub(crate) const CONTROL_OUTBOX: usize = 1024;
+
+/// The handler the mesh calls for requests, events and control messages
+/// addressed to the BFF.
 #[derive(Debug)]
 pub(crate) struct BffService {
     hub: Hub,
+    cluster: Arc<Cluster>,
+    /// Control messages go out through the gateway, which owns the mesh.
+    control: mpsc::Sender<ControlItem>,
 }
 
 impl BffService {
-    pub(crate) fn new(hub: Hub) -> Self {
-        Self { hub }
+    pub(crate) fn new(hub: Hub, cluster: Arc<Cluster>, control: mpsc::Sender<ControlItem>) -> Self {
+        Self {
+            hub,
+            cluster,
+            control,
+        }
     }
+}
+
+/// A push, as the caller asked it and as it travels between instances.
+#[derive(Debug, Clone, PartialEq)]
+enum Push {
+    ToUsers {
+        users: Vec<String>,
+        topic: String,
+        message: Value,
+    },
+    All {
+        topic: String,
+        message: Value,
+    },
+    Disconnect {
+        users: Vec<String>,
+    },
+}
+
+impl Push {
+    fn parse(method: &str, p: &Map<String, Value>) -> Result<Option<Self>, ErrorBody> {
+        Ok(Some(match method {
+            "send_to_users" => {
+                let users = string_list(p, "user_ids")?;
+                let (topic, message) = push_parts(p)?;
+                Push::ToUsers {
+                    users,
+                    topic,
+                    message,
+                }
+            }
+            "broadcast" => {
+                let (topic, message) = push_parts(p)?;
+                Push::All { topic, message }
+            }
+            "disconnect_users" => Push::Disconnect {
+                users: string_list(p, "user_ids")?,
+            },
+            _ => return Ok(None),
+        }))
+    }
+
+    fn method(&self) -> &'static str {
+        match self {
+            Push::ToUsers { .. } => "send_to_users",
+            Push::All { .. } => "broadcast",
+            Push::Disconnect { .. } => "disconnect_users",
+        }
+    }
+
+    fn params(&self) -> Value {
+        match self {
+            Push::ToUsers {
+                users,
+                topic,
+                message,
+            } => json!({"user_ids": users, "topic": topic, "message": message}),
+            Push::All { topic, message } => json!({"topic": topic, "message": message}),
+            Push::Disconnect { users } => json!({"user_ids": users}),
+        }
+    }
+
+    /// What the caller's answer calls the count.
+    fn counted(&self) -> &'static str {
+        match self {
+            Push::Disconnect { .. } => "disconnected",
+            _ => "delivered",
+        }
+    }
+}
+
+/// The caller's token in a NuroPb context: `Authorization`, raw or
+/// `Bearer `.
+fn caller_token(context: &Map<String, Value>) -> Option<&str> {
+    let raw = context.get("Authorization")?.as_str()?.trim();
+    let token = raw
+        .strip_prefix("Bearer ")
+        .or_else(|| raw.strip_prefix("bearer "))
+        .unwrap_or(raw)
+        .trim();
+    (!token.is_empty()).then_some(token)
+}
+
+fn not_authorized(why: &str) -> ErrorBody {
+    ErrorBody::new("NuropbAuthorizationError", why)
 }
 
 /// One of the BFF's methods, as `nuropb_describe` tells it.
@@ -34,7 +159,7 @@ struct MethodDoc {
 const METHODS: &[MethodDoc] = &[
     MethodDoc {
         name: "send_to_users",
-        description: "Push a message to every connection of these users",
+        description: "Push a message to every connection of these users, on every instance (requires a caller token with the push role)",
         params: &[
             ("user_ids", "list", None),
             ("message", "", None),
@@ -43,17 +168,17 @@ const METHODS: &[MethodDoc] = &[
     },
     MethodDoc {
         name: "broadcast",
-        description: "Push a message to every connection",
+        description: "Push a message to every connection, on every instance (requires a caller token with the push role)",
         params: &[("message", "", None), ("topic", "str", Some("message"))],
     },
     MethodDoc {
         name: "disconnect_users",
-        description: "Close every connection of these users",
+        description: "Close every connection of these users, on every instance (requires a caller token with the push role)",
         params: &[("user_ids", "list", None)],
     },
     MethodDoc {
         name: "stats",
-        description: "Connection counts of this instance",
+        description: "Connection counts of this instance and of the live instances it knows",
         params: &[],
     },
 ];
@@ -126,42 +251,228 @@ impl BffService {
             "service_name": self.hub.service_name(),
             "service_version": env!("CARGO_PKG_VERSION"),
             "description": "WebSocket Backend-For-Frontend gateway (nuropb-bff)",
+            "authorization": if self.hub.settings().mesh_api.open {
+                "none: mesh_api.open is set; any broker peer may push".to_owned()
+            } else {
+                format!(
+                    "send_to_users, broadcast and disconnect_users need context.Authorization: \
+                     a JWT this BFF accepts whose roles include `{}`",
+                    self.hub.settings().mesh_api.push_role
+                )
+            },
             "encrypted_methods": false,
             "warnings": [],
             "methods": methods,
         })
     }
 
-    fn call(&self, request: &IncomingRequest) -> Result<Value, ErrorBody> {
-        let p = &request.params;
+    fn stats(&self) -> Value {
+        let c = self.hub.sessions().counts();
+        let (sessions, users) = (c.sessions as u64, c.users as u64);
+        let cluster = self.cluster.counts(sessions, users, Instant::now());
+        json!({
+            "sessions": c.sessions,
+            "users": c.users,
+            "instance": self.cluster.me(),
+            "cluster": {
+                "instances": cluster.instances,
+                "sessions": cluster.sessions,
+                "user_sessions": cluster.user_sessions,
+            },
+        })
+    }
+
+    /// May the holder of `token` push? (Always, with `mesh_api.open`.)
+    async fn may_push(&self, token: Option<&str>) -> Result<(), ErrorBody> {
+        let api = &self.hub.settings().mesh_api;
+        if api.open {
+            return Ok(());
+        }
+        let Some(token) = token else {
+            return Err(not_authorized(
+                "a push needs a caller token in context.Authorization",
+            ));
+        };
+        let identity = self
+            .hub
+            .auth()
+            .authenticate(token)
+            .await
+            .map_err(|e| not_authorized(&format!("the caller token was refused: {e}")))?;
+        if identity.roles.iter().any(|r| *r == api.push_role) {
+            Ok(())
+        } else {
+            Err(not_authorized(&format!(
+                "the caller token lacks the role `{}`",
+                api.push_role
+            )))
+        }
+    }
+
+    /// Apply a push to this instance's sockets; how many it reached.
+    fn apply(&self, push: &Push) -> u64 {
         let sessions = self.hub.sessions();
         let metrics = self.hub.metrics();
-        match request.method.as_str() {
-            "nuropb_describe" => Ok(self.describe()),
-            "send_to_users" => {
-                let users = string_list(p, "user_ids")?;
-                let (topic, message) = push_parts(p)?;
-                let n = sessions.send_to_users(&users, event_frame(&topic, message));
-                metrics.pushed("send_to_users", n);
-                Ok(json!({"delivered": n}))
+        let n = match push {
+            Push::ToUsers {
+                users,
+                topic,
+                message,
+            } => sessions.send_to_users(users, event_frame(topic, message.clone())),
+            Push::All { topic, message } => sessions.broadcast(event_frame(topic, message.clone())),
+            Push::Disconnect { users } => {
+                sessions.close_users(users, close::DISCONNECTED, "disconnected by the server")
             }
-            "broadcast" => {
-                let (topic, message) = push_parts(p)?;
-                let n = sessions.broadcast(event_frame(&topic, message));
-                metrics.pushed("broadcast", n);
-                Ok(json!({"delivered": n}))
+        };
+        if !matches!(push, Push::Disconnect { .. }) {
+            metrics.pushed(push.method(), n);
+        }
+        n as u64
+    }
+
+    /// Queue a control message; with `wait`, until the broker took it.
+    async fn send(&self, out: ControlOut, wait: bool) -> Result<(), MeshError> {
+        if !wait {
+            return self
+                .control
+                .try_send((out, None))
+                .map_err(|_| MeshError::Unavailable("control outbox full".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send((out, Some(tx)))
+            .await
+            .map_err(|_| MeshError::Unavailable("gateway stopping".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(MeshError::Unavailable("gateway stopping".into())))
+    }
+
+    /// Fan a push out to every instance and gather their counts.
+    async fn push_everywhere(&self, push: Push, token: Option<&str>) -> Value {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let me = self.cluster.me().to_owned();
+        let local_only = |n: u64| json!({push.counted(): n, "instances": 1});
+        let Some(mut acks) = self.cluster.gather(&id) else {
+            self.cluster.first_time(&id, Instant::now());
+            return local_only(self.apply(&push));
+        };
+        let body = json!({
+            "op": "push",
+            "id": id,
+            "origin": me,
+            "token": token,
+            "method": push.method(),
+            "params": push.params(),
+        });
+        let expected: HashSet<String> = {
+            let mut others = self.cluster.others(Instant::now());
+            others.insert(me);
+            others
+        };
+        if let Err(e) = self.send(ControlOut::All(body), true).await {
+            // No broker to fan out with: this instance's sockets at least.
+            tracing::debug!(error = %e, "push not fanned out; applied here only");
+            self.cluster.done(&id);
+            self.cluster.first_time(&id, Instant::now());
+            return local_only(self.apply(&push));
+        }
+        let deadline = tokio::time::Instant::now() + self.hub.settings().mesh_api.gather;
+        let mut answered = HashSet::new();
+        let mut total = 0u64;
+        while !expected.is_subset(&answered) {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some(ack)) => {
+                    if answered.insert(ack.instance) {
+                        total += ack.count;
+                    }
+                }
+                Ok(None) | Err(_) => break,
             }
-            "disconnect_users" => {
-                let users = string_list(p, "user_ids")?;
-                let n =
-                    sessions.close_users(&users, close::DISCONNECTED, "disconnected by the server");
-                Ok(json!({"disconnected": n}))
+        }
+        self.cluster.done(&id);
+        json!({push.counted(): total, "instances": answered.len()})
+    }
+
+    async fn call(&self, request: IncomingRequest) -> Result<Value, ErrorBody> {
+        let method = request.method.as_str();
+        match method {
+            "nuropb_describe" => return Ok(self.describe()),
+            "stats" => return Ok(self.stats()),
+            _ => {}
+        }
+        let Some(push) = Push::parse(method, &request.params)? else {
+            return Err(unknown_method(self.hub.service_name(), method));
+        };
+        let token = caller_token(&request.context);
+        if let Err(refused) = self.may_push(token).await {
+            self.hub.metrics().push_refused();
+            return Err(refused);
+        }
+        Ok(self.push_everywhere(push, token).await)
+    }
+
+    /// A control message from an instance of this BFF (maybe this one).
+    async fn control(&self, body: Value) {
+        let text = |k: &str| body.get(k).and_then(Value::as_str);
+        let now = Instant::now();
+        match text("op") {
+            Some("push") => {
+                let (Some(id), Some(origin), Some(method)) =
+                    (text("id"), text("origin"), text("method"))
+                else {
+                    return;
+                };
+                let Some(params) = body.get("params").and_then(Value::as_object) else {
+                    return;
+                };
+                let Ok(Some(push)) = Push::parse(method, params) else {
+                    return;
+                };
+                if !self.cluster.first_time(id, now) {
+                    return;
+                }
+                // Anyone who can reach the broker can send this: the
+                // caller's token is checked here again.
+                if let Err(e) = self.may_push(text("token")).await {
+                    self.hub.metrics().push_refused();
+                    tracing::debug!(why = ?e.description, "control push refused");
+                    return;
+                }
+                let count = self.apply(&push);
+                let ack =
+                    json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": count});
+                if self
+                    .send(ControlOut::To(origin.to_owned(), ack), false)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("push ack dropped: control outbox full");
+                }
             }
-            "stats" => {
-                let c = sessions.counts();
-                Ok(json!({"sessions": c.sessions, "users": c.users}))
+            Some("ack") => {
+                let (Some(id), Some(instance), Some(count)) = (
+                    text("id"),
+                    text("instance"),
+                    body.get("count").and_then(Value::as_u64),
+                ) else {
+                    return;
+                };
+                let instance = instance.to_owned();
+                self.cluster.acked(id, Ack { instance, count });
             }
-            other => Err(unknown_method(self.hub.service_name(), other)),
+            Some("presence") => {
+                let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(0);
+                if let Some(instance) = text("instance").filter(|i| i.len() <= 64) {
+                    self.cluster
+                        .heard(instance, count("sessions"), count("users"), now);
+                }
+            }
+            Some("leave") => {
+                if let Some(instance) = text("instance") {
+                    self.cluster.left(instance);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -196,10 +507,24 @@ impl BffService {
     }
 }
 
+/// This instance's heartbeat: alive, and its counts.
+pub(crate) fn presence(hub: &Hub, instance: &str) -> Value {
+    let c = hub.sessions().counts();
+    json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users})
+}
+
+/// This instance is leaving.
+pub(crate) fn leave(instance: &str) -> Value {
+    json!({"op": "leave", "instance": instance})
+}
+
 impl MeshHandler for BffService {
     fn handle_request(&self, request: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
-        let result = self.call(&request);
-        Box::pin(async move { result })
+        Box::pin(self.call(request))
+    }
+
+    fn handle_control(&self, body: Value) -> BoxFuture<'_, ()> {
+        Box::pin(self.control(body))
     }
 
     fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {

@@ -35,6 +35,7 @@ struct Inner {
     pushes: Family<KindLabels, Counter>,
     slow_closes: Counter,
     dead_closes: Counter,
+    pushes_refused: Counter,
     refused_connections: Family<ReasonLabels, Counter>,
     events_dropped: Counter,
     mesh_ready: Gauge,
@@ -65,6 +66,7 @@ impl Metrics {
         let pushes = Family::<KindLabels, Counter>::default();
         let slow_closes = Counter::default();
         let dead_closes = Counter::default();
+        let pushes_refused = Counter::default();
         let refused_connections = Family::<ReasonLabels, Counter>::default();
         let events_dropped = Counter::default();
         let mesh_ready = Gauge::default();
@@ -105,6 +107,11 @@ impl Metrics {
             dead_closes.clone(),
         );
         registry.register(
+            "mesh_pushes_refused",
+            "Pushes (send_to_users, broadcast, disconnect_users) refused for their caller token",
+            pushes_refused.clone(),
+        );
+        registry.register(
             "refused_connections",
             "Sockets refused at the door, by reason",
             refused_connections.clone(),
@@ -129,6 +136,7 @@ impl Metrics {
             pushes,
             slow_closes,
             dead_closes,
+            pushes_refused,
             refused_connections,
             events_dropped,
             mesh_ready,
@@ -165,6 +173,10 @@ impl Metrics {
 
     pub(crate) fn slow_consumer_closed(&self) {
         self.0.slow_closes.inc();
+    }
+
+    pub(crate) fn push_refused(&self) {
+        self.0.pushes_refused.inc();
     }
 
     pub(crate) fn dead_socket_closed(&self) {

@@ -399,10 +399,32 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         service: "test-bff".into(),
         method: method.into(),
         params: params.as_object().unwrap().clone(),
-        context: Default::default(),
+        context: push_context(),
         ttl: Duration::from_secs(5),
         trace_id: None,
     };
+    // Without a caller token, or with one lacking the push role: refused,
+    // and no socket is touched (the next frames below are the pushes).
+    for context in [
+        serde_json::Map::new(),
+        [(
+            "Authorization".to_owned(),
+            json!(token("svc", &["other"], 300)),
+        )]
+        .into_iter()
+        .collect(),
+        [("Authorization".to_owned(), json!("Bearer not-a-token"))]
+            .into_iter()
+            .collect(),
+    ] {
+        let mut refused = call("broadcast", json!({"message":"no"}));
+        refused.context = context;
+        let e = mesh.request(refused).await.unwrap_err();
+        assert!(
+            matches!(&e, nuropb_bff::MeshError::Remote(b) if b.error == "NuropbAuthorizationError"),
+            "{e:?}"
+        );
+    }
     let r = mesh
         .request(call(
             "send_to_users",
@@ -410,7 +432,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         ))
         .await
         .unwrap();
-    assert_eq!(r, json!({"delivered": 2}));
+    assert_eq!(r["delivered"], 2, "{r}");
     for c in [&mut a1, &mut a2] {
         assert_eq!(
             c.recv().await.unwrap(),
@@ -421,12 +443,17 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         .request(call("broadcast", json!({"message":"hi"})))
         .await
         .unwrap();
-    assert_eq!(r, json!({"delivered": 3}));
+    assert_eq!(r["delivered"], 3, "{r}");
     for c in [&mut a1, &mut a2, &mut b] {
         assert_eq!(c.recv().await.unwrap()["payload"]["event"], "hi");
     }
     let stats = mesh.request(call("stats", json!({}))).await.unwrap();
-    assert_eq!(stats, json!({"sessions": 3, "users": 2}));
+    assert_eq!(
+        (stats["sessions"].clone(), stats["users"].clone()),
+        (json!(3), json!(2)),
+        "{stats}"
+    );
+    assert_eq!(stats["cluster"]["instances"], 1, "{stats}");
     let d = mesh
         .request(call("describe_me", json!({})))
         .await
@@ -486,7 +513,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         .request(call("disconnect_users", json!({"user_ids":["ann"]})))
         .await
         .unwrap();
-    assert_eq!(r, json!({"disconnected": 2}));
+    assert_eq!(r["disconnected"], 2, "{r}");
     assert_eq!(a1.closed().await.unwrap(), Some(4000));
     assert_eq!(a2.closed().await.unwrap(), Some(4000));
     gw.stop().await;

@@ -132,15 +132,16 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     );
     let b2 = bff_name.clone();
     let pushed = tokio::task::spawn_blocking(move || {
-        python_client(
+        python_client_as(
             &b2,
             "send_to_users",
             json!({"user_ids": ["alice"], "message": {"hi": 1}, "topic": "note"}),
+            &json!({"Authorization": push_token()}),
         )
     })
     .await
     .unwrap();
-    assert_eq!(pushed["result"], json!({"delivered": 1}), "{pushed}");
+    assert_eq!(pushed["result"]["delivered"], 1, "{pushed}");
     assert_eq!(
         c.recv().await.unwrap(),
         json!({"type":"event","payload":{"topic":"note","event":{"hi":1}}})

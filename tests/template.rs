@@ -422,13 +422,19 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
         assert_eq!(r["result"]["user_id"], "alice", "{r}");
         c
     });
-    // A nuropb Python client pushes to alice through the BFF's mesh method.
-    let pushed = common::python_client(
+    // A nuropb Python client pushes to alice through the BFF's mesh method,
+    // with a service token carrying the push role (without one: refused).
+    let params = json!({"user_ids": ["alice"], "message": {"n": 1}, "topic": "note"});
+    let refused = common::python_client(&mesh_name, "send_to_users", params.clone());
+    assert_eq!(refused["error"], "NuropbAuthorizationError", "{refused}");
+    let service_token = hs256_token(secret, "svc-orders", &["bff:push"], 300);
+    let pushed = common::python_client_as(
         &mesh_name,
         "send_to_users",
-        json!({"user_ids": ["alice"], "message": {"n": 1}, "topic": "note"}),
+        params,
+        &json!({"Authorization": service_token}),
     );
-    assert_eq!(pushed["result"], json!({"delivered": 1}), "{pushed}");
+    assert_eq!(pushed["result"]["delivered"], 1, "{pushed}");
     rt.block_on(async {
         let event = client.recv().await.unwrap();
         assert_eq!(

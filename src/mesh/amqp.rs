@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    BoxFuture, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent, redact_url,
+    BoxFuture, CONTROL_TOPIC, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent,
+    redact_url,
 };
 use crate::protocol::{
     EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
@@ -53,6 +54,10 @@ pub struct AmqpConfig {
     pub dl_exchange: String,
     /// Topic patterns of the events this instance receives.
     pub event_bindings: Vec<String>,
+    /// A fanout exchange for control messages between the instances of one
+    /// BFF, bound to each instance's response queue; `None` for peers that
+    /// are not BFFs.
+    pub control_exchange: Option<String>,
     /// Service-queue messages handled at once.
     pub prefetch: u16,
     /// Mesh events waiting for the handler; past it, events are dropped
@@ -74,6 +79,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("events_exchange", &self.events_exchange)
             .field("dl_exchange", &self.dl_exchange)
             .field("event_bindings", &self.event_bindings)
+            .field("control_exchange", &self.control_exchange)
             .field("prefetch", &self.prefetch)
             .field("event_queue", &self.event_queue)
             .field("connect_timeout", &self.connect_timeout)
@@ -92,6 +98,7 @@ impl AmqpConfig {
             events_exchange: "nuropb-events-exchange".into(),
             dl_exchange: "nuropb-dl-exchange".into(),
             event_bindings: Vec::new(),
+            control_exchange: None,
             prefetch: 64,
             event_queue: 4096,
             connect_timeout: Duration::from_secs(10),
@@ -104,7 +111,12 @@ impl AmqpConfig {
     }
 
     pub fn response_queue(&self) -> String {
-        format!("nuropb-{}-{}-rq", self.service_name, self.instance_id)
+        self.response_queue_of(&self.instance_id)
+    }
+
+    /// The response queue of another instance of the same service.
+    pub fn response_queue_of(&self, instance_id: &str) -> String {
+        format!("nuropb-{}-{}-rq", self.service_name, instance_id)
     }
 
     /// The name the broker shows for this instance's connection (management
@@ -113,6 +125,9 @@ impl AmqpConfig {
         format!("nuropb-bff {} {}", self.service_name, self.instance_id)
     }
 }
+
+/// Control messages waiting for the handler.
+const CONTROL_QUEUE: usize = 1024;
 
 type Pending = Mutex<HashMap<String, oneshot::Sender<Result<Value, MeshError>>>>;
 
@@ -128,6 +143,9 @@ struct Shared {
     /// the loop that completes responses, so a burst of events never
     /// delays one. Bounded; what does not fit is dropped and counted.
     events: mpsc::Sender<IncomingEvent>,
+    /// Control messages between instances: their own queue, so events
+    /// cannot crowd them out.
+    control: mpsc::Sender<Value>,
     events_dropped: AtomicU64,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -222,6 +240,7 @@ impl AmqpMesh {
     ) -> Result<Self, MeshError> {
         let response_queue = config.response_queue();
         let (events, events_rx) = mpsc::channel(config.event_queue.max(1));
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let shared = Arc::new(Shared {
             response_queue,
             pending: Mutex::new(HashMap::new()),
@@ -229,6 +248,7 @@ impl AmqpMesh {
             ready: AtomicBool::new(false),
             handler,
             events,
+            control,
             events_dropped: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -237,6 +257,9 @@ impl AmqpMesh {
         shared
             .tasks
             .spawn(deliver_events(shared.clone(), events_rx));
+        shared
+            .tasks
+            .spawn(deliver_control(shared.clone(), control_rx));
         let consumers = tokio::time::timeout(shared.config.connect_timeout, establish(&shared))
             .await
             .map_err(|_| {
@@ -357,6 +380,59 @@ impl AmqpMesh {
     }
 }
 
+/// A control message as a NuroPb event on [`CONTROL_TOPIC`].
+fn control_event(body: Value) -> OutgoingEvent {
+    OutgoingEvent {
+        topic: CONTROL_TOPIC.into(),
+        event: body,
+        context: Default::default(),
+        target: None,
+        trace_id: None,
+    }
+}
+
+impl AmqpMesh {
+    /// Publish an event body to `exchange` with `routing_key`, and wait for
+    /// the broker to take it.
+    async fn publish_event_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        event: OutgoingEvent,
+    ) -> Result<(), MeshError> {
+        let channel = self.publish_channel()?;
+        let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+        let body = MeshMessage::Event(EventBody {
+            correlation_id: correlation_id.clone(),
+            context: event.context,
+            trace_id: event.trace_id.clone(),
+            topic: event.topic,
+            event: event.event,
+            target: event.target,
+        });
+        let payload = serde_json::to_vec(&body).map_err(unavailable)?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(correlation_id.into())
+            .with_headers(headers(MessageType::Event, event.trace_id.as_deref()));
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &payload,
+                props,
+            )
+            .await
+            .map_err(unavailable)?;
+        tokio::time::timeout(Duration::from_secs(10), confirm)
+            .await
+            .map_err(|_| MeshError::Timeout(Duration::from_secs(10)))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
 impl Mesh for AmqpMesh {
     fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>> {
         Box::pin(async move {
@@ -390,38 +466,24 @@ impl Mesh for AmqpMesh {
     }
 
     fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>> {
+        let exchange = self.shared.config.events_exchange.clone();
+        let routing_key = event.topic.clone();
+        Box::pin(async move { self.publish_event_to(&exchange, &routing_key, event).await })
+    }
+
+    fn broadcast_control(&self, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
-            let channel = self.publish_channel()?;
-            let correlation_id = uuid::Uuid::new_v4().simple().to_string();
-            let body = MeshMessage::Event(EventBody {
-                correlation_id: correlation_id.clone(),
-                context: event.context,
-                trace_id: event.trace_id.clone(),
-                topic: event.topic.clone(),
-                event: event.event,
-                target: event.target,
-            });
-            let payload = serde_json::to_vec(&body).map_err(unavailable)?;
-            let props = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_correlation_id(correlation_id.into())
-                .with_headers(headers(MessageType::Event, event.trace_id.as_deref()));
-            let confirm = channel
-                .basic_publish(
-                    self.shared.config.events_exchange.as_str().into(),
-                    event.topic.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    props,
-                )
+            let Some(exchange) = self.shared.config.control_exchange.clone() else {
+                return Err(MeshError::Unavailable("no control exchange".into()));
+            };
+            self.publish_event_to(&exchange, "", control_event(body))
                 .await
-                .map_err(unavailable)?;
-            tokio::time::timeout(Duration::from_secs(10), confirm)
-                .await
-                .map_err(|_| MeshError::Timeout(Duration::from_secs(10)))?
-                .map_err(unavailable)?;
-            Ok(())
         })
+    }
+
+    fn send_control(&self, instance: &str, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
+        let queue = self.shared.config.response_queue_of(instance);
+        Box::pin(async move { self.publish_event_to("", &queue, control_event(body)).await })
     }
 
     fn is_ready(&self) -> bool {
@@ -502,6 +564,25 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     )
     .await
     .map_err(|e| fail("cannot declare the response queue", e))?;
+    if let Some(control) = &c.control_exchange {
+        ch.exchange_declare(
+            control.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(&format!("cannot declare exchange {control}"), e))?;
+        ch.queue_bind(
+            rq.clone(),
+            control.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail("cannot bind the control exchange", e))?;
+    }
     for topic in &c.event_bindings {
         ch.queue_bind(
             rq.clone(),
@@ -599,6 +680,12 @@ async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
         let Ok(delivery) = delivery else { return };
         match decode_delivery(&delivery) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
+            Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
+                if shared.control.try_send(ev.event).is_err() {
+                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("control message dropped: the control queue is full");
+                }
+            }
             Ok(MeshMessage::Event(ev)) => {
                 if shared.events.try_send(ev.into()).is_err() {
                     shared.events_dropped.fetch_add(1, Ordering::Relaxed);
@@ -610,6 +697,18 @@ async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
             ),
             Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
         }
+    }
+}
+
+/// Hand queued control messages to the handler, one at a time.
+async fn deliver_control(shared: Arc<Shared>, mut control: mpsc::Receiver<Value>) {
+    loop {
+        let body = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            body = control.recv() => body,
+        };
+        let Some(body) = body else { return };
+        shared.handler.handle_control(body).await;
     }
 }
 

@@ -156,6 +156,28 @@ impl Mesh for MemoryMesh {
     fn is_ready(&self) -> bool {
         true
     }
+
+    /// One process is one instance: a control message goes to every
+    /// registered handler (only BFFs act on it).
+    fn broadcast_control(&self, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            let all: Vec<Arc<Registered>> = self
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for r in all {
+                r.handler.handle_control(body.clone()).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn send_control(&self, _instance: &str, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
+        self.broadcast_control(body)
+    }
 }
 
 type MethodFn =

@@ -172,7 +172,23 @@ pub trait Mesh: Send + Sync + fmt::Debug + 'static {
     fn events_dropped(&self) -> u64 {
         0
     }
+    /// Send a control message to every instance of this BFF, this one
+    /// included ([`MeshHandler::handle_control`] receives it).
+    fn broadcast_control(&self, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
+        let _ = body;
+        Box::pin(async { Err(MeshError::Unavailable("no control channel".into())) })
+    }
+    /// Send a control message to one instance of this BFF.
+    fn send_control(&self, instance: &str, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
+        let _ = (instance, body);
+        Box::pin(async { Err(MeshError::Unavailable("no control channel".into())) })
+    }
 }
+
+/// The topic of control messages between the instances of one BFF (they
+/// travel on the BFF's own fanout exchange or straight to an instance's
+/// response queue, never on the events exchange).
+pub(crate) const CONTROL_TOPIC: &str = "nuropb-bff.control";
 
 /// The service side: what a peer does with requests and events addressed to
 /// it. The gateway's own mesh methods implement this.
@@ -181,6 +197,12 @@ pub trait MeshHandler: Send + Sync + fmt::Debug + 'static {
     /// Events matching the peer's bindings. The default drops them.
     fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
         let _ = event;
+        Box::pin(async {})
+    }
+    /// A control message from an instance of the same BFF. The default
+    /// drops it.
+    fn handle_control(&self, body: Value) -> BoxFuture<'_, ()> {
+        let _ = body;
         Box::pin(async {})
     }
 }

@@ -86,6 +86,18 @@ pub async fn start(
     }
 }
 
+/// A service token that may push through the BFF's mesh API.
+pub fn push_token() -> String {
+    token("svc-orders", &["bff:push"], 300)
+}
+
+/// A NuroPb context carrying [`push_token`].
+pub fn push_context() -> serde_json::Map<String, Value> {
+    let mut ctx = serde_json::Map::new();
+    ctx.insert("Authorization".into(), Value::String(push_token()));
+    ctx
+}
+
 /// Connect with a bearer token and read the hello event.
 pub async fn connect(url: &str, token: &str) -> (TestClient, Value) {
     let mut c = TestClient::connect(url, Some(token))
@@ -165,12 +177,19 @@ pub fn start_python_service(name: &str) -> PyService {
 }
 
 pub fn python_client(service: &str, method: &str, params: Value) -> Value {
+    python_client_as(service, method, params, &serde_json::json!({}))
+}
+
+/// A nuropb Python client call with this NuroPb `context` (a caller token
+/// in `Authorization`, say).
+pub fn python_client_as(service: &str, method: &str, params: Value, context: &Value) -> Value {
     let out = Command::new(nuropb_python())
         .arg(script("client.py"))
         .arg(amqp_url())
         .arg(service)
         .arg(method)
         .arg(params.to_string())
+        .arg(context.to_string())
         .stderr(Stdio::inherit())
         .output()
         .expect("run the Python client");

@@ -2,7 +2,7 @@
 SERVICE.METHOD with PARAMS_JSON and prints the result as one JSON line
 (or {"error": ...} when the call raises).
 
-usage: client.py AMQP_URL SERVICE METHOD PARAMS_JSON
+usage: client.py AMQP_URL SERVICE METHOD PARAMS_JSON [CONTEXT_JSON]
 """
 import asyncio
 import json
@@ -12,12 +12,12 @@ import sys
 from nuropb.rmq_api import RMQAPI
 
 
-async def main(url, service, method, params):
+async def main(url, service, method, params, context):
     api = RMQAPI(amqp_url=url)
     await api.connect()
     try:
         result = await api.request(service=service, method=method, params=params,
-                                   context={}, ttl=10_000, trace_id="interop-client")
+                                   context=context, ttl=10_000, trace_id="interop-client")
         print(json.dumps({"result": result}), flush=True)
     except Exception as err:  # the test reads what went wrong
         print(json.dumps({"error": type(err).__name__, "description": str(err)}), flush=True)
@@ -27,4 +27,5 @@ async def main(url, service, method, params):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])))
+    context = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), context))

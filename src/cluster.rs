@@ -1,0 +1,230 @@
+//! What one BFF instance knows of the others: who is alive (from their
+//! heartbeats, with their counts for `stats`), which pushes it has applied
+//! already (so a redelivered or replayed control message acts once), and
+//! the pushes it is waiting to hear back about. Every map here is bounded.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+/// Most other instances remembered; more heartbeats than that are ignored.
+const MAX_MEMBERS: usize = 1024;
+/// Push ids remembered for de-duplication.
+const MAX_SEEN: usize = 16_384;
+/// How long a push id is remembered.
+const SEEN_FOR: Duration = Duration::from_secs(600);
+/// Pushes waited for at once.
+const MAX_GATHERS: usize = 4096;
+
+/// One instance's last heartbeat.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    seen: Instant,
+    sessions: u64,
+    users: u64,
+}
+
+/// What one instance reported for a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ack {
+    pub(crate) instance: String,
+    pub(crate) count: u64,
+}
+
+/// Counts over the live instances, this one included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClusterCounts {
+    pub(crate) instances: usize,
+    pub(crate) sessions: u64,
+    /// Users per instance, summed: a user on two instances counts twice.
+    pub(crate) user_sessions: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    me: String,
+    /// An instance not heard from for this long is taken for gone.
+    expiry: Duration,
+    members: Mutex<HashMap<String, Member>>,
+    seen: Mutex<Seen>,
+    gathers: Mutex<HashMap<String, mpsc::Sender<Ack>>>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    ids: HashSet<String>,
+    order: VecDeque<(Instant, String)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    pub(crate) fn new(me: String, heartbeat: Duration) -> Self {
+        Self {
+            me,
+            expiry: heartbeat * 3,
+            members: Mutex::default(),
+            seen: Mutex::default(),
+            gathers: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// A heartbeat from `instance` (ours are ignored: we count ourselves).
+    pub(crate) fn heard(&self, instance: &str, sessions: u64, users: u64, now: Instant) {
+        if instance == self.me {
+            return;
+        }
+        let mut members = lock(&self.members);
+        members.retain(|_, m| now.saturating_duration_since(m.seen) < self.expiry);
+        if members.len() >= MAX_MEMBERS && !members.contains_key(instance) {
+            return;
+        }
+        members.insert(
+            instance.to_owned(),
+            Member {
+                seen: now,
+                sessions,
+                users,
+            },
+        );
+    }
+
+    /// `instance` said it is leaving.
+    pub(crate) fn left(&self, instance: &str) {
+        lock(&self.members).remove(instance);
+    }
+
+    /// The other instances alive now.
+    pub(crate) fn others(&self, now: Instant) -> HashSet<String> {
+        lock(&self.members)
+            .iter()
+            .filter(|(_, m)| now.saturating_duration_since(m.seen) < self.expiry)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// This instance's counts plus the last ones each live instance sent.
+    pub(crate) fn counts(&self, sessions: u64, users: u64, now: Instant) -> ClusterCounts {
+        let members = lock(&self.members);
+        let live = members
+            .values()
+            .filter(|m| now.saturating_duration_since(m.seen) < self.expiry);
+        let mut counts = ClusterCounts {
+            instances: 1,
+            sessions,
+            user_sessions: users,
+        };
+        for m in live {
+            counts.instances += 1;
+            counts.sessions += m.sessions;
+            counts.user_sessions += m.users;
+        }
+        counts
+    }
+
+    /// True the first time `id` is seen (within [`SEEN_FOR`]).
+    pub(crate) fn first_time(&self, id: &str, now: Instant) -> bool {
+        let mut seen = lock(&self.seen);
+        while let Some((at, old)) = seen.order.front() {
+            if now.saturating_duration_since(*at) < SEEN_FOR && seen.order.len() < MAX_SEEN {
+                break;
+            }
+            let old = old.clone();
+            seen.ids.remove(&old);
+            seen.order.pop_front();
+        }
+        if !seen.ids.insert(id.to_owned()) {
+            return false;
+        }
+        seen.order.push_back((now, id.to_owned()));
+        true
+    }
+
+    /// Start waiting for acks of push `id`; `None` when too many pushes are
+    /// waited for already.
+    pub(crate) fn gather(&self, id: &str) -> Option<mpsc::Receiver<Ack>> {
+        let mut gathers = lock(&self.gathers);
+        gathers.retain(|_, tx| !tx.is_closed());
+        if gathers.len() >= MAX_GATHERS {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(MAX_MEMBERS + 1);
+        gathers.insert(id.to_owned(), tx);
+        Some(rx)
+    }
+
+    pub(crate) fn done(&self, id: &str) {
+        lock(&self.gathers).remove(id);
+    }
+
+    /// An ack for push `id`; dropped when nobody waits for it.
+    pub(crate) fn acked(&self, id: &str, ack: Ack) {
+        if let Some(tx) = lock(&self.gathers).get(id) {
+            let _ = tx.try_send(ack);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_come_and_go() {
+        let c = Cluster::new("me".into(), Duration::from_secs(1));
+        let t0 = Instant::now();
+        c.heard("me", 100, 100, t0);
+        c.heard("a", 2, 1, t0);
+        c.heard("b", 3, 2, t0);
+        assert_eq!(c.others(t0).len(), 2);
+        assert_eq!(
+            c.counts(1, 1, t0),
+            ClusterCounts {
+                instances: 3,
+                sessions: 6,
+                user_sessions: 4
+            }
+        );
+        c.left("a");
+        assert_eq!(c.others(t0), HashSet::from(["b".to_owned()]));
+        assert!(c.others(t0 + Duration::from_secs(4)).is_empty(), "expired");
+    }
+
+    #[test]
+    fn a_push_is_applied_once() {
+        let c = Cluster::new("me".into(), Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert!(c.first_time("p1", t0));
+        assert!(!c.first_time("p1", t0));
+        assert!(c.first_time("p2", t0));
+        assert!(c.first_time("p1", t0 + SEEN_FOR + Duration::from_secs(1)));
+        for i in 0..(MAX_SEEN * 2) {
+            c.first_time(&format!("x{i}"), t0);
+        }
+        assert!(lock(&c.seen).ids.len() <= MAX_SEEN + 1);
+    }
+
+    #[tokio::test]
+    async fn acks_reach_the_waiting_push_only() {
+        let c = Cluster::new("me".into(), Duration::from_secs(1));
+        let mut rx = c.gather("p").unwrap();
+        let ack = |i: &str| Ack {
+            instance: i.into(),
+            count: 2,
+        };
+        c.acked("p", ack("a"));
+        c.acked("other", ack("b"));
+        assert_eq!(rx.recv().await, Some(ack("a")));
+        c.done("p");
+        c.acked("p", ack("c"));
+        assert_eq!(rx.recv().await, None);
+    }
+}
