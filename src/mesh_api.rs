@@ -299,7 +299,7 @@ impl BffService {
             .authenticate(token)
             .await
             .map_err(|e| not_authorized(&format!("the caller token was refused: {e}")))?;
-        if identity.roles.iter().any(|r| *r == api.push_role) {
+        if identity.roles.contains(&api.push_role) {
             Ok(())
         } else {
             Err(not_authorized(&format!(
