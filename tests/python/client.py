@@ -20,7 +20,13 @@ async def main(url, service, method, params, context):
                                    context=context, ttl=10_000, trace_id="interop-client")
         print(json.dumps({"result": result}), flush=True)
     except Exception as err:  # the test reads what went wrong
-        print(json.dumps({"error": type(err).__name__, "description": str(err)}), flush=True)
+        # nuropb raises NuropbMessageError for any error response; the name
+        # the service answered is in its payload.
+        name = type(err).__name__
+        payload = getattr(err, "payload", None)
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            name = payload["error"].get("error") or name
+        print(json.dumps({"error": name, "description": str(err)}), flush=True)
     finally:
         await api.disconnect()
 
