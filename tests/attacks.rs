@@ -163,8 +163,8 @@ fn hs256() -> Arc<dyn AuthHook> {
     Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None))
 }
 
-/// The next frame that is not an event on `topic`-less noise: skips nothing,
-/// so a test sees exactly what the gateway sent next.
+/// The next frame, whatever it is: a test sees exactly what the gateway
+/// sent next.
 async fn next(c: &mut TestClient) -> Value {
     c.recv().await.expect("a frame")
 }
@@ -380,16 +380,73 @@ async fn tokens_nbf_fractional_exp_issuer_audience_and_reauthentication() {
     scene.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_sent_request_headers_are_dropped_after_the_handshake_timeout() {
-    let gw = start(
-        "[[route]]\ncall = \"echo.*\"\n",
+/// A gateway on in-process echo services for `echo.*`.
+async fn echo_gateway(configure: impl FnOnce(&mut Settings)) -> Running {
+    let routes = "[[route]]\ncall = \"echo.*\"\n";
+    let mesh = nuropb_bff::MemoryMesh::with_echo_stubs(
+        &nuropb_bff::RouteTable::parse("routes.toml", routes).unwrap(),
+    );
+    start(
+        routes,
         hs256(),
         Arc::new(DefaultHandler),
-        |s| s.limits.handshake_timeout = Duration::from_millis(300),
-        MeshSetup::Memory(nuropb_bff::MemoryMesh::new()),
+        configure,
+        MeshSetup::Memory(mesh),
     )
-    .await;
+    .await
+}
+
+/// A fresh client of an [`echo_gateway`] is answered within a second.
+async fn echo_still_serving(gw: &Running) {
+    let started = Instant::now();
+    let (mut c, _) = connect(&gw.url(), &token("fresh", &[], 300)).await;
+    let r = c
+        .request_traced("echo", "ping", json!({}), "alive")
+        .await
+        .unwrap();
+    assert_eq!(r["result"]["method"], "ping", "{r}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_never_authenticates_is_closed_with_4003() {
+    let gw = echo_gateway(|s| s.limits.auth_timeout = Duration::from_millis(300)).await;
+    let mut idle = TestClient::connect(&gw.url(), None).await.unwrap();
+    let refused = idle.recv().await.unwrap();
+    assert_eq!(refused["payload"]["error"], "Unauthorized", "{refused}");
+    assert_eq!(idle.closed().await.unwrap(), Some(4003));
+    echo_still_serving(&gw).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_in_flight_limit_are_refused() {
+    let scene = Scene::start(hs256(), |s| s.limits.max_in_flight = 2).await;
+    let (mut c, _) = connect(&scene.gw.url(), &token("fay", &[], 300)).await;
+    // Far more requests than may be in flight, sent at once.
+    for i in 0..50 {
+        c.send(json!({"type":"request","payload":{"service":scene.svc,"method":"ping","params":{},"trace_id":format!("f{i}")}}))
+            .await
+            .unwrap();
+    }
+    let mut limited = 0;
+    for _ in 0..50 {
+        let r = next(&mut c).await;
+        if r["payload"]["error"]["error"] == "RateLimited" {
+            limited += 1;
+        } else {
+            assert_eq!(r["payload"]["result"]["method"], "ping", "{r}");
+        }
+    }
+    assert!(limited > 0, "the in-flight limit never applied");
+    assert_eq!(scene.service.calls().len(), 50 - limited);
+    scene.still_serving().await;
+    scene.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_request_headers_are_dropped_after_the_handshake_timeout() {
+    let gw = echo_gateway(|s| s.limits.handshake_timeout = Duration::from_millis(300)).await;
     let mut slow = Vec::new();
     for _ in 0..300 {
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -415,21 +472,16 @@ async fn half_sent_request_headers_are_dropped_after_the_handshake_timeout() {
     assert!(started.elapsed() < Duration::from_secs(5));
     let (code, _) = http_get(gw.addr, "/healthz").await.unwrap();
     assert_eq!(code, 200);
+    echo_still_serving(&gw).await;
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_refuse_before_the_upgrade() {
-    let gw = start(
-        "[[route]]\ncall = \"echo.*\"\n",
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| {
-            s.limits.max_connections = 5;
-            s.limits.max_connections_per_user = 2;
-        },
-        MeshSetup::Memory(nuropb_bff::MemoryMesh::new()),
-    )
+    let gw = echo_gateway(|s| {
+        s.limits.max_connections = 6;
+        s.limits.max_connections_per_user = 2;
+    })
     .await;
     let url = gw.url();
     let ann = token("ann", &[], 300);
@@ -448,10 +500,22 @@ async fn connection_caps_refuse_before_the_upgrade() {
     let (_b1, _) = connect(&url, &token("bob", &[], 300)).await;
     let (_c1, _) = connect(&url, &token("cy", &[], 300)).await;
     let (_d1, _) = connect(&url, &token("di", &[], 300)).await;
-    let err = TestClient::connect(&url, Some(&token("eli", &[], 300)))
+    let (e1, _) = connect(&url, &token("eli", &[], 300)).await;
+    let err = TestClient::connect(&url, Some(&token("fox", &[], 300)))
         .await
         .unwrap_err();
     assert!(err.contains("503"), "{err}");
+    // A place freed is a place for a fresh client.
+    drop(e1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.gateway.sessions().counts().sessions > 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed socket kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    echo_still_serving(&gw).await;
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
     assert!(
         metrics.contains(r#"bff_refused_connections_total{reason="max_connections"} 1"#),
@@ -466,16 +530,7 @@ async fn connection_caps_refuse_before_the_upgrade() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_is_closed_after_two_missed_pings_and_a_live_one_stays() {
-    let gw = start(
-        "[[route]]\ncall = \"echo.*\"\n",
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| s.limits.ping_interval = Duration::from_millis(200),
-        MeshSetup::Memory(nuropb_bff::MemoryMesh::with_echo_stubs(
-            &nuropb_bff::RouteTable::parse("r", "[[route]]\ncall = \"echo.*\"\n").unwrap(),
-        )),
-    )
-    .await;
+    let gw = echo_gateway(|s| s.limits.ping_interval = Duration::from_millis(200)).await;
     let (mut silent, _) = connect(&gw.url(), &token("sid", &[], 300)).await;
     let (mut live, _) = connect(&gw.url(), &token("liv", &[], 300)).await;
     // The live client keeps talking (and so answers pings); the silent one
@@ -505,6 +560,7 @@ async fn a_silent_peer_is_closed_after_two_missed_pings_and_a_live_one_stays() {
         .await
         .unwrap();
     assert_eq!(r["result"]["method"], "y");
+    echo_still_serving(&gw).await;
     gw.stop().await;
 }
 

@@ -130,6 +130,12 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
         describe["result"]["methods"]["send_to_users"].is_object(),
         "{describe}"
     );
+    assert!(
+        describe["result"]["authorization"]
+            .as_str()
+            .is_some_and(|a| a.contains("Authorization") && a.contains("bff:push")),
+        "the description says what a push needs: {describe}"
+    );
     let b2 = bff_name.clone();
     let pushed = tokio::task::spawn_blocking(move || {
         python_client_as(
