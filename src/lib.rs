@@ -8,6 +8,7 @@
 //! adds a test gateway and a WebSocket client.
 
 mod auth;
+mod cli;
 mod cluster;
 mod config;
 mod dispatch;
@@ -29,6 +30,7 @@ mod topic;
 mod ws;
 
 pub use auth::{AuthError, Identity, JwtVerifier, NoAuth};
+pub use cli::main;
 pub use config::{AuthMode, Limits, MeshApi, Settings, SettingsError};
 pub use gateway::{Gateway, GatewayBuilder, Serving};
 pub use hooks::{AuthHook, DefaultHandler, LocalCall, MeshClient, WsHandler};

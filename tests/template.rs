@@ -33,11 +33,6 @@ fn template_checkout() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let d = tempdir();
-        std::fs::copy(
-            repo().join("cargo-generate.toml"),
-            d.join("cargo-generate.toml"),
-        )
-        .unwrap();
         copy_dir(&repo().join("template"), &d.join("template"));
         copy_dir(&repo().join("hooks"), &d.join("hooks"));
         d
@@ -125,6 +120,17 @@ fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
     let crate_dir = generate_crate(name, answers);
     let tests = ok("cargo test", &cargo(&crate_dir, &["test"]));
     assert!(tests.contains("test result: ok. 6 passed"), "{tests}");
+    // The generated broker test, as its CI's second job runs it.
+    let broker = Command::new("cargo")
+        .args(["test", "--test", "broker", "--", "--ignored"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", shared_target())
+        .env("BFF_TEST_AMQP_URL", common::amqp_url())
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("run cargo");
+    let broker = ok("cargo test --test broker -- --ignored", &broker);
+    assert!(broker.contains("test result: ok. 1 passed"), "{broker}");
     ok("cargo fmt --check", &cargo(&crate_dir, &["fmt", "--check"]));
     ok(
         "cargo clippy",
@@ -134,6 +140,217 @@ fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
         ),
     );
     crate_dir
+}
+
+/// The repository as it is now (tracked files, with their current
+/// contents) as a fresh git repository tagged with this release: what a
+/// generated crate's default git dependency names.
+fn release_clone() -> PathBuf {
+    let d = tempdir().join("nuropb-bff");
+    let files = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(repo())
+        .output()
+        .expect("git ls-files");
+    for name in String::from_utf8_lossy(&files.stdout).split('\0') {
+        let from = repo().join(name);
+        if name.is_empty() || !from.is_file() {
+            continue;
+        }
+        let to = d.join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(&d)
+            .output()
+            .expect("git");
+        ok(&format!("git {args:?}"), &out);
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "release"]);
+    git(&["tag", &format!("v{}", env!("CARGO_PKG_VERSION"))]);
+    d
+}
+
+/// The runtime's `repository` from its Cargo.toml.
+fn repository_url() -> String {
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo().join("Cargo.toml")).unwrap()).unwrap();
+    manifest["package"]["repository"]
+        .as_str()
+        .expect("Cargo.toml names its repository")
+        .to_owned()
+}
+
+#[test]
+fn the_template_names_this_release_of_the_runtime() {
+    let hook = std::fs::read_to_string(repo().join("hooks/pre.rhai")).unwrap();
+    let url = repository_url();
+    assert!(
+        hook.contains(&format!("const RUNTIME_REPOSITORY = \"{url}\";")),
+        "hooks/pre.rhai must name the repository of Cargo.toml ({url})"
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        hook.contains(&format!("const RUNTIME_VERSION = \"{version}\";")),
+        "hooks/pre.rhai must name the version of Cargo.toml ({version})"
+    );
+}
+
+#[test]
+fn the_runtime_package_holds_the_runtime_only() {
+    let out = Command::new("cargo")
+        .args(["package", "--list", "--allow-dirty"])
+        .current_dir(repo())
+        .output()
+        .expect("cargo package --list");
+    let list = ok("cargo package --list", &out);
+    let files: Vec<&str> = list.lines().filter(|l| !l.starts_with("warning")).collect();
+    for needed in [
+        "Cargo.toml",
+        "src/lib.rs",
+        "src/gateway.rs",
+        "src/mesh/amqp.rs",
+        "README.md",
+    ] {
+        assert!(files.contains(&needed), "{needed} missing from:\n{list}");
+    }
+    for f in &files {
+        let outside = [
+            "template/",
+            "tests/",
+            "hooks/",
+            "benches/",
+            "scripts/",
+            ".ci/",
+            ".venv",
+        ]
+        .iter()
+        .any(|p| f.starts_with(p));
+        assert!(!outside, "{f} should not be in the package:\n{list}");
+    }
+}
+
+/// The `run` steps of a job of a GitHub workflow, checked to be YAML of the
+/// expected shape.
+fn workflow_steps(workflow: &Path, job: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let text = std::fs::read_to_string(workflow).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("the workflow is YAML");
+    let job = &doc["jobs"][job];
+    assert!(job["runs-on"].is_string(), "{job:?}");
+    let steps = job["steps"].as_sequence().expect("steps");
+    assert!(
+        steps.iter().any(|s| s["uses"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("dtolnay/rust-toolchain@1.95"))),
+        "the job pins the toolchain"
+    );
+    let runs = steps
+        .iter()
+        .filter_map(|s| s["run"].as_str().map(str::to_owned))
+        .collect();
+    let env = job["env"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().unwrap().to_owned(),
+                        v.as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (runs, env)
+}
+
+#[test]
+fn default_answers_from_a_git_clone_build_and_pass_their_ci() {
+    let clone = release_clone();
+    let root = tempdir();
+    let out = Command::new("cargo")
+        .args(["generate", "--git"])
+        .arg(format!("file://{}", clone.display()))
+        .args(["--name", "plain-bff", "--silent", "--vcs", "none"])
+        .current_dir(&root)
+        .env(
+            "USER",
+            std::env::var("USER").unwrap_or_else(|_| "bff-tests".into()),
+        )
+        .output()
+        .expect("cargo generate --git");
+    ok("cargo generate --git (default answers)", &out);
+    let crate_dir = root.join("plain-bff");
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+    let url = repository_url();
+    let tag = format!("v{}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        manifest.contains(&format!(
+            "nuropb-bff = {{ git = \"{url}\", tag = \"{tag}\" }}"
+        )),
+        "{manifest}"
+    );
+    assert!(!crate_dir.join("Cargo.lock").exists());
+    assert_eq!(
+        std::fs::read_to_string(crate_dir.join(".gitignore"))
+            .unwrap()
+            .trim(),
+        "/target"
+    );
+    assert!(!crate_dir.join("cargo-generate.toml").exists());
+
+    // The repository URL leads to the clone (as if it were public); the
+    // generated Cargo.toml is built as it is.
+    let git_config = root.join("gitconfig");
+    std::fs::write(
+        &git_config,
+        format!(
+            "[url \"file://{}\"]\n\tinsteadOf = {url}\n",
+            clone.display()
+        ),
+    )
+    .unwrap();
+    let workflow = crate_dir.join(".github/workflows/ci.yml");
+    for job in ["test", "broker"] {
+        let (runs, env) = workflow_steps(&workflow, job);
+        assert!(!runs.is_empty(), "{job} runs nothing");
+        for run in runs {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg(&run)
+                .current_dir(&crate_dir)
+                .env("GIT_CONFIG_GLOBAL", &git_config)
+                .env("CARGO_NET_GIT_FETCH_WITH_CLI", "true")
+                .env("CARGO_TARGET_DIR", shared_target())
+                .env_remove("RUSTFLAGS");
+            for (k, v) in &env {
+                let v = if k == "BFF_TEST_AMQP_URL" {
+                    common::amqp_url()
+                } else {
+                    v.clone()
+                };
+                cmd.env(k, v);
+            }
+            let out = cmd.output().expect("run a CI step");
+            let text = ok(&format!("CI job {job}: `{run}`"), &out);
+            if run.contains("--ignored") {
+                assert!(text.contains("1 passed"), "{text}");
+            }
+        }
+    }
 }
 
 fn tempdir() -> PathBuf {
@@ -199,6 +416,7 @@ fn invalid_answers_are_refused_naming_the_key() {
     let cases: &[(&str, &str, &str)] = &[
         ("routes", "orders", "routes"),
         ("routes", "orders.get,bad route", "routes"),
+        ("routes", "orders.get,orders.get", "routes"),
         ("port", "http", "port"),
         ("port", "70000", "port"),
         ("auth", "magic", "auth"),
@@ -208,6 +426,8 @@ fn invalid_answers_are_refused_naming_the_key() {
         ("mesh_service_name", "has space", "mesh_service_name"),
         ("allowed_origins", "localhost", "allowed_origins"),
         ("runtime_path", "relative/path", "runtime_path"),
+        ("runtime_source", "path", "runtime_path"),
+        ("runtime_source", "svn", "runtime_source"),
     ];
     for (key, value, named) in cases {
         let root = tempdir();

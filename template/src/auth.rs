@@ -3,10 +3,10 @@
 //! claims (tenant ids, custom role claims, ...).
 
 {%- if auth != "none" %}
-use nuropb_bff::{AuthError, AuthHook, BoxFuture, Identity, JwtVerifier, Settings};
+use nuropb_bff::{AuthError, AuthHook, BoxFuture, Identity, JwtVerifier, RunError, Settings};
 use serde_json::{Map, Value};
 {%- else %}
-use nuropb_bff::{AuthHook, Settings};
+use nuropb_bff::{AuthHook, RunError, Settings};
 {%- endif %}
 use std::sync::Arc;
 
@@ -14,18 +14,19 @@ use std::sync::Arc;
 
 /// The hook for the settings: no authentication, every connection is its
 /// own anonymous user. Only for public data or local development.
-pub fn hook(settings: &Settings) -> anyhow::Result<Arc<dyn AuthHook>> {
-    anyhow::ensure!(
-        settings.auth == nuropb_bff::AuthMode::None,
-        "this BFF was generated with auth = none; settings ask for {:?}",
-        settings.auth
-    );
+pub fn hook(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
+    if settings.auth != nuropb_bff::AuthMode::None {
+        return Err(RunError::Auth(format!(
+            "this BFF was generated with auth = none; the settings ask for {:?}",
+            settings.auth
+        )));
+    }
     Ok(Arc::new(nuropb_bff::NoAuth))
 }
 {%- else %}
 
 /// The hook for the settings.
-pub fn hook(settings: &Settings) -> anyhow::Result<Arc<dyn AuthHook>> {
+pub fn hook(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
     let verifier = nuropb_bff::jwt_verifier_from_settings(settings)?;
     Ok(Arc::new(Auth { verifier }))
 }

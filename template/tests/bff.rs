@@ -1,17 +1,14 @@
 //! Tests of {{project-name}}. They run on the in-process mesh (echo stubs
 //! for every routed service): no broker needed, so they run in any CI.
 
-#[path = "../src/auth.rs"]
-mod auth;
-#[path = "../src/handler.rs"]
-mod handler;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nuropb_bff::testing::{TestBff, TestClient};
 use nuropb_bff::{RouteTable, Settings};
 use serde_json::json;
+
+use {{crate_name}}::{auth, handler};
 
 fn crate_path(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)

@@ -1,0 +1,177 @@
+//! The entry point of every BFF binary: what each one does the same way
+//! (arguments, the settings file, development mode, tracing, signals), so a
+//! generated `main.rs` is a few lines and a runtime upgrade fixes all of
+//! them. The gateway itself reads no environment; this is the one place
+//! that does.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Settings;
+use crate::hooks::{AuthHook, WsHandler};
+use crate::runner::{RunError, log_filter, run};
+
+/// The settings file when `BFF_CONFIG` names none.
+const DEFAULT_CONFIG: &str = "config/default.toml";
+
+/// What the command line asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Command {
+    Serve { dev: bool },
+    Help,
+    Version,
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut dev = false;
+    for arg in args {
+        match arg.as_str() {
+            "--dev" => dev = true,
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(Command::Serve { dev })
+}
+
+fn usage(name: &str) -> String {
+    format!(
+        "{name}: a WebSocket Backend-For-Frontend on the NuroPb mesh (nuropb-bff {runtime})
+
+usage: {name} [--dev]
+
+  --dev          development mode: no broker (in-process echo services for the
+                 routed calls) and a token for user dev-user in the log
+  -h, --help     this text
+  -V, --version  the version
+
+Settings come from {DEFAULT_CONFIG} (or the file BFF_CONFIG names), each
+overridden by an environment variable BFF_<KEY> (BFF_LIMITS__<KEY> for a key
+of [limits]); BFF_LOG sets the log filter.",
+        runtime = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// Run a BFF binary: parse the command line, load the settings, set up
+/// tracing, build the auth hook with `auth`, and serve with `handler` until
+/// SIGTERM or Ctrl-C. `name` and `version` are the binary's (its
+/// `CARGO_PKG_NAME` and `CARGO_PKG_VERSION`).
+pub fn main(
+    name: &str,
+    version: &str,
+    auth: impl FnOnce(&Settings) -> Result<Arc<dyn AuthHook>, RunError>,
+    handler: Arc<dyn WsHandler>,
+) -> ExitCode {
+    let command = match parse_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}\n\n{}", usage(name));
+            return ExitCode::from(2);
+        }
+    };
+    let dev = match command {
+        Command::Help => {
+            println!("{}", usage(name));
+            return ExitCode::SUCCESS;
+        }
+        Command::Version => {
+            println!(
+                "{name} {version} (nuropb-bff {})",
+                env!("CARGO_PKG_VERSION")
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Serve { dev } => dev,
+    };
+    let config = std::env::var_os("BFF_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let (mut settings, warnings) = match Settings::load(&config, std::env::vars()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if dev {
+        settings.amqp_url = "memory://".into();
+    }
+    let filter = EnvFilter::try_new(log_filter(&settings.log)).unwrap_or_else(|e| {
+        eprintln!("{name}: log filter `{}`: {e}; using `info`", settings.log);
+        EnvFilter::new(log_filter("info"))
+    });
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let auth = match auth(&settings) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(settings, auth, handler, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Result<Command, String> {
+        parse_args(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn the_command_line() {
+        assert_eq!(args(&[]), Ok(Command::Serve { dev: false }));
+        assert_eq!(args(&["--dev"]), Ok(Command::Serve { dev: true }));
+        assert_eq!(args(&["--dev", "--help"]), Ok(Command::Help));
+        assert_eq!(args(&["-V"]), Ok(Command::Version));
+        let e = args(&["--deV"]).unwrap_err();
+        assert!(e.contains("--deV"), "{e}");
+        assert!(usage("my-bff").contains("BFF_CONFIG"));
+    }
+}
