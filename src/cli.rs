@@ -125,7 +125,34 @@ pub fn main(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(settings, auth, handler, shutdown_signal())) {
+    let served = runtime.block_on(async {
+        // The first SIGTERM (or Ctrl-C) starts the drain, a second one ends
+        // it at once.
+        let (first_tx, first) = tokio::sync::oneshot::channel::<()>();
+        let (second_tx, second) = tokio::sync::oneshot::channel::<()>();
+        let signals = tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: draining (signal again to stop at once)");
+            let _ = first_tx.send(());
+            shutdown_signal().await;
+            let _ = second_tx.send(());
+        });
+        let served = run(
+            settings,
+            auth,
+            handler,
+            async {
+                let _ = first.await;
+            },
+            async {
+                let _ = second.await;
+            },
+        )
+        .await;
+        signals.abort();
+        served
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

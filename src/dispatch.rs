@@ -39,6 +39,8 @@ pub(crate) enum Refusal {
     NotSubscribable { topic: String },
     /// The connection would hold more than `limit` subscriptions.
     TooManySubscriptions { limit: usize },
+    /// The gateway is draining for a shutdown.
+    ShuttingDown,
 }
 
 impl Refusal {
@@ -51,6 +53,7 @@ impl Refusal {
             | Refusal::TooManySubscriptions { .. } => ErrorName::RateLimited,
             Refusal::BadTopic { .. } => ErrorName::InvalidMessage,
             Refusal::NotSubscribable { .. } => ErrorName::Forbidden,
+            Refusal::ShuttingDown => ErrorName::ShuttingDown,
         }
     }
 
@@ -78,6 +81,9 @@ impl Refusal {
             }
             Refusal::TooManySubscriptions { limit } => {
                 format!("at most {limit} subscriptions per connection")
+            }
+            Refusal::ShuttingDown => {
+                "this gateway is shutting down; reconnect to send new requests".into()
             }
         }
     }

@@ -33,7 +33,14 @@ struct Inner {
     mesh: Arc<dyn Mesh>,
     /// Set when the gateway joined a broker: closed on shutdown.
     amqp: Option<AmqpMesh>,
+    /// Cancelled when the drain begins: not ready, no new sockets or calls.
     shutdown: CancellationToken,
+    /// Cancelled to cut the drain short (a second SIGTERM).
+    hurry: CancellationToken,
+    /// Cancelled once the sessions are closed: the listener stops.
+    closed: CancellationToken,
+    /// Client calls sent to the mesh (or a local route) and not answered yet.
+    calls: Calls,
     /// Connection tasks.
     tasks: TaskTracker,
     /// The control pump and the heartbeat: they outlive the connections
@@ -158,6 +165,9 @@ impl GatewayBuilder {
             mesh,
             amqp,
             shutdown: CancellationToken::new(),
+            hurry: CancellationToken::new(),
+            closed: CancellationToken::new(),
+            calls: Calls::default(),
             tasks: TaskTracker::new(),
             background: TaskTracker::new(),
             background_stop: CancellationToken::new(),
@@ -170,6 +180,60 @@ impl GatewayBuilder {
         ));
         g.background.spawn(heartbeat(gateway.clone()));
         Ok(gateway)
+    }
+}
+
+/// Counts the client calls in flight, and wakes the drain when none is left.
+#[derive(Debug, Default)]
+pub(crate) struct Calls {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One call in flight; counted until dropped.
+#[derive(Debug)]
+pub(crate) struct CallGuard(Gateway);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let calls = &(self.0).0.calls;
+        if calls
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            calls.idle.notify_waiters();
+        }
+    }
+}
+
+impl Calls {
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves when no call is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Gateway {
+    /// Count a call as in flight until the guard is dropped.
+    pub(crate) fn call_started(&self) -> CallGuard {
+        self.0
+            .calls
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        CallGuard(self.clone())
     }
 }
 
@@ -292,19 +356,52 @@ impl Gateway {
         self.0.shutdown.cancelled().await;
     }
 
-    /// Begin shutting down: what [`Gateway::serve`] waits for, besides its
-    /// own shutdown future.
+    /// Begin shutting down (the drain): what [`Gateway::serve`] waits for,
+    /// besides its own shutdown future.
     pub fn stop(&self) {
         self.0.shutdown.cancel();
     }
 
-    /// Refuse new sockets, close every session with 1001, wait (at most the
-    /// shutdown grace) for connection tasks to finish, then leave the mesh.
+    /// Cut the drain short: close the sessions now (a second SIGTERM).
+    pub fn hurry(&self) {
+        self.0.shutdown.cancel();
+        self.0.hurry.cancel();
+    }
+
+    /// Resolves once the drain is cut short: calls still in flight give up.
+    pub(crate) async fn hurried(&self) {
+        self.0.hurry.cancelled().await;
+    }
+
+    /// Resolves once the sessions are closed and the listener is to stop.
+    pub(crate) async fn closed(&self) {
+        self.0.closed.cancelled().await;
+    }
+
+    /// The drain, then the stop: `/readyz` answers 503 and new sockets and
+    /// calls are refused at once; calls already sent get their answers (up
+    /// to the shutdown grace, or until [`Gateway::hurry`]); then every
+    /// session closes with 1001, connection tasks finish, and the gateway
+    /// leaves the mesh.
     pub(crate) async fn shutdown(&self) {
         let grace = self.settings().shutdown_grace();
         self.stop();
+        let pending = self.0.calls.count();
+        if pending > 0 {
+            tracing::info!(calls = pending, "draining: waiting for calls in flight");
+        }
+        tokio::select! {
+            _ = self.0.calls.idle() => {}
+            _ = self.0.hurry.cancelled() => {
+                tracing::warn!(calls = self.0.calls.count(), "drain cut short");
+            }
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(calls = self.0.calls.count(), "calls still in flight after the shutdown grace period");
+            }
+        }
         self.sessions()
             .close_all(close::GOING_AWAY, "server shutting down");
+        self.0.closed.cancel();
         self.0.tasks.close();
         if tokio::time::timeout(grace, self.0.tasks.wait())
             .await

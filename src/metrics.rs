@@ -38,6 +38,7 @@ struct Inner {
     pushes_refused: Counter,
     refused_connections: Family<ReasonLabels, Counter>,
     events_dropped: Counter,
+    reconnects: Counter,
     mesh_ready: Gauge,
 }
 
@@ -69,6 +70,7 @@ impl Metrics {
         let pushes_refused = Counter::default();
         let refused_connections = Family::<ReasonLabels, Counter>::default();
         let events_dropped = Counter::default();
+        let reconnects = Counter::default();
         let mesh_ready = Gauge::default();
         registry.register(
             "ws_connections",
@@ -122,6 +124,11 @@ impl Metrics {
             events_dropped.clone(),
         );
         registry.register(
+            "mesh_reconnects",
+            "Times the broker link was lost and rebuilt",
+            reconnects.clone(),
+        );
+        registry.register(
             "mesh_ready",
             "1 while the broker connection is up",
             mesh_ready.clone(),
@@ -139,6 +146,7 @@ impl Metrics {
             pushes_refused,
             refused_connections,
             events_dropped,
+            reconnects,
             mesh_ready,
         }))
     }
@@ -190,11 +198,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Bring the dropped-events counter up to the mesh's own count.
-    pub(crate) fn set_events_dropped(&self, total: u64) {
-        let seen = self.0.events_dropped.get();
-        if total > seen {
-            self.0.events_dropped.inc_by(total - seen);
+    /// Bring the counters the mesh keeps itself up to its counts.
+    pub(crate) fn set_mesh_counts(&self, events_dropped: u64, reconnects: u64) {
+        for (counter, total) in [
+            (&self.0.events_dropped, events_dropped),
+            (&self.0.reconnects, reconnects),
+        ] {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
         }
     }
 

@@ -43,6 +43,8 @@ pub enum ErrorName {
     RateLimited,
     MessageTooLarge,
     Unauthorized,
+    /// The gateway is draining for a shutdown: reconnect (to another instance).
+    ShuttingDown,
     InternalError,
 }
 
@@ -58,6 +60,7 @@ impl ErrorName {
             Self::RateLimited => "RateLimited",
             Self::MessageTooLarge => "MessageTooLarge",
             Self::Unauthorized => "Unauthorized",
+            Self::ShuttingDown => "ShuttingDown",
             Self::InternalError => "InternalError",
         }
     }

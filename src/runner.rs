@@ -103,13 +103,15 @@ fn log_dev_token(settings: &Settings) {
 }
 
 /// Load the routing table, join the mesh (or the in-process development
-/// mesh for `memory://`), serve until `shutdown` resolves, then close
-/// sessions and leave the mesh.
+/// mesh for `memory://`), serve until `shutdown` resolves, drain (calls in
+/// flight are answered, up to `shutdown_grace_ms`, or until `hurry`
+/// resolves), then close sessions and leave the mesh.
 pub async fn run(
     settings: Settings,
     auth: Arc<dyn AuthHook>,
     handler: Arc<dyn WsHandler>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    hurry: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     if settings.is_memory_mesh() {
         tracing::warn!(
@@ -135,7 +137,15 @@ pub async fn run(
         .local_addr()
         .map_or_else(|_| gateway.settings().listen.clone(), |a| a.to_string());
     tracing::info!(%addr, ws_path = %gateway.settings().ws_path, "serving");
+    let hurrying = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            hurry.await;
+            gateway.hurry();
+        })
+    };
     let served = gateway.serve(listener, shutdown).await;
+    hurrying.abort();
     tracing::info!("stopped");
     served.map_err(RunError::Serve)
 }

@@ -98,8 +98,10 @@ impl Gateway {
 /// its own task in `connections`.
 async fn accept_loop(gw: Gateway, listener: TcpListener, app: Router, connections: TaskTracker) {
     loop {
+        // Still accepting while the gateway drains: `/readyz` must answer
+        // 503 (and upgrades are refused) until the sessions close.
         let accepted = tokio::select! {
-            _ = gw.stopping() => return,
+            _ = gw.closed() => return,
             accepted = listener.accept() => accepted,
         };
         let tcp = match accepted {
@@ -131,7 +133,7 @@ async fn serve_connection(gw: Gateway, tcp: TcpStream, app: Router) {
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = gw.stopping() => {
+        _ = gw.closed() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(gw.settings().shutdown_grace(), conn).await;
         }
@@ -139,7 +141,9 @@ async fn serve_connection(gw: Gateway, tcp: TcpStream, app: Router) {
 }
 
 async fn readyz(State(gw): State<Gateway>) -> Response {
-    if gw.is_ready() {
+    if gw.is_stopping() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if gw.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "mesh unavailable").into_response()
@@ -148,7 +152,8 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
 
 async fn metrics(State(gw): State<Gateway>) -> Response {
     gw.is_ready();
-    gw.metrics().set_events_dropped(gw.mesh().events_dropped());
+    gw.metrics()
+        .set_mesh_counts(gw.mesh().events_dropped(), gw.mesh().reconnects());
     (
         [(
             header::CONTENT_TYPE,
@@ -166,6 +171,7 @@ async fn ws_upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     if gw.is_stopping() {
+        gw.metrics().connection_refused("shutting_down");
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     if let Some(origin) = headers.get(header::ORIGIN) {

@@ -499,6 +499,9 @@ impl Connection {
             trace_id,
         };
 
+        if self.gw.is_stopping() {
+            return Some(respond.frame(Err(Refusal::ShuttingDown.into())));
+        }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             let limit = self.gw.limits().max_in_flight;
             return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
@@ -524,8 +527,13 @@ impl Connection {
             };
             if let Some(fut) = handler.local_request(local) {
                 let outbox = self.outbox.clone();
+                let call = self.gw.call_started();
                 self.tasks.spawn(async move {
-                    let outcome = fut.await.map_err(Failure::Local);
+                    let _call = call;
+                    let outcome = tokio::select! {
+                        outcome = fut => outcome.map_err(Failure::Local),
+                        _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
+                    };
                     let _ = outbox.push(respond.frame(outcome)).await;
                     drop(permit);
                 });
@@ -555,19 +563,27 @@ impl Connection {
         handler.on_request(&self.info, &mut mesh_call);
         let info = self.info.clone();
         let outbox = self.outbox.clone();
+        let call = self.gw.call_started();
         self.tasks.spawn(async move {
-            let outcome = if command {
-                mesh.command(mesh_call).await.map(|()| Value::Null)
-            } else {
-                let sent = mesh_call.clone();
-                mesh.request(mesh_call)
-                    .await
-                    .map(|v| handler.on_response(&info, &sent, v))
+            // Counted until its answer is queued: the drain waits for it.
+            let _call = call;
+            let work = async {
+                if command {
+                    mesh.command(mesh_call).await.map(|()| Value::Null)
+                } else {
+                    let sent = mesh_call.clone();
+                    mesh.request(mesh_call)
+                        .await
+                        .map(|v| handler.on_response(&info, &sent, v))
+                }
             };
             // Failures are counted by outcome in the request metrics; the
             // broker's state changes are logged once by the mesh, never
             // once per call.
-            let outcome = outcome.map_err(Failure::Mesh);
+            let outcome = tokio::select! {
+                outcome = work => outcome.map_err(Failure::Mesh),
+                _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
+            };
             let _ = outbox.push(respond.frame(outcome)).await;
             drop(permit);
         });

@@ -147,6 +147,10 @@ struct Shared {
     /// cannot crowd them out.
     control: mpsc::Sender<Value>,
     events_dropped: AtomicU64,
+    /// Times the link was rebuilt.
+    reconnects: AtomicU64,
+    /// Wakes the supervisor to rebuild the link (a publish channel failed).
+    relink: tokio::sync::Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -250,6 +254,8 @@ impl AmqpMesh {
             events,
             control,
             events_dropped: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            relink: tokio::sync::Notify::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             config,
@@ -311,14 +317,49 @@ impl AmqpMesh {
 }
 
 impl Shared {
-    /// The publishing channel of the current connection, if any.
+    /// The publishing channel of the current connection, if it can publish;
+    /// one that cannot wakes the supervisor to rebuild the link.
     fn publish_channel(&self) -> Result<Channel, MeshError> {
-        self.link
+        let channel = self
+            .link
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|l| l.publish.clone())
-            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))
+            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
+        if !channel.status().connected() {
+            self.publish_failed();
+            return Err(MeshError::Unavailable(
+                "the publish channel is closed".into(),
+            ));
+        }
+        Ok(channel)
+    }
+
+    /// A publish failed below the message: rebuild unless shutting down.
+    fn publish_failed(&self) {
+        if self.ready.swap(false, Ordering::SeqCst) {
+            self.relink.notify_one();
+        }
+    }
+
+    /// A publish that failed at the channel: the link is rebuilt.
+    fn channel_error(&self, e: lapin::Error) -> MeshError {
+        self.publish_failed();
+        unavailable(e)
+    }
+
+    /// Ready: connected, and the publish channel can publish.
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+            && self
+                .link
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|l| {
+                    l.publish.status().connected() && l.connection.status().connected()
+                })
     }
 }
 
@@ -362,9 +403,9 @@ impl AmqpMesh {
                 props,
             )
             .await
-            .map_err(unavailable)?
+            .map_err(|e| self.shared.channel_error(e))?
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.shared.channel_error(e))?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
@@ -424,11 +465,11 @@ impl AmqpMesh {
                 props,
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.shared.channel_error(e))?;
         tokio::time::timeout(Duration::from_secs(10), confirm)
             .await
             .map_err(|_| MeshError::Timeout(Duration::from_secs(10)))?
-            .map_err(unavailable)?;
+            .map_err(|e| self.shared.channel_error(e))?;
         Ok(())
     }
 }
@@ -487,7 +528,11 @@ impl Mesh for AmqpMesh {
     }
 
     fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::SeqCst)
+        self.shared.is_ready()
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
     }
 
     fn events_dropped(&self) -> u64 {
@@ -646,33 +691,65 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
 }
 
 /// Own the consumers; on loss, fail what is in flight and reconnect.
+///
+/// Any failure below the connection (a consumer cancelled because its queue
+/// was deleted, a channel closed by an error, a publish channel that can no
+/// longer publish) is treated like a lost connection: the whole connection
+/// is closed and rebuilt, topology and bindings declared again. Keeping the
+/// old connection would keep its exclusive response-queue consumer, and
+/// every new attempt would be refused.
 async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
     loop {
-        tokio::select! {
+        let why = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = consume_responses(&shared, &mut consumers.responses) => {}
-            _ = consume_requests(&shared, &mut consumers.requests) => {}
-        }
+            _ = consume_responses(&shared, &mut consumers.responses) => "the response consumer ended",
+            _ = consume_requests(&shared, &mut consumers.requests) => "the service-queue consumer ended",
+            _ = shared.relink.notified() => "the publish channel failed",
+        };
         shared.ready.store(false, Ordering::SeqCst);
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
         let waiting: Vec<_> = lock(&shared.pending).drain().collect();
         for (_, tx) in waiting {
             let _ = tx.send(Err(MeshError::Unavailable("broker connection lost".into())));
         }
-        tracing::warn!(url = %redact_url(&shared.config.url), "lost the broker connection; reconnecting");
-        let mut backoff = Duration::from_millis(200);
+        tracing::warn!(url = %redact_url(&shared.config.url), %why, "lost the broker link; rebuilding the connection");
+        let old = shared
+            .link
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(old) = old {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                old.connection.close(320, "rebuilding the link".into()),
+            )
+            .await;
+        }
+        let started = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
         consumers = loop {
-            tokio::select! {
-                _ = shared.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
             match tokio::time::timeout(shared.config.connect_timeout, establish(&shared)).await {
                 Ok(Ok(c)) => break c,
                 Ok(Err(e)) => tracing::debug!(error = %e, "reconnect failed"),
                 Err(_) => tracing::debug!("reconnect timed out"),
             }
+            // Full jitter: instances that lost the broker together do not
+            // come back in step.
+            let pause = backoff.mul_f64(0.5 + jitter() * 0.5);
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
             backoff = (backoff * 2).min(shared.config.max_backoff);
         };
+        tracing::info!(after = ?started.elapsed(), "the broker link is back");
     }
+}
+
+/// A number in [0, 1) that differs between calls and processes.
+fn jitter() -> f64 {
+    let n = uuid::Uuid::new_v4().as_u128() as u64;
+    (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
 async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
@@ -839,7 +916,7 @@ async fn publish_response(
             props,
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(|e| shared.channel_error(e))?;
     Ok(())
 }
 

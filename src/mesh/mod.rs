@@ -172,6 +172,10 @@ pub trait Mesh: Send + Sync + fmt::Debug + 'static {
     fn events_dropped(&self) -> u64 {
         0
     }
+    /// Times the link to the broker was lost and rebuilt.
+    fn reconnects(&self) -> u64 {
+        0
+    }
     /// Send a control message to every instance of this BFF, this one
     /// included ([`MeshHandler::handle_control`] receives it).
     fn broadcast_control(&self, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {

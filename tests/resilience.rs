@@ -1,0 +1,238 @@
+//! Deploys and broker incidents that lose nothing: a draining shutdown that
+//! answers every call in flight, and a mesh link that heals itself after
+//! the broker deletes its queues or drops its connection, with `/readyz`
+//! telling the truth throughout. Against the local RabbitMQ.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nuropb_bff::{
+    AmqpConfig, AmqpMesh, Call, DefaultHandler, IncomingRequest, JwtVerifier, Mesh, StubService,
+};
+use serde_json::{Value, json};
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (part of the RabbitMQ server package)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A service on the broker whose `wait` answers after `ms` milliseconds.
+async fn slow_service(name: &str) -> AmqpMesh {
+    let stub = StubService::new(name).method("wait", |r: IncomingRequest| async move {
+        let ms = r.params.get("ms").and_then(Value::as_u64).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(json!(ms))
+    });
+    AmqpMesh::connect(AmqpConfig::new(amqp_url(), name), Arc::new(stub))
+        .await
+        .expect("RabbitMQ must be running")
+}
+
+async fn readyz(gw: &Running) -> u16 {
+    http_get(gw.addr, "/readyz")
+        .await
+        .map(|(s, _)| s)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_answers_every_call_in_flight_then_closes_with_1001() {
+    let svc = unique("slow");
+    let service = slow_service(&svc).await;
+    let gw = start(
+        &format!("[[route]]\ncall = \"{svc}.*\"\n"),
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |s| s.shutdown_grace_ms = 10_000,
+        MeshSetup::Broker,
+    )
+    .await;
+    let (mut c, _) = connect(&gw.url(), &token("dee", &[], 300)).await;
+    for i in 0..16 {
+        c.send(json!({"type":"request","payload":{"service":svc,"method":"wait","params":{"ms":800},"trace_id":format!("w{i}")}}))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    gw.gateway.stop();
+    // Not ready at once, and no new sockets.
+    assert_eq!(readyz(&gw).await, 503);
+    let refused = TestClient::connect(&gw.url(), Some(&token("late", &[], 300))).await;
+    assert!(refused.unwrap_err().contains("503"));
+    // A new call on the open socket is refused, naming the shutdown.
+    c.send(json!({"type":"request","payload":{"service":svc,"method":"wait","params":{"ms":0},"trace_id":"new"}}))
+        .await
+        .unwrap();
+    let mut answered = 0;
+    let mut refused_new = false;
+    loop {
+        let frame = c.recv().await.unwrap();
+        let p = &frame["payload"];
+        if p["trace_id"] == "new" {
+            assert_eq!(p["error"]["error"], "ShuttingDown", "{frame}");
+            refused_new = true;
+        } else {
+            assert_eq!(p["result"], 800, "{frame}");
+            answered += 1;
+        }
+        if answered == 16 && refused_new {
+            break;
+        }
+    }
+    // Then the close, once the calls are answered.
+    assert_eq!(c.closed().await.unwrap(), Some(1001));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    gw.stop().await;
+    service.close(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hurrying_cuts_the_drain_short() {
+    let svc = unique("slow");
+    let service = slow_service(&svc).await;
+    let gw = start(
+        &format!("[[route]]\ncall = \"{svc}.*\"\ntimeout_ms = 60000\n"),
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |s| s.shutdown_grace_ms = 30_000,
+        MeshSetup::Broker,
+    )
+    .await;
+    let (mut c, _) = connect(&gw.url(), &token("hal", &[], 300)).await;
+    c.send(json!({"type":"request","payload":{"service":svc,"method":"wait","params":{"ms":20000},"trace_id":"long"}}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.gateway.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    gw.gateway.hurry();
+    assert_eq!(c.closed().await.unwrap(), Some(1001));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    gw.stop().await;
+    service.close(Duration::from_secs(2)).await;
+}
+
+/// Wait until `/readyz` says `status`; how long it took.
+async fn until_readyz(gw: &Running, status: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    while readyz(gw).await != status {
+        assert!(
+            started.elapsed() < within,
+            "/readyz never said {status} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
+    let svc = unique("echo");
+    let service = slow_service(&svc).await;
+    let bff = unique("heal-bff");
+    let instance = unique("i");
+    let gw = start(
+        &format!("[[route]]\ncall = \"{svc}.*\"\n"),
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |s| {
+            s.mesh_service_name = bff.clone();
+            s.instance_id = Some(instance.clone());
+        },
+        MeshSetup::Broker,
+    )
+    .await;
+    until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    let caller = AmqpMesh::connect(
+        AmqpConfig::new(amqp_url(), unique("caller")),
+        Arc::new(StubService::new("caller")),
+    )
+    .await
+    .unwrap();
+    let (mut c, _) = connect(&gw.url(), &token("ray", &[], 300)).await;
+
+    type Incident<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let incidents: [Incident; 3] = [
+        (
+            "service queue deleted",
+            Box::new(|| {
+                rabbitmqctl(&["delete_queue", &format!("nuropb-{bff}-sq")]);
+            }),
+        ),
+        (
+            "response queue deleted",
+            Box::new(|| {
+                rabbitmqctl(&["delete_queue", &format!("nuropb-{bff}-{instance}-rq")]);
+            }),
+        ),
+        (
+            "connection closed by the broker",
+            Box::new(|| {
+                let listing = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
+                let pid = listing
+                    .lines()
+                    .find(|l| l.contains(&instance))
+                    .and_then(|l| l.split('\t').next())
+                    .expect("the BFF's connection is listed")
+                    .to_owned();
+                rabbitmqctl(&["close_connection", &pid, "resilience test"]);
+            }),
+        ),
+    ];
+    for (i, (what, incident)) in incidents.iter().enumerate() {
+        tokio::task::block_in_place(incident);
+        // Not ready while the link is down (if it was down long enough to
+        // be seen), ready again within 5 s, and serving then.
+        let back = until_readyz(&gw, 200, Duration::from_secs(5)).await;
+        let trace = format!("after-{i}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = c
+                .request_traced(&svc, "wait", json!({"ms": 0}), &trace)
+                .await
+                .unwrap();
+            if r["result"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: still failing: {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The BFF's own service queue serves again too.
+        let stats = caller
+            .request(Call {
+                service: bff.clone(),
+                method: "stats".into(),
+                params: Default::default(),
+                context: Default::default(),
+                ttl: Duration::from_secs(5),
+                trace_id: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the BFF's service queue: {e}"));
+        assert_eq!(stats["sessions"], 1, "{what}: {stats}");
+        println!("{what}: ready again after {back:?}");
+    }
+    let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+    let reconnects: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bff_mesh_reconnects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(reconnects >= 3, "{metrics}");
+    caller.close(Duration::from_secs(2)).await;
+    gw.stop().await;
+    service.close(Duration::from_secs(2)).await;
+}
