@@ -60,6 +60,9 @@ pub struct AmqpConfig {
     pub control_exchange: Option<String>,
     /// Service-queue messages handled at once.
     pub prefetch: u16,
+    /// Response-queue messages (responses, events, control) the broker may
+    /// send before they are acknowledged: what this process buffers at most.
+    pub response_prefetch: u16,
     /// Mesh events waiting for the handler; past it, events are dropped
     /// (and counted) rather than delaying responses or growing memory.
     pub event_queue: usize,
@@ -81,6 +84,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("event_bindings", &self.event_bindings)
             .field("control_exchange", &self.control_exchange)
             .field("prefetch", &self.prefetch)
+            .field("response_prefetch", &self.response_prefetch)
             .field("event_queue", &self.event_queue)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_backoff", &self.max_backoff)
@@ -100,6 +104,7 @@ impl AmqpConfig {
             event_bindings: Vec::new(),
             control_exchange: None,
             prefetch: 64,
+            response_prefetch: 1024,
             event_queue: 4096,
             connect_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(10),
@@ -112,6 +117,11 @@ impl AmqpConfig {
 
     pub fn response_queue(&self) -> String {
         self.response_queue_of(&self.instance_id)
+    }
+
+    /// This instance's event queue: `nuropb-{name}-{instance}-eq`.
+    pub fn event_queue_name(&self) -> String {
+        format!("nuropb-{}-{}-eq", self.service_name, self.instance_id)
     }
 
     /// The response queue of another instance of the same service.
@@ -291,8 +301,10 @@ impl AmqpMesh {
     pub async fn close(&self, grace: Duration) {
         self.shared.shutdown.cancel();
         let supervisor = lock(&self.supervisor).take();
-        if let Some(handle) = supervisor {
-            let _ = handle.await;
+        if let Some(mut handle) = supervisor
+            && tokio::time::timeout(grace, &mut handle).await.is_err()
+        {
+            handle.abort();
         }
         self.shared.tasks.close();
         let _ = tokio::time::timeout(grace, self.shared.tasks.wait()).await;
@@ -303,7 +315,8 @@ impl AmqpMesh {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(link) = link {
-            let _ = link.connection.close(200, "bye".into()).await;
+            let bye = link.connection.close(200, "bye".into());
+            let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
         }
         self.shared.ready.store(false, Ordering::SeqCst);
     }
@@ -543,6 +556,9 @@ impl Mesh for AmqpMesh {
 struct Consumers {
     responses: Consumer,
     requests: Consumer,
+    /// Mesh events, from a queue of their own: a burst of events never
+    /// sits in front of a response. `None` without event bindings.
+    events: Option<Consumer>,
 }
 
 async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
@@ -628,9 +644,31 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
         .await
         .map_err(|e| fail("cannot bind the control exchange", e))?;
     }
+    let eq: ShortString = c.event_queue_name().as_str().into();
+    if !c.event_bindings.is_empty() {
+        // The broker keeps at most `event_queue` events for this instance
+        // and drops the oldest past that: memory stays bounded on both
+        // sides under a burst.
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::try_from(c.event_queue).unwrap_or(i64::MAX)),
+        );
+        ch.queue_declare(
+            eq.clone(),
+            QueueDeclareOptions {
+                durable: false,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| fail("cannot declare the event queue", e))?;
+    }
     for topic in &c.event_bindings {
         ch.queue_bind(
-            rq.clone(),
+            eq.clone(),
             c.events_exchange.as_str().into(),
             topic.as_str().into(),
             QueueBindOptions::default(),
@@ -651,12 +689,23 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
         .basic_qos(c.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| fail("cannot set prefetch", e))?;
-    let responses = consume
+    // Responses, events and control messages, acknowledged in batches: the
+    // broker holds back what is past the prefetch, so a burst never piles
+    // up in this process.
+    let answers = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail("cannot open a channel", e))?;
+    answers
+        .basic_qos(c.response_prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| fail("cannot set prefetch", e))?;
+    let responses = answers
         .basic_consume(
             rq,
             "".into(),
             BasicConsumeOptions {
-                no_ack: true,
+                no_ack: false,
                 exclusive: true,
                 ..BasicConsumeOptions::default()
             },
@@ -664,6 +713,31 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
         )
         .await
         .map_err(|e| fail("cannot consume the response queue", e))?;
+    let events = if c.event_bindings.is_empty() {
+        None
+    } else {
+        let events_ch = connection
+            .create_channel()
+            .await
+            .map_err(|e| fail("cannot open a channel", e))?;
+        events_ch
+            .basic_qos(c.response_prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| fail("cannot set prefetch", e))?;
+        let consumer = events_ch
+            .basic_consume(
+                eq,
+                "".into(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| fail("cannot consume the event queue", e))?;
+        Some(consumer)
+    };
     let requests = consume
         .basic_consume(
             service_queue.as_str().into(),
@@ -687,6 +761,7 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     Ok(Consumers {
         responses,
         requests,
+        events,
     })
 }
 
@@ -703,6 +778,7 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
         let why = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = consume_responses(&shared, &mut consumers.responses) => "the response consumer ended",
+            _ = consume_events(&shared, consumers.events.as_mut()) => "the event consumer ended",
             _ = consume_requests(&shared, &mut consumers.requests) => "the service-queue consumer ended",
             _ = shared.relink.notified() => "the publish channel failed",
         };
@@ -728,7 +804,12 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
         let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
         consumers = loop {
-            match tokio::time::timeout(shared.config.connect_timeout, establish(&shared)).await {
+            let attempt = tokio::time::timeout(shared.config.connect_timeout, establish(&shared));
+            let attempt = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                attempt = attempt => attempt,
+            };
+            match attempt {
                 Ok(Ok(c)) => break c,
                 Ok(Err(e)) => tracing::debug!(error = %e, "reconnect failed"),
                 Err(_) => tracing::debug!("reconnect timed out"),
@@ -753,8 +834,18 @@ fn jitter() -> f64 {
 }
 
 async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
+    let batch = u64::from((shared.config.response_prefetch / 8).max(1));
+    let mut taken = 0u64;
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { return };
+        taken += 1;
+        if taken.is_multiple_of(batch) {
+            // Everything up to this one; the broker may send `batch` more.
+            let all = BasicAckOptions { multiple: true };
+            if delivery.acker.ack(all).await.is_err() {
+                return;
+            }
+        }
         match decode_delivery(&delivery) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
             Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
@@ -773,6 +864,38 @@ async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
                 "unexpected message on the response queue, dropped"
             ),
             Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
+        }
+    }
+}
+
+/// Take mesh events from the event queue, acknowledged in batches, and hand
+/// them to the event task; what it has no room for is dropped and counted.
+async fn consume_events(shared: &Arc<Shared>, consumer: Option<&mut Consumer>) {
+    let Some(consumer) = consumer else {
+        return std::future::pending().await;
+    };
+    let batch = u64::from((shared.config.response_prefetch / 8).max(1));
+    let mut taken = 0u64;
+    while let Some(delivery) = consumer.next().await {
+        let Ok(delivery) = delivery else { return };
+        taken += 1;
+        if taken.is_multiple_of(batch) {
+            let all = BasicAckOptions { multiple: true };
+            if delivery.acker.ack(all).await.is_err() {
+                return;
+            }
+        }
+        match decode_delivery(&delivery) {
+            Ok(MeshMessage::Event(ev)) => {
+                if shared.events.try_send(ev.into()).is_err() {
+                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(other) => tracing::debug!(
+                kind = other.message_type().as_str(),
+                "unexpected message on the event queue, dropped"
+            ),
+            Err(why) => tracing::debug!(%why, "undecodable message on the event queue, dropped"),
         }
     }
 }
