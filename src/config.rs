@@ -162,6 +162,11 @@ pub struct Settings {
     pub limits: Limits,
     #[serde(default)]
     pub mesh_api: MeshApi,
+    /// A routed `service.method` called on the user's behalf when a socket
+    /// opens; its result rides in the `hello` event under `data` (or why it
+    /// failed under `data_error`).
+    #[serde(default)]
+    pub hello_call: Option<String>,
 }
 
 fn d_grace() -> u64 {
@@ -194,6 +199,7 @@ impl std::fmt::Debug for Settings {
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("limits", &self.limits)
             .field("mesh_api", &self.mesh_api)
+            .field("hello_call", &self.hello_call)
             .finish_non_exhaustive()
     }
 }
@@ -234,6 +240,7 @@ impl Settings {
             shutdown_grace_ms: d_grace(),
             limits: Limits::default(),
             mesh_api: MeshApi::default(),
+            hello_call: None,
         }
     }
 
@@ -247,6 +254,7 @@ impl Settings {
             jwt_issuer: Some(String::new()),
             jwt_audience: Some(String::new()),
             instance_id: Some("x".into()),
+            hello_call: Some("x.y".into()),
             ..Self::new("x")
         }
     }
@@ -356,6 +364,13 @@ impl Settings {
         {
             return bad(format!(
                 "instance_id (BFF_INSTANCE_ID) must be up to 64 letters, digits, `_` or `-`, found `{id}`"
+            ));
+        }
+        if let Some(call) = &self.hello_call
+            && !matches!(crate::routing::parse_call(call), Ok((_, Some(_))))
+        {
+            return bad(format!(
+                "hello_call (BFF_HELLO_CALL) must be a routed `service.method`, found `{call}`"
             ));
         }
         let m = &self.mesh_api;

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::mesh::MeshError;
 use crate::protocol::{ErrorBody, ErrorName};
-use crate::routing::{Delivery, Route, RouteTable};
+use crate::routing::{Composed, Delivery, Route, RouteTable};
 use crate::session::SessionInfo;
 use crate::topic;
 
@@ -207,6 +207,35 @@ pub(crate) fn authorize<'a>(
         service: resolved.service,
         method: resolved.method,
     })
+}
+
+/// May `session` call the composed route `composed` (number `index`) now?
+/// Its own roles and rate apply; each of its parts is then authorised like
+/// any call.
+pub(crate) fn authorize_composed(
+    composed: &Composed,
+    index: usize,
+    session: &SessionInfo,
+    rates: &mut Rates,
+    now: Instant,
+) -> Result<(), Refusal> {
+    if !composed.allows(&session.roles) {
+        return Err(Refusal::Forbidden {
+            service: composed.service.clone(),
+            method: composed.method.clone(),
+            roles: composed.roles.clone(),
+        });
+    }
+    if let Some(per_sec) = composed.rate_per_sec
+        && !rates.admit(usize::MAX - index, per_sec, now)
+    {
+        return Err(Refusal::RateLimited {
+            service: composed.service.clone(),
+            method: composed.method.clone(),
+            per_sec,
+        });
+    }
+    Ok(())
 }
 
 /// May a user with `roles` subscribe to `pattern`? Only a bounded pattern

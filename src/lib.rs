@@ -10,6 +10,7 @@
 mod auth;
 mod cli;
 mod cluster;
+mod compose;
 mod config;
 mod dispatch;
 mod gateway;
@@ -39,6 +40,8 @@ pub use mesh::{
     Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
 };
 pub use protocol::{ClientCall, ErrorBody, ErrorName, close};
-pub use routing::{Delivery, EventRule, Route, RouteTable, RoutesError};
+pub use routing::{
+    Composed, Delivery, EventRule, Part, PartParams, Route, RouteTable, RoutesError,
+};
 pub use runner::{RunError, auth_from_settings, jwt_verifier_from_settings, log_filter, run};
 pub use session::{SessionCounts, SessionInfo, Sessions};

@@ -176,6 +176,9 @@ pub(crate) enum ServerFrame {
         trace_id: String,
         result: Value,
         error: Option<ErrorBody>,
+        /// A composed route's parts that failed, by key, when any did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        failed: Option<Map<String, Value>>,
     },
     Ack {
         trace_id: String,

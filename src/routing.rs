@@ -95,6 +95,51 @@ pub struct RouteTable {
     exact: HashMap<(String, String), usize>,
     wildcard: HashMap<String, usize>,
     events: Vec<EventRule>,
+    composed: Vec<Composed>,
+}
+
+/// A composed route: one name a client calls that gathers several routed
+/// calls, run concurrently on the client's behalf.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Composed {
+    /// The name the client calls, `service` and `method`.
+    pub service: String,
+    pub method: String,
+    /// Any one of these roles is required; empty means any user.
+    pub roles: Vec<String>,
+    /// Calls a second one connection may make; `None` is unlimited.
+    pub rate_per_sec: Option<u32>,
+    pub parts: Vec<Part>,
+}
+
+/// One call of a composed route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    /// Where its result goes in the composed result.
+    pub key: String,
+    /// The routed name it calls (the routing table's rules apply).
+    pub service: String,
+    pub method: String,
+    pub params: PartParams,
+    /// A failure of this part fails the whole call.
+    pub required: bool,
+}
+
+/// Where a part's params come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PartParams {
+    /// The client's params as they are.
+    Client,
+    /// These keys, each a fixed value, a field of the session
+    /// (`"$session.user_id"`, `"$session.username"`, `"$session.session_id"`)
+    /// or a field of the client's params (`"$client.<key>"`).
+    Fields(serde_json::Map<String, serde_json::Value>),
+}
+
+impl Composed {
+    pub fn allows(&self, roles: &[String]) -> bool {
+        self.roles.is_empty() || self.roles.iter().any(|r| roles.contains(r))
+    }
 }
 
 #[derive(Deserialize)]
@@ -106,6 +151,30 @@ struct FileDoc {
     route: Vec<FileRoute>,
     #[serde(default)]
     event: Vec<FileEvent>,
+    #[serde(default)]
+    compose: Vec<FileCompose>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCompose {
+    name: Spanned<String>,
+    #[serde(default)]
+    roles: Vec<Spanned<String>>,
+    rate_per_sec: Option<Spanned<u32>>,
+    #[serde(default)]
+    part: Vec<FilePart>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePart {
+    key: Spanned<String>,
+    call: Spanned<String>,
+    #[serde(default)]
+    params: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    required: bool,
 }
 
 #[derive(Deserialize)]
@@ -260,7 +329,124 @@ impl RouteTable {
                 roles,
             });
         }
+        for c in doc.compose {
+            let (service, method) = match parse_call(c.name.get_ref()) {
+                Ok((s, Some(m))) => (s, m),
+                _ => {
+                    return Err(at(
+                        c.name.span(),
+                        format!(
+                            "`name` must be `service.method`, found `{}`",
+                            c.name.get_ref()
+                        ),
+                    ));
+                }
+            };
+            if table.resolve(&service, &method).is_some()
+                || table
+                    .composed
+                    .iter()
+                    .any(|o| o.service == service && o.method == method)
+            {
+                return Err(at(
+                    c.name.span(),
+                    format!(
+                        "`{service}.{method}` is routed twice; each name a client calls must appear once"
+                    ),
+                ));
+            }
+            if c.part.is_empty() {
+                return Err(at(
+                    c.name.span(),
+                    "a composed route needs at least one `[[compose.part]]`".into(),
+                ));
+            }
+            let mut roles = Vec::new();
+            for role in &c.roles {
+                if role.get_ref().trim().is_empty() {
+                    return Err(at(role.span(), "a role must not be empty".into()));
+                }
+                roles.push(role.get_ref().clone());
+            }
+            let rate_per_sec = match &c.rate_per_sec {
+                Some(rate) if *rate.get_ref() == 0 => {
+                    return Err(at(
+                        rate.span(),
+                        "`rate_per_sec` must be at least 1 (leave it out for no limit)".into(),
+                    ));
+                }
+                other => other.as_ref().map(|r| *r.get_ref()),
+            };
+            let mut parts: Vec<Part> = Vec::new();
+            for p in c.part {
+                let key = p.key.get_ref().clone();
+                if !is_name(&key) || parts.iter().any(|o| o.key == key) {
+                    return Err(at(
+                        p.key.span(),
+                        format!("`key` must be a name used once in its route, found `{key}`"),
+                    ));
+                }
+                let (service, method) = match parse_call(p.call.get_ref()) {
+                    Ok((s, Some(m))) => (s, m),
+                    _ => {
+                        return Err(at(
+                            p.call.span(),
+                            format!(
+                                "`call` must be a routed `service.method`, found `{}`",
+                                p.call.get_ref()
+                            ),
+                        ));
+                    }
+                };
+                let params = match &p.params {
+                    None => PartParams::Client,
+                    Some(v) => match v.get_ref() {
+                        toml::Value::String(s) if s == "client" => PartParams::Client,
+                        toml::Value::Table(t) => PartParams::Fields(
+                            serde_json::to_value(t)
+                                .map_err(|e| at(v.span(), e.to_string()))?
+                                .as_object()
+                                .cloned()
+                                .unwrap_or_default(),
+                        ),
+                        _ => {
+                            return Err(at(
+                                v.span(),
+                                "`params` must be \"client\" or a table of values".into(),
+                            ));
+                        }
+                    },
+                };
+                parts.push(Part {
+                    key,
+                    service,
+                    method,
+                    params,
+                    required: p.required,
+                });
+            }
+            table.composed.push(Composed {
+                service,
+                method,
+                roles,
+                rate_per_sec,
+                parts,
+            });
+        }
         Ok(table)
+    }
+
+    /// The composed route a client's `service.method` names, and its index.
+    pub(crate) fn composed(&self, service: &str, method: &str) -> Option<(usize, &Composed)> {
+        self.composed
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.service == service && c.method == method)
+    }
+
+    /// The composed routes.
+    pub fn composed_routes(&self) -> &[Composed] {
+        &self.composed
     }
 
     /// Which mesh call a client's `service.method` maps to, if any. A

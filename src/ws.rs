@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
+use crate::compose;
 use crate::dispatch::{self, Failure, Rates, Refusal};
 use crate::gateway::Gateway;
 use crate::hooks::{LocalCall, MeshClient};
@@ -157,9 +158,19 @@ async fn open(
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
     let (sink, stream) = socket.split();
+    let mut event = gw.hub().handler().hello(&info);
+    if let Some(call) = gw.settings().hello_call.as_deref() {
+        let (key, value) = match hello_data(&gw, &info, identity.token.as_deref(), call).await {
+            Ok(data) => ("data", data),
+            Err(e) => ("data_error", serde_json::to_value(e).unwrap_or(Value::Null)),
+        };
+        if let Value::Object(fields) = &mut event {
+            fields.insert(key.into(), value);
+        }
+    }
     let hello = ServerFrame::Event {
         topic: "hello".into(),
-        event: gw.hub().handler().hello(&info),
+        event,
     };
     let _ = outbox.try_push(hello.to_json().into());
 
@@ -179,6 +190,44 @@ async fn open(
         writer,
         _guard: guard,
     })
+}
+
+/// The `hello_call` made on the user's behalf, under its route's rules and
+/// timeout: its result, or the error that says why there is none.
+async fn hello_data(
+    gw: &Gateway,
+    info: &SessionInfo,
+    token: Option<&str>,
+    call: &str,
+) -> Result<Value, crate::protocol::ErrorBody> {
+    let (service, method) = call.split_once('.').unwrap_or((call, ""));
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let now = std::time::Instant::now();
+    let allowed = dispatch::authorize(
+        gw.routes(),
+        info,
+        &mut Rates::default(),
+        now,
+        service,
+        method,
+    )
+    .map_err(|r| Failure::from(r).to_client())?;
+    let mut hello_call = Call {
+        service: allowed.service.to_owned(),
+        method: allowed.method.to_owned(),
+        params: serde_json::Map::new(),
+        context: dispatch::context(info, token, &trace_id),
+        ttl: allowed.timeout(),
+        trace_id: Some(trace_id),
+    };
+    let handler = gw.hub().handler();
+    handler.on_request(info, &mut hello_call);
+    let sent = hello_call.clone();
+    gw.mesh()
+        .request(hello_call)
+        .await
+        .map(|v| handler.on_response(info, &sent, v))
+        .map_err(|e| e.to_client())
 }
 
 /// Drain the session's outbound queue into the socket until the session
@@ -541,6 +590,73 @@ impl Connection {
             }
         }
 
+        if !command
+            && let Some((index, composed)) = self.gw.routes().composed(&call.service, &call.method)
+        {
+            let now = std::time::Instant::now();
+            if let Err(refusal) =
+                dispatch::authorize_composed(composed, index, &self.info, &mut self.rates, now)
+            {
+                return Some(respond.frame(Err(refusal.into())));
+            }
+            // Each part under the rules of the call it makes.
+            let mut plans = Vec::with_capacity(composed.parts.len());
+            for part in &composed.parts {
+                let allowed = dispatch::authorize(
+                    self.gw.routes(),
+                    &self.info,
+                    &mut self.rates,
+                    now,
+                    &part.service,
+                    &part.method,
+                );
+                plans.push(match allowed {
+                    Ok(allowed) => {
+                        let mut part_call = Call {
+                            service: allowed.service.to_owned(),
+                            method: allowed.method.to_owned(),
+                            params: compose::part_params(part, &self.info, &call.params),
+                            context: context.clone(),
+                            ttl: allowed.timeout(),
+                            trace_id: Some(respond.trace_id.clone()),
+                        };
+                        handler.on_request(&self.info, &mut part_call);
+                        Ok(part_call)
+                    }
+                    Err(refusal) => Err(Failure::from(refusal).to_client()),
+                });
+            }
+            let parts = composed.parts.clone();
+            let info = self.info.clone();
+            let outbox = self.outbox.clone();
+            let call_guard = self.gw.call_started();
+            self.tasks.spawn(async move {
+                let _call = call_guard;
+                let calls = plans.into_iter().map(|plan| {
+                    let (mesh, handler, info) = (&mesh, &handler, &info);
+                    async move {
+                        let part_call = plan?;
+                        let sent = part_call.clone();
+                        mesh.request(part_call)
+                            .await
+                            .map(|v| handler.on_response(info, &sent, v))
+                            .map_err(|e| e.to_client())
+                    }
+                });
+                let gathered = tokio::select! {
+                    outcomes = futures_util::future::join_all(calls) => compose::combine(&parts, outcomes),
+                    _ = respond.gw.hurried() => Err(Failure::from(Refusal::ShuttingDown).to_client()),
+                };
+                let frame = match gathered {
+                    Ok((result, failed)) => respond.frame_with(Ok(result), failed),
+                    Err(e) => respond.frame(Err(Failure::Local(e))),
+                };
+                let _ = outbox.push(frame).await;
+                drop(permit);
+            });
+            return None;
+        }
+
         let allowed = match dispatch::authorize(
             self.gw.routes(),
             &self.info,
@@ -601,6 +717,15 @@ struct Responder {
 
 impl Responder {
     fn frame(self, outcome: Result<Value, Failure>) -> Utf8Bytes {
+        self.frame_with(outcome, None)
+    }
+
+    /// The frame, with a composed route's failed parts when there are any.
+    fn frame_with(
+        self,
+        outcome: Result<Value, Failure>,
+        failed: Option<serde_json::Map<String, Value>>,
+    ) -> Utf8Bytes {
         let label = match &outcome {
             Ok(_) => "ok",
             Err(f) => f.label(),
@@ -623,11 +748,13 @@ impl Responder {
                 trace_id,
                 result,
                 error: None,
+                failed,
             },
             (false, Err(f)) => ServerFrame::Response {
                 trace_id,
                 result: Value::Null,
                 error: Some(f.to_client()),
+                failed: None,
             },
         };
         frame.to_json().into()

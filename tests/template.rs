@@ -119,7 +119,16 @@ fn generate_crate(name: &str, answers: &[(&str, &str)]) -> PathBuf {
 fn generate_build_and_test(name: &str, answers: &[(&str, &str)]) -> PathBuf {
     let crate_dir = generate_crate(name, answers);
     let tests = ok("cargo test", &cargo(&crate_dir, &["test"]));
-    assert!(tests.contains("test result: ok. 6 passed"), "{tests}");
+    // Six tests, and one more for a composed route.
+    let expected = if answers
+        .iter()
+        .any(|(k, v)| *k == "compose" && !v.is_empty())
+    {
+        "test result: ok. 7 passed"
+    } else {
+        "test result: ok. 6 passed"
+    };
+    assert!(tests.contains(expected), "{tests}");
     // The generated broker test, as its CI's second job runs it.
     let broker = Command::new("cargo")
         .args(["test", "--test", "broker", "--", "--ignored"])
@@ -377,6 +386,11 @@ fn answer_sets_generate_crates_that_build_and_pass_their_own_tests() {
             ("auth", "jwt-rs256"),
             ("routes", "orders.get_order, users.*,billing-v2.charge"),
             ("event_topics", "orders.#,users.*.updated"),
+            (
+                "compose",
+                "home.load=orders.get_order+users.get_profile;me.all=users.a+users.b",
+            ),
+            ("hello_call", "users.get_profile"),
             ("mesh_service_name", "mobile-edge"),
             ("port", "9443"),
             ("ws_path", "/api/ws"),
@@ -393,6 +407,8 @@ fn answer_sets_generate_crates_that_build_and_pass_their_own_tests() {
         "call = \"billing-v2.charge\"",
         "topic = \"orders.#\"",
         "topic = \"users.*.updated\"",
+        "name = \"home.load\"",
+        "call = \"users.get_profile\"",
     ] {
         assert!(
             routes.contains(expected),
@@ -401,6 +417,10 @@ fn answer_sets_generate_crates_that_build_and_pass_their_own_tests() {
     }
     let config = std::fs::read_to_string(d.join("config/default.toml")).unwrap();
     assert!(config.contains("listen = \"127.0.0.1:9443\""), "{config}");
+    assert!(
+        config.contains("hello_call = \"users.get_profile\""),
+        "{config}"
+    );
     assert!(
         config.contains("\"https://app.example.com\", \"http://localhost:5173\""),
         "{config}"
@@ -428,6 +448,11 @@ fn invalid_answers_are_refused_naming_the_key() {
         ("runtime_path", "relative/path", "runtime_path"),
         ("runtime_source", "path", "runtime_path"),
         ("runtime_source", "svn", "runtime_source"),
+        ("compose", "home.load=billing.charge", "compose"),
+        ("compose", "home.load", "compose"),
+        ("compose", "echo.x=echo.a", "compose"),
+        ("hello_call", "users.get_profile", "hello_call"),
+        ("hello_call", "users", "hello_call"),
     ];
     for (key, value, named) in cases {
         let root = tempdir();

@@ -171,6 +171,7 @@ fn server_frames_have_the_contract_shapes() {
         json!({"type":"event","payload":{"topic":"hello","event":{"session_id":"s","user_id":"u","username":"n"}}})
     );
     let resp = ServerFrame::Response {
+        failed: None,
         trace_id: "t".into(),
         result: json!(3),
         error: None,

@@ -36,6 +36,10 @@ class Interop:
     def boom(self) -> None:
         raise ValueError("boom from python")
 
+    async def nap(self, ms: int = 1000) -> int:
+        await asyncio.sleep(ms / 1000)
+        return ms
+
     @nuropb_context
     @publish_to_mesh(authorize_func=claims_of)
     def whoami(self, ctx) -> dict:
@@ -45,7 +49,10 @@ class Interop:
 async def main(url, name):
     service = Interop()
     service._service_name = name
-    api = RMQAPI(amqp_url=url, service_name=name, instance_id=None, service_instance=service)
+    # Several requests at once (nuropb's default prefetch is 1), so that a
+    # composed route's parts can be seen to run concurrently.
+    api = RMQAPI(amqp_url=url, service_name=name, instance_id=None, service_instance=service,
+                 transport_settings={"prefetch_count": 16})
     await api.connect()
     print("READY", flush=True)
     loop = asyncio.get_running_loop()
