@@ -236,3 +236,56 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
     gw.stop().await;
     service.close(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
+    let svc = unique("echo");
+    let service = slow_service(&svc).await;
+    let bff = unique("heal-bff");
+    let gw = start(
+        &format!("[[route]]\ncall = \"{svc}.*\"\n"),
+        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        Arc::new(DefaultHandler),
+        |s| {
+            s.mesh_service_name = bff.clone();
+            s.mesh_api.heartbeat = Duration::from_millis(200);
+        },
+        MeshSetup::Broker,
+    )
+    .await;
+    until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    // Delete the exchange the BFF's heartbeats are published to: the broker
+    // answers the next publish by closing the publish channel (404).
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_delete(
+        format!("nuropb-bff-{bff}-control").as_str().into(),
+        lapin::options::ExchangeDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    // Not ready once the channel is gone, then ready again.
+    let started = Instant::now();
+    let mut saw_503 = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if readyz(&gw).await == 503 {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(saw_503, "/readyz never noticed the closed publish channel");
+    let back = until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    let (mut c, _) = connect(&gw.url(), &token("pat", &[], 300)).await;
+    let r = c
+        .request_traced(&svc, "wait", json!({"ms": 0}), "after")
+        .await
+        .unwrap();
+    assert_eq!(r["result"], 0, "{r}");
+    println!("publish channel closed: ready again after {back:?}");
+    gw.stop().await;
+    service.close(Duration::from_secs(2)).await;
+}

@@ -154,17 +154,16 @@ async fn the_local_route_answers_whoami() {
 async fn the_composed_route_gathers_its_parts() {
     let bff = start().await;
     let (mut client, _) = connect(&bff, "alice").await;
+    let (service, method) = ("{{sample_compose_service}}", "{{sample_compose_method}}");
     let response = client
-        .request(
-            "{{sample_compose_service}}",
-            "{{sample_compose_method}}",
-            json!({}),
-        )
+        .request(service, method, json!({}))
         .await
         .expect("response");
     assert_eq!(response["error"], serde_json::Value::Null, "{response}");
     assert!(response.get("failed").is_none(), "{response}");
-    let parts = response["result"].as_object().expect("an object of results");
+    let parts = response["result"]
+        .as_object()
+        .expect("an object of results");
     assert_eq!(parts.len(), {{sample_compose_parts}}, "{response}");
 }
 {%- endif %}
