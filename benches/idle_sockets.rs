@@ -26,19 +26,6 @@ use nuropb_bff::{AuthHook, Gateway, JwtVerifier, NoAuth, RouteTable, Settings};
 
 const SECRET: &str = "idle-bench-secret";
 
-/// Resident set size of `pid` in KiB, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The gateway side: serve until stdin closes, then report the sessions
 /// still open.
 async fn server(jwt: bool, read_buffer: usize) {
@@ -122,7 +109,7 @@ async fn main() {
     let pid = child.id();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
         if jwt {
@@ -156,7 +143,7 @@ async fn main() {
         sockets.push(ws);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(pid);
+    let after = common::rss_kib(pid);
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     println!(
         "idle sockets={n} auth={} read_buffer={read_buffer} subscriptions={subscriptions} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",

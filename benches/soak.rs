@@ -29,18 +29,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The gateway side: serve `{svc}.*` until stdin closes.
 async fn server(name: String, svc: String, instance: String) {
     let routes = RouteTable::parse("soak", &format!("[[route]]\ncall = \"{svc}.*\"\n")).unwrap();
@@ -222,7 +210,7 @@ async fn main() {
             println!(
                 "t={:>5.0}s rss={} KiB sent={} answered={} refused={}",
                 now.as_secs_f64(),
-                rss_kib(pid),
+                common::rss_kib(pid),
                 tally.sent.load(Ordering::Relaxed),
                 tally.answered.load(Ordering::Relaxed),
                 tally.refused.load(Ordering::Relaxed)
@@ -261,7 +249,7 @@ async fn main() {
     println!(
         "soak done after {:?}: sent={sent} answered={answered} refused={refused} lost={lost} rss_end={} KiB",
         started.elapsed(),
-        rss_kib(pid)
+        common::rss_kib(pid)
     );
     for (what, took) in &recoveries {
         println!("  recovery: {what}: {took:?}");

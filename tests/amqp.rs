@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{amqp_url, unique};
+use common::{amqp_url, rabbitmqctl, unique};
 use nuropb_bff::{
     AmqpConfig, AmqpMesh, BoxFuture, Call, ErrorBody, IncomingEvent, IncomingRequest, Mesh,
     MeshError, MeshHandler, OutgoingEvent, StubService,
@@ -209,18 +209,6 @@ async fn an_unreachable_broker_is_named_in_the_error() {
 /// (as an operator's `rabbitmqctl close_connection` or a broker failover
 /// would).
 fn broker_closes(connection_name: &str) {
-    let rabbitmqctl = |args: &[&str]| {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args(args)
-            .output()
-            .expect("rabbitmqctl (part of the RabbitMQ server package)");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let listing = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
     let pid = listing
         .lines()

@@ -10,22 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{
-    AmqpConfig, AmqpMesh, DefaultHandler, IncomingRequest, JwtVerifier, Mesh, StubService,
-};
-use serde_json::{Value, json};
-
-/// A service on the broker whose `wait` answers after `ms` milliseconds.
-async fn slow_service(name: &str) -> AmqpMesh {
-    let stub = StubService::new(name).method("wait", |r: IncomingRequest| async move {
-        let ms = r.params.get("ms").and_then(Value::as_u64).unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(json!(ms))
-    });
-    AmqpMesh::connect(AmqpConfig::new(amqp_url(), name), Arc::new(stub))
-        .await
-        .expect("RabbitMQ must be running")
-}
+use nuropb_bff::{AmqpConfig, AmqpMesh, DefaultHandler, JwtVerifier, Mesh, StubService};
+use serde_json::json;
 
 /// Resident memory of this process, in KiB.
 fn rss_kib() -> u64 {

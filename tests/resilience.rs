@@ -9,35 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{
-    AmqpConfig, AmqpMesh, Call, DefaultHandler, IncomingRequest, JwtVerifier, Mesh, StubService,
-};
-use serde_json::{Value, json};
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl (part of the RabbitMQ server package)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A service on the broker whose `wait` answers after `ms` milliseconds.
-async fn slow_service(name: &str) -> AmqpMesh {
-    let stub = StubService::new(name).method("wait", |r: IncomingRequest| async move {
-        let ms = r.params.get("ms").and_then(Value::as_u64).unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(json!(ms))
-    });
-    AmqpMesh::connect(AmqpConfig::new(amqp_url(), name), Arc::new(stub))
-        .await
-        .expect("RabbitMQ must be running")
-}
+use nuropb_bff::{AmqpConfig, AmqpMesh, Call, DefaultHandler, JwtVerifier, Mesh, StubService};
+use serde_json::json;
 
 async fn readyz(gw: &Running) -> u16 {
     http_get(gw.addr, "/readyz")

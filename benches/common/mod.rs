@@ -15,3 +15,17 @@ pub(crate) fn arg(name: &str, default: usize) -> usize {
 pub(crate) fn benching() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
+
+/// Resident set size of process `pid` in KiB, from /proc.
+#[allow(dead_code)]
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -833,18 +833,39 @@ fn jitter() -> f64 {
     (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Acknowledges a consumer's deliveries in batches: every `batch`-th
+/// delivery acks all before it, so the broker may send more while at most
+/// the prefetch is ever buffered here.
+struct BatchAck {
+    batch: u64,
+    taken: u64,
+}
+
+impl BatchAck {
+    fn new(prefetch: u16) -> Self {
+        Self {
+            batch: u64::from((prefetch / 8).max(1)),
+            taken: 0,
+        }
+    }
+
+    /// Count `delivery`; false once the channel can no longer ack.
+    async fn took(&mut self, delivery: &Delivery) -> bool {
+        self.taken += 1;
+        if !self.taken.is_multiple_of(self.batch) {
+            return true;
+        }
+        let all = BasicAckOptions { multiple: true };
+        delivery.acker.ack(all).await.is_ok()
+    }
+}
+
 async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
-    let batch = u64::from((shared.config.response_prefetch / 8).max(1));
-    let mut taken = 0u64;
+    let mut acks = BatchAck::new(shared.config.response_prefetch);
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { return };
-        taken += 1;
-        if taken.is_multiple_of(batch) {
-            // Everything up to this one; the broker may send `batch` more.
-            let all = BasicAckOptions { multiple: true };
-            if delivery.acker.ack(all).await.is_err() {
-                return;
-            }
+        if !acks.took(&delivery).await {
+            return;
         }
         match decode_delivery(&delivery) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
@@ -874,16 +895,11 @@ async fn consume_events(shared: &Arc<Shared>, consumer: Option<&mut Consumer>) {
     let Some(consumer) = consumer else {
         return std::future::pending().await;
     };
-    let batch = u64::from((shared.config.response_prefetch / 8).max(1));
-    let mut taken = 0u64;
+    let mut acks = BatchAck::new(shared.config.response_prefetch);
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { return };
-        taken += 1;
-        if taken.is_multiple_of(batch) {
-            let all = BasicAckOptions { multiple: true };
-            if delivery.acker.ack(all).await.is_err() {
-                return;
-            }
+        if !acks.took(&delivery).await {
+            return;
         }
         match decode_delivery(&delivery) {
             Ok(MeshMessage::Event(ev)) => {

@@ -197,3 +197,35 @@ pub fn python_client_as(service: &str, method: &str, params: Value, context: &Va
     serde_json::from_str(text.lines().last().unwrap_or(""))
         .unwrap_or_else(|e| panic!("client printed {text:?}: {e}"))
 }
+
+/// Run `rabbitmqctl` (part of the RabbitMQ server package); its output.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (part of the RabbitMQ server package)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A service on the test broker whose `wait` answers after `ms` milliseconds.
+pub async fn slow_service(name: &str) -> nuropb_bff::AmqpMesh {
+    let stub = nuropb_bff::StubService::new(name).method(
+        "wait",
+        |r: nuropb_bff::IncomingRequest| async move {
+            let ms = r.params.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(serde_json::json!(ms))
+        },
+    );
+    nuropb_bff::AmqpMesh::connect(
+        nuropb_bff::AmqpConfig::new(amqp_url(), name),
+        Arc::new(stub),
+    )
+    .await
+    .expect("RabbitMQ must be running")
+}
