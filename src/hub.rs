@@ -43,7 +43,10 @@ impl Hub {
         handler: Arc<dyn WsHandler>,
     ) -> Self {
         let metrics = Metrics::new();
-        let sessions = Sessions::new(settings.limits.outbound_queue).with_metrics(metrics.clone());
+        let event_roles = routes.events().iter().any(|r| !r.roles.is_empty());
+        let sessions = Sessions::new(settings.limits.outbound_queue)
+            .with_metrics(metrics.clone())
+            .keeping_roles(event_roles);
         let instance_id = settings
             .instance_id
             .clone()

@@ -121,6 +121,9 @@ pub struct Sessions {
     inner: Arc<Mutex<Inner>>,
     queue_capacity: usize,
     metrics: Option<Metrics>,
+    /// Whether sessions keep their roles here: only event rules with roles
+    /// need them, and most BFFs have none (an idle socket's bytes count).
+    keep_roles: bool,
 }
 
 /// Unregisters its session when dropped, so no path out of a connection
@@ -191,6 +194,22 @@ impl Sessions {
             inner: Arc::default(),
             queue_capacity: queue_capacity.max(1),
             metrics: None,
+            keep_roles: true,
+        }
+    }
+
+    /// Keep sessions' roles for event delivery only when some event rule
+    /// has roles.
+    pub(crate) fn keeping_roles(mut self, keep: bool) -> Self {
+        self.keep_roles = keep;
+        self
+    }
+
+    fn roles_to_keep(&self, roles: &[String]) -> Vec<String> {
+        if self.keep_roles {
+            roles.to_vec()
+        } else {
+            Vec::new()
         }
     }
 
@@ -253,7 +272,7 @@ impl Sessions {
             user_id: info.user_id.clone(),
             outbox: outbox.clone(),
             state: Mutex::new(EntryState {
-                roles: info.roles.clone(),
+                roles: self.roles_to_keep(&info.roles),
                 topics: Vec::new(),
             }),
         });
@@ -416,7 +435,7 @@ impl Sessions {
             Ok(())
         });
         if let Some(e) = self.lock().sessions.get(session_id) {
-            e.state().roles = roles.to_vec();
+            e.state().roles = self.roles_to_keep(roles);
         }
     }
 
