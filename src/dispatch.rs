@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use crate::mesh::MeshError;
+use crate::mesh::{Call, MeshError};
 use crate::protocol::{ErrorBody, ErrorName};
 use crate::routing::{Composed, Delivery, Route, RouteTable};
 use crate::session::SessionInfo;
@@ -145,6 +145,24 @@ pub(crate) struct Allowed<'a> {
 impl Allowed<'_> {
     pub(crate) fn timeout(&self) -> Duration {
         self.route.timeout
+    }
+
+    /// The mesh call this allows: its service and method, under the route's
+    /// timeout, with `params` and the gateway-built `context`.
+    pub(crate) fn call(
+        &self,
+        params: Map<String, Value>,
+        context: Map<String, Value>,
+        trace_id: &str,
+    ) -> Call {
+        Call {
+            service: self.service.to_owned(),
+            method: self.method.to_owned(),
+            params,
+            context,
+            ttl: self.timeout(),
+            trace_id: Some(trace_id.to_owned()),
+        }
     }
 }
 

@@ -19,8 +19,9 @@ use crate::auth::{Identity, unix_now};
 use crate::compose;
 use crate::dispatch::{self, Failure, Rates, Refusal};
 use crate::gateway::Gateway;
+use crate::hooks::WsHandler;
 use crate::hooks::{LocalCall, MeshClient};
-use crate::mesh::{BoxFuture, Call};
+use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
 use crate::outbox::{Out, Outbox};
 use crate::protocol::{ClientCall, ClientFrame, ErrorName, ServerFrame, close};
 use crate::session::{Admission, Crowded, SessionGuard, SessionInfo, SubscribeError};
@@ -212,22 +213,26 @@ async fn hello_data(
         method,
     )
     .map_err(|r| Failure::from(r).to_client())?;
-    let mut hello_call = Call {
-        service: allowed.service.to_owned(),
-        method: allowed.method.to_owned(),
-        params: serde_json::Map::new(),
-        context: dispatch::context(info, token, &trace_id),
-        ttl: allowed.timeout(),
-        trace_id: Some(trace_id),
-    };
+    let context = dispatch::context(info, token, &trace_id);
+    let mut hello_call = allowed.call(serde_json::Map::new(), context, &trace_id);
     let handler = gw.hub().handler();
     handler.on_request(info, &mut hello_call);
-    let sent = hello_call.clone();
-    gw.mesh()
-        .request(hello_call)
+    request_as(gw.mesh().as_ref(), handler.as_ref(), info, hello_call)
         .await
-        .map(|v| handler.on_response(info, &sent, v))
         .map_err(|e| e.to_client())
+}
+
+/// Make a mesh request for a client and pass its result through the
+/// handler's `on_response`.
+async fn request_as(
+    mesh: &dyn Mesh,
+    handler: &dyn WsHandler,
+    info: &SessionInfo,
+    call: Call,
+) -> Result<Value, MeshError> {
+    let sent = call.clone();
+    let result = mesh.request(call).await?;
+    Ok(handler.on_response(info, &sent, result))
 }
 
 /// Drain the session's outbound queue into the socket until the session
@@ -612,14 +617,9 @@ impl Connection {
                 );
                 plans.push(match allowed {
                     Ok(allowed) => {
-                        let mut part_call = Call {
-                            service: allowed.service.to_owned(),
-                            method: allowed.method.to_owned(),
-                            params: compose::part_params(part, &self.info, &call.params),
-                            context: context.clone(),
-                            ttl: allowed.timeout(),
-                            trace_id: Some(respond.trace_id.clone()),
-                        };
+                        let params = compose::part_params(part, &self.info, &call.params);
+                        let mut part_call =
+                            allowed.call(params, context.clone(), &respond.trace_id);
                         handler.on_request(&self.info, &mut part_call);
                         Ok(part_call)
                     }
@@ -635,11 +635,8 @@ impl Connection {
                 let calls = plans.into_iter().map(|plan| {
                     let (mesh, handler, info) = (&mesh, &handler, &info);
                     async move {
-                        let part_call = plan?;
-                        let sent = part_call.clone();
-                        mesh.request(part_call)
+                        request_as(mesh.as_ref(), handler.as_ref(), info, plan?)
                             .await
-                            .map(|v| handler.on_response(info, &sent, v))
                             .map_err(|e| e.to_client())
                     }
                 });
@@ -668,14 +665,7 @@ impl Connection {
             Ok(allowed) => allowed,
             Err(refusal) => return Some(respond.frame(Err(refusal.into()))),
         };
-        let mut mesh_call = Call {
-            service: allowed.service.to_owned(),
-            method: allowed.method.to_owned(),
-            params: call.params,
-            context,
-            ttl: allowed.timeout(),
-            trace_id: Some(respond.trace_id.clone()),
-        };
+        let mut mesh_call = allowed.call(call.params, context, &respond.trace_id);
         handler.on_request(&self.info, &mut mesh_call);
         let info = self.info.clone();
         let outbox = self.outbox.clone();
@@ -687,10 +677,7 @@ impl Connection {
                 if command {
                     mesh.command(mesh_call).await.map(|()| Value::Null)
                 } else {
-                    let sent = mesh_call.clone();
-                    mesh.request(mesh_call)
-                        .await
-                        .map(|v| handler.on_response(&info, &sent, v))
+                    request_as(mesh.as_ref(), handler.as_ref(), &info, mesh_call).await
                 }
             };
             // Failures are counted by outcome in the request metrics; the

@@ -159,10 +159,6 @@ roles = ["auditor"]
     }
 }
 
-fn hs256() -> Arc<dyn AuthHook> {
-    Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None))
-}
-
 /// The next frame, whatever it is: a test sees exactly what the gateway
 /// sent next.
 async fn next(c: &mut TestClient) -> Value {

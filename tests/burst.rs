@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{AmqpConfig, AmqpMesh, DefaultHandler, JwtVerifier, Mesh, StubService};
+use nuropb_bff::{AmqpConfig, AmqpMesh, DefaultHandler, Mesh, StubService};
 use serde_json::json;
 
 const PUBLISHER_VAR: &str = "BFF_TEST_BURST_PUBLISHER";
@@ -99,7 +99,7 @@ async fn an_event_burst_neither_delays_responses_much_nor_grows_memory() {
         &format!(
             "[[route]]\ncall = \"{svc}.*\"\n\n[[event]]\ntopic = \"{topic}.#\"\ndeliver = \"subscribers\"\n"
         ),
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |_| {},
         MeshSetup::Broker,
@@ -148,12 +148,7 @@ async fn an_event_burst_neither_delays_responses_much_nor_grows_memory() {
     assert!(status.success(), "the publisher failed");
     let rss_after = rss_kib();
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
-    let dropped = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("bff_mesh_events_dropped_total "))
-        .unwrap_or("0")
-        .trim()
-        .to_owned();
+    let dropped = metric(&metrics, "bff_mesh_events_dropped_total");
     println!(
         "request p99 without a burst {base:?}, during a burst of {total} events {during:?}; \
          RSS {rss_before} -> {rss_after} KiB; events dropped {dropped}"

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{DefaultHandler, JwtVerifier};
+use nuropb_bff::DefaultHandler;
 use serde_json::json;
 
 fn routes(py: &str, absent: &str) -> String {
@@ -98,7 +98,7 @@ async fn gateway(py: &str, hello_call: Option<String>) -> Running {
     let absent = unique("absent");
     start(
         &routes(py, &absent),
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |s| s.hello_call = hello_call,
         MeshSetup::Broker,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use nuropb_bff::{
-    BoxFuture, DefaultHandler, ErrorBody, IncomingRequest, JwtVerifier, LocalCall, MemoryMesh,
-    NoAuth, StubService, WsHandler,
+    BoxFuture, DefaultHandler, ErrorBody, IncomingRequest, LocalCall, MemoryMesh, NoAuth,
+    StubService, WsHandler,
 };
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -89,14 +89,7 @@ fn stubs() -> MeshSetup {
 }
 
 async fn gateway() -> Running {
-    start(
-        ROUTES,
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
-        Arc::new(DefaultHandler),
-        |_| {},
-        stubs(),
-    )
-    .await
+    start(ROUTES, hs256(), Arc::new(DefaultHandler), |_| {}, stubs()).await
 }
 
 #[tokio::test]
@@ -372,7 +365,7 @@ async fn commands_are_acked() {
 async fn in_flight_limit_answers_rate_limited() {
     let gw = start(
         ROUTES,
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |c| c.limits.max_in_flight = 2,
         stubs(),
@@ -592,14 +585,7 @@ impl WsHandler for Composer {
 
 #[tokio::test]
 async fn handler_hooks_compose_and_transform() {
-    let gw = start(
-        ROUTES,
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
-        Arc::new(Composer),
-        |_| {},
-        stubs(),
-    )
-    .await;
+    let gw = start(ROUTES, hs256(), Arc::new(Composer), |_| {}, stubs()).await;
     let (mut c, _) = connect(&gw.url(), &token("lee", &[], 300)).await;
     let r = c
         .request_traced("bff", "both", json!({}), "l")
@@ -639,7 +625,7 @@ async fn no_auth_mode_gives_each_socket_its_own_anonymous_user() {
 async fn a_client_that_stops_reading_is_closed_as_slow_and_unregistered() {
     let gw = start(
         ROUTES,
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |c| {
             c.limits.outbound_queue = 4;
@@ -693,7 +679,7 @@ async fn a_flood_of_refused_calls_is_answered_in_order_without_loss() {
     use tokio_tungstenite::tungstenite::Message;
     let gw = start(
         ROUTES,
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |c| c.limits.outbound_queue = 4,
         stubs(),

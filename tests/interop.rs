@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{DefaultHandler, JwtVerifier};
+use nuropb_bff::DefaultHandler;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +33,7 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
     let bff = bff_name.clone();
     let gw = start(
         &routes,
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |c| c.mesh_service_name = bff,
         MeshSetup::Broker,

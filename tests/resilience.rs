@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{AmqpConfig, AmqpMesh, Call, DefaultHandler, JwtVerifier, Mesh, StubService};
+use nuropb_bff::{AmqpConfig, AmqpMesh, Call, DefaultHandler, Mesh, StubService};
 use serde_json::json;
 
 async fn readyz(gw: &Running) -> u16 {
@@ -25,7 +25,7 @@ async fn a_drain_answers_every_call_in_flight_then_closes_with_1001() {
     let service = slow_service(&svc).await;
     let gw = start(
         &format!("[[route]]\ncall = \"{svc}.*\"\n"),
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |s| s.shutdown_grace_ms = 10_000,
         MeshSetup::Broker,
@@ -77,7 +77,7 @@ async fn hurrying_cuts_the_drain_short() {
     let service = slow_service(&svc).await;
     let gw = start(
         &format!("[[route]]\ncall = \"{svc}.*\"\ntimeout_ms = 60000\n"),
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |s| s.shutdown_grace_ms = 30_000,
         MeshSetup::Broker,
@@ -119,7 +119,7 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
     let instance = unique("i");
     let gw = start(
         &format!("[[route]]\ncall = \"{svc}.*\"\n"),
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |s| {
             s.mesh_service_name = bff.clone();
@@ -199,11 +199,7 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
         println!("{what}: ready again after {back:?}");
     }
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
-    let reconnects: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("bff_mesh_reconnects_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let reconnects = metric(&metrics, "bff_mesh_reconnects_total");
     assert!(reconnects >= 3, "{metrics}");
     caller.close(Duration::from_secs(2)).await;
     gw.stop().await;
@@ -217,7 +213,7 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
     let bff = unique("heal-bff");
     let gw = start(
         &format!("[[route]]\ncall = \"{svc}.*\"\n"),
-        Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+        hs256(),
         Arc::new(DefaultHandler),
         |s| {
             s.mesh_service_name = bff.clone();

@@ -278,12 +278,16 @@ impl AmqpMesh {
             tasks: TaskTracker::new(),
             config,
         });
-        shared
-            .tasks
-            .spawn(deliver_events(shared.clone(), events_rx));
-        shared
-            .tasks
-            .spawn(deliver_control(shared.clone(), control_rx));
+        shared.tasks.spawn(deliver(
+            shared.clone(),
+            events_rx,
+            <dyn MeshHandler>::handle_event,
+        ));
+        shared.tasks.spawn(deliver(
+            shared.clone(),
+            control_rx,
+            <dyn MeshHandler>::handle_control,
+        ));
         let consumers = tokio::time::timeout(shared.config.connect_timeout, establish(&shared))
             .await
             .map_err(|_| {
@@ -361,6 +365,13 @@ impl Shared {
     fn publish_failed(&self) {
         if self.ready.swap(false, Ordering::SeqCst) {
             self.relink.notify_one();
+        }
+    }
+
+    /// Queue a mesh event for the handler; with no room, drop and count it.
+    fn hand_off_event(&self, event: EventBody) {
+        if self.events.try_send(event.into()).is_err() {
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -883,11 +894,7 @@ async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
                     tracing::warn!("control message dropped: the control queue is full");
                 }
             }
-            Ok(MeshMessage::Event(ev)) => {
-                if shared.events.try_send(ev.into()).is_err() {
-                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
             Ok(other) => tracing::debug!(
                 kind = other.message_type().as_str(),
                 "unexpected message on the response queue, dropped"
@@ -910,11 +917,7 @@ async fn consume_events(shared: &Arc<Shared>, consumer: Option<&mut Consumer>) {
             return;
         }
         match decode_delivery(&delivery) {
-            Ok(MeshMessage::Event(ev)) => {
-                if shared.events.try_send(ev.into()).is_err() {
-                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
             Ok(other) => tracing::debug!(
                 kind = other.message_type().as_str(),
                 "unexpected message on the event queue, dropped"
@@ -924,27 +927,20 @@ async fn consume_events(shared: &Arc<Shared>, consumer: Option<&mut Consumer>) {
     }
 }
 
-/// Hand queued control messages to the handler, one at a time.
-async fn deliver_control(shared: Arc<Shared>, mut control: mpsc::Receiver<Value>) {
+/// Hand queued items (events, control messages) to the handler with
+/// `handle`, one at a time, until shutdown.
+async fn deliver<T>(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<T>,
+    handle: for<'a> fn(&'a dyn MeshHandler, T) -> BoxFuture<'a, ()>,
+) {
     loop {
-        let body = tokio::select! {
+        let item = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            body = control.recv() => body,
+            item = queue.recv() => item,
         };
-        let Some(body) = body else { return };
-        shared.handler.handle_control(body).await;
-    }
-}
-
-/// Hand queued mesh events to the handler, one at a time, until shutdown.
-async fn deliver_events(shared: Arc<Shared>, mut events: mpsc::Receiver<IncomingEvent>) {
-    loop {
-        let event = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            event = events.recv() => event,
-        };
-        let Some(event) = event else { return };
-        shared.handler.handle_event(event).await;
+        let Some(item) = item else { return };
+        handle(shared.handler.as_ref(), item).await;
     }
 }
 

@@ -16,6 +16,15 @@ use serde_json::Value;
 
 pub const SECRET: &str = "test-secret";
 
+/// The auth hook of most tests: HS256 with [`SECRET`].
+pub fn hs256() -> Arc<dyn AuthHook> {
+    Arc::new(nuropb_bff::JwtVerifier::hs256(
+        SECRET.as_bytes(),
+        None,
+        None,
+    ))
+}
+
 /// An HS256 token signed with [`SECRET`].
 pub fn token(sub: &str, roles: &[&str], ttl_secs: u64) -> String {
     let exp = nuropb_bff::testing::unix_time() + ttl_secs;
@@ -228,4 +237,13 @@ pub async fn slow_service(name: &str) -> nuropb_bff::AmqpMesh {
     )
     .await
     .expect("RabbitMQ must be running")
+}
+
+/// The value of an unlabelled counter or gauge in `/metrics` text (0 when
+/// absent).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
