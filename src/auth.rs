@@ -198,6 +198,17 @@ impl AuthHook for NoAuth {
     }
 }
 
+/// The token of a `Bearer <token>` value (either case of `Bearer`), if it
+/// names one.
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?
+        .trim();
+    (!token.is_empty()).then_some(token)
+}
+
 /// The token of a WebSocket handshake, in the contract's order:
 /// `Authorization: Bearer`, the `access_token` cookie, the `access_token`
 /// query parameter.
@@ -205,12 +216,7 @@ pub(crate) fn handshake_token(headers: &HeaderMap, query_token: Option<&str>) ->
     let bearer = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
+        .and_then(bearer_token);
     if let Some(t) = bearer {
         return Some(t.to_owned());
     }

@@ -19,6 +19,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::bearer_token;
 use crate::cluster::{Ack, Cluster};
 use crate::hub::Hub;
 use crate::mesh::{
@@ -135,13 +136,8 @@ impl Push {
 /// The caller's token in a NuroPb context: `Authorization`, raw or
 /// `Bearer `.
 fn caller_token(context: &Map<String, Value>) -> Option<&str> {
-    let raw = context.get("Authorization")?.as_str()?.trim();
-    let token = raw
-        .strip_prefix("Bearer ")
-        .or_else(|| raw.strip_prefix("bearer "))
-        .unwrap_or(raw)
-        .trim();
-    (!token.is_empty()).then_some(token)
+    let raw = context.get("Authorization")?.as_str()?;
+    bearer_token(raw).or_else(|| Some(raw.trim()).filter(|t| !t.is_empty()))
 }
 
 fn not_authorized(why: &str) -> ErrorBody {
