@@ -17,8 +17,14 @@ use serde::{Deserialize, Serialize};
 pub enum AuthMode {
     #[serde(rename = "jwt-hs256")]
     JwtHs256,
+    /// A public key in PEM: RSA (RS*/PS*), EC P-256/P-384 (ES256/ES384)
+    /// or Ed25519 (EdDSA); the key's type decides the algorithms.
     #[serde(rename = "jwt-rs256")]
     JwtRs256,
+    /// Keys from a JWKS endpoint (`jwks_url`, or the OIDC discovery
+    /// document of `jwt_issuer`), by `kid`, refreshed as they rotate.
+    #[serde(rename = "jwks")]
+    Jwks,
     #[serde(rename = "none")]
     None,
 }
@@ -98,6 +104,41 @@ pub struct MeshApi {
     pub heartbeat: Duration,
 }
 
+/// How a JWKS is fetched and cached (`[jwks]`, `BFF_JWKS__*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwksSettings {
+    /// A token with a `kid` the cached set lacks makes at most one refetch
+    /// per this interval (a flood of made-up `kid`s cannot hammer the
+    /// identity provider).
+    #[serde(rename = "min_refresh_ms", with = "millis")]
+    pub min_refresh: Duration,
+    /// How long one fetch (discovery and key set) may take.
+    #[serde(rename = "fetch_timeout_ms", with = "millis")]
+    pub fetch_timeout: Duration,
+    /// How long a key set is used before it is fetched again when the
+    /// response has no `Cache-Control: max-age`.
+    #[serde(rename = "default_max_age_ms", with = "millis")]
+    pub default_max_age: Duration,
+    /// Bounds on a response's `max-age`.
+    #[serde(rename = "min_max_age_ms", with = "millis")]
+    pub min_max_age: Duration,
+    #[serde(rename = "max_max_age_ms", with = "millis")]
+    pub max_max_age: Duration,
+}
+
+impl Default for JwksSettings {
+    fn default() -> Self {
+        Self {
+            min_refresh: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(5),
+            default_max_age: Duration::from_secs(300),
+            min_max_age: Duration::from_secs(60),
+            max_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
 impl Default for MeshApi {
     fn default() -> Self {
         Self {
@@ -148,6 +189,13 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
     #[serde(default)]
     pub jwt_audience: Option<String>,
+    /// The signing algorithms accepted (`RS256`, `ES256`, `EdDSA`, ...);
+    /// empty: every one the key's type allows. A token's header never
+    /// widens this.
+    #[serde(default)]
+    pub jwt_algorithms: Vec<String>,
+    #[serde(default)]
+    pub jwks: JwksSettings,
     /// Browser origins allowed to open a socket; `*` allows any.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
@@ -194,6 +242,8 @@ impl std::fmt::Debug for Settings {
             .field("jwks_url", &self.jwks_url)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_algorithms", &self.jwt_algorithms)
+            .field("jwks", &self.jwks)
             .field("allowed_origins", &self.allowed_origins)
             .field("instance_id", &self.instance_id)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
@@ -234,6 +284,8 @@ impl Settings {
             jwks_url: None,
             jwt_issuer: None,
             jwt_audience: None,
+            jwt_algorithms: Vec::new(),
+            jwks: JwksSettings::default(),
             allowed_origins: vec!["http://localhost:3000".into()],
             log: d_log(),
             instance_id: None,
@@ -398,8 +450,38 @@ impl Settings {
             AuthMode::JwtRs256 if self.jwt_public_key.is_none() => bad(
                 "auth is jwt-rs256 but no key is set: set BFF_JWT_PUBLIC_KEY to the path of a PEM public key".into(),
             ),
+            AuthMode::Jwks if self.jwt_issuer.as_deref().is_none_or(str::is_empty) => bad(
+                "auth is jwks but no issuer is set: set BFF_JWT_ISSUER (tokens must name it in `iss`; without BFF_JWKS_URL its OIDC discovery document names the key set)".into(),
+            ),
             _ => Ok(()),
+        }?;
+        for alg in &self.jwt_algorithms {
+            if crate::auth::algorithm(alg).is_none() {
+                return bad(format!(
+                    "jwt_algorithms: `{alg}` is not one of {}",
+                    crate::auth::ALGORITHMS.join(", ")
+                ));
+            }
         }
+        let j = &self.jwks;
+        for (name, value) in [
+            ("min_refresh_ms", j.min_refresh),
+            ("fetch_timeout_ms", j.fetch_timeout),
+            ("default_max_age_ms", j.default_max_age),
+            ("min_max_age_ms", j.min_max_age),
+            ("max_max_age_ms", j.max_max_age),
+        ] {
+            if value < Duration::from_millis(10) {
+                return bad(format!(
+                    "jwks.{name} must be at least 10 ms, found {}",
+                    value.as_millis()
+                ));
+            }
+        }
+        if j.min_max_age > j.max_max_age {
+            return bad("jwks.min_max_age_ms must not exceed jwks.max_max_age_ms".into());
+        }
+        Ok(())
     }
 
     /// How long shutdown waits for connections and the mesh.

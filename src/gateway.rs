@@ -179,6 +179,15 @@ impl GatewayBuilder {
             g.background_stop.clone(),
         ));
         g.background.spawn(heartbeat(gateway.clone()));
+        if let Some(work) = g.hub.auth().maintain() {
+            let stop = g.background_stop.clone();
+            g.background.spawn(async move {
+                tokio::select! {
+                    _ = work => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         Ok(gateway)
     }
 }
@@ -344,7 +353,7 @@ impl Gateway {
     pub fn is_ready(&self) -> bool {
         let ready = self.0.mesh.is_ready();
         self.metrics().set_mesh_ready(ready);
-        ready && !self.is_stopping()
+        ready && self.hub().auth().ready() && !self.is_stopping()
     }
 
     pub(crate) fn is_stopping(&self) -> bool {

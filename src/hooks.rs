@@ -25,6 +25,18 @@ pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
         let _ = session_id;
         None
     }
+
+    /// False while the hook cannot verify anything yet (a JWKS that has
+    /// never loaded): `/readyz` answers 503 meanwhile.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// Background work the hook needs (refreshing a key set); the gateway
+    /// runs it until it stops.
+    fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// The WebSocket handler hooks of a BFF. Every method has a default, so a

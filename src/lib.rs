@@ -30,11 +30,13 @@ pub mod testing;
 mod topic;
 mod ws;
 
-pub use auth::{AuthError, Identity, JwtVerifier, NoAuth};
+pub use auth::{AuthError, Identity, JwksProvider, JwtVerifier, NoAuth};
 pub use cli::main;
-pub use config::{AuthMode, Limits, MeshApi, Settings, SettingsError};
+pub use config::{AuthMode, JwksSettings, Limits, MeshApi, Settings, SettingsError};
 pub use gateway::{Gateway, GatewayBuilder, Serving};
 pub use hooks::{AuthHook, DefaultHandler, LocalCall, MeshClient, WsHandler};
+/// The signing algorithms of [`JwtVerifier::with_algorithms`].
+pub use jsonwebtoken::Algorithm as JwtAlgorithm;
 pub use mesh::{
     AmqpConfig, AmqpMesh, BoxFuture, Call, EchoService, IncomingEvent, IncomingRequest, MemoryMesh,
     Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
@@ -43,5 +45,7 @@ pub use protocol::{ClientCall, ErrorBody, ErrorName, close};
 pub use routing::{
     Composed, Delivery, EventRule, Part, PartParams, Route, RouteTable, RoutesError,
 };
-pub use runner::{RunError, auth_from_settings, jwt_verifier_from_settings, log_filter, run};
+pub use runner::{
+    MIN_SECRET_BYTES, RunError, auth_from_settings, jwt_verifier_from_settings, log_filter, run,
+};
 pub use session::{SessionCounts, SessionInfo, Sessions};

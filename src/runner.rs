@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::auth::{JwtVerifier, NoAuth};
+use crate::auth::{JwksProvider, JwtVerifier, NoAuth};
 use crate::config::{AuthMode, Settings};
 use crate::gateway::Gateway;
 use crate::hooks::{AuthHook, WsHandler};
@@ -32,18 +32,31 @@ pub enum RunError {
     Serve(std::io::Error),
 }
 
-/// The JWT verifier the settings describe (`jwt-hs256` or `jwt-rs256`).
+/// Shorter HS* secrets are refused outside development mode: they can be
+/// found by brute force from any one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The JWT verifier the settings describe (`jwt-hs256`: a secret;
+/// `jwt-rs256`: a PEM public key; `jwks`: the identity provider's key set),
+/// restricted to `jwt_algorithms` when set.
 pub fn jwt_verifier_from_settings(settings: &Settings) -> Result<JwtVerifier, RunError> {
-    let iss = settings.jwt_issuer.as_deref();
-    let aud = settings.jwt_audience.as_deref();
-    match settings.auth {
+    let iss = settings.jwt_issuer.as_deref().filter(|s| !s.is_empty());
+    let aud = settings.jwt_audience.as_deref().filter(|s| !s.is_empty());
+    let verifier = match settings.auth {
         AuthMode::JwtHs256 => {
             let secret = settings
                 .jwt_secret
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| RunError::Auth("BFF_JWT_SECRET is not set".into()))?;
-            Ok(JwtVerifier::hs256(secret.as_bytes(), iss, aud))
+            if secret.len() < MIN_SECRET_BYTES && !settings.is_memory_mesh() {
+                return Err(RunError::Auth(format!(
+                    "BFF_JWT_SECRET is {} bytes; at least {MIN_SECRET_BYTES} are needed outside development mode \
+                     (make one with `openssl rand -base64 48`)",
+                    secret.len()
+                )));
+            }
+            JwtVerifier::hs256(secret.as_bytes(), iss, aud)
         }
         AuthMode::JwtRs256 => {
             let path = settings
@@ -52,13 +65,35 @@ pub fn jwt_verifier_from_settings(settings: &Settings) -> Result<JwtVerifier, Ru
                 .ok_or_else(|| RunError::Auth("BFF_JWT_PUBLIC_KEY is not set".into()))?;
             let pem = std::fs::read(path)
                 .map_err(|e| RunError::Auth(format!("cannot read {}: {e}", path.display())))?;
-            JwtVerifier::rs256_pem(&pem, iss, aud)
-                .map_err(|e| RunError::Auth(format!("{}: {e}", path.display())))
+            JwtVerifier::public_key_pem(&pem, iss, aud)
+                .map_err(|e| RunError::Auth(format!("{}: {e}", path.display())))?
         }
-        AuthMode::None => Err(RunError::Auth(
-            "auth is `none`: there is no token verifier".into(),
-        )),
-    }
+        AuthMode::Jwks => {
+            let issuer = iss.ok_or_else(|| {
+                RunError::Auth("auth is jwks but BFF_JWT_ISSUER is not set".into())
+            })?;
+            let provider = JwksProvider {
+                issuer: issuer.to_owned(),
+                jwks_url: settings.jwks_url.clone().filter(|u| !u.is_empty()),
+            };
+            JwtVerifier::jwks(vec![provider], aud, &settings.jwks)
+                .map_err(|e| RunError::Auth(e.to_string()))?
+        }
+        AuthMode::None => {
+            return Err(RunError::Auth(
+                "auth is `none`: there is no token verifier".into(),
+            ));
+        }
+    };
+    let algorithms: Vec<_> = settings
+        .jwt_algorithms
+        .iter()
+        .map(|name| {
+            crate::auth::algorithm(name)
+                .ok_or_else(|| RunError::Auth(format!("unknown algorithm `{name}`")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(verifier.with_algorithms(&algorithms))
 }
 
 /// The tracing filter for a settings `log` value: what it says, and never

@@ -145,6 +145,12 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else if gw.is_ready() {
         (StatusCode::OK, "ready").into_response()
+    } else if !gw.hub().auth().ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the identity provider's keys have not loaded",
+        )
+            .into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "mesh unavailable").into_response()
     }

@@ -48,6 +48,274 @@ pub fn rs256_token(private_pem: &[u8], sub: &str, roles: &[&str], ttl_secs: u64)
         .unwrap_or_default()
 }
 
+/// A signing key made for a test, so no private key has to ship with a
+/// crate: RSA 2048 for RS*/PS*, P-256 for ES256, P-384 for ES384, Ed25519
+/// for EdDSA. Its public half comes as PEM (for `BFF_JWT_PUBLIC_KEY`) or
+/// as a JWK (for a test JWKS endpoint).
+#[derive(Clone)]
+pub struct TestKey {
+    alg: Algorithm,
+    kid: String,
+    encoding: EncodingKey,
+    public_pem: String,
+    jwk: Value,
+}
+
+impl std::fmt::Debug for TestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestKey")
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+}
+
+impl TestKey {
+    /// A new key pair for `alg`, named by a random `kid`. Asymmetric
+    /// algorithms only: an HS* `alg` panics (use [`hs256_token`]).
+    pub fn generate(alg: Algorithm) -> Self {
+        use ed25519_dalek::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let lf = ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF;
+        let mut rng = rand_core::OsRng;
+        let kid = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let (encoding, public_pem, jwk) = match alg {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => {
+                let private = rsa::RsaPrivateKey::new(&mut rng, 2048).expect("RSA key generation");
+                let public = private.to_public_key();
+                let pem = private.to_pkcs1_pem(lf).expect("RSA PEM");
+                let public_pem = rsa::pkcs8::EncodePublicKey::to_public_key_pem(&public, lf)
+                    .expect("RSA public PEM");
+                let jwk = json!({
+                    "kty": "RSA",
+                    "n": b64url(&public.n().to_bytes_be()),
+                    "e": b64url(&public.e().to_bytes_be()),
+                });
+                (EncodingKey::from_rsa_pem(pem.as_bytes()), public_pem, jwk)
+            }
+            Algorithm::ES256 => {
+                let private = p256::SecretKey::random(&mut rng);
+                let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
+                    &private.public_key(),
+                    false,
+                );
+                let jwk = json!({
+                    "kty": "EC",
+                    "crv": "P-256",
+                    "x": b64url(point.x().expect("x")),
+                    "y": b64url(point.y().expect("y")),
+                });
+                let pem = private.to_pkcs8_pem(lf).expect("EC PEM");
+                let public_pem = private
+                    .public_key()
+                    .to_public_key_pem(lf)
+                    .expect("EC public PEM");
+                (EncodingKey::from_ec_pem(pem.as_bytes()), public_pem, jwk)
+            }
+            Algorithm::ES384 => {
+                let private = p384::SecretKey::random(&mut rng);
+                let point = p384::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
+                    &private.public_key(),
+                    false,
+                );
+                let jwk = json!({
+                    "kty": "EC",
+                    "crv": "P-384",
+                    "x": b64url(point.x().expect("x")),
+                    "y": b64url(point.y().expect("y")),
+                });
+                let pem = private.to_pkcs8_pem(lf).expect("EC PEM");
+                let public_pem = private
+                    .public_key()
+                    .to_public_key_pem(lf)
+                    .expect("EC public PEM");
+                (EncodingKey::from_ec_pem(pem.as_bytes()), public_pem, jwk)
+            }
+            Algorithm::EdDSA => {
+                let private = ed25519_dalek::SigningKey::generate(&mut rng);
+                let public = private.verifying_key();
+                let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(public.as_bytes())});
+                let pem = private.to_pkcs8_pem(lf).expect("Ed25519 PEM");
+                let public_pem = public.to_public_key_pem(lf).expect("Ed25519 public PEM");
+                (EncodingKey::from_ed_pem(pem.as_bytes()), public_pem, jwk)
+            }
+            other => panic!("TestKey::generate: {other:?} is not an asymmetric algorithm"),
+        };
+        let mut key = Self {
+            alg,
+            kid,
+            encoding: encoding.expect("the generated key loads"),
+            public_pem,
+            jwk,
+        };
+        key.refresh_jwk();
+        key
+    }
+
+    /// The same key under another `kid`.
+    pub fn with_kid(mut self, kid: &str) -> Self {
+        self.kid = kid.to_owned();
+        self.refresh_jwk();
+        self
+    }
+
+    fn refresh_jwk(&mut self) {
+        let alg = serde_json::to_value(self.alg).unwrap_or(Value::Null);
+        if let Value::Object(o) = &mut self.jwk {
+            o.insert("kid".into(), self.kid.clone().into());
+            o.insert("use".into(), "sig".into());
+            o.insert("alg".into(), alg);
+        }
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as SubjectPublicKeyInfo PEM.
+    pub fn public_pem(&self) -> &str {
+        &self.public_pem
+    }
+
+    /// The public key as a JWK with `kid`, `use` and `alg`.
+    pub fn jwk(&self) -> Value {
+        self.jwk.clone()
+    }
+
+    /// Sign `claims`; the header names the key's algorithm and `kid`.
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        encode(&header, claims, &self.encoding).expect("signing with a generated key")
+    }
+
+    /// A token for `sub` with `roles`, valid `ttl_secs`, naming `issuer`
+    /// (and `audience`) when given.
+    pub fn token(
+        &self,
+        sub: &str,
+        roles: &[&str],
+        ttl_secs: u64,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> String {
+        let mut claims =
+            json!({"sub": sub, "name": sub, "roles": roles, "exp": unix_now() + ttl_secs});
+        if let Some(iss) = issuer {
+            claims["iss"] = iss.into();
+        }
+        if let Some(aud) = audience {
+            claims["aud"] = aud.into();
+        }
+        self.sign(&claims)
+    }
+}
+
+/// A JWKS document publishing `keys`.
+pub fn jwks_document(keys: &[&TestKey]) -> Value {
+    json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()})
+}
+
+/// An identity provider for tests: a JWKS endpoint (`/keys`) and an OIDC
+/// discovery document on 127.0.0.1:0, publishing the public halves of its
+/// keys. It runs on a thread of its own, so one instance (in a `static`)
+/// can serve every test of a binary; it stops when dropped.
+#[derive(Debug)]
+pub struct TestIdp {
+    /// The `iss` its tokens carry: `http://127.0.0.1:<port>`.
+    pub issuer: String,
+    pub jwks_url: String,
+    keys: Vec<TestKey>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestIdp {
+    /// Serve `keys` (at least one).
+    pub fn start(keys: Vec<TestKey>) -> Result<Self, String> {
+        if keys.is_empty() {
+            return Err("a test identity provider needs a key".into());
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let issuer = format!(
+            "http://{}",
+            listener.local_addr().map_err(|e| e.to_string())?
+        );
+        let jwks_url = format!("{issuer}/keys");
+        let document = jwks_document(&keys.iter().collect::<Vec<_>>());
+        let discovery = json!({"issuer": issuer, "jwks_uri": jwks_url});
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        std::thread::Builder::new()
+            .name("test-idp".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let app = axum::Router::new()
+                        .route(
+                            "/keys",
+                            axum::routing::get(move || async move { axum::Json(document) }),
+                        )
+                        .route(
+                            "/.well-known/openid-configuration",
+                            axum::routing::get(move || async move { axum::Json(discovery) }),
+                        );
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            issuer,
+            jwks_url,
+            keys,
+            stop: Some(stop),
+        })
+    }
+
+    /// Its first key.
+    pub fn key(&self) -> &TestKey {
+        &self.keys[0]
+    }
+
+    /// A token for `sub` with `roles`, valid `ttl_secs`, signed with its
+    /// first key and naming it as the issuer.
+    pub fn token(&self, sub: &str, roles: &[&str], ttl_secs: u64) -> String {
+        self.key()
+            .token(sub, roles, ttl_secs, Some(&self.issuer), None)
+    }
+}
+
+impl Drop for TestIdp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// A running test gateway on the in-process mesh; stops when dropped.
 #[derive(Debug)]
 pub struct TestBff {
@@ -81,6 +349,14 @@ impl TestBff {
             .await
             .map_err(|e| e.to_string())?;
         let serving = gateway.clone().spawn().await.map_err(|e| e.to_string())?;
+        // Ready means the auth hook can verify (a JWKS has loaded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !gateway.is_ready() {
+            if tokio::time::Instant::now() > deadline {
+                return Err("the gateway did not become ready within 10 s (/readyz)".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(Self {
             addr: serving.addr(),
             gateway,

@@ -2,15 +2,46 @@
 //! names ([`Identity`]). JWT verification is shipped here; the generated
 //! `auth.rs` implements [`AuthHook`] around it and maps claims.
 
+mod jwks;
+mod jwt;
+
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
 use crate::hooks::AuthHook;
 use crate::mesh::BoxFuture;
+
+pub use jwks::JwksProvider;
+pub use jwt::JwtVerifier;
+
+/// The signing algorithms a BFF verifies, by their JOSE names.
+pub(crate) const ALGORITHMS: [&str; 12] = [
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+    "ES384", "EdDSA",
+];
+
+/// The algorithm a JOSE name stands for, among [`ALGORITHMS`].
+pub(crate) fn algorithm(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
 
 /// Who a connection acts for.
 #[derive(Clone, PartialEq, Eq)]
@@ -89,92 +120,6 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
-}
-
-/// JWT verification (HS256 with a shared secret, RS256 with a PEM public
-/// key) with optional issuer and audience checks.
-#[derive(Clone)]
-pub struct JwtVerifier {
-    key: DecodingKey,
-    validation: Validation,
-}
-
-impl fmt::Debug for JwtVerifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtVerifier")
-            .field("algorithms", &self.validation.algorithms)
-            .field("issuer", &self.validation.iss)
-            .field("audience", &self.validation.aud)
-            .finish_non_exhaustive()
-    }
-}
-
-impl JwtVerifier {
-    pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
-        Self::with_key(
-            DecodingKey::from_secret(secret),
-            Algorithm::HS256,
-            issuer,
-            audience,
-        )
-    }
-
-    /// RS256 with an RSA public key in PEM.
-    pub fn rs256_pem(
-        pem: &[u8],
-        issuer: Option<&str>,
-        audience: Option<&str>,
-    ) -> Result<Self, AuthError> {
-        let key = DecodingKey::from_rsa_pem(pem)
-            .map_err(|e| AuthError::Invalid(format!("not an RSA public key in PEM: {e}")))?;
-        Ok(Self::with_key(key, Algorithm::RS256, issuer, audience))
-    }
-
-    fn with_key(
-        key: DecodingKey,
-        alg: Algorithm,
-        issuer: Option<&str>,
-        audience: Option<&str>,
-    ) -> Self {
-        let mut validation = Validation::new(alg);
-        // Clock skew between the identity provider and this host.
-        validation.leeway = 30;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        match issuer {
-            Some(iss) => {
-                validation.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            None => validation.iss = None,
-        }
-        match audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        Self { key, validation }
-    }
-
-    /// Check signature, expiry, issuer and audience; the claims.
-    pub fn verify(&self, token: &str) -> Result<Map<String, Value>, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
-        decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
-            })
-    }
-}
-
-impl AuthHook for JwtVerifier {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
-        Box::pin(async move { Identity::from_claims(token, &self.verify(token)?) })
-    }
 }
 
 /// No authentication: every connection is its own anonymous user. For

@@ -1,0 +1,263 @@
+//! JWT verification: a shared secret (HS*), a public key in PEM (RS*, PS*,
+//! ES256/384, EdDSA) or the keys a JWKS endpoint publishes. Which
+//! algorithms a token may use is fixed by the key's type and the settings,
+//! never by the token's own header.
+
+use std::fmt;
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde_json::{Map, Value};
+
+use super::jwks::{Jwks, JwksProvider};
+use super::{AuthError, Identity};
+use crate::config::JwksSettings;
+use crate::hooks::AuthHook;
+use crate::mesh::BoxFuture;
+
+/// A token longer than this is refused before any parsing: real ones are a
+/// few kilobytes even with group claims.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+const HMAC: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+pub(super) const RSA: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// A key and the algorithms a token signed with it may name.
+pub(super) struct VerifyKey {
+    pub(super) key: DecodingKey,
+    pub(super) algorithms: Vec<Algorithm>,
+}
+
+impl fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyKey")
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Keys {
+    /// A secret or a PEM public key from the settings.
+    Fixed(Arc<VerifyKey>),
+    Jwks(Jwks),
+}
+
+/// Verifies a token's signature, expiry, `nbf`, issuer and audience and
+/// returns its claims. Cheap to clone; clones share the keys.
+#[derive(Clone)]
+pub struct JwtVerifier {
+    keys: Keys,
+    /// Everything but the algorithm (and, for JWKS, the issuer).
+    validation: Validation,
+    /// The settings' restriction (`jwt_algorithms`); empty: none.
+    allowed: Vec<Algorithm>,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("keys", &self.keys)
+            .field("allowed", &self.allowed)
+            .field("issuer", &self.validation.iss)
+            .field("audience", &self.validation.aud)
+            .finish_non_exhaustive()
+    }
+}
+
+fn validation(issuer: Option<&str>, audience: Option<&str>) -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    // Clock skew between the identity provider and this host.
+    validation.leeway = 30;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    match issuer {
+        Some(iss) => {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+impl JwtVerifier {
+    /// HS256, HS384 or HS512 with a shared secret.
+    pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let key = VerifyKey {
+            key: DecodingKey::from_secret(secret),
+            algorithms: HMAC.to_vec(),
+        };
+        Self::fixed(key, issuer, audience)
+    }
+
+    /// A public key in PEM (SubjectPublicKeyInfo, or PKCS#1 for RSA): RSA
+    /// verifies RS256/384/512 and PS256/384/512, EC P-256 ES256, EC P-384
+    /// ES384, Ed25519 EdDSA.
+    pub fn public_key_pem(
+        pem: &[u8],
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Self, AuthError> {
+        let key = if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            VerifyKey {
+                key,
+                algorithms: RSA.to_vec(),
+            }
+        } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            // The key is the curve point: its length names the curve.
+            let algorithm = match key.try_get_as_bytes().map(<[u8]>::len) {
+                Ok(65 | 33) => Algorithm::ES256,
+                Ok(97 | 49) => Algorithm::ES384,
+                _ => {
+                    return Err(AuthError::Invalid(
+                        "an EC public key on a curve other than P-256 or P-384".into(),
+                    ));
+                }
+            };
+            VerifyKey {
+                key,
+                algorithms: vec![algorithm],
+            }
+        } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+            VerifyKey {
+                key,
+                algorithms: vec![Algorithm::EdDSA],
+            }
+        } else {
+            return Err(AuthError::Invalid(
+                "not a PEM public key (RSA, EC P-256/P-384 or Ed25519)".into(),
+            ));
+        };
+        Ok(Self::fixed(key, issuer, audience))
+    }
+
+    /// An RSA public key in PEM; see [`JwtVerifier::public_key_pem`], which
+    /// takes any supported key type.
+    pub fn rs256_pem(
+        pem: &[u8],
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<Self, AuthError> {
+        DecodingKey::from_rsa_pem(pem)
+            .map_err(|e| AuthError::Invalid(format!("not an RSA public key in PEM: {e}")))?;
+        Self::public_key_pem(pem, issuer, audience)
+    }
+
+    /// The keys the identity providers publish, chosen by the token's `iss`
+    /// and `kid`. Each provider's keys vouch for its own issuer only. Call
+    /// [`JwtVerifier::maintain`] (the gateway does, for its auth hook) to
+    /// load and refresh them.
+    pub fn jwks(
+        providers: Vec<JwksProvider>,
+        audience: Option<&str>,
+        options: &JwksSettings,
+    ) -> Result<Self, AuthError> {
+        let jwks = Jwks::new(providers, options)?;
+        Ok(Self {
+            keys: Keys::Jwks(jwks),
+            validation: validation(None, audience),
+            allowed: Vec::new(),
+        })
+    }
+
+    fn fixed(key: VerifyKey, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        Self {
+            keys: Keys::Fixed(Arc::new(key)),
+            validation: validation(issuer, audience),
+            allowed: Vec::new(),
+        }
+    }
+
+    /// Accept only these algorithms (the key's type still has the last
+    /// word). Empty: no restriction beyond the key's type.
+    pub fn with_algorithms(mut self, algorithms: &[Algorithm]) -> Self {
+        self.allowed = algorithms.to_vec();
+        self
+    }
+
+    /// True once the keys are there: always for a secret or a PEM key; for
+    /// JWKS, once every provider's key set has loaded.
+    pub fn ready(&self) -> bool {
+        match &self.keys {
+            Keys::Fixed(_) => true,
+            Keys::Jwks(jwks) => jwks.loaded(),
+        }
+    }
+
+    /// What keeps the keys fresh (JWKS: fetch, refetch on expiry and on an
+    /// unknown `kid`); `None` for fixed keys. Runs until dropped.
+    pub fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
+        match &self.keys {
+            Keys::Fixed(_) => None,
+            Keys::Jwks(jwks) => Some(Box::pin(jwks.clone().maintain())),
+        }
+    }
+
+    /// Check signature, algorithm, expiry, `nbf`, issuer and audience; the
+    /// claims.
+    pub async fn verify(&self, token: &str) -> Result<Map<String, Value>, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Invalid(format!(
+                "the token is longer than {MAX_TOKEN_BYTES} bytes"
+            )));
+        }
+        let header =
+            decode_header(token).map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
+        let mut validation = self.validation.clone();
+        let key = match &self.keys {
+            Keys::Fixed(key) => key.clone(),
+            Keys::Jwks(jwks) => {
+                let (issuer, key) = jwks.key_for(token, header.kid.as_deref()).await?;
+                validation.set_issuer(&[issuer]);
+                validation.required_spec_claims.insert("iss".into());
+                key
+            }
+        };
+        let alg = header.alg;
+        if !key.algorithms.contains(&alg)
+            || !(self.allowed.is_empty() || self.allowed.contains(&alg))
+        {
+            return Err(AuthError::Invalid(format!(
+                "algorithm {alg:?} is not accepted for this key"
+            )));
+        }
+        validation.algorithms = vec![alg];
+        decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })
+    }
+}
+
+impl AuthHook for JwtVerifier {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
+        Box::pin(async move { Identity::from_claims(token, &self.verify(token).await?) })
+    }
+
+    fn ready(&self) -> bool {
+        JwtVerifier::ready(self)
+    }
+
+    fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
+        JwtVerifier::maintain(self)
+    }
+}
