@@ -374,10 +374,7 @@ fn answer_sets_generate_crates_that_build_and_pass_their_own_tests() {
     let d = generate_build_and_test("web-bff", &[]);
     let routes = std::fs::read_to_string(d.join("routes.toml")).unwrap();
     assert!(routes.contains("call = \"echo.*\""), "{routes}");
-    assert!(
-        !d.join("tests/keys").exists(),
-        "rs256 keys only for jwt-rs256"
-    );
+    assert_no_private_key(&d);
 
     // RS256, event topics, several routes, an unusual but valid name.
     let d = generate_build_and_test(
@@ -425,10 +422,53 @@ fn answer_sets_generate_crates_that_build_and_pass_their_own_tests() {
         config.contains("\"https://app.example.com\", \"http://localhost:5173\""),
         "{config}"
     );
-    assert!(d.join("tests/keys/test_public.pem").exists());
+    assert_no_private_key(&d);
+
+    // JWKS: its tests run against a JWKS endpoint they start.
+    let d = generate_build_and_test(
+        "idp-bff",
+        &[
+            ("auth", "jwks"),
+            ("jwt_issuer", "https://login.example.com/realms/shop"),
+        ],
+    );
+    let config = std::fs::read_to_string(d.join("config/default.toml")).unwrap();
+    assert!(
+        config.contains("jwt_issuer = \"https://login.example.com/realms/shop\""),
+        "{config}"
+    );
+    assert!(config.contains("[jwks]"), "{config}");
+    assert_no_private_key(&d);
 
     // No auth.
     generate_build_and_test("open-bff", &[("auth", "none"), ("routes", "catalog.list")]);
+}
+
+/// No private key anywhere in what was generated (the build output aside).
+fn assert_no_private_key(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path
+                .file_name()
+                .is_some_and(|n| n == "target" || n == ".git")
+            {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let text = std::fs::read(&path).unwrap();
+                let text = String::from_utf8_lossy(&text);
+                assert!(
+                    !text.contains("PRIVATE KEY-----"),
+                    "{} holds a private key",
+                    path.display()
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -440,7 +480,8 @@ fn invalid_answers_are_refused_naming_the_key() {
         ("port", "http", "port"),
         ("port", "70000", "port"),
         ("auth", "magic", "auth"),
-        ("auth", "jwks", "auth"),
+        ("jwt_issuer", "not a url", "jwt_issuer"),
+        ("jwt_issuer", "https://idp.example.com", "jwt_issuer"),
         ("event_topics", "orders..x", "event_topics"),
         ("ws_path", "ws", "ws_path"),
         ("mesh_service_name", "has space", "mesh_service_name"),
@@ -600,8 +641,15 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
     );
     ok("cargo build", &cargo(&crate_dir, &["build"]));
     let bin = shared_target().join("debug").join("e2e-bff");
-    let secret = "e2e-secret";
+    let secret = "an-end-to-end-secret-of-32-bytes-or-more";
     let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // A guessable secret outside development mode: refused at start.
+    let mut p = BffProcess::spawn(&bin, &crate_dir, &[], &[("BFF_JWT_SECRET", "e2e-secret")]);
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("at least 32"), "{log}");
+    drop(p);
 
     // No broker at the configured URL and no --dev: exits, naming the URL
     // and both ways to start.

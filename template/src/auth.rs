@@ -44,7 +44,17 @@ pub struct Auth {
 
 impl AuthHook for Auth {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
-        Box::pin(async move { identity(token, &self.verifier.verify(token)?) })
+        Box::pin(async move { identity(token, &self.verifier.verify(token).await?) })
+    }
+
+    // A JWKS verifier is ready once the provider's keys have loaded, and
+    // keeps them fresh in the background; a secret or a PEM key always is.
+    fn ready(&self) -> bool {
+        self.verifier.ready()
+    }
+
+    fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
+        self.verifier.maintain()
     }
 }
 {%- endif %}

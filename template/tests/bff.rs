@@ -10,55 +10,22 @@ use serde_json::json;
 
 use {{crate_name}}::{auth, handler};
 
+mod support;
+use support::token;
+
 fn crate_path(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
 fn settings() -> Settings {
     let routes = crate_path("routes.toml").display().to_string();
-    {% if auth == "none" %}let env{% else %}let mut env{% endif %} = vec![("BFF_ROUTES".to_owned(), routes)];
-{%- if auth == "jwt-hs256" %}
-    env.push(("BFF_JWT_SECRET".to_owned(), "test-secret".to_owned()));
-{%- elsif auth == "jwt-rs256" %}
-    let key = crate_path("tests/keys/test_public.pem");
-    env.push(("BFF_JWT_PUBLIC_KEY".to_owned(), key.display().to_string()));
-{%- endif %}
+    let mut env = vec![("BFF_ROUTES".to_owned(), routes)];
+    env.extend(support::auth_env());
     let (settings, warnings) =
         Settings::load(&crate_path("config/default.toml"), env).expect("config/default.toml loads");
     assert!(warnings.is_empty(), "{warnings:?}");
     settings
 }
-
-{%- if auth == "jwt-hs256" %}
-
-fn token(sub: &str) -> Option<String> {
-    let t = nuropb_bff::testing::hs256_token("test-secret", sub, &[], 300);
-    Some(t)
-}
-
-fn forged_token(sub: &str) -> Option<String> {
-    let t = nuropb_bff::testing::hs256_token("not-the-secret", sub, &[], 300);
-    Some(t)
-}
-{%- elsif auth == "jwt-rs256" %}
-
-const TEST_PRIVATE_KEY: &[u8] = include_bytes!("keys/test_private.pem");
-
-fn token(sub: &str) -> Option<String> {
-    let t = nuropb_bff::testing::rs256_token(TEST_PRIVATE_KEY, sub, &[], 300);
-    Some(t)
-}
-
-fn forged_token(sub: &str) -> Option<String> {
-    let t = nuropb_bff::testing::hs256_token("guess", sub, &[], 300);
-    Some(t)
-}
-{%- else %}
-
-fn token(_sub: &str) -> Option<String> {
-    None
-}
-{%- endif %}
 
 async fn start() -> TestBff {
     let settings = settings();
@@ -101,7 +68,9 @@ async fn auth_accepts_a_valid_token_and_refuses_others() {
     );
 {%- else %}
     assert_eq!(hello["payload"]["event"]["user_id"], "alice", "{hello}");
-    let refused = bff.connect(forged_token("mallory").as_deref()).await;
+    let refused = bff
+        .connect(support::forged_token("mallory").as_deref())
+        .await;
     let err = refused.expect_err("a forged token must be refused");
     assert!(err.contains("401"), "{err}");
 {%- endif %}

@@ -15,6 +15,8 @@ use serde_json::json;
 
 use {{crate_name}}::{auth, handler};
 
+mod support;
+
 fn amqp_url() -> String {
     std::env::var("BFF_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
@@ -26,7 +28,7 @@ async fn a_request_through_the_broker() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let routes = dir.join("routes.toml").display().to_string();
     let suffix = format!("{:x}", std::process::id());
-    {% if auth == "none" %}let env{% else %}let mut env{% endif %} = vec![
+    let mut env = vec![
         ("BFF_ROUTES".to_owned(), routes),
         ("BFF_AMQP_URL".to_owned(), amqp_url()),
         ("BFF_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
@@ -35,29 +37,8 @@ async fn a_request_through_the_broker() {
             format!("{{mesh_service_name}}-test-{suffix}"),
         ),
     ];
-{%- if auth == "jwt-hs256" %}
-    env.push(("BFF_JWT_SECRET".to_owned(), "broker-test-secret".to_owned()));
-    let token = Some(nuropb_bff::testing::hs256_token(
-        "broker-test-secret",
-        "alice",
-        &[],
-        300,
-    ));
-{%- elsif auth == "jwt-rs256" %}
-    let public_key = dir.join("tests/keys/test_public.pem");
-    env.push((
-        "BFF_JWT_PUBLIC_KEY".to_owned(),
-        public_key.display().to_string(),
-    ));
-    let token = Some(nuropb_bff::testing::rs256_token(
-        include_bytes!("keys/test_private.pem"),
-        "alice",
-        &[],
-        300,
-    ));
-{%- else %}
-    let token: Option<String> = None;
-{%- endif %}
+    env.extend(support::auth_env());
+    let token = support::token("alice");
     let config = dir.join("config/default.toml");
     let (settings, _) = Settings::load(&config, env).expect("config/default.toml loads");
 
@@ -76,6 +57,12 @@ async fn a_request_through_the_broker() {
         .start()
         .await
         .expect("the BFF joins the broker");
+    // Ready: the broker link is up and the auth hook can verify.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gateway.is_ready() {
+        assert!(std::time::Instant::now() < deadline, "not ready in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let serving = gateway.spawn().await.expect("the BFF serves");
 
     let mut client = TestClient::connect(&serving.ws_url(), token.as_deref())

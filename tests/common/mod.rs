@@ -14,7 +14,7 @@ pub use nuropb_bff::testing::{TestClient, http_get};
 use nuropb_bff::{AuthHook, Gateway, MemoryMesh, RouteTable, Serving, Settings, WsHandler};
 use serde_json::Value;
 
-pub const SECRET: &str = "test-secret";
+pub const SECRET: &str = "a-test-secret-of-at-least-thirty-two-bytes";
 
 /// The auth hook of most tests: HS256 with [`SECRET`].
 pub fn hs256() -> Arc<dyn AuthHook> {
