@@ -622,6 +622,36 @@ allowed_origins = ["http://localhost:3000"]
     }
 
     #[test]
+    fn jwks_settings_need_an_issuer_and_sane_bounds() {
+        let jwks = BASE.replace("jwt-hs256", "jwks");
+        let err = Settings::parse("d.toml", &jwks, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("BFF_JWT_ISSUER"), "{err}");
+        let (s, warnings) = Settings::parse(
+            "d.toml",
+            &jwks,
+            env(&[
+                ("BFF_JWT_ISSUER", "https://idp.example.com"),
+                ("BFF_JWKS__MIN_REFRESH_MS", "1500"),
+                ("BFF_JWT_ALGORITHMS", "ES256, RS256"),
+            ]),
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(s.auth, AuthMode::Jwks);
+        assert_eq!(s.jwks.min_refresh, Duration::from_millis(1500));
+        assert_eq!(s.jwt_algorithms, ["ES256", "RS256"]);
+        let issuer = ("BFF_JWT_ISSUER", "https://idp.example.com");
+        for (var, value, named) in [
+            ("BFF_JWT_ALGORITHMS", "none", "jwt_algorithms"),
+            ("BFF_JWKS__FETCH_TIMEOUT_MS", "0", "fetch_timeout_ms"),
+            ("BFF_JWKS__MIN_MAX_AGE_MS", "999999999", "min_max_age_ms"),
+        ] {
+            let err = Settings::parse("d.toml", &jwks, env(&[issuer, (var, value)])).unwrap_err();
+            assert!(err.to_string().contains(named), "{var}: {err}");
+        }
+    }
+
+    #[test]
     fn nested_settings_have_variables_typed_like_the_setting() {
         let (s, warnings) = Settings::parse(
             "d.toml",
