@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: starts RabbitMQ if it is not
 # up, creates the Python venv with nuropb for the interop tests, installs the
-# cargo-generate CLI if missing, then lint and test everything (the runtime,
-# and the generated-BFF tests under tests/).
+# cargo-generate CLI, the frontend kit's npm packages (typescript,
+# playwright-core: frontend-tests/package-lock.json) and chromium if
+# missing, then lint and test everything (the runtime, the generated-BFF
+# tests and the frontend tests under tests/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,18 @@ bash scripts/setup-python.sh
 if ! cargo generate --version 2>/dev/null | grep -q '0\.23\.14'; then
   echo "installing cargo-generate 0.23.14 (builds on Rust 1.95)" >&2
   cargo install cargo-generate --version 0.23.14 --locked
+fi
+
+# The frontend tests: tsc and playwright-core from the lockfile, and a
+# headless chromium (Debian's package).
+if [ ! -d frontend-tests/node_modules/typescript ] || [ ! -d frontend-tests/node_modules/playwright-core ]; then
+  (cd frontend-tests && npm ci --no-audit --no-fund)
+fi
+if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium for the console page test" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
 export USER="${USER:-bff}"

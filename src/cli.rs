@@ -21,11 +21,29 @@ const DEFAULT_CONFIG: &str = "config/default.toml";
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Command {
     Serve { dev: bool },
+    ClientTs { out: Option<PathBuf>, live: bool },
     Help,
     Version,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_some_and(|a| a == "client-ts") {
+        args.next();
+        let (mut out, mut live) = (None, false);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--out" => {
+                    let file = args.next().ok_or("--out needs a file name")?;
+                    out = Some(PathBuf::from(file));
+                }
+                "--live" => live = true,
+                "-h" | "--help" => return Ok(Command::Help),
+                other => return Err(format!("unknown argument `{other}` for client-ts")),
+            }
+        }
+        return Ok(Command::ClientTs { out, live });
+    }
     let mut dev = false;
     for arg in args {
         match arg.as_str() {
@@ -43,9 +61,14 @@ fn usage(name: &str) -> String {
         "{name}: a WebSocket Backend-For-Frontend on the NuroPb mesh (nuropb-bff {runtime})
 
 usage: {name} [--dev]
+       {name} client-ts [--out FILE] [--live]
 
   --dev          development mode: no broker (in-process echo services for the
-                 routed calls) and a token for user dev-user in the log
+                 routed calls) and a token for user dev-user in the log;
+                 GET /console is a page to try calls, GET /client.ts the client
+  client-ts      write the typed TypeScript client of the routing table (to
+                 stdout, or FILE); --live asks each routed service on the
+                 broker for its nuropb_describe to type the parameters
   -h, --help     this text
   -V, --version  the version
 
@@ -86,6 +109,7 @@ pub fn main(
             return ExitCode::SUCCESS;
         }
         Command::Serve { dev } => dev,
+        Command::ClientTs { out, live } => return client_ts(name, out, live),
     };
     let config = std::env::var_os("BFF_CONFIG")
         .map(PathBuf::from)
@@ -183,6 +207,79 @@ async fn shutdown_signal() {
     }
 }
 
+/// `client-ts`: render the client from the settings' routing file (and the
+/// services' descriptions with `live`), to `out` or stdout.
+fn client_ts(name: &str, out: Option<PathBuf>, live: bool) -> ExitCode {
+    let config = std::env::var_os("BFF_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let settings = match Settings::load(&config, std::env::vars()) {
+        Ok((s, _)) => s,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let routes = match crate::routing::RouteTable::load(&settings.routes) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: routing table: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let described = if live {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("{name}: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(crate::frontend::describe_services(&settings, &routes)) {
+            Ok((d, notes)) => {
+                for note in notes {
+                    eprintln!("{name}: {note}");
+                }
+                d
+            }
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        crate::frontend::ServiceDescriptions::new()
+    };
+    let ts = crate::frontend::client_ts(
+        &settings.mesh_service_name,
+        &settings.ws_path,
+        &routes,
+        &described,
+    );
+    match out {
+        Some(file) => match std::fs::write(&file, ts) {
+            Ok(()) => {
+                eprintln!("{name}: wrote {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{name}: cannot write {}: {e}", file.display());
+                ExitCode::FAILURE
+            }
+        },
+        None => {
+            use std::io::Write as _;
+            match std::io::stdout().write_all(ts.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +293,22 @@ mod tests {
         assert_eq!(args(&[]), Ok(Command::Serve { dev: false }));
         assert_eq!(args(&["--dev"]), Ok(Command::Serve { dev: true }));
         assert_eq!(args(&["--dev", "--help"]), Ok(Command::Help));
+        assert_eq!(
+            args(&["client-ts"]),
+            Ok(Command::ClientTs {
+                out: None,
+                live: false
+            })
+        );
+        assert_eq!(
+            args(&["client-ts", "--live", "--out", "c.ts"]),
+            Ok(Command::ClientTs {
+                out: Some("c.ts".into()),
+                live: true
+            })
+        );
+        assert!(args(&["client-ts", "--out"]).is_err());
+        assert!(args(&["client-ts", "--dev"]).is_err());
         assert_eq!(args(&["-V"]), Ok(Command::Version));
         let e = args(&["--deV"]).unwrap_err();
         assert!(e.contains("--deV"), "{e}");

@@ -210,6 +210,10 @@ pub struct Settings {
     pub limits: Limits,
     #[serde(default)]
     pub mesh_api: MeshApi,
+    /// Serve `GET /console` (a page to try calls) and `GET /client.ts` (the
+    /// typed client) outside development mode too, where they are always on.
+    #[serde(default)]
+    pub console: bool,
     /// A routed `service.method` called on the user's behalf when a socket
     /// opens; its result rides in the `hello` event under `data` (or why it
     /// failed under `data_error`).
@@ -250,6 +254,7 @@ impl std::fmt::Debug for Settings {
             .field("limits", &self.limits)
             .field("mesh_api", &self.mesh_api)
             .field("hello_call", &self.hello_call)
+            .field("console", &self.console)
             .finish_non_exhaustive()
     }
 }
@@ -293,6 +298,7 @@ impl Settings {
             limits: Limits::default(),
             mesh_api: MeshApi::default(),
             hello_call: None,
+            console: false,
         }
     }
 

@@ -13,6 +13,7 @@ mod cluster;
 mod compose;
 mod config;
 mod dispatch;
+mod frontend;
 mod gateway;
 mod hooks;
 mod hub;
@@ -33,6 +34,7 @@ mod ws;
 pub use auth::{AuthError, Identity, JwksProvider, JwtVerifier, NoAuth};
 pub use cli::main;
 pub use config::{AuthMode, JwksSettings, Limits, MeshApi, Settings, SettingsError};
+pub use frontend::{ServiceDescriptions, client_ts, describe_services};
 pub use gateway::{Gateway, GatewayBuilder, Serving};
 pub use hooks::{AuthHook, DefaultHandler, LocalCall, MeshClient, WsHandler};
 /// The signing algorithms of [`JwtVerifier::with_algorithms`].

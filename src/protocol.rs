@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use ts_rs::TS;
 
 /// The NuroPb protocol version this gateway speaks (`nuropb_protocol` header).
 pub(crate) const NUROPB_PROTOCOL_VERSION: &str = "0.1.1";
@@ -29,10 +30,23 @@ pub mod close {
     pub const AUTH_REQUIRED: u16 = 4003;
     /// The outbound queue overflowed: the client reads too slowly.
     pub const SLOW_CONSUMER: u16 = 4008;
+
+    /// Every code above by its name: what generated clients are given.
+    pub const ALL: [(&str, u16); 8] = [
+        ("NORMAL", NORMAL),
+        ("GOING_AWAY", GOING_AWAY),
+        ("POLICY", POLICY),
+        ("NO_PONG", NO_PONG),
+        ("DISCONNECTED", DISCONNECTED),
+        ("TOKEN_EXPIRED", TOKEN_EXPIRED),
+        ("AUTH_REQUIRED", AUTH_REQUIRED),
+        ("SLOW_CONSUMER", SLOW_CONSUMER),
+    ];
 }
 
 /// The error names the gateway itself produces (bff-contract.md section 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, TS)]
+#[ts(rename = "GatewayErrorName")]
 pub enum ErrorName {
     InvalidMessage,
     RouteNotFound,
@@ -68,7 +82,7 @@ impl ErrorName {
 
 /// An error as NuroPb carries it: `{"error": <Name>, "description": <text>}`
 /// plus whatever else the service put there, passed through untouched.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 pub struct ErrorBody {
     pub error: String,
     #[serde(default)]
@@ -95,7 +109,7 @@ impl ErrorBody {
 
 /// A frame a client sends. Unknown fields (a client's own `context`, say)
 /// are ignored.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, TS)]
 #[serde(tag = "type", content = "payload", rename_all = "lowercase")]
 pub(crate) enum ClientFrame {
     Request(ClientCall),
@@ -105,22 +119,24 @@ pub(crate) enum ClientFrame {
     Authenticate(Authenticate),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, TS)]
 pub struct ClientCall {
     pub service: String,
     pub method: String,
     #[serde(default)]
+    #[ts(as = "Option<Map<String, Value>>", optional)]
     pub params: Map<String, Value>,
     #[serde(default)]
+    #[ts(optional = nullable)]
     pub trace_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, TS)]
 pub(crate) struct Topics {
     pub topics: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, TS)]
 pub(crate) struct Authenticate {
     pub token: String,
 }
@@ -165,7 +181,7 @@ impl ClientFrame {
 }
 
 /// A frame the gateway sends.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(tag = "type", content = "payload", rename_all = "lowercase")]
 pub(crate) enum ServerFrame {
     Event {
@@ -178,6 +194,7 @@ pub(crate) enum ServerFrame {
         error: Option<ErrorBody>,
         /// A composed route's parts that failed, by key, when any did.
         #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
         failed: Option<Map<String, Value>>,
     },
     Ack {
@@ -190,6 +207,7 @@ pub(crate) enum ServerFrame {
         error: String,
         description: String,
         #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
         trace_id: Option<String>,
     },
 }

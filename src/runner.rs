@@ -172,6 +172,11 @@ pub async fn run(
         .local_addr()
         .map_or_else(|_| gateway.settings().listen.clone(), |a| a.to_string());
     tracing::info!(%addr, ws_path = %gateway.settings().ws_path, "serving");
+    if gateway.settings().is_memory_mesh() || gateway.settings().console {
+        tracing::info!(
+            "try calls at http://{addr}/console; the typed TypeScript client is at http://{addr}/client.ts"
+        );
+    }
     let hurrying = {
         let gateway = gateway.clone();
         tokio::spawn(async move {

@@ -41,12 +41,23 @@ impl Gateway {
     /// The routes of the gateway: the WebSocket path, `/healthz`, `/readyz`
     /// and `/metrics`. Merge a BFF's own HTTP routes into it as needed.
     pub fn router(&self) -> Router {
-        Router::new()
+        let mut router = Router::new()
             .route(&self.settings().ws_path, get(ws_upgrade))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
-            .with_state(self.clone())
+            .route("/metrics", get(metrics));
+        if self.serves_console() {
+            router = router
+                .route("/console", get(console))
+                .route("/client.ts", get(client_ts));
+        }
+        router.with_state(self.clone())
+    }
+
+    /// Whether `/console` and `/client.ts` are served: always in
+    /// development mode, else when `console = true`.
+    fn serves_console(&self) -> bool {
+        self.settings().is_memory_mesh() || self.settings().console
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
@@ -140,6 +151,66 @@ async fn serve_connection(gw: Gateway, tcp: TcpStream, app: Router) {
     }
 }
 
+/// Whether a browser `origin` is the BFF's own (the `Host` it asked for):
+/// the console page it served opening its socket.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|rest| rest.eq_ignore_ascii_case(host))
+}
+
+/// The console page; in development mode its token field holds a token
+/// for `dev-user` (HS256 only).
+async fn console(State(gw): State<Gateway>) -> Response {
+    let settings = gw.settings();
+    let token = if settings.is_memory_mesh() && settings.auth == crate::config::AuthMode::JwtHs256 {
+        settings
+            .jwt_secret
+            .as_deref()
+            .and_then(|secret| {
+                crate::auth::hs256_dev_token(
+                    secret.as_bytes(),
+                    "dev-user",
+                    8 * 3600,
+                    settings.jwt_issuer.as_deref(),
+                    settings.jwt_audience.as_deref(),
+                )
+                .ok()
+            })
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let html = crate::frontend::console_html(
+        &settings.mesh_service_name,
+        &settings.ws_path,
+        gw.routes(),
+        &token,
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+/// The typed TypeScript client of this BFF's routing table.
+async fn client_ts(State(gw): State<Gateway>) -> Response {
+    let settings = gw.settings();
+    let ts = crate::frontend::client_ts(
+        &settings.mesh_service_name,
+        &settings.ws_path,
+        gw.routes(),
+        &crate::frontend::ServiceDescriptions::new(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ts).into_response()
+}
+
 async fn readyz(State(gw): State<Gateway>) -> Response {
     if gw.is_stopping() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
@@ -181,7 +252,10 @@ async fn ws_upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let allowed = origin.to_str().is_ok_and(|o| gw.origin_allowed(o));
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|o| gw.origin_allowed(o) || (gw.serves_console() && same_origin(o, host)));
         if !allowed {
             return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
         }

@@ -225,6 +225,11 @@ impl TestKey {
     }
 }
 
+/// One frame of every kind the gateway sends, serialised as it sends them.
+pub fn server_frame_samples() -> Vec<String> {
+    crate::frontend::server_frame_samples()
+}
+
 /// A JWKS document publishing `keys`.
 pub fn jwks_document(keys: &[&TestKey]) -> Value {
     json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()})

@@ -1,0 +1,106 @@
+// The generated client against a live BFF on RabbitMQ (driven by
+// tests/frontend.rs): typed calls, errors by name, an event through the
+// subscription helper, and a reconnect after the BFF restarts.
+// Protocol with the Rust side: this script prints STEP lines on stdout and
+// reads GO lines on stdin when it needs the other side to act.
+import { createInterface } from "node:readline";
+import { BffClient, BffError, type MeshEvent } from "./client.js";
+
+const url = process.env.BFF_URL!;
+const token = process.env.BFF_TOKEN!;
+const topic = process.env.BFF_TOPIC!;
+
+const lines = createInterface({ input: process.stdin });
+const inbox: string[] = [];
+let wake: (() => void) | undefined;
+lines.on("line", (l) => {
+  inbox.push(l);
+  wake?.();
+});
+async function waitFor(expected: string): Promise<void> {
+  for (;;) {
+    const i = inbox.indexOf(expected);
+    if (i >= 0) {
+      inbox.splice(i, 1);
+      return;
+    }
+    await new Promise<void>((r) => (wake = r));
+  }
+}
+function step(s: string): void {
+  console.log(`STEP ${s}`);
+}
+function fail(why: string): never {
+  console.log(`FAIL ${why}`);
+  process.exit(1);
+}
+function within<T>(ms: number, p: Promise<T>, what: string): Promise<T> {
+  return Promise.race([p, new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms))]);
+}
+
+let tokenCalls = 0;
+const bff = new BffClient({ url, token: () => ((tokenCalls += 1), token), minReconnectMs: 100, maxReconnectMs: 1000 });
+const hello = await bff.connect();
+if (hello.user_id !== "ts-user") fail(`hello for ${hello.user_id}`);
+step("connected");
+
+const greeting = await bff.api["greeter"]["hello"]<string>({ name: "typescript" });
+if (greeting !== "hello typescript") fail(`greeting ${greeting}`);
+const sum = await bff.api["calc"]["add"]<number>({ a: 40, b: 2 });
+if (sum !== 42) fail(`sum ${sum}`);
+step("typed calls resolve");
+
+async function failure(p: Promise<unknown>): Promise<BffError> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof BffError) return e;
+    fail(`not a BffError: ${String(e)}`);
+  }
+  fail("resolved instead of failing");
+}
+const boom = await failure(bff.api["calc"].call("boom"));
+if (boom.name !== "NuropbException" || !boom.description.includes("boom from python")) fail(`boom: ${boom.name} ${boom.description}`);
+const missing = await failure(bff.request("nowhere", "nothing"));
+if (missing.name !== "RouteNotFound") fail(`unknown route: ${missing.name}`);
+const forbidden = await failure(bff.subscribeTopic("secret.#", () => undefined));
+if (forbidden.name !== "Forbidden") fail(`subscription outside the rules: ${forbidden.name}`);
+step("errors are typed");
+
+const events: MeshEvent[] = [];
+let arrived: (() => void) | undefined;
+await bff.subscribe(`${topic}.#` as never, (e) => {
+  events.push(e);
+  arrived?.();
+});
+step("subscribed");
+console.log("READY publish");
+await within(10000, new Promise<void>((r) => (arrived = r)), "the first event");
+if ((events[0]?.event as { n?: number } | null)?.n !== 1) fail(`event ${JSON.stringify(events[0])}`);
+step("event arrived");
+
+// The BFF restarts: the client reconnects (asking for a token again),
+// subscribes again, and calls work.
+const reopened = new Promise<void>((resolve) => {
+  let closed = false;
+  bff.onState((s) => {
+    if (s === "closed") closed = true;
+    if (s === "open" && closed) resolve();
+  });
+});
+const callsBefore = tokenCalls;
+console.log("READY restart");
+await waitFor("GO restarted");
+await within(15000, reopened, "the reconnect");
+if (tokenCalls <= callsBefore) fail("the token getter was not asked again");
+const again = await bff.api["greeter"]["hello"]<string>({ name: "again" });
+if (again !== "hello again") fail(`after restart: ${again}`);
+step("reconnected");
+// Give the re-subscription a moment to land, then ask for an event.
+await new Promise((r) => setTimeout(r, 300));
+console.log("READY publish");
+await within(10000, new Promise<void>((r) => (arrived = r)), "an event after the restart");
+step("subscription resumed");
+bff.close();
+console.log("DONE");
+process.exit(0);
