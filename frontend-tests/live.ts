@@ -3,12 +3,23 @@
 // subscription helper, and a reconnect after the BFF restarts.
 // Protocol with the Rust side: this script prints STEP lines on stdout and
 // reads GO lines on stdin when it needs the other side to act.
+import { createHmac } from "node:crypto";
 import { createInterface } from "node:readline";
 import { BffClient, BffError, type MeshEvent } from "./client.js";
 
 const url = process.env.BFF_URL!;
 const token = process.env.BFF_TOKEN!;
 const topic = process.env.BFF_TOPIC!;
+const secret = process.env.BFF_SECRET!;
+
+/** An HS256 token, as an identity provider would issue it. */
+function mint(sub: string, ttlSecs: number): string {
+  const part = (o: object) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const head = part({ alg: "HS256", typ: "JWT" });
+  const body = part({ sub, name: sub, roles: ["user"], exp: Math.floor(Date.now() / 1000) + ttlSecs });
+  const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
+  return `${head}.${body}.${sig}`;
+}
 
 const lines = createInterface({ input: process.stdin });
 const inbox: string[] = [];
@@ -78,6 +89,22 @@ console.log("READY publish");
 await within(10000, new Promise<void>((r) => (arrived = r)), "the first event");
 if ((events[0]?.event as { n?: number } | null)?.n !== 1) fail(`event ${JSON.stringify(events[0])}`);
 step("event arrived");
+
+// Tokens that live 3 s: the client renews each before it expires (an
+// authenticate frame), so the gateway never closes with 4001.
+let renewals = 0;
+const brief = new BffClient({ url, token: () => ((renewals += 1), mint("ts-user", 3)), renewBeforeMs: 2000, reconnect: false });
+let briefClosed = 0;
+brief.onState((s, code) => {
+  if (s === "closed") briefClosed = code ?? -1;
+});
+await brief.connect();
+await new Promise((r) => setTimeout(r, 4500));
+if (briefClosed !== 0) fail(`closed with ${briefClosed} although its token was renewed`);
+if (renewals < 3) fail(`the token getter was called ${renewals} times in 4.5 s`);
+if ((await brief.api["greeter"]["hello"]<string>({ name: "renewed" })) !== "hello renewed") fail("call after renewals");
+brief.close();
+step("tokens renewed before expiry");
 
 // The BFF restarts: the client reconnects (asking for a token again),
 // subscribes again, and calls work.

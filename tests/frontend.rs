@@ -282,6 +282,7 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
         .env("BFF_URL", format!("ws://{addr}/ws"))
         .env("BFF_TOKEN", &token)
         .env("BFF_TOPIC", &topic)
+        .env("BFF_SECRET", common::SECRET)
         .current_dir(&dir);
     let mut script = Script::spawn(cmd);
     let mut bff = Some(bff);
@@ -318,6 +319,7 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
         "STEP typed calls resolve",
         "STEP errors are typed",
         "STEP event arrived",
+        "STEP tokens renewed before expiry",
         "STEP reconnected",
         "STEP subscription resumed",
     ] {

@@ -644,6 +644,24 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
     let secret = "an-end-to-end-secret-of-32-bytes-or-more";
     let rt = tokio::runtime::Runtime::new().unwrap();
 
+    // The typed TypeScript client, from the generated routing table.
+    let client_ts = crate_dir.join("bff.ts");
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &["client-ts", "--out", client_ts.to_str().unwrap()],
+        &[],
+    );
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let ts = std::fs::read_to_string(&client_ts).unwrap();
+    assert!(ts.contains("export class BffClient"), "{ts}");
+    assert!(
+        ts.contains(&format!("\"{py}\": {{")),
+        "a namespace per routed service:\n{ts}"
+    );
+    drop(p);
+
     // A guessable secret outside development mode: refused at start.
     let mut p = BffProcess::spawn(&bin, &crate_dir, &[], &[("BFF_JWT_SECRET", "e2e-secret")]);
     let (status, log) = p.exit(Duration::from_secs(60));
