@@ -4,6 +4,7 @@
 // Protocol with the Rust side: this script prints STEP lines on stdout and
 // reads GO lines on stdin when it needs the other side to act.
 import { createHmac } from "node:crypto";
+import { createServer } from "node:http";
 import { createInterface } from "node:readline";
 import { BffClient, BffError, type MeshEvent } from "./client.js";
 
@@ -48,6 +49,20 @@ function fail(why: string): never {
 function within<T>(ms: number, p: Promise<T>, what: string): Promise<T> {
   return Promise.race([p, new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms))]);
 }
+
+// A server that refuses the upgrade (a BFF draining, or a proxy in
+// trouble): connect fails with ConnectionLost instead of hanging.
+const refusing = createServer((_req, res) => {
+  res.writeHead(503);
+  res.end("draining");
+});
+await new Promise<void>((r) => refusing.listen(0, "127.0.0.1", r));
+const refusingPort = (refusing.address() as { port: number }).port;
+const doomed = new BffClient({ url: `ws://127.0.0.1:${refusingPort}/ws`, token: () => token, reconnect: false });
+const refused = await within(5000, doomed.connect().then(() => undefined, (e: unknown) => e), "a refused handshake");
+if (!(refused instanceof BffError) || refused.name !== "ConnectionLost") fail(`refused handshake: ${String(refused)}`);
+refusing.close();
+step("a refused handshake fails");
 
 let tokenCalls = 0;
 const bff = new BffClient({ url, token: () => ((tokenCalls += 1), token), minReconnectMs: 100, maxReconnectMs: 1000 });

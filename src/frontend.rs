@@ -269,17 +269,16 @@ pub async fn describe_services(
         settings.mesh_service_name,
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let mesh = AmqpMesh::connect(
-        AmqpConfig::new(&settings.amqp_url, name.clone()),
-        Arc::new(StubService::new(name)),
-    )
-    .await
-    .map_err(|e| {
-        format!(
-            "cannot reach the broker at {} to describe the services: {e}",
-            crate::mesh::redact_url(&settings.amqp_url)
-        )
-    })?;
+    let mut config = AmqpConfig::new(&settings.amqp_url, name.clone());
+    config.transient = true;
+    let mesh = AmqpMesh::connect(config, Arc::new(StubService::new(name)))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the broker at {} to describe the services: {e}",
+                crate::mesh::redact_url(&settings.amqp_url)
+            )
+        })?;
     let mut services: Vec<&str> = routes.routes().iter().map(|r| r.service.as_str()).collect();
     services.sort_unstable();
     services.dedup();

@@ -397,23 +397,44 @@ export class BffClient implements Caller {
       }
       this.dispatch(frame);
     };
-    ws.onerror = () => {
-      /* onclose follows */
-    };
-    ws.onclose = (ev) => {
-      if (this.ws !== ws) return;
+    // Gone once: some WebSockets (Node 20's) report a refused handshake
+    // with an error and no close event.
+    let gone = false;
+    let opened = false;
+    const lost = (code: number, reason: string) => {
+      if (gone || this.ws !== ws) return;
+      gone = true;
       this.ws = undefined;
       this.hello = undefined;
       this.ready = undefined;
       clearTimeout(this.renewTimer);
-      this.failAll(`the connection closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
-      this.stateListeners.forEach((l) => l("closed", ev.code));
+      this.failAll(`the connection closed (${code}${reason ? ": " + reason : ""})`);
+      this.stateListeners.forEach((l) => l("closed", code));
       if (!settled) {
         settled = true;
-        reject(new BffError(ev.code === CloseCode.AUTH_REQUIRED ? "Unauthorized" : "ConnectionLost", `closed before hello (${ev.code})`));
+        reject(new BffError(code === CloseCode.AUTH_REQUIRED ? "Unauthorized" : "ConnectionLost", `closed before hello (${code})`));
       }
       this.scheduleReconnect();
     };
+    const previousOpen = ws.onopen;
+    ws.onopen = (ev) => {
+      opened = true;
+      previousOpen?.(ev);
+    };
+    ws.onerror = () => {
+      if (!opened) {
+        lost(1006, "could not connect");
+        try {
+          ws.close();
+        } catch {
+          /* already closed */
+        }
+      } else {
+        // A close event should follow; if none does, the socket is gone.
+        setTimeout(() => lost(1006, "socket error"), 1000);
+      }
+    };
+    ws.onclose = (ev) => lost(ev.code, ev.reason);
   }
 
   private scheduleReconnect(): void {

@@ -209,12 +209,16 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
     let route_table = RouteTable::parse("routes.toml", &table).unwrap();
 
     // The client, typed from the services' own descriptions (--live).
-    let mut settings = Settings::new("ts-bff");
+    let bff_name = common::unique("ts-bff");
+    let mut settings = Settings::new(bff_name.clone());
     settings.amqp_url = common::amqp_url();
     let (described, notes) = nuropb_bff::describe_services(&settings, &route_table)
         .await
         .expect("the broker is reachable");
     assert!(notes.is_empty(), "{notes:?}");
+    // The tool's own service queue went with its connection.
+    let queues = tokio::task::block_in_place(|| common::rabbitmqctl(&["list_queues", "name"]));
+    assert!(!queues.contains(&bff_name), "left behind:\n{queues}");
     let client = nuropb_bff::client_ts("ts-bff", "/ws", &route_table, &described);
     assert!(
         client.contains(r#""hello"<R = unknown>(params: { "name": string }"#),
@@ -269,12 +273,11 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
     )
     .await;
     let addr = bff.addr;
-    let publisher = AmqpMesh::connect(
-        AmqpConfig::new(common::amqp_url(), common::unique("ts-pub")),
-        Arc::new(StubService::new("ts-pub")),
-    )
-    .await
-    .unwrap();
+    let mut publisher = AmqpConfig::new(common::amqp_url(), common::unique("ts-pub"));
+    publisher.transient = true;
+    let publisher = AmqpMesh::connect(publisher, Arc::new(StubService::new("ts-pub")))
+        .await
+        .unwrap();
     let token = common::token("ts-user", &["user"], 600);
     let mut cmd = Command::new("node");
     cmd.arg("--experimental-websocket")
@@ -295,8 +298,10 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
                 publish(&publisher, &format!("{topic}.created"), published).await;
             }
             "READY restart" => {
-                // Stop the BFF and start another on the same port.
+                // Stop the BFF and, after a while with nobody on the port
+                // (reconnect attempts fail meanwhile), start another on it.
                 bff.take().unwrap().stop().await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
                 let listen = addr.to_string();
                 bff = Some(
                     start(
@@ -316,6 +321,7 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
     }
     let seen = tokio::task::block_in_place(|| script.finish());
     for step in [
+        "STEP a refused handshake fails",
         "STEP typed calls resolve",
         "STEP errors are typed",
         "STEP event arrived",

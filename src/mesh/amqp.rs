@@ -58,6 +58,9 @@ pub struct AmqpConfig {
     /// BFF, bound to each instance's response queue; `None` for peers that
     /// are not BFFs.
     pub control_exchange: Option<String>,
+    /// A peer that only calls (a tool such as `client-ts --live`): its
+    /// service queue is not durable and goes when it disconnects.
+    pub transient: bool,
     /// Service-queue messages handled at once.
     pub prefetch: u16,
     /// Response-queue messages (responses, control) the broker may send
@@ -89,6 +92,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("dl_exchange", &self.dl_exchange)
             .field("event_bindings", &self.event_bindings)
             .field("control_exchange", &self.control_exchange)
+            .field("transient", &self.transient)
             .field("prefetch", &self.prefetch)
             .field("response_prefetch", &self.response_prefetch)
             .field("event_prefetch", &self.event_prefetch)
@@ -110,6 +114,7 @@ impl AmqpConfig {
             dl_exchange: "nuropb-dl-exchange".into(),
             event_bindings: Vec::new(),
             control_exchange: None,
+            transient: false,
             prefetch: 64,
             response_prefetch: 1024,
             event_prefetch: 64,
@@ -616,7 +621,8 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     ch.queue_declare(
         service_queue.as_str().into(),
         QueueDeclareOptions {
-            durable: true,
+            durable: !c.transient,
+            auto_delete: c.transient,
             ..QueueDeclareOptions::default()
         },
         args,
