@@ -1,0 +1,580 @@
+//! What the gateway hop costs, beside the direct path: one command runs, in
+//! one process tree and interleaved,
+//!
+//! - the direct AMQP path: a plain lapin client calling a Rust NuroPb echo
+//!   service (the runtime in service mode, a process of its own);
+//! - the same calls through the gateway (a process of its own, on
+//!   RabbitMQ) at 1 and 64 in flight, on 1 and on 64 sockets;
+//! - a fan-out: one mesh event to N subscribed sockets.
+//!
+//! It prints req/s, p50, p99, the gateway's CPU per request (utime + stime
+//! of its process, from /proc) and the ratios to the direct path. Not a
+//! test: prints numbers.
+//!
+//!   cargo bench --bench hop                         # 2 rounds, 20,000 calls each, 10,000 sockets
+//!   cargo bench --bench hop -- --requests 50000 --rounds 3 --fanout 5000
+//!
+//! Under `cargo test` it makes a short smoke run.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use nuropb_bff::{
+    AmqpConfig, AmqpMesh, Gateway, IncomingRequest, Mesh, NoAuth, OutgoingEvent, RouteTable,
+    Settings, StubService,
+};
+use serde_json::{Map, Value, json};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+
+fn amqp_url() -> String {
+    std::env::var("BFF_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn arg_str(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Wait for stdin to close: how the orchestrator stops its children.
+async fn until_stdin_closes() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+    })
+    .await;
+}
+
+/// `--echo NAME`: the Rust NuroPb echo service.
+async fn echo_service(name: String) {
+    let mut config = AmqpConfig::new(amqp_url(), name.clone());
+    config.prefetch = 512;
+    config.transient = true;
+    let service = StubService::new(name.clone()).method("echo", |r: IncomingRequest| async move {
+        Ok(Value::Object(r.params))
+    });
+    let mesh = AmqpMesh::connect(config, Arc::new(service))
+        .await
+        .expect("the echo service joins the mesh");
+    println!("READY");
+    until_stdin_closes().await;
+    mesh.close(Duration::from_secs(2)).await;
+}
+
+/// `--gateway NAME --service SVC --topic T`: the BFF, on RabbitMQ.
+async fn gateway(name: String, svc: String, topic: String) {
+    let routes = RouteTable::parse(
+        "bench",
+        &format!(
+            "[[route]]\ncall = \"{svc}.*\"\n\n[[event]]\ntopic = \"{topic}.#\"\ndeliver = \"subscribers\"\n"
+        ),
+    )
+    .unwrap();
+    let mut settings = Settings::new(name);
+    settings.amqp_url = amqp_url();
+    settings.limits.max_in_flight = 256;
+    settings.limits.ping_interval = Duration::from_secs(600);
+    settings.limits.max_connections = 50_000;
+    settings.shutdown_grace_ms = 3_000;
+    let gw = Gateway::builder(settings)
+        .routes(routes)
+        .auth(Arc::new(NoAuth))
+        .start()
+        .await
+        .expect("the gateway starts");
+    let listener = gw.bind().await.unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    gw.serve(listener, until_stdin_closes()).await.unwrap();
+}
+
+/// A child process of this binary, stopped by closing its stdin.
+struct Proc {
+    child: Child,
+    first_line: String,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first_line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first_line)
+            .unwrap();
+        Self {
+            child,
+            first_line: first_line.trim().to_owned(),
+        }
+    }
+
+    /// CPU time (user + system) of the process so far.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
+            .sum();
+        Duration::from_millis(ticks * 10)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
+
+/// The direct path: a plain lapin client speaking NuroPb to the service.
+struct Direct {
+    channel: lapin::Channel,
+    reply_to: String,
+    waiters: Waiters,
+    _connection: Connection,
+}
+
+impl Direct {
+    async fn connect() -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let reply_to = queue.name().as_str().to_owned();
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let waiters: Waiters = Arc::default();
+        let w = waiters.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let id = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.as_str().to_owned());
+                if let Some(tx) = id.and_then(|id| w.lock().unwrap().remove(&id)) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        Self {
+            channel,
+            reply_to,
+            waiters,
+            _connection: connection,
+        }
+    }
+
+    async fn call(&self, svc: &str, n: u64) {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let body = json!({
+            "tag": "request", "correlation_id": id, "context": {}, "trace_id": null,
+            "service": svc, "method": "echo", "params": {"n": n},
+        });
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap().insert(id.clone(), tx);
+        let mut headers = FieldTable::default();
+        let s = |v: &str| AMQPValue::LongString(v.into());
+        headers.insert("nuropb_protocol".into(), s("0.1.1"));
+        headers.insert("nuropb_version".into(), s("bench"));
+        headers.insert("nuropb_type".into(), s("request"));
+        headers.insert("trace_id".into(), AMQPValue::Void);
+        headers.insert("encrypted".into(), s(""));
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(id.as_str().into())
+            .with_reply_to(self.reply_to.as_str().into())
+            .with_expiration("30000".into())
+            .with_headers(headers);
+        self.channel
+            .basic_publish(
+                "nuropb-rpc-exchange".into(),
+                svc.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body.to_string().as_bytes(),
+                props,
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("a direct call timed out")
+            .unwrap();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_request: Option<Duration>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn outcome(mut latencies: Vec<Duration>, wall: Duration, cpu: Option<Duration>) -> Outcome {
+    latencies.sort_unstable();
+    let n = latencies.len();
+    Outcome {
+        rate: n as f64 / wall.as_secs_f64(),
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        cpu_per_request: cpu.map(|c| c / n as u32),
+    }
+}
+
+async fn run_direct(direct: &Arc<Direct>, svc: &str, total: usize, in_flight: usize) -> Outcome {
+    let per_lane = total / in_flight;
+    let started = Instant::now();
+    let lanes: Vec<_> = (0..in_flight)
+        .map(|lane| {
+            let direct = direct.clone();
+            let svc = svc.to_owned();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per_lane);
+                for i in 0..per_lane {
+                    let t = Instant::now();
+                    direct.call(&svc, (lane * per_lane + i) as u64).await;
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for l in lanes {
+        latencies.extend(l.await.unwrap());
+    }
+    outcome(latencies, started.elapsed(), None)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(url: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // The hello event.
+    let _ = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    ws
+}
+
+/// `sockets` sockets, each with `per_socket` requests in flight.
+async fn run_gateway(
+    url: &str,
+    gw: &Proc,
+    svc: &str,
+    total: usize,
+    sockets: usize,
+    per_socket: usize,
+) -> Outcome {
+    let mut wss = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        wss.push(open(url).await);
+    }
+    let per_ws = total / sockets;
+    let cpu_before = gw.cpu();
+    let started = Instant::now();
+    let tasks: Vec<_> = wss
+        .into_iter()
+        .enumerate()
+        .map(|(s, ws)| {
+            let svc = svc.to_owned();
+            tokio::spawn(async move {
+                let (mut tx, mut rx) = ws.split();
+                let mut sent_at: HashMap<String, Instant> = HashMap::new();
+                let mut lat = Vec::with_capacity(per_ws);
+                let mut next = 0usize;
+                let send = |i: usize| {
+                    let id = format!("{s}-{i}");
+                    let frame = json!({"type":"request","payload":{
+                        "service": svc, "method": "echo", "params": {"n": i}, "trace_id": id}});
+                    (id, Message::Text(frame.to_string().into()))
+                };
+                while next < per_ws.min(per_socket) {
+                    let (id, m) = send(next);
+                    sent_at.insert(id, Instant::now());
+                    tx.send(m).await.unwrap();
+                    next += 1;
+                }
+                while lat.len() < per_ws {
+                    let Some(Ok(Message::Text(t))) = rx.next().await else {
+                        panic!("socket {s} ended");
+                    };
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert!(v["payload"]["error"].is_null(), "{v}");
+                    let id = v["payload"]["trace_id"].as_str().unwrap_or_default();
+                    if let Some(t0) = sent_at.remove(id) {
+                        lat.push(t0.elapsed());
+                    }
+                    if next < per_ws {
+                        let (id, m) = send(next);
+                        sent_at.insert(id, Instant::now());
+                        tx.send(m).await.unwrap();
+                        next += 1;
+                    }
+                }
+                let _ = tx.close().await;
+                lat
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let wall = started.elapsed();
+    let cpu = gw.cpu().saturating_sub(cpu_before);
+    outcome(latencies, wall, Some(cpu))
+}
+
+/// One event to `n` subscribed sockets, `events` times: deliveries/s from
+/// publish to the last arrival, p99 of publish-to-arrival, and the
+/// gateway's CPU per delivery.
+async fn run_fanout(
+    url: &str,
+    gw: &Proc,
+    topic: &str,
+    n: usize,
+    events: usize,
+) -> (f64, Duration, Duration) {
+    let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let mut ready = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ws = open(url).await;
+        let frame = json!({"type":"subscribe","payload":{"topics":[format!("{topic}.#")]}});
+        ws.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        ready.push(ws);
+    }
+    let mut readers = Vec::with_capacity(n);
+    for mut ws in ready {
+        let tx = arrivals_tx.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Text(t) = m
+                    && t.contains("\"fanout\"")
+                {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    let k = v["payload"]["event"]["k"].as_u64().unwrap_or(0) as usize;
+                    let _ = tx.send((k, Instant::now()));
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut cfg = AmqpConfig::new(amqp_url(), format!("fanout-pub-{}", std::process::id()));
+    cfg.transient = true;
+    let publisher = AmqpMesh::connect(cfg, Arc::new(StubService::new("fanout-pub")))
+        .await
+        .unwrap();
+    let mut latencies = Vec::with_capacity(n * events);
+    let mut spans = Vec::new();
+    let cpu_before = gw.cpu();
+    for k in 0..events {
+        let t0 = Instant::now();
+        publisher
+            .publish_event(OutgoingEvent {
+                topic: format!("{topic}.fanout"),
+                event: json!({"fanout": true, "k": k}),
+                context: Map::new(),
+                target: None,
+                trace_id: None,
+            })
+            .await
+            .unwrap();
+        let mut got = 0;
+        let mut last = t0;
+        while got < n {
+            let Ok(Some((kk, at))) =
+                tokio::time::timeout(Duration::from_secs(30), arrivals.recv()).await
+            else {
+                panic!("fan-out {k}: {got} of {n} deliveries");
+            };
+            if kk == k {
+                got += 1;
+                last = at;
+                latencies.push(at - t0);
+            }
+        }
+        spans.push(last - t0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cpu = gw.cpu().saturating_sub(cpu_before);
+    publisher.close(Duration::from_secs(2)).await;
+    for r in readers {
+        r.abort();
+    }
+    latencies.sort_unstable();
+    spans.sort_unstable();
+    let median_span = spans[spans.len() / 2];
+    (
+        n as f64 / median_span.as_secs_f64(),
+        percentile(&latencies, 0.99),
+        cpu / (n * events) as u32,
+    )
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} us", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+#[tokio::main]
+async fn main() {
+    if let Some(name) = arg_str("--echo") {
+        return echo_service(name).await;
+    }
+    if let Some(name) = arg_str("--gateway") {
+        let svc = arg_str("--service").unwrap();
+        let topic = arg_str("--topic").unwrap();
+        return gateway(name, svc, topic).await;
+    }
+    let benching = common::benching();
+    let total = common::arg("--requests", if benching { 20_000 } else { 640 });
+    let rounds = common::arg("--rounds", if benching { 2 } else { 1 });
+    let fanout = common::arg("--fanout", if benching { 10_000 } else { 50 });
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let svc = format!("hop-echo-{suffix}");
+    let topic = format!("hop-{suffix}");
+    let _echo = Proc::spawn(&["--echo", &svc]);
+    let gw = Proc::spawn(&[
+        "--gateway",
+        &format!("hop-bff-{suffix}"),
+        "--service",
+        &svc,
+        "--topic",
+        &topic,
+    ]);
+    let url = format!("ws://{}/ws", gw.first_line);
+    let direct = Arc::new(Direct::connect().await);
+    // Warm up both paths.
+    run_direct(&direct, &svc, 640, 64).await;
+    run_gateway(&url, &gw, &svc, 640, 1, 64).await;
+
+    let scenarios: [(&str, usize, usize, usize); 5] = [
+        ("direct AMQP, 1 in flight", 0, 1, 1),
+        ("through the BFF, 1 socket x 1", 1, 1, 1),
+        ("direct AMQP, 64 in flight", 0, 1, 64),
+        ("through the BFF, 1 socket x 64", 1, 1, 64),
+        ("through the BFF, 64 sockets x 1", 1, 64, 1),
+    ];
+    let mut results: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios.len()];
+    for round in 0..rounds {
+        for (i, (name, via_gateway, sockets, in_flight)) in scenarios.iter().enumerate() {
+            // Fewer calls at one in flight: each takes a round trip.
+            let n = if *in_flight == 1 && *sockets == 1 {
+                total / 4
+            } else {
+                total
+            };
+            let o = if *via_gateway == 1 {
+                run_gateway(&url, &gw, &svc, n, *sockets, *in_flight).await
+            } else {
+                run_direct(&direct, &svc, n, *in_flight).await
+            };
+            eprintln!("round {round}: {name}: {:.0} req/s", o.rate);
+            results[i].push(o);
+        }
+    }
+    let median = |v: &[Outcome]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        v[v.len() / 2]
+    };
+    let direct1 = median(&results[0]);
+    let direct64 = median(&results[2]);
+    println!(
+        "\n| path | req/s | p50 | p99 | BFF CPU per request | vs direct (req/s) | p50 added |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (i, (name, via, sockets, in_flight)) in scenarios.iter().enumerate() {
+        let o = median(&results[i]);
+        let base = if sockets * in_flight == 1 {
+            direct1
+        } else {
+            direct64
+        };
+        let (ratio, added) = if *via == 1 {
+            (
+                format!("{:.0}%", 100.0 * o.rate / base.rate),
+                ms(o.p50.saturating_sub(base.p50)),
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
+        println!(
+            "| {name} | {:.0} | {} | {} | {} | {ratio} | {added} |",
+            o.rate,
+            ms(o.p50),
+            ms(o.p99),
+            o.cpu_per_request.map_or("-".into(), us),
+        );
+    }
+    let (rate, p99, cpu) = run_fanout(&url, &gw, &topic, fanout, 3).await;
+    println!(
+        "\nfan-out: one event to {fanout} subscribed sockets: {rate:.0} deliveries/s, p99 delivery {}, BFF CPU {} per delivery",
+        ms(p99),
+        us(cpu)
+    );
+}
