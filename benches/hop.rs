@@ -13,6 +13,7 @@
 //!
 //!   cargo bench --bench hop                         # 2 rounds, 20,000 calls each, 10,000 sockets
 //!   cargo bench --bench hop -- --requests 50000 --rounds 3 --fanout 5000
+//!   cargo bench --bench hop -- --gateway-workers 1     # the gateway on one worker thread
 //!
 //! Under `cargo test` it makes a short smoke run.
 
@@ -480,15 +481,29 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-#[tokio::main]
-async fn main() {
-    if let Some(name) = arg_str("--echo") {
-        return echo_service(name).await;
-    }
+fn main() {
     if let Some(name) = arg_str("--gateway") {
         let svc = arg_str("--service").unwrap();
         let topic = arg_str("--topic").unwrap();
-        return gateway(name, svc, topic).await;
+        // The gateway's runtime: `--gateway-workers N` threads (default:
+        // one per core, as a BFF binary runs).
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = arg_str("--gateway-workers").and_then(|n| n.parse().ok()) {
+            rt.worker_threads(n);
+        }
+        let rt = rt.enable_all().build().unwrap();
+        return rt.block_on(gateway(name, svc, topic));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(orchestrate());
+}
+
+async fn orchestrate() {
+    if let Some(name) = arg_str("--echo") {
+        return echo_service(name).await;
     }
     let benching = common::benching();
     let total = common::arg("--requests", if benching { 20_000 } else { 640 });
@@ -498,14 +513,19 @@ async fn main() {
     let svc = format!("hop-echo-{suffix}");
     let topic = format!("hop-{suffix}");
     let _echo = Proc::spawn(&["--echo", &svc]);
-    let gw = Proc::spawn(&[
-        "--gateway",
-        &format!("hop-bff-{suffix}"),
-        "--service",
-        &svc,
-        "--topic",
-        &topic,
-    ]);
+    let workers = arg_str("--gateway-workers").unwrap_or_else(|| "0".into());
+    let mut gw_args = vec![
+        "--gateway".to_owned(),
+        format!("hop-bff-{suffix}"),
+        "--service".to_owned(),
+        svc.clone(),
+        "--topic".to_owned(),
+        topic.clone(),
+    ];
+    if workers != "0" {
+        gw_args.extend(["--gateway-workers".to_owned(), workers]);
+    }
+    let gw = Proc::spawn(&gw_args.iter().map(String::as_str).collect::<Vec<_>>());
     let url = format!("ws://{}/ws", gw.first_line);
     let direct = Arc::new(Direct::connect().await);
     // Warm up both paths.

@@ -181,7 +181,14 @@ struct Shared {
 #[derive(Debug)]
 struct Link {
     connection: Connection,
+    /// Confirmed publishing: commands, events, control, responses.
     publish: Channel,
+    /// Requests: published without confirms and without waiting for the
+    /// I/O thread to write them (the response is the confirmation), so a
+    /// request crosses between threads once each way instead of three
+    /// times. An unroutable one comes back as a basic.return, which the
+    /// supervisor collects (see `watch_returns`).
+    requests: Channel,
 }
 
 /// The mesh over RabbitMQ. Cheap to clone.
@@ -366,6 +373,24 @@ impl Shared {
         Ok(channel)
     }
 
+    /// The request channel, if it can publish.
+    fn request_channel(&self) -> Result<Channel, MeshError> {
+        let channel = self
+            .link
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| l.requests.clone())
+            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
+        if !channel.status().connected() {
+            self.publish_failed();
+            return Err(MeshError::Unavailable(
+                "the request channel is closed".into(),
+            ));
+        }
+        Ok(channel)
+    }
+
     /// A publish failed below the message: rebuild unless shutting down.
     fn publish_failed(&self) {
         if self.ready.swap(false, Ordering::SeqCst) {
@@ -395,7 +420,9 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
                 .is_some_and(|l| {
-                    l.publish.status().connected() && l.connection.status().connected()
+                    l.publish.status().connected()
+                        && l.requests.status().connected()
+                        && l.connection.status().connected()
                 })
     }
 }
@@ -428,14 +455,32 @@ impl AmqpMesh {
             .with_reply_to(self.shared.response_queue.as_str().into())
             .with_expiration(call.ttl.as_millis().max(1).to_string().into())
             .with_headers(headers(kind, call.trace_id.as_deref()));
+        let exchange = self.shared.config.rpc_exchange.as_str();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        if !command {
+            // The first poll queues the frames for the I/O thread; what is
+            // left is waiting for it to write them, which nobody needs.
+            let channel = self.shared.request_channel()?;
+            let publish = channel.basic_publish(
+                exchange.into(),
+                call.service.as_str().into(),
+                options,
+                &payload,
+                props,
+            );
+            return match futures_util::FutureExt::now_or_never(publish) {
+                Some(Err(e)) => Err(self.shared.channel_error(e)),
+                Some(Ok(_)) | None => Ok(()),
+            };
+        }
         let confirm = channel
             .basic_publish(
-                self.shared.config.rpc_exchange.as_str().into(),
+                exchange.into(),
                 call.service.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                options,
                 &payload,
                 props,
             )
@@ -524,8 +569,14 @@ impl Mesh for AmqpMesh {
             let ttl = call.ttl;
             let exchange = async {
                 self.publish_call(&call, false, &correlation_id).await?;
-                rx.await
-                    .unwrap_or_else(|_| Err(MeshError::Unavailable("connection lost".into())))
+                match rx.await {
+                    Ok(Err(MeshError::NotDelivered { .. })) => Err(MeshError::NotDelivered {
+                        service: call.service.clone(),
+                        method: call.method.clone(),
+                    }),
+                    Ok(answer) => answer,
+                    Err(_) => Err(MeshError::Unavailable("connection lost".into())),
+                }
             };
             tokio::time::timeout(ttl, exchange)
                 .await
@@ -705,6 +756,10 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| fail("cannot enable publisher confirms", e))?;
+    let requests_ch = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail("cannot open a channel", e))?;
 
     let consume = connection
         .create_channel()
@@ -775,6 +830,7 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
         connection,
         publish: ch,
+        requests: requests_ch,
     });
     shared.ready.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -805,6 +861,7 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
             _ = consume_responses(&shared, &mut consumers.responses) => "the response consumer ended",
             _ = consume_events(&shared, consumers.events.as_mut()) => "the event consumer ended",
             _ = consume_requests(&shared, &mut consumers.requests) => "the service-queue consumer ended",
+            _ = watch_returns(&shared) => "the request channel failed",
             _ = shared.relink.notified() => "the publish channel failed",
         };
         shared.ready.store(false, Ordering::SeqCst);
@@ -849,6 +906,51 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
             backoff = (backoff * 2).min(shared.config.max_backoff);
         };
         tracing::info!(after = ?started.elapsed(), "the broker link is back");
+    }
+}
+
+/// How often requests the broker could not route are collected.
+const RETURNS_EVERY: Duration = Duration::from_millis(20);
+
+/// Requests no service queue is bound for (AMQP NO_ROUTE) come back as a
+/// basic.return on the unconfirmed request channel: fail their calls with
+/// `NotDelivered` within [`RETURNS_EVERY`]. Ends when the channel fails.
+async fn watch_returns(shared: &Arc<Shared>) {
+    let channel = shared
+        .link
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|l| l.requests.clone());
+    let Some(channel) = channel else {
+        return std::future::pending().await;
+    };
+    let mut every = tokio::time::interval(RETURNS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if !channel.status().connected() {
+            return;
+        }
+        // Without confirms this only takes what the broker returned.
+        let Ok(returned) = channel.wait_for_confirms().await else {
+            return;
+        };
+        for message in returned {
+            let id = message
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str().to_owned());
+            let waiter = id.and_then(|id| lock(&shared.pending).remove(&id));
+            if let Some(tx) = waiter {
+                // The caller fills in the names.
+                let _ = tx.send(Err(MeshError::NotDelivered {
+                    service: String::new(),
+                    method: String::new(),
+                }));
+            }
+        }
     }
 }
 
