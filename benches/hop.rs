@@ -2,7 +2,8 @@
 //! one process tree and interleaved,
 //!
 //! - the direct AMQP path: a plain lapin client calling a Rust NuroPb echo
-//!   service (the runtime in service mode, a process of its own);
+//!   service (plain lapin too, a process of its own, whose CPU per call is
+//!   shown: the cost of one lapin peer);
 //! - the same calls through the gateway (a process of its own, on
 //!   RabbitMQ) at 1 and 64 in flight, on 1 and on 64 sockets;
 //! - a fan-out: one mesh event to N subscribed sockets.
@@ -30,8 +31,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use nuropb_bff::{
-    AmqpConfig, AmqpMesh, Gateway, IncomingRequest, Mesh, NoAuth, OutgoingEvent, RouteTable,
-    Settings, StubService,
+    AmqpConfig, AmqpMesh, Gateway, Mesh, NoAuth, OutgoingEvent, RouteTable, Settings, StubService,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
@@ -58,20 +58,114 @@ async fn until_stdin_closes() {
     .await;
 }
 
-/// `--echo NAME`: the Rust NuroPb echo service.
+/// `--echo NAME`: a Rust NuroPb echo service on plain lapin, doing as
+/// little as a peer can: take a request (acks in batches), publish the
+/// response without waiting for it to be written. Its CPU per call is what
+/// one lapin peer costs a hop on this machine.
 async fn echo_service(name: String) {
-    let mut config = AmqpConfig::new(amqp_url(), name.clone());
-    config.prefetch = 512;
-    config.transient = true;
-    let service = StubService::new(name.clone()).method("echo", |r: IncomingRequest| async move {
-        Ok(Value::Object(r.params))
-    });
-    let mesh = AmqpMesh::connect(config, Arc::new(service))
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
-        .expect("the echo service joins the mesh");
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("nuropb-{name}-sq");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .exchange_declare(
+            "nuropb-rpc-exchange".into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            "nuropb-rpc-exchange".into(),
+            name.as_str().into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_qos(512, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     println!("READY");
-    until_stdin_closes().await;
-    mesh.close(Duration::from_secs(2)).await;
+    let serve = async {
+        let mut taken = 0u64;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            taken += 1;
+            if taken.is_multiple_of(64) {
+                let _ = delivery
+                    .acker
+                    .ack(lapin::options::BasicAckOptions { multiple: true })
+                    .await;
+            }
+            let Ok(request) = serde_json::from_slice::<Value>(&delivery.data) else {
+                continue;
+            };
+            let reply_to = delivery
+                .properties
+                .reply_to()
+                .as_ref()
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_default();
+            let id = request["correlation_id"].clone();
+            let response = json!({
+                "tag": "response", "correlation_id": id, "context": {}, "trace_id": null,
+                "result": request["params"], "error": null, "warning": null, "reply_to": "",
+            });
+            let mut headers = FieldTable::default();
+            let s = |v: &str| AMQPValue::LongString(v.into());
+            headers.insert("nuropb_protocol".into(), s("0.1.1"));
+            headers.insert("nuropb_version".into(), s("bench"));
+            headers.insert("nuropb_type".into(), s("response"));
+            headers.insert("trace_id".into(), AMQPValue::Void);
+            headers.insert("encrypted".into(), s(""));
+            let props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_correlation_id(id.as_str().unwrap_or_default().into())
+                .with_headers(headers);
+            let body = response.to_string();
+            let publish = channel.basic_publish(
+                "".into(),
+                reply_to.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            );
+            let _ = futures_util::FutureExt::now_or_never(publish);
+        }
+    };
+    tokio::select! {
+        _ = serve => {}
+        _ = until_stdin_closes() => {}
+    }
+    let _ = connection.close(200, "bye".into()).await;
 }
 
 /// `--gateway NAME --service SVC --topic T`: the BFF, on RabbitMQ.
@@ -263,6 +357,7 @@ struct Outcome {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    /// Of the gateway; on the direct path, of the echo service.
     cpu_per_request: Option<Duration>,
 }
 
@@ -281,8 +376,17 @@ fn outcome(mut latencies: Vec<Duration>, wall: Duration, cpu: Option<Duration>) 
     }
 }
 
-async fn run_direct(direct: &Arc<Direct>, svc: &str, total: usize, in_flight: usize) -> Outcome {
+/// The direct path; `peer` is the echo service, whose CPU per call is the
+/// cost of one lapin peer answering (a floor for what lapin costs a hop).
+async fn run_direct(
+    direct: &Arc<Direct>,
+    peer: &Proc,
+    svc: &str,
+    total: usize,
+    in_flight: usize,
+) -> Outcome {
     let per_lane = total / in_flight;
+    let cpu_before = peer.cpu();
     let started = Instant::now();
     let lanes: Vec<_> = (0..in_flight)
         .map(|lane| {
@@ -303,7 +407,8 @@ async fn run_direct(direct: &Arc<Direct>, svc: &str, total: usize, in_flight: us
     for l in lanes {
         latencies.extend(l.await.unwrap());
     }
-    outcome(latencies, started.elapsed(), None)
+    let wall = started.elapsed();
+    outcome(latencies, wall, Some(peer.cpu().saturating_sub(cpu_before)))
 }
 
 type Ws =
@@ -512,7 +617,7 @@ async fn orchestrate() {
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let svc = format!("hop-echo-{suffix}");
     let topic = format!("hop-{suffix}");
-    let _echo = Proc::spawn(&["--echo", &svc]);
+    let echo = Proc::spawn(&["--echo", &svc]);
     let workers = arg_str("--gateway-workers").unwrap_or_else(|| "0".into());
     let mut gw_args = vec![
         "--gateway".to_owned(),
@@ -529,7 +634,7 @@ async fn orchestrate() {
     let url = format!("ws://{}/ws", gw.first_line);
     let direct = Arc::new(Direct::connect().await);
     // Warm up both paths.
-    run_direct(&direct, &svc, 640, 64).await;
+    run_direct(&direct, &echo, &svc, 640, 64).await;
     run_gateway(&url, &gw, &svc, 640, 1, 64).await;
 
     let scenarios: [(&str, usize, usize, usize); 5] = [
@@ -551,7 +656,7 @@ async fn orchestrate() {
             let o = if *via_gateway == 1 {
                 run_gateway(&url, &gw, &svc, n, *sockets, *in_flight).await
             } else {
-                run_direct(&direct, &svc, n, *in_flight).await
+                run_direct(&direct, &echo, &svc, n, *in_flight).await
             };
             eprintln!("round {round}: {name}: {:.0} req/s", o.rate);
             results[i].push(o);
@@ -565,7 +670,7 @@ async fn orchestrate() {
     let direct1 = median(&results[0]);
     let direct64 = median(&results[2]);
     println!(
-        "\n| path | req/s | p50 | p99 | BFF CPU per request | vs direct (req/s) | p50 added |"
+        "\n| path | req/s | p50 | p99 | CPU per request (BFF; direct: the echo service) | vs direct (req/s) | p50 added |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (i, (name, via, sockets, in_flight)) in scenarios.iter().enumerate() {
