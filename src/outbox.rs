@@ -67,9 +67,10 @@ pub(crate) enum Out {
 impl State {
     fn pop_front(&mut self) -> Option<Utf8Bytes> {
         let frame = self.frames.pop_front()?;
-        if self.frames.is_empty() && self.frames.capacity() > 16 {
-            // A burst is over: give its memory back.
-            self.frames.shrink_to(4);
+        if self.frames.is_empty() {
+            // Idle again: give the queue's memory back (an idle socket
+            // then holds none; the next frame allocates a few slots).
+            self.frames = VecDeque::new();
         }
         Some(frame)
     }

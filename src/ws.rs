@@ -3,7 +3,6 @@
 //! writer task that drains the session's bounded outbound queue. Whether a
 //! call may go out is `dispatch`'s to say; this module carries it out.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -12,7 +11,6 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
@@ -130,11 +128,18 @@ async fn open(
         Some(id) => id,
         None => first_frame_auth(&gw, &mut socket).await?,
     };
+    let Identity {
+        user_id,
+        username,
+        roles,
+        token,
+        expires_at,
+    } = identity;
     let info = SessionInfo {
         session_id,
-        user_id: identity.user_id.clone(),
-        username: identity.username.clone(),
-        roles: identity.roles.clone(),
+        user_id,
+        username,
+        roles,
     };
     let (guard, outbox) = match gw.sessions().register(admission, &info, gw.caps()) {
         Ok(registered) => registered,
@@ -161,7 +166,7 @@ async fn open(
     let (sink, stream) = socket.split();
     let mut event = gw.hub().handler().hello(&info);
     if let Some(call) = gw.settings().hello_call.as_deref() {
-        let (key, value) = match hello_data(&gw, &info, identity.token.as_deref(), call).await {
+        let (key, value) = match hello_data(&gw, &info, token.as_deref(), call).await {
             Ok(data) => ("data", data),
             Err(e) => ("data_error", serde_json::to_value(e).unwrap_or(Value::Null)),
         };
@@ -177,10 +182,10 @@ async fn open(
 
     let writer = tokio::spawn(write_loop(sink, outbox.clone(), gw.limits().write_timeout));
     let conn = Connection {
-        in_flight: Arc::new(Semaphore::new(gw.limits().max_in_flight)),
         gw,
         info,
-        identity,
+        token,
+        expires_at,
         outbox,
         tasks: TaskTracker::new(),
         rates: Rates::default(),
@@ -284,9 +289,13 @@ impl Live {
 struct Connection {
     gw: Gateway,
     info: SessionInfo,
-    identity: Identity,
+    /// The bearer token, forwarded to services as `Authorization`, and
+    /// when it expires (who it names is in `info`).
+    token: Option<String>,
+    expires_at: Option<u64>,
     outbox: Outbox,
-    in_flight: Arc<Semaphore>,
+    /// The connection's calls in flight, each a task: their number is what
+    /// `max_in_flight` limits.
     tasks: TaskTracker,
     rates: Rates,
 }
@@ -315,7 +324,7 @@ impl Connection {
     /// The next moment the timer must wake: the next ping or the token
     /// expiry check, whichever comes first.
     fn next_wake(&self, keepalive: &Keepalive, now: Instant) -> Instant {
-        match expiry_check(self.identity.expires_at, now) {
+        match expiry_check(self.expires_at, now) {
             Some(at) => at.min(keepalive.next_ping),
             None => keepalive.next_ping,
         }
@@ -326,11 +335,7 @@ impl Connection {
     fn on_timer(&mut self, keepalive: &mut Keepalive) -> bool {
         let sessions = self.gw.sessions();
         let sid = &self.info.session_id;
-        if self
-            .identity
-            .expires_at
-            .is_some_and(|exp| unix_now() >= exp)
-        {
+        if self.expires_at.is_some_and(|exp| unix_now() >= exp) {
             sessions.close_session(sid, close::TOKEN_EXPIRED, "token expired");
             return false;
         }
@@ -466,16 +471,17 @@ impl Connection {
     /// ends. False once the connection is to end.
     async fn reauthenticate(&mut self, token: &str) -> bool {
         match self.gw.hub().auth().authenticate(token).await {
-            Ok(id) if id.user_id == self.identity.user_id => {
+            Ok(id) if id.user_id == self.info.user_id => {
                 let routes = self.gw.routes();
                 self.gw
                     .sessions()
                     .set_roles(&self.info.session_id, &id.roles, |t| {
                         dispatch::authorize_subscription(routes, &id.roles, t).is_ok()
                     });
-                self.info.roles.clone_from(&id.roles);
-                self.info.username.clone_from(&id.username);
-                self.identity = id;
+                self.info.roles = id.roles;
+                self.info.username = id.username;
+                self.token = id.token;
+                self.expires_at = id.expires_at;
                 true
             }
             Ok(_) => {
@@ -556,16 +562,12 @@ impl Connection {
         if self.gw.is_stopping() {
             return Some(respond.frame(Err(Refusal::ShuttingDown.into())));
         }
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            let limit = self.gw.limits().max_in_flight;
+        let limit = self.gw.limits().max_in_flight;
+        if self.tasks.len() >= limit {
             return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
-        };
+        }
         let mesh = self.gw.mesh().clone();
-        let context = dispatch::context(
-            &self.info,
-            self.identity.token.as_deref(),
-            &respond.trace_id,
-        );
+        let context = dispatch::context(&self.info, self.token.as_deref(), &respond.trace_id);
         let handler = self.gw.hub().handler().clone();
 
         if !command {
@@ -589,7 +591,6 @@ impl Connection {
                         _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
                     };
                     let _ = outbox.push(respond.frame(outcome)).await;
-                    drop(permit);
                 });
                 return None;
             }
@@ -649,7 +650,6 @@ impl Connection {
                     Err(e) => respond.frame(Err(Failure::Local(e))),
                 };
                 let _ = outbox.push(frame).await;
-                drop(permit);
             });
             return None;
         }
@@ -688,7 +688,6 @@ impl Connection {
                 _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
             };
             let _ = outbox.push(respond.frame(outcome)).await;
-            drop(permit);
         });
         None
     }
