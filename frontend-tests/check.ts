@@ -39,6 +39,9 @@ export async function checks(): Promise<void> {
     const traceId: string = frame.payload.trace_id;
     void traceId;
   }
+  // The browser's own WebSocket can be passed explicitly.
+  const explicit = new BffClient({ url: "ws://127.0.0.1/ws", WebSocket, reconnect: false });
+  void explicit;
   const caller: Caller = bff;
   void createApi(caller);
   void greeting, home, code, rule;

@@ -139,14 +139,17 @@ export interface BffOptions {
   WebSocket?: WebSocketConstructor;
 }
 
+/** What this client needs of a WebSocket: the browser's, Node 22's, or the
+ * `ws` package's. The handlers take `any` so that each of those fits; the
+ * client reads only `code`, `reason` and `data`. */
 export interface WebSocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
-  onopen: ((ev: unknown) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
+  onopen: ((ev: any) => void) | null;
+  onclose: ((ev: any) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onerror: ((ev: any) => void) | null;
 }
 export type WebSocketConstructor = new (url: string) => WebSocketLike;
 
@@ -382,7 +385,7 @@ export class BffClient implements Caller {
       // The token travels in the first frame, not the URL (kept out of logs).
       if (token) ws.send(JSON.stringify({ type: "authenticate", payload: { token } } satisfies ClientFrame));
     };
-    ws.onmessage = (ev) => {
+    ws.onmessage = (ev: { data: unknown }) => {
       const frame = this.parse(ev.data);
       if (!frame) return;
       if (frame.type === "event" && frame.payload.topic === "hello" && !settled) {
@@ -417,7 +420,7 @@ export class BffClient implements Caller {
       this.scheduleReconnect();
     };
     const previousOpen = ws.onopen;
-    ws.onopen = (ev) => {
+    ws.onopen = (ev: unknown) => {
       opened = true;
       previousOpen?.(ev);
     };
@@ -434,7 +437,7 @@ export class BffClient implements Caller {
         setTimeout(() => lost(1006, "socket error"), 1000);
       }
     };
-    ws.onclose = (ev) => lost(ev.code, ev.reason);
+    ws.onclose = (ev: { code: number; reason: string }) => lost(ev.code, ev.reason);
   }
 
   private scheduleReconnect(): void {

@@ -542,3 +542,14 @@ async fn settings_build_a_jwks_verifier_and_refuse_short_secrets() {
     hs.jwt_secret = Some("x".repeat(32));
     assert!(nuropb_bff::jwt_verifier_from_settings(&hs).is_ok());
 }
+
+#[test]
+fn a_jwks_verifier_is_built_before_any_runtime_exists() {
+    // The binary builds its auth hook before it starts the async runtime.
+    let mut s = nuropb_bff::Settings::new("bff");
+    s.auth = nuropb_bff::AuthMode::Jwks;
+    s.jwt_issuer = Some("https://idp.example.com/realms/shop".into());
+    let v = nuropb_bff::jwt_verifier_from_settings(&s).expect("no runtime needed to build it");
+    assert!(!v.ready(), "nothing loaded yet");
+    assert!(v.maintain().is_some());
+}
