@@ -20,20 +20,6 @@ use futures_util::StreamExt;
 use nuropb_bff::testing::TestKey;
 use nuropb_bff::{AuthHook, Gateway, JwtAlgorithm as Alg, JwtVerifier, RouteTable, Settings};
 
-/// CPU time (user + system) of the calling thread.
-fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    // Fields after the command name's closing parenthesis; utime and stime
-    // are the 14th and 15th of the line, in clock ticks (100 per second).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
 struct Server {
     url: String,
     runtime: tokio::runtime::Handle,
@@ -84,7 +70,7 @@ impl Server {
     /// The gateway thread's CPU time so far.
     async fn cpu(&self) -> Duration {
         self.runtime
-            .spawn(async { thread_cpu() })
+            .spawn(async { common::cpu_time("/proc/thread-self/stat") })
             .await
             .unwrap_or_default()
     }

@@ -49,6 +49,18 @@ fn arg_str(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The NuroPb 0.1.1 headers of a message of `kind` (request, response).
+fn nuropb_headers(kind: &str) -> FieldTable {
+    let mut headers = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    headers.insert("nuropb_protocol".into(), s("0.1.1"));
+    headers.insert("nuropb_version".into(), s("bench"));
+    headers.insert("nuropb_type".into(), s(kind));
+    headers.insert("trace_id".into(), AMQPValue::Void);
+    headers.insert("encrypted".into(), s(""));
+    headers
+}
+
 /// Wait for stdin to close: how the orchestrator stops its children.
 async fn until_stdin_closes() {
     let _ = tokio::task::spawn_blocking(|| {
@@ -139,17 +151,10 @@ async fn echo_service(name: String) {
                 "tag": "response", "correlation_id": id, "context": {}, "trace_id": null,
                 "result": request["params"], "error": null, "warning": null, "reply_to": "",
             });
-            let mut headers = FieldTable::default();
-            let s = |v: &str| AMQPValue::LongString(v.into());
-            headers.insert("nuropb_protocol".into(), s("0.1.1"));
-            headers.insert("nuropb_version".into(), s("bench"));
-            headers.insert("nuropb_type".into(), s("response"));
-            headers.insert("trace_id".into(), AMQPValue::Void);
-            headers.insert("encrypted".into(), s(""));
             let props = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_correlation_id(id.as_str().unwrap_or_default().into())
-                .with_headers(headers);
+                .with_headers(nuropb_headers("response"));
             let body = response.to_string();
             let publish = channel.basic_publish(
                 "".into(),
@@ -220,15 +225,7 @@ impl Proc {
 
     /// CPU time (user + system) of the process so far.
     fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
-            .sum();
-        Duration::from_millis(ticks * 10)
+        common::cpu_time(&format!("/proc/{}/stat", self.child.id()))
     }
 }
 
@@ -319,19 +316,12 @@ impl Direct {
         });
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().insert(id.clone(), tx);
-        let mut headers = FieldTable::default();
-        let s = |v: &str| AMQPValue::LongString(v.into());
-        headers.insert("nuropb_protocol".into(), s("0.1.1"));
-        headers.insert("nuropb_version".into(), s("bench"));
-        headers.insert("nuropb_type".into(), s("request"));
-        headers.insert("trace_id".into(), AMQPValue::Void);
-        headers.insert("encrypted".into(), s(""));
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_correlation_id(id.as_str().into())
             .with_reply_to(self.reply_to.as_str().into())
             .with_expiration("30000".into())
-            .with_headers(headers);
+            .with_headers(nuropb_headers("request"));
         self.channel
             .basic_publish(
                 "nuropb-rpc-exchange".into(),

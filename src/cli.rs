@@ -111,10 +111,7 @@ pub fn main(
         Command::Serve { dev } => dev,
         Command::ClientTs { out, live } => return client_ts(name, out, live),
     };
-    let config = std::env::var_os("BFF_CONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    let (mut settings, warnings) = match Settings::load(&config, std::env::vars()) {
+    let (mut settings, warnings) = match Settings::load(&config_file(), std::env::vars()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{name}: {e}");
@@ -207,16 +204,20 @@ async fn shutdown_signal() {
     }
 }
 
+/// The settings file: `BFF_CONFIG`, or [`DEFAULT_CONFIG`].
+fn config_file() -> PathBuf {
+    std::env::var_os("BFF_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+}
+
 /// `client-ts`: render the client from the settings' routing file (and the
 /// services' descriptions with `live`), to `out` or stdout.
 fn client_ts(name: &str, out: Option<PathBuf>, live: bool) -> ExitCode {
-    let config = std::env::var_os("BFF_CONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     // The client needs no credentials: load the settings as if the BFF
     // took no tokens, so a missing secret is no reason to stop.
     let env = std::env::vars().chain([("BFF_AUTH".to_owned(), "none".to_owned())]);
-    let settings = match Settings::load(&config, env) {
+    let settings = match Settings::load(&config_file(), env) {
         Ok((s, _)) => s,
         Err(e) => {
             eprintln!("{name}: {e}");

@@ -157,6 +157,8 @@ pub(crate) fn frame_declarations() -> Vec<String> {
     ]
 }
 
+/// Who may make a call or receive an event, for the client's comments and
+/// the console.
 fn roles_doc(roles: &[String]) -> String {
     if roles.is_empty() {
         "any user".into()
@@ -330,11 +332,7 @@ pub fn client_ts(
         .iter()
         .map(|r| RuleTs {
             topic: quote(&r.pattern),
-            delivery: quote(match r.delivery {
-                Delivery::All => "all",
-                Delivery::Target => "target",
-                Delivery::Subscribers => "subscribers",
-            }),
+            delivery: quote(&r.delivery.to_string()),
             roles: serde_json::to_string(&r.roles).unwrap_or_else(|_| "[]".into()),
         })
         .collect();
@@ -371,7 +369,7 @@ struct RouteRow {
 
 struct RuleRow {
     topic: String,
-    delivery: &'static str,
+    delivery: Delivery,
     roles: String,
     subscribable: bool,
 }
@@ -390,13 +388,6 @@ struct ConsolePage<'a> {
 /// The console page: the routes and event rules, a token field (prefilled
 /// with `token`), a request form, subscriptions and a live frame log.
 pub(crate) fn console_html(bff: &str, ws_path: &str, routes: &RouteTable, token: &str) -> String {
-    let role_text = |roles: &[String]| {
-        if roles.is_empty() {
-            "any user".to_owned()
-        } else {
-            roles.join(", ")
-        }
-    };
     let mut rows: Vec<RouteRow> = routes
         .routes()
         .iter()
@@ -408,7 +399,7 @@ pub(crate) fn console_html(bff: &str, ws_path: &str, routes: &RouteTable, token:
                 .or_else(|| r.method.clone())
                 .unwrap_or_else(|| "*".into()),
             target: r.describe(),
-            roles: role_text(&r.roles),
+            roles: roles_doc(&r.roles),
         })
         .collect();
     rows.extend(routes.composed_routes().iter().map(|c| RouteRow {
@@ -422,19 +413,15 @@ pub(crate) fn console_html(bff: &str, ws_path: &str, routes: &RouteTable, token:
                 .collect::<Vec<_>>()
                 .join(" + ")
         ),
-        roles: role_text(&c.roles),
+        roles: roles_doc(&c.roles),
     }));
     let rules = routes
         .events()
         .iter()
         .map(|r| RuleRow {
             topic: r.pattern.clone(),
-            delivery: match r.delivery {
-                Delivery::All => "all",
-                Delivery::Target => "target",
-                Delivery::Subscribers => "subscribers",
-            },
-            roles: role_text(&r.roles),
+            delivery: r.delivery,
+            roles: roles_doc(&r.roles),
             subscribable: r.delivery == Delivery::Subscribers,
         })
         .collect();

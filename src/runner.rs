@@ -114,26 +114,32 @@ pub fn auth_from_settings(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunE
     }
 }
 
-/// In development mode with HS256, a token the frontend can use at once.
-fn log_dev_token(settings: &Settings) {
-    let Some(secret) = settings.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
-        return;
-    };
-    if settings.auth != AuthMode::JwtHs256 {
-        return;
+/// In development mode with HS256, a token for `dev-user`, valid 8 hours,
+/// that the frontend (and the console page) can use at once; `None` in any
+/// other mode.
+pub(crate) fn dev_token(settings: &Settings) -> Option<Result<String, crate::auth::AuthError>> {
+    let secret = settings.jwt_secret.as_deref().filter(|s| !s.is_empty())?;
+    if !settings.is_memory_mesh() || settings.auth != AuthMode::JwtHs256 {
+        return None;
     }
-    let ttl_secs = 8 * 3600;
-    match crate::auth::hs256_dev_token(
+    Some(crate::auth::hs256_dev_token(
         secret.as_bytes(),
         "dev-user",
-        ttl_secs,
+        8 * 3600,
         settings.jwt_issuer.as_deref(),
         settings.jwt_audience.as_deref(),
-    ) {
-        Ok(token) => tracing::warn!(
+    ))
+}
+
+fn log_dev_token(settings: &Settings) {
+    match dev_token(settings) {
+        Some(Ok(token)) => tracing::warn!(
             "DEVELOPMENT MODE: a token for user dev-user, valid 8 h (Authorization: Bearer, or ?access_token=): {token}"
         ),
-        Err(e) => tracing::warn!("DEVELOPMENT MODE: could not make a development token: {e}"),
+        Some(Err(e)) => {
+            tracing::warn!("DEVELOPMENT MODE: could not make a development token: {e}")
+        }
+        None => {}
     }
 }
 

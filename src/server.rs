@@ -165,24 +165,9 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
 /// for `dev-user` (HS256 only).
 async fn console(State(gw): State<Gateway>) -> Response {
     let settings = gw.settings();
-    let token = if settings.is_memory_mesh() && settings.auth == crate::config::AuthMode::JwtHs256 {
-        settings
-            .jwt_secret
-            .as_deref()
-            .and_then(|secret| {
-                crate::auth::hs256_dev_token(
-                    secret.as_bytes(),
-                    "dev-user",
-                    8 * 3600,
-                    settings.jwt_issuer.as_deref(),
-                    settings.jwt_audience.as_deref(),
-                )
-                .ok()
-            })
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
+    let token = crate::runner::dev_token(settings)
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let html = crate::frontend::console_html(
         &settings.mesh_service_name,
         &settings.ws_path,

@@ -84,6 +84,25 @@ impl TestKey {
         let lf = ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF;
         let mut rng = rand_core::OsRng;
         let kid = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        // An EC key on the curve of `$curve` (the p256 or p384 crate): the
+        // encoding key, its public PEM and its JWK.
+        macro_rules! ec_key {
+            ($curve:ident, $crv:literal) => {{
+                let private = $curve::SecretKey::random(&mut rng);
+                let public = private.public_key();
+                let point =
+                    $curve::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&public, false);
+                let jwk = json!({
+                    "kty": "EC",
+                    "crv": $crv,
+                    "x": b64url(point.x().expect("x")),
+                    "y": b64url(point.y().expect("y")),
+                });
+                let pem = private.to_pkcs8_pem(lf).expect("EC PEM");
+                let public_pem = public.to_public_key_pem(lf).expect("EC public PEM");
+                (EncodingKey::from_ec_pem(pem.as_bytes()), public_pem, jwk)
+            }};
+        }
         let (encoding, public_pem, jwk) = match alg {
             Algorithm::RS256
             | Algorithm::RS384
@@ -103,44 +122,8 @@ impl TestKey {
                 });
                 (EncodingKey::from_rsa_pem(pem.as_bytes()), public_pem, jwk)
             }
-            Algorithm::ES256 => {
-                let private = p256::SecretKey::random(&mut rng);
-                let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
-                    &private.public_key(),
-                    false,
-                );
-                let jwk = json!({
-                    "kty": "EC",
-                    "crv": "P-256",
-                    "x": b64url(point.x().expect("x")),
-                    "y": b64url(point.y().expect("y")),
-                });
-                let pem = private.to_pkcs8_pem(lf).expect("EC PEM");
-                let public_pem = private
-                    .public_key()
-                    .to_public_key_pem(lf)
-                    .expect("EC public PEM");
-                (EncodingKey::from_ec_pem(pem.as_bytes()), public_pem, jwk)
-            }
-            Algorithm::ES384 => {
-                let private = p384::SecretKey::random(&mut rng);
-                let point = p384::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
-                    &private.public_key(),
-                    false,
-                );
-                let jwk = json!({
-                    "kty": "EC",
-                    "crv": "P-384",
-                    "x": b64url(point.x().expect("x")),
-                    "y": b64url(point.y().expect("y")),
-                });
-                let pem = private.to_pkcs8_pem(lf).expect("EC PEM");
-                let public_pem = private
-                    .public_key()
-                    .to_public_key_pem(lf)
-                    .expect("EC public PEM");
-                (EncodingKey::from_ec_pem(pem.as_bytes()), public_pem, jwk)
-            }
+            Algorithm::ES256 => ec_key!(p256, "P-256"),
+            Algorithm::ES384 => ec_key!(p384, "P-384"),
             Algorithm::EdDSA => {
                 let private = ed25519_dalek::SigningKey::generate(&mut rng);
                 let public = private.verifying_key();

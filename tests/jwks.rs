@@ -152,6 +152,21 @@ fn verifier(providers: Vec<JwksProvider>, o: &JwksSettings) -> JwtVerifier {
     v
 }
 
+/// A gateway whose auth hook verifies from `server`'s key set (the
+/// gateway runs the verifier's refresh task).
+async fn gateway_on(server: &Server) -> (JwtVerifier, common::Running) {
+    let v = JwtVerifier::jwks(vec![server.provider()], Some("shop"), &options(1_000)).unwrap();
+    let bff = start(
+        "[[route]]\ncall = \"orders.get\"\n",
+        Arc::new(v.clone()),
+        Arc::new(DefaultHandler),
+        |_| {},
+        MeshSetup::Memory(MemoryMesh::new()),
+    )
+    .await;
+    (v, bff)
+}
+
 async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
@@ -269,15 +284,7 @@ async fn an_endpoint_down_at_start_means_not_ready_and_no_tokens() {
     let key = TestKey::generate(Alg::EdDSA);
     let server = Server::start(jwks_document(&[&key])).await;
     server.set(|idp| idp.status = StatusCode::INTERNAL_SERVER_ERROR);
-    let v = JwtVerifier::jwks(vec![server.provider()], Some("shop"), &options(1_000)).unwrap();
-    let bff = start(
-        "[[route]]\ncall = \"orders.get\"\n",
-        Arc::new(v.clone()),
-        Arc::new(DefaultHandler),
-        |_| {},
-        MeshSetup::Memory(MemoryMesh::new()),
-    )
-    .await;
+    let (v, bff) = gateway_on(&server).await;
     until("a fetch was tried", Duration::from_secs(5), || {
         server.hits() >= 2
     })
@@ -348,15 +355,7 @@ async fn cached_keys_keep_serving_while_the_endpoint_is_down() {
 async fn a_slow_endpoint_does_not_stall_other_handshakes() {
     let key = TestKey::generate(Alg::ES384);
     let server = Server::start(jwks_document(&[&key])).await;
-    let v = JwtVerifier::jwks(vec![server.provider()], Some("shop"), &options(1_000)).unwrap();
-    let bff = start(
-        "[[route]]\ncall = \"orders.get\"\n",
-        Arc::new(v.clone()),
-        Arc::new(DefaultHandler),
-        |_| {},
-        MeshSetup::Memory(MemoryMesh::new()),
-    )
-    .await;
+    let (v, bff) = gateway_on(&server).await;
     until("the key set loads", Duration::from_secs(5), || v.ready()).await;
     server.set(|idp| idp.delay = Duration::from_secs(5));
 

@@ -29,3 +29,19 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// CPU time (user + system) in a `/proc/.../stat` file: a process's
+/// (`/proc/<pid>/stat`) or the calling thread's (`/proc/thread-self/stat`).
+#[allow(dead_code)]
+pub(crate) fn cpu_time(stat_file: &str) -> std::time::Duration {
+    let stat = std::fs::read_to_string(stat_file).unwrap_or_default();
+    // Fields after the command name's closing parenthesis; utime and stime
+    // are the 14th and 15th of the line, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    std::time::Duration::from_millis(ticks * 10)
+}

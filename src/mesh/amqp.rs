@@ -346,10 +346,19 @@ impl AmqpMesh {
     }
 
     fn publish_channel(&self) -> Result<Channel, MeshError> {
+        self.ready_channel(|l| &l.publish, "the publish channel is closed")
+    }
+
+    /// A channel of the link, while the mesh is ready.
+    fn ready_channel(
+        &self,
+        pick: fn(&Link) -> &Channel,
+        closed: &str,
+    ) -> Result<Channel, MeshError> {
         if !self.shared.ready.load(Ordering::SeqCst) {
             return Err(MeshError::Unavailable("broker connection is down".into()));
         }
-        self.shared.publish_channel()
+        self.shared.channel(pick, closed)
     }
 }
 
@@ -357,36 +366,21 @@ impl Shared {
     /// The publishing channel of the current connection, if it can publish;
     /// one that cannot wakes the supervisor to rebuild the link.
     fn publish_channel(&self) -> Result<Channel, MeshError> {
-        let channel = self
-            .link
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|l| l.publish.clone())
-            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
-        if !channel.status().connected() {
-            self.publish_failed();
-            return Err(MeshError::Unavailable(
-                "the publish channel is closed".into(),
-            ));
-        }
-        Ok(channel)
+        self.channel(|l| &l.publish, "the publish channel is closed")
     }
 
-    /// The request channel, if it can publish.
-    fn request_channel(&self) -> Result<Channel, MeshError> {
+    /// The channel `pick` names on the current link, if it can publish.
+    fn channel(&self, pick: fn(&Link) -> &Channel, closed: &str) -> Result<Channel, MeshError> {
         let channel = self
             .link
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|l| l.requests.clone())
+            .map(|l| pick(l).clone())
             .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
         if !channel.status().connected() {
             self.publish_failed();
-            return Err(MeshError::Unavailable(
-                "the request channel is closed".into(),
-            ));
+            return Err(MeshError::Unavailable(closed.into()));
         }
         Ok(channel)
     }
@@ -434,7 +428,12 @@ impl AmqpMesh {
         command: bool,
         correlation_id: &str,
     ) -> Result<(), MeshError> {
-        let channel = self.publish_channel()?;
+        // Commands are confirmed; requests have a channel of their own.
+        let channel = if command {
+            self.publish_channel()?
+        } else {
+            self.ready_channel(|l| &l.requests, "the request channel is closed")?
+        };
         let body = RequestBody {
             correlation_id: correlation_id.to_owned(),
             context: call.context.clone(),
@@ -463,7 +462,6 @@ impl AmqpMesh {
         if !command {
             // The first poll queues the frames for the I/O thread; what is
             // left is waiting for it to write them, which nobody needs.
-            let channel = self.shared.request_channel()?;
             let publish = channel.basic_publish(
                 exchange.into(),
                 call.service.as_str().into(),
