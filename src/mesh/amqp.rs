@@ -1,11 +1,14 @@
 //! The mesh on RabbitMQ through lapin, wire-compatible with nuropb 0.1.8.
 //!
-//! One connection, two channels: one publishes (in confirm mode, so a
-//! mandatory publish nobody can take comes back as NO_ROUTE at once) and
-//! declares topology, one consumes the instance's response queue and the
-//! service queue. A supervisor task owns the consumers and reconnects with
-//! backoff when the connection drops; calls in flight then fail with
-//! `MeshUnavailable` rather than waiting out their timeouts.
+//! Two connections. lapin's declares the topology, publishes (in confirm
+//! mode, so a mandatory publish nobody can take comes back as NO_ROUTE at
+//! once) commands, events, control messages and responses, and consumes
+//! the service queue and the event queue. The request lane
+//! ([`super::lane`]) carries the hot path: RPC requests out, and the
+//! instance's response queue in. A supervisor task owns the consumers and
+//! the lane, and rebuilds both connections with backoff when anything
+//! fails; calls in flight then fail with `MeshUnavailable` rather than
+//! waiting out their timeouts.
 //!
 //! Events for clients are bound to the per-instance response queue, so every
 //! gateway instance sees every event and can reach its own sockets.
@@ -32,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::lane::{Incoming, Lane, LaneIo, LaneSpec};
 use super::{
     BoxFuture, CONTROL_TOPIC, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent,
     redact_url,
@@ -183,12 +187,9 @@ struct Link {
     connection: Connection,
     /// Confirmed publishing: commands, events, control, responses.
     publish: Channel,
-    /// Requests: published without confirms and without waiting for the
-    /// I/O thread to write them (the response is the confirmation), so a
-    /// request crosses between threads once each way instead of three
-    /// times. An unroutable one comes back as a basic.return, which the
-    /// supervisor collects (see `watch_returns`).
-    requests: Channel,
+    /// Requests, without confirms (the response is the confirmation); an
+    /// unroutable one comes back on the lane as a basic.return.
+    lane: Lane,
 }
 
 /// The mesh over RabbitMQ. Cheap to clone.
@@ -240,7 +241,10 @@ fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
 
 /// Check the nuropb headers and decode the body; why not, if not.
 fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
-    let props = &delivery.properties;
+    decode_message(&delivery.properties, &delivery.data)
+}
+
+fn decode_message(props: &BasicProperties, data: &[u8]) -> Result<MeshMessage, String> {
     let protocol = header_str(props, "nuropb_protocol");
     if protocol.as_deref() != Some(NUROPB_PROTOCOL_VERSION) {
         return Err(format!("unsupported nuropb_protocol {protocol:?}"));
@@ -253,7 +257,7 @@ fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
         return Err("encrypted payloads are not supported by this gateway".into());
     }
     let msg: MeshMessage =
-        serde_json::from_slice(&delivery.data).map_err(|e| format!("undecodable body: {e}"))?;
+        serde_json::from_slice(data).map_err(|e| format!("undecodable body: {e}"))?;
     if msg.message_type() != kind {
         return Err(format!(
             "nuropb_type header `{}` does not match body tag `{}`",
@@ -346,19 +350,28 @@ impl AmqpMesh {
     }
 
     fn publish_channel(&self) -> Result<Channel, MeshError> {
-        self.ready_channel(|l| &l.publish, "the publish channel is closed")
+        self.ready()?;
+        self.shared.publish_channel()
     }
 
-    /// A channel of the link, while the mesh is ready.
-    fn ready_channel(
-        &self,
-        pick: fn(&Link) -> &Channel,
-        closed: &str,
-    ) -> Result<Channel, MeshError> {
-        if !self.shared.ready.load(Ordering::SeqCst) {
-            return Err(MeshError::Unavailable("broker connection is down".into()));
+    /// The request lane, while the mesh is ready.
+    fn lane(&self) -> Result<Lane, MeshError> {
+        self.ready()?;
+        self.shared
+            .link
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| l.lane.clone())
+            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))
+    }
+
+    fn ready(&self) -> Result<(), MeshError> {
+        if self.shared.ready.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(MeshError::Unavailable("broker connection is down".into()))
         }
-        self.shared.channel(pick, closed)
     }
 }
 
@@ -366,21 +379,18 @@ impl Shared {
     /// The publishing channel of the current connection, if it can publish;
     /// one that cannot wakes the supervisor to rebuild the link.
     fn publish_channel(&self) -> Result<Channel, MeshError> {
-        self.channel(|l| &l.publish, "the publish channel is closed")
-    }
-
-    /// The channel `pick` names on the current link, if it can publish.
-    fn channel(&self, pick: fn(&Link) -> &Channel, closed: &str) -> Result<Channel, MeshError> {
         let channel = self
             .link
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|l| pick(l).clone())
+            .map(|l| l.publish.clone())
             .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
         if !channel.status().connected() {
             self.publish_failed();
-            return Err(MeshError::Unavailable(closed.into()));
+            return Err(MeshError::Unavailable(
+                "the publish channel is closed".into(),
+            ));
         }
         Ok(channel)
     }
@@ -415,7 +425,7 @@ impl Shared {
                 .as_ref()
                 .is_some_and(|l| {
                     l.publish.status().connected()
-                        && l.requests.status().connected()
+                        && l.lane.is_open()
                         && l.connection.status().connected()
                 })
     }
@@ -428,12 +438,6 @@ impl AmqpMesh {
         command: bool,
         correlation_id: &str,
     ) -> Result<(), MeshError> {
-        // Commands are confirmed; requests have a channel of their own.
-        let channel = if command {
-            self.publish_channel()?
-        } else {
-            self.ready_channel(|l| &l.requests, "the request channel is closed")?
-        };
         let body = RequestBody {
             correlation_id: correlation_id.to_owned(),
             context: call.context.clone(),
@@ -460,20 +464,18 @@ impl AmqpMesh {
             ..BasicPublishOptions::default()
         };
         if !command {
-            // The first poll queues the frames for the I/O thread; what is
-            // left is waiting for it to write them, which nobody needs.
-            let publish = channel.basic_publish(
-                exchange.into(),
-                call.service.as_str().into(),
-                options,
-                &payload,
-                props,
-            );
-            return match futures_util::FutureExt::now_or_never(publish) {
-                Some(Err(e)) => Err(self.shared.channel_error(e)),
-                Some(Ok(_)) | None => Ok(()),
-            };
+            // Requests go on the lane, unconfirmed: the response is the
+            // confirmation.
+            let lane = self.lane()?;
+            return lane
+                .publish(exchange, &call.service, true, props, &payload)
+                .map_err(|e| {
+                    self.shared.publish_failed();
+                    unavailable(e)
+                });
         }
+        // Commands are confirmed.
+        let channel = self.publish_channel()?;
         let confirm = channel
             .basic_publish(
                 exchange.into(),
@@ -627,7 +629,9 @@ impl Mesh for AmqpMesh {
 }
 
 struct Consumers {
-    responses: Consumer,
+    /// The request lane's reading half: responses, control messages and
+    /// returned requests.
+    lane: LaneIo,
     requests: Consumer,
     /// Mesh events, from a queue of their own: a burst of events never
     /// sits in front of a response. `None` without event bindings.
@@ -754,11 +758,6 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| fail("cannot enable publisher confirms", e))?;
-    let requests_ch = connection
-        .create_channel()
-        .await
-        .map_err(|e| fail("cannot open a channel", e))?;
-
     let consume = connection
         .create_channel()
         .await
@@ -767,30 +766,20 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
         .basic_qos(c.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| fail("cannot set prefetch", e))?;
-    // Responses, events and control messages, acknowledged in batches: the
-    // broker holds back what is past the prefetch, so a burst never piles
-    // up in this process.
-    let answers = connection
-        .create_channel()
-        .await
-        .map_err(|e| fail("cannot open a channel", e))?;
-    answers
-        .basic_qos(c.response_prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| fail("cannot set prefetch", e))?;
-    let responses = answers
-        .basic_consume(
-            rq,
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: false,
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail("cannot consume the response queue", e))?;
+    // Responses and control messages, on the lane, acknowledged in
+    // batches: the broker holds back what is past the prefetch, so a burst
+    // never piles up in this process.
+    let lane_name = format!("{} requests", c.connection_name());
+    let (lane, lane_io) = Lane::connect(LaneSpec {
+        url: &c.url,
+        name: &lane_name,
+        queue: &shared.response_queue,
+        prefetch: c.response_prefetch,
+    })
+    .await
+    .map_err(|e| {
+        MeshError::Unavailable(format!("the request lane on {}: {e}", redact_url(&c.url)))
+    })?;
     let events = if c.event_bindings.is_empty() {
         None
     } else {
@@ -828,7 +817,7 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
         connection,
         publish: ch,
-        requests: requests_ch,
+        lane,
     });
     shared.ready.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -838,7 +827,7 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
         "joined the mesh"
     );
     Ok(Consumers {
-        responses,
+        lane: lane_io,
         requests,
         events,
     })
@@ -854,13 +843,17 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
 /// every new attempt would be refused.
 async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
     loop {
+        let mut dispatch = |incoming: Incoming<'_>| take_from_lane(&shared, incoming);
         let why = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = consume_responses(&shared, &mut consumers.responses) => "the response consumer ended",
-            _ = consume_events(&shared, consumers.events.as_mut()) => "the event consumer ended",
-            _ = consume_requests(&shared, &mut consumers.requests) => "the service-queue consumer ended",
-            _ = watch_returns(&shared) => "the request channel failed",
-            _ = shared.relink.notified() => "the publish channel failed",
+            _ = shared.shutdown.cancelled() => None,
+            e = consumers.lane.run(&mut dispatch) => Some(format!("the request lane ended: {e}")),
+            _ = consume_events(&shared, consumers.events.as_mut()) => Some("the event consumer ended".into()),
+            _ = consume_requests(&shared, &mut consumers.requests) => Some("the service-queue consumer ended".into()),
+            _ = shared.relink.notified() => Some("the publish channel failed".into()),
+        };
+        let Some(why) = why else {
+            close_lane(&shared, &mut consumers.lane).await;
+            return;
         };
         shared.ready.store(false, Ordering::SeqCst);
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -869,6 +862,10 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
             let _ = tx.send(Err(MeshError::Unavailable("broker connection lost".into())));
         }
         tracing::warn!(url = %redact_url(&shared.config.url), %why, "lost the broker link; rebuilding the connection");
+        // The old lane goes first: its exclusive consumer of the response
+        // queue would refuse the new one.
+        close_lane(&shared, &mut consumers.lane).await;
+        drop(consumers);
         let old = shared
             .link
             .write()
@@ -907,40 +904,29 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
     }
 }
 
-/// How often requests the broker could not route are collected.
-const RETURNS_EVERY: Duration = Duration::from_millis(20);
-
-/// Requests no service queue is bound for (AMQP NO_ROUTE) come back as a
-/// basic.return on the unconfirmed request channel: fail their calls with
-/// `NotDelivered` within [`RETURNS_EVERY`]. Ends when the channel fails.
-async fn watch_returns(shared: &Arc<Shared>) {
-    let channel = shared
-        .link
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|l| l.requests.clone());
-    let Some(channel) = channel else {
-        return std::future::pending().await;
-    };
-    let mut every = tokio::time::interval(RETURNS_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        if !channel.status().connected() {
-            return;
-        }
-        // Without confirms this only takes what the broker returned.
-        let Ok(returned) = channel.wait_for_confirms().await else {
-            return;
-        };
-        for message in returned {
-            let id = message
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str().to_owned());
-            let waiter = id.and_then(|id| lock(&shared.pending).remove(&id));
+/// What the broker sent on the lane: responses complete their calls,
+/// control messages and events go to their queues, and a request nobody
+/// could take (AMQP NO_ROUTE) fails its call with `NotDelivered` at once.
+fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
+    match incoming {
+        Incoming::Delivery { properties, body } => match decode_message(properties, body) {
+            Ok(MeshMessage::Response(resp)) => complete(shared, resp),
+            Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
+                if shared.control.try_send(ev.event).is_err() {
+                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("control message dropped: the control queue is full");
+                }
+            }
+            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
+            Ok(other) => tracing::debug!(
+                kind = other.message_type().as_str(),
+                "unexpected message on the response queue, dropped"
+            ),
+            Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
+        },
+        Incoming::Returned { properties } => {
+            let id = properties.correlation_id().as_ref().map(|c| c.as_str());
+            let waiter = id.and_then(|id| lock(&shared.pending).remove(id));
             if let Some(tx) = waiter {
                 // The caller fills in the names.
                 let _ = tx.send(Err(MeshError::NotDelivered {
@@ -949,6 +935,22 @@ async fn watch_returns(shared: &Arc<Shared>) {
                 }));
             }
         }
+    }
+}
+
+/// Close the lane at shutdown: say goodbye and give the broker a moment to
+/// answer, so it logs a clean close rather than a dropped socket.
+async fn close_lane(shared: &Shared, io: &mut LaneIo) {
+    let lane = shared
+        .link
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|l| l.lane.clone());
+    if let Some(lane) = lane {
+        lane.close();
+        let mut ignore = |_: Incoming<'_>| {};
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.run(&mut ignore)).await;
     }
 }
 
@@ -982,31 +984,6 @@ impl BatchAck {
         }
         let all = BasicAckOptions { multiple: true };
         delivery.acker.ack(all).await.is_ok()
-    }
-}
-
-async fn consume_responses(shared: &Arc<Shared>, consumer: &mut Consumer) {
-    let mut acks = BatchAck::new(shared.config.response_prefetch);
-    while let Some(delivery) = consumer.next().await {
-        let Ok(delivery) = delivery else { return };
-        if !acks.took(&delivery).await {
-            return;
-        }
-        match decode_delivery(&delivery) {
-            Ok(MeshMessage::Response(resp)) => complete(shared, resp),
-            Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
-                if shared.control.try_send(ev.event).is_err() {
-                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("control message dropped: the control queue is full");
-                }
-            }
-            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => tracing::debug!(
-                kind = other.message_type().as_str(),
-                "unexpected message on the response queue, dropped"
-            ),
-            Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
-        }
     }
 }
 

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::protocol::{ErrorBody, ErrorName};
 
 mod amqp;
+mod lane;
 mod memory;
 
 pub use amqp::{AmqpConfig, AmqpMesh};

@@ -1,0 +1,915 @@
+//! The request lane: RPC requests out and their responses in, on a broker
+//! connection of the gateway's own that two tokio tasks drive.
+//!
+//! lapin runs one I/O thread per connection, and every frame crosses between
+//! it and the runtime's workers through channels; most of what a request
+//! cost the gateway was those hand-offs (BENCHMARKS.md). On the lane a
+//! request is encoded straight into a write buffer that one task flushes,
+//! as many requests per write as have queued since the last one; one task
+//! reads the socket, and a response completes its call from there, with no
+//! other task or thread in between.
+//!
+//! The lane speaks only the part of AMQP 0-9-1 it needs, through
+//! amq-protocol (the codec lapin is built on): the handshake, one channel,
+//! `basic.publish`, `basic.consume` with a prefetch and batched acks,
+//! `basic.return`, heartbeats and closing. Anything else the broker says
+//! that matters (the consumer cancelled, the channel or the connection
+//! closed, a frame over the negotiated size, silence past two heartbeats)
+//! ends the lane with the reason, and the mesh rebuilds its whole link.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amq_protocol::frame::parsing::parse_content_header;
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, connection, parse_class};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+use amq_protocol::uri::{AMQPScheme, AMQPUri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// The one channel the lane opens.
+const CHANNEL: u16 = 1;
+const FRAME_METHOD: u8 = 1;
+const FRAME_HEADER: u8 = 2;
+const FRAME_BODY: u8 = 3;
+const FRAME_HEARTBEAT: u8 = 8;
+const FRAME_END: u8 = 0xCE;
+/// Type, channel and size before a frame's payload, and its end byte.
+const FRAME_OVERHEAD: usize = 8;
+/// The basic class, whose content the lane sends and takes.
+const BASIC_CLASS: u16 = 60;
+/// The frame size asked for unless the URL says (RabbitMQ's default).
+const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
+/// The heartbeat asked for unless the URL says, in seconds.
+const DEFAULT_HEARTBEAT: u16 = 30;
+/// Encoded frames waiting to be written, at most: past it a publish is
+/// refused (the broker is not reading) instead of growing memory.
+const MAX_BACKLOG: usize = 16 << 20;
+/// The largest message body taken from the broker; a larger one ends the
+/// lane rather than being buffered.
+const MAX_BODY: u64 = 64 << 20;
+/// Read this much at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why the lane could not start or had to end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct LaneError(String);
+
+impl LaneError {
+    fn new(what: impl Into<String>) -> Self {
+        Self(what.into())
+    }
+}
+
+impl From<std::io::Error> for LaneError {
+    fn from(e: std::io::Error) -> Self {
+        Self(format!("socket: {e}"))
+    }
+}
+
+/// The sending half, shared by every call: cheap to clone.
+#[derive(Debug, Clone)]
+pub(super) struct Lane {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Encoded frames the writer has not taken yet.
+    out: Mutex<Vec<u8>>,
+    /// Wakes the writer: there is something in `out`.
+    wake: Notify,
+    /// False once either task has ended: nothing more can be sent.
+    open: AtomicBool,
+    /// The negotiated frame size: bodies are cut to it.
+    frame_max: usize,
+}
+
+/// A message the broker sent the lane, for the mesh to take apart.
+#[derive(Debug)]
+pub(super) enum Incoming<'a> {
+    /// From the consumed queue.
+    Delivery {
+        properties: &'a BasicProperties,
+        body: &'a [u8],
+    },
+    /// A `mandatory` publish nobody could take (NO_ROUTE).
+    Returned { properties: &'a BasicProperties },
+}
+
+type Reader = Pin<Box<dyn AsyncRead + Send>>;
+type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// The receiving half and the socket: run by the mesh's supervisor.
+pub(super) struct LaneIo {
+    inner: Arc<Inner>,
+    frames: FrameReader,
+    writer: Writer,
+    heartbeat: Option<Duration>,
+    prefetch: u16,
+}
+
+impl std::fmt::Debug for LaneIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneIo")
+            .field("heartbeat", &self.heartbeat)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One frame whole in the read buffer: its type, channel and where its
+/// payload lies.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    kind: u8,
+    channel: u16,
+    start: usize,
+    end: usize,
+}
+
+/// Frames off the socket: reads in chunks and cuts them, refusing any
+/// frame over the negotiated size before buffering it.
+struct FrameReader {
+    io: Reader,
+    buf: Vec<u8>,
+    pos: usize,
+    frame_max: usize,
+}
+
+impl FrameReader {
+    fn new(io: Reader) -> Self {
+        Self {
+            io,
+            buf: Vec::with_capacity(READ_CHUNK),
+            pos: 0,
+            frame_max: DEFAULT_FRAME_MAX as usize,
+        }
+    }
+
+    /// The next frame already in the buffer, if one is whole.
+    fn buffered(&mut self) -> Result<Option<Frame>, LaneError> {
+        let avail = &self.buf[self.pos..];
+        if avail.len() < 7 {
+            return Ok(None);
+        }
+        let size = u32::from_be_bytes([avail[3], avail[4], avail[5], avail[6]]) as usize;
+        if size + FRAME_OVERHEAD > self.frame_max {
+            return Err(LaneError::new(format!(
+                "the broker sent a {size}-byte frame, over the {} negotiated",
+                self.frame_max
+            )));
+        }
+        if avail.len() < size + FRAME_OVERHEAD {
+            return Ok(None);
+        }
+        if avail[7 + size] != FRAME_END {
+            return Err(LaneError::new("a frame from the broker lacks its end byte"));
+        }
+        let frame = Frame {
+            kind: avail[0],
+            channel: u16::from_be_bytes([avail[1], avail[2]]),
+            start: self.pos + 7,
+            end: self.pos + 7 + size,
+        };
+        self.pos += size + FRAME_OVERHEAD;
+        Ok(Some(frame))
+    }
+
+    fn payload(&self, frame: Frame) -> &[u8] {
+        &self.buf[frame.start..frame.end]
+    }
+
+    /// Read more from the socket; `within` bounds the wait (heartbeats).
+    async fn fill(&mut self, within: Option<Duration>) -> Result<(), LaneError> {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        if self.buf.capacity() > 4 * READ_CHUNK.max(self.frame_max) && self.buf.len() < READ_CHUNK {
+            self.buf.shrink_to(READ_CHUNK);
+        }
+        self.buf.reserve(READ_CHUNK);
+        let read = self.io.read_buf(&mut self.buf);
+        let n = match within {
+            Some(limit) => tokio::time::timeout(limit, read).await.map_err(|_| {
+                LaneError::new(format!(
+                    "no word from the broker in {limit:?} (heartbeats missed)"
+                ))
+            })??,
+            None => read.await?,
+        };
+        if n == 0 {
+            return Err(LaneError::new("the broker closed the connection"));
+        }
+        Ok(())
+    }
+
+    /// The next method frame, reading as needed: the handshake's steps.
+    /// Heartbeats pass; the broker closing says why.
+    async fn method(&mut self) -> Result<(u16, AMQPClass), LaneError> {
+        loop {
+            while let Some(frame) = self.buffered()? {
+                match frame.kind {
+                    FRAME_HEARTBEAT => continue,
+                    FRAME_METHOD => {}
+                    other => {
+                        return Err(LaneError::new(format!(
+                            "a frame of type {other} during the handshake"
+                        )));
+                    }
+                }
+                let class = decode_method(self.payload(frame))?;
+                if let Some(why) = closed_by_broker(&class) {
+                    return Err(why);
+                }
+                return Ok((frame.channel, class));
+            }
+            self.fill(None).await?;
+        }
+    }
+}
+
+fn decode_method(payload: &[u8]) -> Result<AMQPClass, LaneError> {
+    parse_class(payload)
+        .map(|(_, class)| class)
+        .map_err(|_| LaneError::new("an undecodable method frame from the broker"))
+}
+
+/// The reason, if `class` is the broker closing the connection or channel.
+fn closed_by_broker(class: &AMQPClass) -> Option<LaneError> {
+    let (what, code, text) = match class {
+        AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+            ("connection", c.reply_code, c.reply_text.as_str())
+        }
+        AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+            ("channel", c.reply_code, c.reply_text.as_str())
+        }
+        _ => return None,
+    };
+    Some(LaneError::new(format!(
+        "the broker closed the {what}: {code} {text}"
+    )))
+}
+
+fn encode(frame: &AMQPFrame, out: &mut Vec<u8>) -> Result<(), LaneError> {
+    let ctx = gen_frame(frame)(WriteContext::from(std::mem::take(out)))
+        .map_err(|e| LaneError::new(format!("cannot encode a frame: {e}")))?;
+    *out = ctx.write;
+    Ok(())
+}
+
+fn method_frame(channel: u16, class: AMQPClass) -> Result<Vec<u8>, LaneError> {
+    let mut out = Vec::with_capacity(64);
+    encode(&AMQPFrame::Method(channel, class), &mut out)?;
+    Ok(out)
+}
+
+/// Body frames for `body`, each at most `frame_max` long.
+fn put_body(out: &mut Vec<u8>, body: &[u8], frame_max: usize) {
+    for chunk in body.chunks(frame_max - FRAME_OVERHEAD) {
+        out.push(FRAME_BODY);
+        out.extend_from_slice(&CHANNEL.to_be_bytes());
+        // A chunk is under frame_max, which is a u32.
+        out.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+        out.extend_from_slice(chunk);
+        out.push(FRAME_END);
+    }
+}
+
+fn short(s: &str, what: &str) -> Result<ShortString, LaneError> {
+    if s.len() > 255 {
+        return Err(LaneError::new(format!("{what} is over 255 bytes")));
+    }
+    Ok(s.into())
+}
+
+/// The client's properties: who it is, and that it wants a `basic.cancel`
+/// when its queue goes and a close frame (not a dropped socket) when its
+/// credentials are refused.
+fn client_properties(name: &str) -> FieldTable {
+    let mut capabilities = FieldTable::default();
+    for cap in ["consumer_cancel_notify", "authentication_failure_close"] {
+        capabilities.insert(cap.into(), AMQPValue::Boolean(true));
+    }
+    let mut props = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    props.insert("product".into(), s("nuropb-bff"));
+    props.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+    props.insert("platform".into(), s("Rust"));
+    props.insert("connection_name".into(), s(name));
+    props.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    props
+}
+
+async fn open_socket(uri: &AMQPUri) -> Result<(Reader, Writer), LaneError> {
+    let host = uri.authority.host.as_str();
+    let stream = TcpStream::connect((host, uri.authority.port))
+        .await
+        .map_err(|e| LaneError::new(format!("cannot connect: {e}")))?;
+    stream.set_nodelay(true)?;
+    match uri.scheme {
+        AMQPScheme::AMQP => {
+            let (r, w) = stream.into_split();
+            Ok((Box::pin(r), Box::pin(w)))
+        }
+        AMQPScheme::AMQPS => {
+            let tls = tls_connector()?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| LaneError::new(format!("TLS: {host}: {e}")))?;
+            let stream = tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| LaneError::new(format!("TLS handshake: {e}")))?;
+            let (r, w) = tokio::io::split(stream);
+            Ok((Box::pin(r), Box::pin(w)))
+        }
+    }
+}
+
+/// TLS to the broker, trusting the system's roots (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` honoured), as lapin's connection does.
+fn tls_connector() -> Result<tokio_rustls::TlsConnector, LaneError> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(LaneError::new("TLS: no trusted root certificates found"));
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| LaneError::new(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// What the caller of [`Lane::connect`] asks of the lane.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LaneSpec<'a> {
+    pub(super) url: &'a str,
+    /// Shown by the broker for the connection.
+    pub(super) name: &'a str,
+    /// The queue to consume (the instance's response queue).
+    pub(super) queue: &'a str,
+    /// Deliveries the broker may send before they are acknowledged.
+    pub(super) prefetch: u16,
+}
+
+impl Lane {
+    /// Open the connection and the channel, and start consuming `queue`.
+    /// The caller bounds the time this takes.
+    pub(super) async fn connect(spec: LaneSpec<'_>) -> Result<(Lane, LaneIo), LaneError> {
+        let uri: AMQPUri = spec
+            .url
+            .parse()
+            .map_err(|e| LaneError::new(format!("bad AMQP URL: {e}")))?;
+        let (reader, mut writer) = open_socket(&uri).await?;
+        let mut frames = FrameReader::new(reader);
+        writer.write_all(b"AMQP\x00\x00\x09\x01").await?;
+
+        let start = match frames.method().await? {
+            (0, AMQPClass::Connection(connection::AMQPMethod::Start(s))) => s,
+            (_, other) => return Err(unexpected("connection.start", &other)),
+        };
+        let mechanisms = String::from_utf8_lossy(start.mechanisms.as_bytes()).into_owned();
+        if !mechanisms.split_whitespace().any(|m| m == "PLAIN") {
+            return Err(LaneError::new(format!(
+                "the broker offers no PLAIN login (offers: {mechanisms})"
+            )));
+        }
+        let user = &uri.authority.userinfo;
+        let response = format!("\0{}\0{}", user.username, user.password);
+        let start_ok = connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: client_properties(spec.name),
+            mechanism: "PLAIN".into(),
+            response: LongString::from(response),
+            locale: "en_US".into(),
+        });
+        send(&mut writer, 0, AMQPClass::Connection(start_ok)).await?;
+
+        let tune = match frames.method().await? {
+            (0, AMQPClass::Connection(connection::AMQPMethod::Tune(t))) => t,
+            (_, other) => return Err(unexpected("connection.tune", &other)),
+        };
+        let wanted_frame = uri.query.frame_max.unwrap_or(DEFAULT_FRAME_MAX);
+        let frame_max = match tune.frame_max {
+            0 => wanted_frame,
+            offered => offered.min(wanted_frame),
+        }
+        .max(4096);
+        let wanted_heartbeat = uri.query.heartbeat.unwrap_or(DEFAULT_HEARTBEAT);
+        let heartbeat = match (tune.heartbeat, wanted_heartbeat) {
+            (_, 0) => 0,
+            (0, mine) => mine,
+            (theirs, mine) => theirs.min(mine),
+        };
+        let tune_ok = connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 1,
+            frame_max,
+            heartbeat,
+        });
+        send(&mut writer, 0, AMQPClass::Connection(tune_ok)).await?;
+        frames.frame_max = frame_max as usize;
+        let open = connection::AMQPMethod::Open(connection::Open {
+            virtual_host: short(&uri.vhost, "the vhost")?,
+        });
+        send(&mut writer, 0, AMQPClass::Connection(open)).await?;
+        match frames.method().await? {
+            (0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(_))) => {}
+            (_, other) => return Err(unexpected("connection.open-ok", &other)),
+        }
+
+        let open = channel::AMQPMethod::Open(channel::Open {});
+        send(&mut writer, CHANNEL, AMQPClass::Channel(open)).await?;
+        match frames.method().await? {
+            (CHANNEL, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))) => {}
+            (_, other) => return Err(unexpected("channel.open-ok", &other)),
+        }
+        let qos = basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: spec.prefetch.max(2),
+            global: false,
+        });
+        send(&mut writer, CHANNEL, AMQPClass::Basic(qos)).await?;
+        match frames.method().await? {
+            (CHANNEL, AMQPClass::Basic(basic::AMQPMethod::QosOk(_))) => {}
+            (_, other) => return Err(unexpected("basic.qos-ok", &other)),
+        }
+        let consume = basic::AMQPMethod::Consume(basic::Consume {
+            queue: short(spec.queue, "the queue name")?,
+            consumer_tag: "".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: true,
+            nowait: false,
+            arguments: FieldTable::default(),
+        });
+        send(&mut writer, CHANNEL, AMQPClass::Basic(consume)).await?;
+        match frames.method().await? {
+            (CHANNEL, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))) => {}
+            (_, other) => return Err(unexpected("basic.consume-ok", &other)),
+        }
+
+        let inner = Arc::new(Inner {
+            out: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            open: AtomicBool::new(true),
+            frame_max: frame_max as usize,
+        });
+        let heartbeat = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat)));
+        let io = LaneIo {
+            inner: inner.clone(),
+            frames,
+            writer,
+            heartbeat,
+            prefetch: spec.prefetch.max(2),
+        };
+        Ok((Lane { inner }, io))
+    }
+
+    /// Whether the lane can still send.
+    pub(super) fn is_open(&self) -> bool {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Queue a message for the broker; the writer sends it with whatever
+    /// else is waiting. Fails at once when the lane has ended or the broker
+    /// has not taken [`MAX_BACKLOG`] bytes already queued.
+    pub(super) fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), LaneError> {
+        if !self.is_open() {
+            return Err(LaneError::new("the request lane is closed"));
+        }
+        let publish = basic::AMQPMethod::Publish(basic::Publish {
+            exchange: short(exchange, "the exchange name")?,
+            routing_key: short(routing_key, "the routing key")?,
+            mandatory,
+            immediate: false,
+        });
+        let mut frames = method_frame(CHANNEL, AMQPClass::Basic(publish))?;
+        let header = AMQPContentHeader {
+            class_id: BASIC_CLASS,
+            body_size: body.len() as u64,
+            properties,
+        };
+        encode(&AMQPFrame::Header(CHANNEL, header), &mut frames)?;
+        self.queue(|out| {
+            out.extend_from_slice(&frames);
+            put_body(out, body, self.inner.frame_max);
+        })
+    }
+
+    /// Say goodbye to the broker: the lane ends once it answers.
+    pub(super) fn close(&self) {
+        let close = connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        });
+        if let Ok(frame) = method_frame(0, AMQPClass::Connection(close)) {
+            let _ = self.queue(|out| out.extend_from_slice(&frame));
+        }
+        self.inner.open.store(false, Ordering::Release);
+    }
+
+    fn queue(&self, put: impl FnOnce(&mut Vec<u8>)) -> Result<(), LaneError> {
+        self.inner.queue(put)
+    }
+}
+
+impl Inner {
+    fn queue(&self, put: impl FnOnce(&mut Vec<u8>)) -> Result<(), LaneError> {
+        let mut out = lock(&self.out);
+        if out.len() > MAX_BACKLOG {
+            return Err(LaneError::new(
+                "the request lane is backed up: the broker is not reading",
+            ));
+        }
+        let was_empty = out.is_empty();
+        put(&mut out);
+        drop(out);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+fn unexpected(wanted: &str, got: &AMQPClass) -> LaneError {
+    LaneError::new(format!(
+        "expected {wanted} from the broker, got {}",
+        method_name(got)
+    ))
+}
+
+fn method_name(class: &AMQPClass) -> String {
+    format!(
+        "{}.{}",
+        class.get_amqp_class_id(),
+        class.get_amqp_method_id()
+    )
+}
+
+async fn send(writer: &mut Writer, channel: u16, class: AMQPClass) -> Result<(), LaneError> {
+    let frame = method_frame(channel, class)?;
+    writer.write_all(&frame).await?;
+    Ok(())
+}
+
+/// A message whose content frames are still arriving.
+struct Content {
+    /// The delivery tag, or `None` for a returned message.
+    tag: Option<u64>,
+    properties: Option<BasicProperties>,
+    size: u64,
+    body: Vec<u8>,
+}
+
+impl LaneIo {
+    /// Drive the lane until it ends: read and dispatch what the broker
+    /// sends with `on`, write what the lane has queued. Returns why it
+    /// ended (after [`Lane::close`], once the broker has answered). Run
+    /// again after being cancelled, it carries on (shutdown does, to send
+    /// the goodbye).
+    pub(super) async fn run(&mut self, on: &mut (dyn FnMut(Incoming<'_>) + Send)) -> LaneError {
+        let inner = self.inner.clone();
+        let outcome = tokio::select! {
+            r = read_loop(&inner, &mut self.frames, self.heartbeat, self.prefetch, on) => r,
+            w = write_loop(&inner, &mut self.writer, self.heartbeat) => w,
+        };
+        inner.open.store(false, Ordering::Release);
+        outcome
+    }
+}
+
+async fn write_loop(inner: &Inner, writer: &mut Writer, heartbeat: Option<Duration>) -> LaneError {
+    let mut batch = Vec::new();
+    loop {
+        let idle = async {
+            match heartbeat {
+                Some(every) => tokio::time::sleep(every / 2).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = inner.wake.notified() => {}
+            _ = idle => {
+                let _ = inner.queue(|out| {
+                    out.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
+                });
+            }
+        }
+        std::mem::swap(&mut *lock(&inner.out), &mut batch);
+        if batch.is_empty() {
+            continue;
+        }
+        if let Err(e) = writer.write_all(&batch).await {
+            return e.into();
+        }
+        batch.clear();
+        if batch.capacity() > 1 << 20 {
+            batch = Vec::new();
+        }
+    }
+}
+
+async fn read_loop(
+    inner: &Inner,
+    frames: &mut FrameReader,
+    heartbeat: Option<Duration>,
+    prefetch: u16,
+    on: &mut (dyn FnMut(Incoming<'_>) + Send),
+) -> LaneError {
+    // Acknowledge once half the prefetch is taken: the broker never waits
+    // on an ack, and an ack rides along with the next requests.
+    let ack_every = u64::from(prefetch / 2).max(1);
+    let mut unacked = 0u64;
+    let mut last_tag = 0u64;
+    let mut content: Option<Content> = None;
+    let silence = heartbeat.map(|h| h * 2);
+    loop {
+        loop {
+            let frame = match frames.buffered() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return e,
+            };
+            if frame.channel != CHANNEL && frame.kind != FRAME_HEARTBEAT && frame.channel != 0 {
+                return LaneError::new(format!("a frame on channel {}", frame.channel));
+            }
+            let payload = frames.payload(frame);
+            match frame.kind {
+                FRAME_HEARTBEAT => {}
+                FRAME_METHOD => {
+                    let class = match decode_method(payload) {
+                        Ok(c) => c,
+                        Err(e) => return e,
+                    };
+                    if content.is_some() {
+                        return LaneError::new("a method frame inside a message's content");
+                    }
+                    match class {
+                        AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
+                            content = Some(Content::new(Some(d.delivery_tag)));
+                        }
+                        AMQPClass::Basic(basic::AMQPMethod::Return(_)) => {
+                            content = Some(Content::new(None));
+                        }
+                        AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) => {
+                            return LaneError::new(
+                                "the broker cancelled the response consumer (its queue is gone)",
+                            );
+                        }
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
+                            return LaneError::new("closed");
+                        }
+                        AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
+                            let ok = connection::AMQPMethod::CloseOk(connection::CloseOk {});
+                            if let Ok(f) = method_frame(0, AMQPClass::Connection(ok)) {
+                                let _ = inner.queue(|out| out.extend_from_slice(&f));
+                            }
+                            return closed_by_broker(&class)
+                                .unwrap_or_else(|| LaneError::new("closed"));
+                        }
+                        AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                            return closed_by_broker(&class)
+                                .unwrap_or_else(|| LaneError::new("closed"));
+                        }
+                        other => {
+                            tracing::debug!(method = %method_name(&other), "request lane: ignored a method from the broker");
+                        }
+                    }
+                }
+                FRAME_HEADER => {
+                    let Some(c) = content.as_mut().filter(|c| c.properties.is_none()) else {
+                        return LaneError::new("a content header without its method");
+                    };
+                    let header = match parse_content_header(payload) {
+                        Ok((_, h)) => h,
+                        Err(_) => return LaneError::new("an undecodable content header"),
+                    };
+                    if header.body_size > MAX_BODY {
+                        return LaneError::new(format!(
+                            "the broker sent a {}-byte message, over the {MAX_BODY} taken",
+                            header.body_size
+                        ));
+                    }
+                    c.size = header.body_size;
+                    c.properties = Some(header.properties);
+                    if c.size == 0
+                        && let Some(c) = content.take()
+                    {
+                        c.finish(&[], on, &mut unacked, &mut last_tag);
+                    }
+                }
+                FRAME_BODY => {
+                    let Some(c) = content.as_mut().filter(|c| c.properties.is_some()) else {
+                        return LaneError::new("a content body without its header");
+                    };
+                    let have = c.body.len() as u64 + payload.len() as u64;
+                    if have > c.size {
+                        return LaneError::new("a content body longer than its header said");
+                    }
+                    if have == c.size {
+                        let c = content.take().unwrap_or_else(|| Content::new(None));
+                        if c.body.is_empty() {
+                            // The whole body in one frame: straight from the
+                            // read buffer.
+                            c.finish(payload, on, &mut unacked, &mut last_tag);
+                        } else {
+                            let mut c = c;
+                            c.body.extend_from_slice(payload);
+                            let body = std::mem::take(&mut c.body);
+                            c.finish(&body, on, &mut unacked, &mut last_tag);
+                        }
+                    } else {
+                        if c.body.is_empty() {
+                            // Bounded by MAX_BODY, checked above.
+                            c.body.reserve(c.size as usize);
+                        }
+                        c.body.extend_from_slice(payload);
+                    }
+                }
+                other => return LaneError::new(format!("a frame of unknown type {other}")),
+            }
+        }
+        if unacked >= ack_every {
+            let ack = basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: last_tag,
+                multiple: true,
+            });
+            match method_frame(CHANNEL, AMQPClass::Basic(ack)) {
+                Ok(f) => {
+                    if let Err(e) = inner.queue(|out| out.extend_from_slice(&f)) {
+                        return e;
+                    }
+                }
+                Err(e) => return e,
+            }
+            unacked = 0;
+        }
+        if let Err(e) = frames.fill(silence).await {
+            return e;
+        }
+    }
+}
+
+impl Content {
+    fn new(tag: Option<u64>) -> Self {
+        Self {
+            tag,
+            properties: None,
+            size: 0,
+            body: Vec::new(),
+        }
+    }
+
+    fn finish(
+        self,
+        body: &[u8],
+        on: &mut (dyn FnMut(Incoming<'_>) + Send),
+        unacked: &mut u64,
+        last_tag: &mut u64,
+    ) {
+        let Some(properties) = self.properties.as_ref() else {
+            return;
+        };
+        match self.tag {
+            Some(tag) => {
+                on(Incoming::Delivery { properties, body });
+                *unacked += 1;
+                *last_tag = tag;
+            }
+            None => on(Incoming::Returned { properties }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader_of(bytes: Vec<u8>) -> FrameReader {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let _ = b.write_all(&bytes).await;
+        });
+        FrameReader::new(Box::pin(a))
+    }
+
+    #[tokio::test]
+    async fn frames_over_the_negotiated_size_are_refused_before_buffering() {
+        // A header announcing a 1 MiB payload: refused from its 7 bytes.
+        let mut bytes = vec![FRAME_BODY, 0, 1];
+        bytes.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        let mut r = reader_of(bytes);
+        r.fill(None).await.unwrap();
+        let err = r.buffered().unwrap_err();
+        assert!(err.to_string().contains("negotiated"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_without_its_end_byte_is_refused() {
+        let mut bytes = vec![FRAME_BODY, 0, 1, 0, 0, 0, 2, b'h', b'i', 0x00];
+        bytes.extend_from_slice(&[0; 4]);
+        let mut r = reader_of(bytes);
+        r.fill(None).await.unwrap();
+        assert!(r.buffered().unwrap_err().to_string().contains("end byte"));
+    }
+
+    #[test]
+    fn bodies_are_cut_to_the_frame_size() {
+        let mut out = Vec::new();
+        let body = vec![7u8; 10_000];
+        put_body(&mut out, &body, 4096);
+        // 4088 + 4088 + 1824
+        assert_eq!(out.len(), 10_000 + 3 * FRAME_OVERHEAD);
+        assert_eq!(&out[3..7], &4088u32.to_be_bytes());
+        assert_eq!(out[7 + 4088], FRAME_END);
+    }
+
+    #[tokio::test]
+    async fn a_publish_encodes_method_header_and_body_that_parse_back() {
+        let inner = Arc::new(Inner {
+            out: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            open: AtomicBool::new(true),
+            frame_max: 4096,
+        });
+        let lane = Lane {
+            inner: inner.clone(),
+        };
+        let props = BasicProperties::default().with_correlation_id("abc".into());
+        lane.publish("x", "svc", true, props, b"{\"a\":1}").unwrap();
+        let bytes = std::mem::take(&mut *lock(&inner.out));
+        let mut r = reader_of(bytes);
+        r.fill(None).await.unwrap();
+        let m = r.buffered().unwrap().unwrap();
+        match decode_method(r.payload(m)).unwrap() {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                assert_eq!(p.exchange.as_str(), "x");
+                assert_eq!(p.routing_key.as_str(), "svc");
+                assert!(p.mandatory);
+            }
+            other => panic!("{other:?}"),
+        }
+        let h = r.buffered().unwrap().unwrap();
+        let (_, header) = parse_content_header(r.payload(h)).unwrap();
+        assert_eq!(header.body_size, 7);
+        assert_eq!(
+            header
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some("abc")
+        );
+        let b = r.buffered().unwrap().unwrap();
+        assert_eq!(r.payload(b), b"{\"a\":1}");
+        // Closed: refused at once.
+        inner.open.store(false, Ordering::Release);
+        let props = BasicProperties::default();
+        assert!(lane.publish("x", "svc", true, props, b"{}").is_err());
+    }
+
+    #[test]
+    fn names_over_255_bytes_are_refused_not_encoded() {
+        let lane = Lane {
+            inner: Arc::new(Inner {
+                out: Mutex::new(Vec::new()),
+                wake: Notify::new(),
+                open: AtomicBool::new(true),
+                frame_max: 4096,
+            }),
+        };
+        let long = "s".repeat(256);
+        let err = lane
+            .publish("x", &long, true, BasicProperties::default(), b"{}")
+            .unwrap_err();
+        assert!(err.to_string().contains("255"), "{err}");
+        assert!(lock(&lane.inner.out).is_empty());
+    }
+}
