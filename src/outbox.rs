@@ -121,8 +121,7 @@ impl Outbox {
         }
     }
 
-    /// The next frame if one is queued.
-    #[cfg(test)]
+    /// The next frame if one is queued (the writer batches with it).
     pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
         let frame = self.lock().pop_front()?;
         self.0.changed.notify_waiters();

@@ -137,8 +137,20 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
     .unwrap();
     let (mut c, _) = connect(&gw.url(), &token("ray", &[], 300)).await;
 
+    // The BFF has two broker connections: lapin's, and the request lane's
+    // (its name ends in " requests").
+    let close_connection = |lane: bool| {
+        let listing = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
+        let pid = listing
+            .lines()
+            .find(|l| l.contains(&instance) && l.contains(" requests") == lane)
+            .and_then(|l| l.split('\t').next())
+            .unwrap_or_else(|| panic!("the BFF's connection (lane: {lane}) is listed:\n{listing}"))
+            .to_owned();
+        rabbitmqctl(&["close_connection", &pid, "resilience test"]);
+    };
     type Incident<'a> = (&'a str, Box<dyn Fn() + 'a>);
-    let incidents: [Incident; 3] = [
+    let incidents: [Incident; 4] = [
         (
             "service queue deleted",
             Box::new(|| {
@@ -153,16 +165,11 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
         ),
         (
             "connection closed by the broker",
-            Box::new(|| {
-                let listing = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"]);
-                let pid = listing
-                    .lines()
-                    .find(|l| l.contains(&instance))
-                    .and_then(|l| l.split('\t').next())
-                    .expect("the BFF's connection is listed")
-                    .to_owned();
-                rabbitmqctl(&["close_connection", &pid, "resilience test"]);
-            }),
+            Box::new(|| close_connection(false)),
+        ),
+        (
+            "request lane's connection closed by the broker",
+            Box::new(|| close_connection(true)),
         ),
     ];
     for (i, (what, incident)) in incidents.iter().enumerate() {
@@ -200,7 +207,7 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
     }
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
     let reconnects = metric(&metrics, "bff_mesh_reconnects_total");
-    assert!(reconnects >= 3, "{metrics}");
+    assert!(reconnects >= 4, "{metrics}");
     caller.close(Duration::from_secs(2)).await;
     gw.stop().await;
     service.close(Duration::from_secs(2)).await;
