@@ -240,6 +240,22 @@ async fn request_as(
     Ok(handler.on_response(info, &sent, result))
 }
 
+/// Write `first` and what else is queued (up to [`WRITE_BATCH`] frames),
+/// then flush once: one syscall for many responses when calls complete
+/// together.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    outbox: &Outbox,
+    first: Message,
+) -> Result<(), axum::Error> {
+    sink.feed(first).await?;
+    for _ in 1..WRITE_BATCH {
+        let Some(frame) = outbox.try_pop() else { break };
+        sink.feed(Message::Text(frame)).await?;
+    }
+    sink.flush().await
+}
+
 /// Frames written to a socket with one flush, at most.
 const WRITE_BATCH: usize = 64;
 
@@ -256,16 +272,9 @@ async fn write_loop(
             Out::Frame(frame) => Message::Text(frame),
             Out::Ping => Message::Ping(Default::default()),
         };
-        // What else is queued goes in the same write: one syscall for many
-        // responses when calls complete together.
-        let write = async {
-            sink.feed(message).await?;
-            for _ in 1..WRITE_BATCH {
-                let Some(frame) = outbox.try_pop() else { break };
-                sink.feed(Message::Text(frame)).await?;
-            }
-            sink.flush().await
-        };
+        // Boxed: only a socket being written to holds the write's state,
+        // not every idle one.
+        let write = Box::pin(write_batch(&mut sink, &outbox, message));
         match tokio::time::timeout(write_timeout, write).await {
             Ok(Ok(())) => {}
             _ => {
