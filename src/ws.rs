@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::FuturesUnordered;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::{Identity, unix_now};
 use crate::compose;
@@ -187,7 +187,7 @@ async fn open(
         token,
         expires_at,
         outbox,
-        tasks: TaskTracker::new(),
+        calls: std::sync::Mutex::new(None),
         rates: Rates::default(),
     };
     Some(Live {
@@ -256,6 +256,23 @@ async fn write_batch(
     sink.flush().await
 }
 
+/// A connection's calls in flight.
+type Calls = FuturesUnordered<BoxFuture<'static, ()>>;
+
+fn calls_mut(calls: &mut std::sync::Mutex<Option<Box<Calls>>>) -> &mut Option<Box<Calls>> {
+    calls.get_mut().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The next call of `calls` to finish; never, while there are none. A
+/// `poll_fn` holding one reference: every idle socket's reader keeps this
+/// future, so its size counts.
+fn next_call(calls: &mut Option<Box<Calls>>) -> impl Future<Output = Option<()>> + '_ {
+    std::future::poll_fn(move |cx| match calls {
+        Some(c) if !c.is_empty() => c.poll_next_unpin(cx),
+        _ => std::task::Poll::Pending,
+    })
+}
+
 /// Frames written to a socket with one flush, at most.
 const WRITE_BATCH: usize = 64;
 
@@ -316,9 +333,14 @@ struct Connection {
     token: Option<String>,
     expires_at: Option<u64>,
     outbox: Outbox,
-    /// The connection's calls in flight, each a task: their number is what
-    /// `max_in_flight` limits.
-    tasks: TaskTracker,
+    /// The connection's calls in flight, polled by the connection's own
+    /// task (their number is what `max_in_flight` limits). Not a task each:
+    /// spawning one per call woke the runtime's other worker for nothing,
+    /// which cost more than the call. `None` while there are none, so an
+    /// idle socket holds nothing for them.
+    /// (In a mutex only to be `Sync`: it is only reached through `&mut`,
+    /// never locked.)
+    calls: std::sync::Mutex<Option<Box<Calls>>>,
     rates: Rates,
 }
 
@@ -391,6 +413,13 @@ impl Connection {
                         break;
                     }
                     timer.as_mut().reset(self.next_wake(&keepalive, Instant::now()));
+                    continue;
+                }
+                Some(()) = next_call(calls_mut(&mut self.calls)) => {
+                    let calls = calls_mut(&mut self.calls);
+                    if calls.as_ref().is_some_and(|c| c.is_empty()) {
+                        *calls = None;
+                    }
                     continue;
                 }
                 msg = stream.next() => msg,
@@ -468,10 +497,11 @@ impl Connection {
                 }
             }
         }
-        self.tasks.close();
         // Requests still running finish (their replies go nowhere) or are
         // bounded by their own timeouts.
-        self.tasks.wait().await;
+        if let Some(calls) = calls_mut(&mut self.calls).as_mut() {
+            while calls.next().await.is_some() {}
+        }
     }
 
     /// Queue a frame for this client, waiting while its queue is full.
@@ -569,6 +599,12 @@ impl Connection {
     /// reader to queue, so a client flooding refused calls is slowed by its
     /// own queue instead of spawning a task per call. Accepted calls run as
     /// tasks, at most `max_in_flight` per connection.
+    fn run_call(&mut self, call: impl Future<Output = ()> + Send + 'static) {
+        calls_mut(&mut self.calls)
+            .get_or_insert_with(Box::default)
+            .push(Box::pin(call));
+    }
+
     fn start_request(&mut self, call: ClientCall, command: bool) -> Option<Utf8Bytes> {
         let trace_id = call
             .trace_id
@@ -585,7 +621,7 @@ impl Connection {
             return Some(respond.frame(Err(Refusal::ShuttingDown.into())));
         }
         let limit = self.gw.limits().max_in_flight;
-        if self.tasks.len() >= limit {
+        if calls_mut(&mut self.calls).as_ref().map_or(0, |c| c.len()) >= limit {
             return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
         }
         let mesh = self.gw.mesh().clone();
@@ -606,7 +642,7 @@ impl Connection {
             if let Some(fut) = handler.local_request(local) {
                 let outbox = self.outbox.clone();
                 let call = self.gw.call_started();
-                self.tasks.spawn(async move {
+                self.run_call(async move {
                     let _call = call;
                     let outcome = tokio::select! {
                         outcome = fut => outcome.map_err(Failure::Local),
@@ -653,7 +689,7 @@ impl Connection {
             let info = self.info.clone();
             let outbox = self.outbox.clone();
             let call_guard = self.gw.call_started();
-            self.tasks.spawn(async move {
+            self.run_call(async move {
                 let _call = call_guard;
                 let calls = plans.into_iter().map(|plan| {
                     let (mesh, handler, info) = (&mesh, &handler, &info);
@@ -692,7 +728,7 @@ impl Connection {
         let info = self.info.clone();
         let outbox = self.outbox.clone();
         let call = self.gw.call_started();
-        self.tasks.spawn(async move {
+        self.run_call(async move {
             // Counted until its answer is queued: the drain waits for it.
             let _call = call;
             let work = async {
