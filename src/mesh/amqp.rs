@@ -466,13 +466,13 @@ impl AmqpMesh {
         if !command {
             // Requests go on the lane, unconfirmed: the response is the
             // confirmation.
+            // A lane that has ended is rebuilt by the supervisor, which
+            // sees it end; one that is backed up (the broker not reading)
+            // only refuses until it drains.
             let lane = self.lane()?;
             return lane
                 .publish(exchange, &call.service, true, props, &payload)
-                .map_err(|e| {
-                    self.shared.publish_failed();
-                    unavailable(e)
-                });
+                .map_err(unavailable);
         }
         // Commands are confirmed.
         let channel = self.publish_channel()?;

@@ -746,10 +746,8 @@ async fn read_loop(
                             c.finish(&body, on, &mut unacked, &mut last_tag);
                         }
                     } else {
-                        if c.body.is_empty() {
-                            // Bounded by MAX_BODY, checked above.
-                            c.body.reserve(c.size as usize);
-                        }
+                        // Grown as frames come, never reserved up front
+                        // from what the header claims.
                         c.body.extend_from_slice(payload);
                     }
                 }
@@ -893,6 +891,222 @@ mod tests {
         inner.open.store(false, Ordering::Release);
         let props = BasicProperties::default();
         assert!(lane.publish("x", "svc", true, props, b"{}").is_err());
+    }
+
+    fn test_inner() -> Arc<Inner> {
+        Arc::new(Inner {
+            out: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            open: AtomicBool::new(true),
+            frame_max: 4096,
+        })
+    }
+
+    fn method(channel: u16, class: AMQPClass) -> Vec<u8> {
+        method_frame(channel, class).unwrap()
+    }
+
+    fn deliver(tag: u64) -> Vec<u8> {
+        method(
+            CHANNEL,
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag: "c".into(),
+                delivery_tag: tag,
+                redelivered: false,
+                exchange: "".into(),
+                routing_key: "rq".into(),
+            })),
+        )
+    }
+
+    fn header(size: u64, correlation_id: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let props = BasicProperties::default().with_correlation_id(correlation_id.into());
+        let h = AMQPContentHeader {
+            class_id: BASIC_CLASS,
+            body_size: size,
+            properties: props,
+        };
+        encode(&AMQPFrame::Header(CHANNEL, h), &mut out).unwrap();
+        out
+    }
+
+    fn body(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_body(&mut out, bytes, 4096);
+        out
+    }
+
+    /// What the read loop dispatched from `bytes` (then the socket closes),
+    /// and why it ended.
+    async fn read_all(
+        bytes: Vec<u8>,
+        prefetch: u16,
+    ) -> (Vec<(String, Vec<u8>)>, LaneError, Vec<u8>) {
+        let inner = test_inner();
+        let mut frames = reader_of(bytes);
+        frames.frame_max = 4096;
+        let mut got = Vec::new();
+        let mut on = |m: Incoming<'_>| match m {
+            Incoming::Delivery { properties, body } => got.push((
+                properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+                body.to_vec(),
+            )),
+            Incoming::Returned { properties } => got.push((
+                format!(
+                    "returned {}",
+                    properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.to_string())
+                        .unwrap_or_default()
+                ),
+                Vec::new(),
+            )),
+        };
+        let why = read_loop(&inner, &mut frames, None, prefetch, &mut on).await;
+        let queued = std::mem::take(&mut *lock(&inner.out));
+        (got, why, queued)
+    }
+
+    #[tokio::test]
+    async fn deliveries_in_one_or_many_body_frames_are_dispatched_whole_and_acked() {
+        let big = vec![b'x'; 10_000];
+        let mut bytes = Vec::new();
+        bytes.extend(deliver(1));
+        bytes.extend(header(2, "a"));
+        bytes.extend(body(b"{}"));
+        bytes.extend(deliver(2));
+        bytes.extend(header(big.len() as u64, "b"));
+        bytes.extend(body(&big));
+        bytes.extend(deliver(3));
+        bytes.extend(header(0, "c"));
+        let (got, why, queued) = read_all(bytes, 4).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], ("a".into(), b"{}".to_vec()));
+        assert_eq!(got[1].0, "b");
+        assert_eq!(got[1].1, big);
+        assert_eq!(got[2], ("c".into(), Vec::new()));
+        assert!(why.to_string().contains("closed the connection"), "{why}");
+        // Half the prefetch taken: one ack for all so far.
+        let mut r = reader_of(queued);
+        r.fill(None).await.unwrap();
+        let f = r.buffered().unwrap().unwrap();
+        match decode_method(r.payload(f)).unwrap() {
+            AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                assert!(a.multiple);
+                assert!(a.delivery_tag >= 2, "{a:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_returned_request_is_reported_by_its_correlation_id() {
+        let mut bytes = method(
+            CHANNEL,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: 312,
+                reply_text: "NO_ROUTE".into(),
+                exchange: "x".into(),
+                routing_key: "svc".into(),
+            })),
+        );
+        bytes.extend(header(2, "r1"));
+        bytes.extend(body(b"{}"));
+        let (got, _, _) = read_all(bytes, 64).await;
+        assert_eq!(got, vec![("returned r1".to_owned(), Vec::new())]);
+    }
+
+    #[tokio::test]
+    async fn a_hostile_or_broken_broker_ends_the_lane_with_the_reason() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("longer than its header", {
+                let mut b = deliver(1);
+                b.extend(header(1, "a"));
+                b.extend(body(b"{}"));
+                b
+            }),
+            ("without its method", header(2, "a")),
+            ("without its header", {
+                let mut b = deliver(1);
+                b.extend(body(b"{}"));
+                b
+            }),
+            ("over the", {
+                let mut b = deliver(1);
+                b.extend(header(MAX_BODY + 1, "a"));
+                b
+            }),
+            ("inside a message's content", {
+                let mut b = deliver(1);
+                b.extend(deliver(2));
+                b
+            }),
+            (
+                "cancelled the response consumer",
+                method(
+                    CHANNEL,
+                    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                        consumer_tag: "c".into(),
+                        nowait: true,
+                    })),
+                ),
+            ),
+            (
+                "404 NOT_FOUND",
+                method(
+                    CHANNEL,
+                    AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                        reply_code: 404,
+                        reply_text: "NOT_FOUND".into(),
+                        class_id: 0,
+                        method_id: 0,
+                    })),
+                ),
+            ),
+            ("on channel 7", {
+                let mut b = deliver(1);
+                b[1..3].copy_from_slice(&7u16.to_be_bytes());
+                b
+            }),
+            ("unknown type", vec![9, 0, 1, 0, 0, 0, 0, FRAME_END]),
+            (
+                "undecodable method",
+                vec![FRAME_METHOD, 0, 1, 0, 0, 0, 2, 0xff, 0xff, FRAME_END],
+            ),
+        ];
+        for (want, bytes) in cases {
+            let (got, why, _) = read_all(bytes, 64).await;
+            assert!(got.is_empty(), "{want}: dispatched {got:?}");
+            assert!(why.to_string().contains(want), "{want}: ended with: {why}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_broker_closing_the_connection_is_answered_and_named() {
+        let bytes = method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: 320,
+                reply_text: "CONNECTION_FORCED".into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        );
+        let (_, why, queued) = read_all(bytes, 64).await;
+        assert!(why.to_string().contains("320 CONNECTION_FORCED"), "{why}");
+        let mut r = reader_of(queued);
+        r.fill(None).await.unwrap();
+        let f = r.buffered().unwrap().unwrap();
+        assert!(matches!(
+            decode_method(r.payload(f)).unwrap(),
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
+        ));
     }
 
     #[test]
