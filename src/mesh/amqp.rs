@@ -3,9 +3,10 @@
 //! Two connections. lapin's declares the topology, publishes (in confirm
 //! mode, so a mandatory publish nobody can take comes back as NO_ROUTE at
 //! once) commands, events, control messages and responses, and consumes
-//! the service queue and the event queue. The request lane
-//! ([`super::lane`]) carries the hot path: RPC requests out, and the
-//! instance's response queue in. A supervisor task owns the consumers and
+//! the service queue. The request lane ([`super::lane`]) carries what is
+//! per request or per event: RPC requests out; the instance's response
+//! queue and its event queue in, each with a consumer and prefetch of its
+//! own. A supervisor task owns the consumers and
 //! the lane, and rebuilds both connections with backoff when anything
 //! fails; calls in flight then fail with `MeshUnavailable` rather than
 //! waiting out their timeouts.
@@ -166,8 +167,8 @@ struct Shared {
     link: RwLock<Option<Link>>,
     ready: AtomicBool,
     handler: Arc<dyn MeshHandler>,
-    /// Events from the response queue, on their way to the handler: off
-    /// the loop that completes responses, so a burst of events never
+    /// Events from the lane, on their way to the handler: off the loop
+    /// that completes responses, so handling a burst of events never
     /// delays one. Bounded; what does not fit is dropped and counted.
     events: mpsc::Sender<IncomingEvent>,
     /// Control messages between instances: their own queue, so events
@@ -630,12 +631,11 @@ impl Mesh for AmqpMesh {
 
 struct Consumers {
     /// The request lane's reading half: responses, control messages and
-    /// returned requests.
+    /// returned requests, and mesh events from a queue of their own (a
+    /// consumer with a small prefetch of its own, so a burst of events
+    /// never has more than that in front of a response).
     lane: LaneIo,
     requests: Consumer,
-    /// Mesh events, from a queue of their own: a burst of events never
-    /// sits in front of a response. `None` without event bindings.
-    events: Option<Consumer>,
 }
 
 async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
@@ -770,41 +770,18 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     // batches: the broker holds back what is past the prefetch, so a burst
     // never piles up in this process.
     let lane_name = format!("{} requests", c.connection_name());
+    let event_queue = c.event_queue_name();
     let (lane, lane_io) = Lane::connect(LaneSpec {
         url: &c.url,
         name: &lane_name,
         queue: &shared.response_queue,
         prefetch: c.response_prefetch,
+        events: (!c.event_bindings.is_empty()).then_some((event_queue.as_str(), c.event_prefetch)),
     })
     .await
     .map_err(|e| {
         MeshError::Unavailable(format!("the request lane on {}: {e}", redact_url(&c.url)))
     })?;
-    let events = if c.event_bindings.is_empty() {
-        None
-    } else {
-        let events_ch = connection
-            .create_channel()
-            .await
-            .map_err(|e| fail("cannot open a channel", e))?;
-        events_ch
-            .basic_qos(c.event_prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| fail("cannot set prefetch", e))?;
-        let consumer = events_ch
-            .basic_consume(
-                eq,
-                "".into(),
-                BasicConsumeOptions {
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| fail("cannot consume the event queue", e))?;
-        Some(consumer)
-    };
     let requests = consume
         .basic_consume(
             service_queue.as_str().into(),
@@ -829,7 +806,6 @@ async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
     Ok(Consumers {
         lane: lane_io,
         requests,
-        events,
     })
 }
 
@@ -847,7 +823,6 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
         let why = tokio::select! {
             _ = shared.shutdown.cancelled() => None,
             e = consumers.lane.run(&mut dispatch) => Some(format!("the request lane ended: {e}")),
-            _ = consume_events(&shared, consumers.events.as_mut()) => Some("the event consumer ended".into()),
             _ = consume_requests(&shared, &mut consumers.requests) => Some("the service-queue consumer ended".into()),
             _ = shared.relink.notified() => Some("the publish channel failed".into()),
         };
@@ -909,7 +884,21 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
 /// could take (AMQP NO_ROUTE) fails its call with `NotDelivered` at once.
 fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
     match incoming {
-        Incoming::Delivery { properties, body } => match decode_message(properties, body) {
+        Incoming::Delivery {
+            properties,
+            body,
+            event: true,
+        } => match decode_message(properties, body) {
+            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
+            Ok(other) => tracing::debug!(
+                kind = other.message_type().as_str(),
+                "unexpected message on the event queue, dropped"
+            ),
+            Err(why) => tracing::debug!(%why, "undecodable message on the event queue, dropped"),
+        },
+        Incoming::Delivery {
+            properties, body, ..
+        } => match decode_message(properties, body) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
             Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
                 if shared.control.try_send(ev.event).is_err() {
@@ -958,56 +947,6 @@ async fn close_lane(shared: &Shared, io: &mut LaneIo) {
 fn jitter() -> f64 {
     let n = uuid::Uuid::new_v4().as_u128() as u64;
     (n >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Acknowledges a consumer's deliveries in batches: every `batch`-th
-/// delivery acks all before it, so the broker may send more while at most
-/// the prefetch is ever buffered here.
-struct BatchAck {
-    batch: u64,
-    taken: u64,
-}
-
-impl BatchAck {
-    fn new(prefetch: u16) -> Self {
-        Self {
-            batch: u64::from((prefetch / 8).max(1)),
-            taken: 0,
-        }
-    }
-
-    /// Count `delivery`; false once the channel can no longer ack.
-    async fn took(&mut self, delivery: &Delivery) -> bool {
-        self.taken += 1;
-        if !self.taken.is_multiple_of(self.batch) {
-            return true;
-        }
-        let all = BasicAckOptions { multiple: true };
-        delivery.acker.ack(all).await.is_ok()
-    }
-}
-
-/// Take mesh events from the event queue, acknowledged in batches, and hand
-/// them to the event task; what it has no room for is dropped and counted.
-async fn consume_events(shared: &Arc<Shared>, consumer: Option<&mut Consumer>) {
-    let Some(consumer) = consumer else {
-        return std::future::pending().await;
-    };
-    let mut acks = BatchAck::new(shared.config.event_prefetch);
-    while let Some(delivery) = consumer.next().await {
-        let Ok(delivery) = delivery else { return };
-        if !acks.took(&delivery).await {
-            return;
-        }
-        match decode_delivery(&delivery) {
-            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => tracing::debug!(
-                kind = other.message_type().as_str(),
-                "unexpected message on the event queue, dropped"
-            ),
-            Err(why) => tracing::debug!(%why, "undecodable message on the event queue, dropped"),
-        }
-    }
 }
 
 /// Hand queued items (events, control messages) to the handler with

@@ -93,10 +93,11 @@ struct Inner {
 /// A message the broker sent the lane, for the mesh to take apart.
 #[derive(Debug)]
 pub(super) enum Incoming<'a> {
-    /// From the consumed queue.
+    /// From one of the consumed queues: the event queue's when `event`.
     Delivery {
         properties: &'a BasicProperties,
         body: &'a [u8],
+        event: bool,
     },
     /// A `mandatory` publish nobody could take (NO_ROUTE).
     Returned { properties: &'a BasicProperties },
@@ -369,7 +370,13 @@ pub(super) struct LaneSpec<'a> {
     pub(super) queue: &'a str,
     /// Deliveries the broker may send before they are acknowledged.
     pub(super) prefetch: u16,
+    /// The instance's event queue and its prefetch, if it takes events.
+    pub(super) events: Option<(&'a str, u16)>,
 }
+
+/// The consumer tags the lane asks for: which queue a delivery came from.
+const RESPONSES_TAG: &str = "responses";
+const EVENTS_TAG: &str = "events";
 
 impl Lane {
     /// Open the connection and the channel, and start consuming `queue`.
@@ -441,29 +448,39 @@ impl Lane {
             (CHANNEL, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))) => {}
             (_, other) => return Err(unexpected("channel.open-ok", &other)),
         }
-        let qos = basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count: spec.prefetch.max(2),
-            global: false,
-        });
-        send(&mut writer, CHANNEL, AMQPClass::Basic(qos)).await?;
-        match frames.method().await? {
-            (CHANNEL, AMQPClass::Basic(basic::AMQPMethod::QosOk(_))) => {}
-            (_, other) => return Err(unexpected("basic.qos-ok", &other)),
+        // The prefetch set before each consume is that consumer's own.
+        let mut consumers = vec![(spec.queue, spec.prefetch.max(2), RESPONSES_TAG)];
+        if let Some((queue, prefetch)) = spec.events {
+            consumers.push((queue, prefetch.max(2), EVENTS_TAG));
         }
-        let consume = basic::AMQPMethod::Consume(basic::Consume {
-            queue: short(spec.queue, "the queue name")?,
-            consumer_tag: "".into(),
-            no_local: false,
-            no_ack: false,
-            exclusive: true,
-            nowait: false,
-            arguments: FieldTable::default(),
-        });
-        send(&mut writer, CHANNEL, AMQPClass::Basic(consume)).await?;
-        match frames.method().await? {
-            (CHANNEL, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))) => {}
-            (_, other) => return Err(unexpected("basic.consume-ok", &other)),
+        for &(queue, prefetch, tag) in &consumers {
+            let qos = basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: prefetch,
+                global: false,
+            });
+            send(&mut writer, CHANNEL, AMQPClass::Basic(qos)).await?;
+            match frames.method().await? {
+                (CHANNEL, AMQPClass::Basic(basic::AMQPMethod::QosOk(_))) => {}
+                (_, other) => return Err(unexpected("basic.qos-ok", &other)),
+            }
+            let consume = basic::AMQPMethod::Consume(basic::Consume {
+                queue: short(queue, "the queue name")?,
+                consumer_tag: tag.into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: true,
+                nowait: false,
+                arguments: FieldTable::default(),
+            });
+            send(&mut writer, CHANNEL, AMQPClass::Basic(consume)).await?;
+            match frames.method().await? {
+                (CHANNEL, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))) => {}
+                (_, other) => return Err(unexpected("basic.consume-ok", &other)),
+            }
         }
+        // Acks are per channel: one for all every half of the smaller
+        // prefetch, so neither consumer ever waits on one.
+        let ack_prefetch = consumers.iter().map(|c| c.1).min().unwrap_or(2);
 
         let inner = Arc::new(Inner {
             out: Mutex::new(Vec::new()),
@@ -477,7 +494,7 @@ impl Lane {
             frames,
             writer,
             heartbeat,
-            prefetch: spec.prefetch.max(2),
+            prefetch: ack_prefetch,
         };
         Ok((Lane { inner }, io))
     }
@@ -582,6 +599,8 @@ async fn send(writer: &mut Writer, channel: u16, class: AMQPClass) -> Result<(),
 struct Content {
     /// The delivery tag, or `None` for a returned message.
     tag: Option<u64>,
+    /// From the event queue.
+    event: bool,
     properties: Option<BasicProperties>,
     size: u64,
     body: Vec<u8>,
@@ -673,14 +692,16 @@ async fn read_loop(
                     }
                     match class {
                         AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
-                            content = Some(Content::new(Some(d.delivery_tag)));
+                            let mut c = Content::new(Some(d.delivery_tag));
+                            c.event = d.consumer_tag.as_str() == EVENTS_TAG;
+                            content = Some(c);
                         }
                         AMQPClass::Basic(basic::AMQPMethod::Return(_)) => {
                             content = Some(Content::new(None));
                         }
                         AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) => {
                             return LaneError::new(
-                                "the broker cancelled the response consumer (its queue is gone)",
+                                "the broker cancelled a consumer (its queue is gone)",
                             );
                         }
                         AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => {
@@ -779,6 +800,7 @@ impl Content {
     fn new(tag: Option<u64>) -> Self {
         Self {
             tag,
+            event: false,
             properties: None,
             size: 0,
             body: Vec::new(),
@@ -797,7 +819,11 @@ impl Content {
         };
         match self.tag {
             Some(tag) => {
-                on(Incoming::Delivery { properties, body });
+                on(Incoming::Delivery {
+                    properties,
+                    body,
+                    event: self.event,
+                });
                 *unacked += 1;
                 *last_tag = tag;
             }
@@ -907,10 +933,14 @@ mod tests {
     }
 
     fn deliver(tag: u64) -> Vec<u8> {
+        deliver_to(RESPONSES_TAG, tag)
+    }
+
+    fn deliver_to(consumer: &str, tag: u64) -> Vec<u8> {
         method(
             CHANNEL,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag: "c".into(),
+                consumer_tag: consumer.into(),
                 delivery_tag: tag,
                 redelivered: false,
                 exchange: "".into(),
@@ -948,12 +978,20 @@ mod tests {
         frames.frame_max = 4096;
         let mut got = Vec::new();
         let mut on = |m: Incoming<'_>| match m {
-            Incoming::Delivery { properties, body } => got.push((
-                properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|c| c.to_string())
-                    .unwrap_or_default(),
+            Incoming::Delivery {
+                properties,
+                body,
+                event,
+            } => got.push((
+                format!(
+                    "{}{}",
+                    if event { "event " } else { "" },
+                    properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|c| c.to_string())
+                        .unwrap_or_default()
+                ),
                 body.to_vec(),
             )),
             Incoming::Returned { properties } => got.push((
@@ -985,8 +1023,13 @@ mod tests {
         bytes.extend(body(&big));
         bytes.extend(deliver(3));
         bytes.extend(header(0, "c"));
+        bytes.extend(deliver_to(EVENTS_TAG, 4));
+        bytes.extend(header(2, "e"));
+        bytes.extend(body(b"{}"));
         let (got, why, queued) = read_all(bytes, 4).await;
-        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got.len(), 4, "{got:?}");
+        // The event queue's consumer tag marks an event.
+        assert_eq!(got[3], ("event e".into(), b"{}".to_vec()));
         assert_eq!(got[0], ("a".into(), b"{}".to_vec()));
         assert_eq!(got[1].0, "b");
         assert_eq!(got[1].1, big);
@@ -1048,7 +1091,7 @@ mod tests {
                 b
             }),
             (
-                "cancelled the response consumer",
+                "cancelled a consumer",
                 method(
                     CHANNEL,
                     AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
