@@ -75,8 +75,9 @@ pub struct AmqpConfig {
     /// travel on the connection the responses use (the lane), so fewer in
     /// flight means less for a response to wait behind during a burst.
     /// Under 50,000 events a request's p99 rose from 3 to about 75 ms with
-    /// 1024; with 64, it stays within 1.2x to 2.1x of its value without the
-    /// burst (`cargo test --release --test burst -- --nocapture`).
+    /// 1024; with 64, 1.2x to 3.0x of its value without the burst, about
+    /// what the same burst on a topic nobody here takes costs on shared
+    /// cores (`cargo test --release --test burst -- --nocapture`).
     pub event_prefetch: u16,
     /// Mesh events waiting for the handler; past it, events are dropped
     /// (and counted) rather than delaying responses or growing memory.
