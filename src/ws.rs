@@ -597,14 +597,9 @@ impl Connection {
     /// Start a request or command. A refusal (not routed, forbidden, rate
     /// limited, ...) is answered at once: its frame is handed back for the
     /// reader to queue, so a client flooding refused calls is slowed by its
-    /// own queue instead of spawning a task per call. Accepted calls run as
-    /// tasks, at most `max_in_flight` per connection.
-    fn run_call(&mut self, call: impl Future<Output = ()> + Send + 'static) {
-        calls_mut(&mut self.calls)
-            .get_or_insert_with(Box::default)
-            .push(Box::pin(call));
-    }
-
+    /// own queue instead of starting a call for it. Accepted calls run
+    /// beside the socket (`run_call`), at most `max_in_flight` per
+    /// connection.
     fn start_request(&mut self, call: ClientCall, command: bool) -> Option<Utf8Bytes> {
         let trace_id = call
             .trace_id
@@ -748,6 +743,13 @@ impl Connection {
             let _ = outbox.push(respond.frame(outcome)).await;
         });
         None
+    }
+
+    /// Run `call` beside the socket: the reader loop polls it.
+    fn run_call(&mut self, call: impl Future<Output = ()> + Send + 'static) {
+        calls_mut(&mut self.calls)
+            .get_or_insert_with(Box::default)
+            .push(Box::pin(call));
     }
 }
 

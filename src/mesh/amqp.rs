@@ -11,7 +11,7 @@
 //! fails; calls in flight then fail with `MeshUnavailable` rather than
 //! waiting out their timeouts.
 //!
-//! Events for clients are bound to the per-instance response queue, so every
+//! Events for clients are bound to the per-instance event queue, so every
 //! gateway instance sees every event and can reach its own sockets.
 
 use std::collections::HashMap;
@@ -468,10 +468,9 @@ impl AmqpMesh {
         };
         if !command {
             // Requests go on the lane, unconfirmed: the response is the
-            // confirmation.
-            // A lane that has ended is rebuilt by the supervisor, which
-            // sees it end; one that is backed up (the broker not reading)
-            // only refuses until it drains.
+            // confirmation. A lane that has ended is rebuilt by the
+            // supervisor, which sees it end; one that is backed up (the
+            // broker not reading) only refuses until it drains.
             let lane = self.lane()?;
             return lane
                 .publish(exchange, &call.service, true, props, &payload)
@@ -829,7 +828,7 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
             _ = shared.relink.notified() => Some("the publish channel failed".into()),
         };
         let Some(why) = why else {
-            close_lane(&shared, &mut consumers.lane).await;
+            consumers.lane.close(LANE_GOODBYE).await;
             return;
         };
         shared.ready.store(false, Ordering::SeqCst);
@@ -841,7 +840,7 @@ async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
         tracing::warn!(url = %redact_url(&shared.config.url), %why, "lost the broker link; rebuilding the connection");
         // The old lane goes first: its exclusive consumer of the response
         // queue would refuse the new one.
-        close_lane(&shared, &mut consumers.lane).await;
+        consumers.lane.close(LANE_GOODBYE).await;
         drop(consumers);
         let old = shared
             .link
@@ -929,21 +928,8 @@ fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
     }
 }
 
-/// Close the lane at shutdown: say goodbye and give the broker a moment to
-/// answer, so it logs a clean close rather than a dropped socket.
-async fn close_lane(shared: &Shared, io: &mut LaneIo) {
-    let lane = shared
-        .link
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|l| l.lane.clone());
-    if let Some(lane) = lane {
-        lane.close();
-        let mut ignore = |_: Incoming<'_>| {};
-        let _ = tokio::time::timeout(Duration::from_secs(1), io.run(&mut ignore)).await;
-    }
-}
+/// How long a closing lane waits for the broker's answer to its goodbye.
+const LANE_GOODBYE: Duration = Duration::from_secs(1);
 
 /// A number in [0, 1) that differs between calls and processes.
 fn jitter() -> f64 {
