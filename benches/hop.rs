@@ -15,6 +15,7 @@
 //!   cargo bench --bench hop                         # 2 rounds, 20,000 calls each, 10,000 sockets
 //!   cargo bench --bench hop -- --requests 50000 --rounds 3 --fanout 5000
 //!   cargo bench --bench hop -- --gateway-workers 1     # the gateway on one worker thread
+//!   cargo bench --bench hop -- --only "1 socket x 1"   # the scenarios whose name holds this
 //!
 //! Under `cargo test` it makes a short smoke run.
 
@@ -206,8 +207,23 @@ struct Proc {
 }
 
 impl Proc {
+    /// A child running this binary with `args`; the gateway under
+    /// `BFF_BENCH_GATEWAY_WRAPPER` when that is set (say `valgrind
+    /// --tool=callgrind`, to count its instructions per request).
     fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let exe = std::env::current_exe().unwrap();
+        let wrapper = std::env::var("BFF_BENCH_GATEWAY_WRAPPER")
+            .ok()
+            .filter(|_| args.first() == Some(&"--gateway"));
+        let mut command = match wrapper.as_deref().map(str::split_whitespace) {
+            Some(mut words) => {
+                let mut command = Command::new(words.next().expect("an empty wrapper"));
+                command.args(words).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -634,9 +650,25 @@ async fn orchestrate() {
         ("through the BFF, 1 socket x 64", 1, 1, 64),
         ("through the BFF, 64 sockets x 1", 1, 64, 1),
     ];
+    // `--only TEXT`: the scenarios whose name holds TEXT, and the direct
+    // path they are compared with (to profile one at a time).
+    let only = arg_str("--only");
+    let chosen = |name: &str, in_flight: usize| match &only {
+        None => true,
+        Some(text) => {
+            name.contains(text.as_str())
+                || (name.starts_with("direct")
+                    && scenarios.iter().any(|(n, _, s, f)| {
+                        n.contains(text.as_str()) && (s * f == 1) == (in_flight == 1)
+                    }))
+        }
+    };
     let mut results: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios.len()];
     for round in 0..rounds {
         for (i, (name, via_gateway, sockets, in_flight)) in scenarios.iter().enumerate() {
+            if !chosen(name, *in_flight) {
+                continue;
+            }
             // Fewer calls at one in flight: each takes a round trip.
             let n = if *in_flight == 1 && *sockets == 1 {
                 total / 4
@@ -655,7 +687,7 @@ async fn orchestrate() {
     let median = |v: &[Outcome]| {
         let mut v = v.to_vec();
         v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied()
     };
     let direct1 = median(&results[0]);
     let direct64 = median(&results[2]);
@@ -664,13 +696,15 @@ async fn orchestrate() {
     );
     println!("|---|---|---|---|---|---|---|");
     for (i, (name, via, sockets, in_flight)) in scenarios.iter().enumerate() {
-        let o = median(&results[i]);
+        let Some(o) = median(&results[i]) else {
+            continue;
+        };
         let base = if sockets * in_flight == 1 {
             direct1
         } else {
             direct64
         };
-        let (ratio, added) = if *via == 1 {
+        let (ratio, added) = if let (1, Some(base)) = (*via, base) {
             (
                 format!("{:.0}%", 100.0 * o.rate / base.rate),
                 ms(o.p50.saturating_sub(base.p50)),
@@ -685,6 +719,9 @@ async fn orchestrate() {
             ms(o.p99),
             o.cpu_per_request.map_or("-".into(), us),
         );
+    }
+    if fanout == 0 {
+        return;
     }
     let (rate, p99, cpu) = run_fanout(&url, &gw, &topic, fanout, 3).await;
     println!(

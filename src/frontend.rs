@@ -295,7 +295,7 @@ pub async fn describe_services(
         };
         let mesh = &mesh;
         async move {
-            let answer = tokio::time::timeout(Duration::from_secs(3), mesh.request(call)).await;
+            let answer = tokio::time::timeout(Duration::from_secs(3), mesh.request(&call)).await;
             (*service, answer)
         }
     });

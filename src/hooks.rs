@@ -51,8 +51,19 @@ pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Whether [`local_request`](Self::local_request) is offered `call`.
+    /// The gateway asks this first because building a [`LocalCall`] copies
+    /// the session, the call and the mesh context; a BFF whose local routes
+    /// are one service says so here and saves the copies on every other
+    /// call. The default offers every request.
+    fn is_local(&self, call: &ClientCall) -> bool {
+        let _ = call;
+        true
+    }
+
     /// A BFF-local route: answer `call` here (composing mesh calls, say)
     /// instead of forwarding it. `None` forwards through the routing table.
+    /// Only called for requests [`is_local`](Self::is_local) accepts.
     fn local_request(
         &self,
         call: LocalCall,
@@ -83,7 +94,11 @@ pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
 /// The hooks with every default.
 #[derive(Debug, Clone, Default)]
 pub struct DefaultHandler;
-impl WsHandler for DefaultHandler {}
+impl WsHandler for DefaultHandler {
+    fn is_local(&self, _: &ClientCall) -> bool {
+        false
+    }
+}
 
 /// What a BFF-local route gets: who asked, what they asked, and a mesh client
 /// that calls on their behalf.
@@ -139,7 +154,7 @@ impl MeshClient {
         params: Map<String, Value>,
     ) -> Result<Value, MeshError> {
         self.mesh
-            .request(Call {
+            .request(&Call {
                 service: service.to_owned(),
                 method: method.to_owned(),
                 params,

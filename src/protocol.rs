@@ -176,7 +176,7 @@ impl ClientFrame {
         if !obj.contains_key("payload") {
             return Err(fail("missing field `payload`".into()));
         }
-        serde_json::from_value(value.clone()).map_err(|e| fail(format!("invalid frame: {e}")))
+        serde_json::from_value(value).map_err(|e| fail(format!("invalid frame: {e}")))
     }
 }
 
@@ -277,6 +277,40 @@ pub(crate) enum MeshMessage {
 }
 
 impl MeshMessage {
+    /// Decode a body whose headers say it is a `kind`: straight into that
+    /// variant's type (serde's tagged enum would first copy every value of
+    /// the body into a buffer), once its `tag` is checked against `kind`.
+    pub(crate) fn decode_as(kind: MessageType, data: &[u8]) -> Result<Self, String> {
+        /// The body's tag alone; every other field is skipped unread.
+        #[derive(Deserialize)]
+        struct Tag<'a> {
+            #[serde(borrow)]
+            tag: std::borrow::Cow<'a, str>,
+        }
+        let undecodable = |e: serde_json::Error| format!("undecodable body: {e}");
+        let tag = serde_json::from_slice::<Tag<'_>>(data)
+            .map_err(undecodable)?
+            .tag;
+        if tag != kind.as_str() {
+            return Err(format!(
+                "nuropb_type header `{}` does not match body tag `{tag}`",
+                kind.as_str()
+            ));
+        }
+        Ok(match kind {
+            MessageType::Request => {
+                Self::Request(serde_json::from_slice(data).map_err(undecodable)?)
+            }
+            MessageType::Command => {
+                Self::Command(serde_json::from_slice(data).map_err(undecodable)?)
+            }
+            MessageType::Event => Self::Event(serde_json::from_slice(data).map_err(undecodable)?),
+            MessageType::Response => {
+                Self::Response(serde_json::from_slice(data).map_err(undecodable)?)
+            }
+        })
+    }
+
     pub(crate) fn message_type(&self) -> MessageType {
         match self {
             Self::Request(_) => MessageType::Request,
@@ -298,6 +332,21 @@ pub struct RequestBody {
     pub method: String,
     #[serde(default)]
     pub params: Map<String, Value>,
+}
+
+/// A request or command body written from borrowed parts: the same JSON as
+/// [`MeshMessage::Request`] / [`MeshMessage::Command`] of a [`RequestBody`],
+/// without copying the call's maps to build one.
+#[derive(Debug, Serialize)]
+pub(crate) struct RequestBodyRef<'a> {
+    /// `request` or `command`: the variant's tag, first as serde writes it.
+    pub tag: &'static str,
+    pub correlation_id: &'a str,
+    pub context: &'a Map<String, Value>,
+    pub trace_id: Option<&'a str>,
+    pub service: &'a str,
+    pub method: &'a str,
+    pub params: &'a Map<String, Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

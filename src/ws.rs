@@ -3,6 +3,7 @@
 //! writer task that drains the session's bounded outbound queue. Whether a
 //! call may go out is `dispatch`'s to say; this module carries it out.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -183,7 +184,7 @@ async fn open(
     let writer = tokio::spawn(write_loop(sink, outbox.clone(), gw.limits().write_timeout));
     let conn = Connection {
         gw,
-        info,
+        info: Arc::new(info),
         token,
         expires_at,
         outbox,
@@ -235,9 +236,8 @@ async fn request_as(
     info: &SessionInfo,
     call: Call,
 ) -> Result<Value, MeshError> {
-    let sent = call.clone();
-    let result = mesh.request(call).await?;
-    Ok(handler.on_response(info, &sent, result))
+    let result = mesh.request(&call).await?;
+    Ok(handler.on_response(info, &call, result))
 }
 
 /// Write `first` and what else is queued (up to [`WRITE_BATCH`] frames),
@@ -327,7 +327,9 @@ impl Live {
 
 struct Connection {
     gw: Gateway,
-    info: SessionInfo,
+    /// Shared with the calls in flight (the `on_response` hook sees it)
+    /// without a copy per call.
+    info: Arc<SessionInfo>,
     /// The bearer token, forwarded to services as `Authorization`, and
     /// when it expires (who it names is in `info`).
     token: Option<String>,
@@ -530,8 +532,9 @@ impl Connection {
                     .set_roles(&self.info.session_id, &id.roles, |t| {
                         dispatch::authorize_subscription(routes, &id.roles, t).is_ok()
                     });
-                self.info.roles = id.roles;
-                self.info.username = id.username;
+                let info = Arc::make_mut(&mut self.info);
+                info.roles = id.roles;
+                info.username = id.username;
                 self.token = id.token;
                 self.expires_at = id.expires_at;
                 true
@@ -623,9 +626,9 @@ impl Connection {
         let context = dispatch::context(&self.info, self.token.as_deref(), &respond.trace_id);
         let handler = self.gw.hub().handler().clone();
 
-        if !command {
+        if !command && handler.is_local(&call) {
             let local = LocalCall {
-                session: self.info.clone(),
+                session: SessionInfo::clone(&self.info),
                 call: call.clone(),
                 mesh: MeshClient::new(
                     mesh.clone(),

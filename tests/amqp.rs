@@ -81,26 +81,29 @@ async fn request_response_errors_no_route_and_timeout_over_the_broker() {
     let ttl = Duration::from_secs(10);
 
     let r = client
-        .request(call(&svc_name, "add", json!({"a": 2, "b": 3}), ttl))
+        .request(&call(&svc_name, "add", json!({"a": 2, "b": 3}), ttl))
         .await;
     assert_eq!(r, Ok(json!(5)));
 
     let mut c = call(&svc_name, "ctx", json!({}), ttl);
     c.context.insert("user_id".into(), json!("u7"));
-    let r = client.request(c).await.unwrap();
+    let r = client.request(&c).await.unwrap();
     assert_eq!(r["trace"], "trace-1");
     assert_eq!(r["ctx"]["user_id"], "u7");
 
     // Many in flight over one connection.
-    let calls =
-        (0..200).map(|i| client.request(call(&svc_name, "add", json!({"a": i, "b": 1}), ttl)));
+    let calls = (0..200).map(|i| {
+        let c = call(&svc_name, "add", json!({"a": i, "b": 1}), ttl);
+        let client = &client;
+        async move { client.request(&c).await }
+    });
     let results = futures_util::future::join_all(calls).await;
     for (i, r) in results.into_iter().enumerate() {
         assert_eq!(r, Ok(json!(i as i64 + 1)));
     }
 
     let r = client
-        .request(call(&svc_name, "fail", json!({}), ttl))
+        .request(&call(&svc_name, "fail", json!({}), ttl))
         .await;
     assert_eq!(
         r,
@@ -111,7 +114,7 @@ async fn request_response_errors_no_route_and_timeout_over_the_broker() {
     let started = Instant::now();
     let absent = unique("absent");
     let r = client
-        .request(call(&absent, "x", json!({}), Duration::from_secs(30)))
+        .request(&call(&absent, "x", json!({}), Duration::from_secs(30)))
         .await;
     assert!(
         matches!(&r, Err(MeshError::NotDelivered { service, method }) if *service == absent && method == "x"),
@@ -124,7 +127,7 @@ async fn request_response_errors_no_route_and_timeout_over_the_broker() {
     );
 
     let r = client
-        .request(call(
+        .request(&call(
             &svc_name,
             "slow",
             json!({}),
@@ -240,14 +243,14 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
     let client = AmqpMesh::connect(config, recorder.clone()).await.unwrap();
     let ttl = Duration::from_secs(30);
     let add = |a: i64| call(&svc_name, "add", json!({"a": a, "b": 1}), ttl);
-    assert_eq!(client.request(add(1)).await, Ok(json!(2)));
+    assert_eq!(client.request(&add(1)).await, Ok(json!(2)));
 
     // A call in flight when the connection goes fails at once, not after
     // its 30 s ttl.
     let in_flight = {
         let client = client.clone();
         let c = call(&svc_name, "slow", json!({}), ttl);
-        tokio::spawn(async move { client.request(c).await })
+        tokio::spawn(async move { client.request(&c).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let dropped_at = Instant::now();
@@ -268,7 +271,7 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("reconnected {:?} after the drop", dropped_at.elapsed());
-    assert_eq!(client.request(add(41)).await, Ok(json!(42)));
+    assert_eq!(client.request(&add(41)).await, Ok(json!(42)));
     server
         .publish_event(OutgoingEvent {
             topic: format!("{svc_name}.changed"),
@@ -357,7 +360,7 @@ async fn malformed_broker_messages_are_dropped_and_both_peers_keep_serving() {
 
     assert!(server.is_ready() && client.is_ready());
     let r = client
-        .request(call(
+        .request(&call(
             &svc_name,
             "add",
             json!({"a": 20, "b": 22}),

@@ -284,7 +284,7 @@ async fn a_broadcast_to_a_thousand_sockets_over_two_instances() {
     .unwrap();
     let started = Instant::now();
     let answer = caller
-        .request(Call {
+        .request(&Call {
             service: name.clone(),
             method: "broadcast".into(),
             params: json!({"message": "hi"}).as_object().unwrap().clone(),

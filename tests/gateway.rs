@@ -412,14 +412,14 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     ] {
         let mut refused = call("broadcast", json!({"message":"no"}));
         refused.context = context;
-        let e = mesh.request(refused).await.unwrap_err();
+        let e = mesh.request(&refused).await.unwrap_err();
         assert!(
             matches!(&e, nuropb_bff::MeshError::Remote(b) if b.error == "NuropbAuthorizationError"),
             "{e:?}"
         );
     }
     let r = mesh
-        .request(call(
+        .request(&call(
             "send_to_users",
             json!({"user_ids":["ann"],"message":{"n":1},"topic":"note"}),
         ))
@@ -433,14 +433,14 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         );
     }
     let r = mesh
-        .request(call("broadcast", json!({"message":"hi"})))
+        .request(&call("broadcast", json!({"message":"hi"})))
         .await
         .unwrap();
     assert_eq!(r["delivered"], 3, "{r}");
     for c in [&mut a1, &mut a2, &mut b] {
         assert_eq!(c.recv().await.unwrap()["payload"]["event"], "hi");
     }
-    let stats = mesh.request(call("stats", json!({}))).await.unwrap();
+    let stats = mesh.request(&call("stats", json!({}))).await.unwrap();
     assert_eq!(
         (stats["sessions"].clone(), stats["users"].clone()),
         (json!(3), json!(2)),
@@ -448,12 +448,12 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     );
     assert_eq!(stats["cluster"]["instances"], 1, "{stats}");
     let d = mesh
-        .request(call("describe_me", json!({})))
+        .request(&call("describe_me", json!({})))
         .await
         .unwrap_err();
     assert!(matches!(d, nuropb_bff::MeshError::Remote(_)));
     let desc = mesh
-        .request(call("nuropb_describe", json!({})))
+        .request(&call("nuropb_describe", json!({})))
         .await
         .unwrap();
     assert_eq!(desc["service_name"], "test-bff");
@@ -503,7 +503,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     assert_eq!(r["result"]["id"], 9);
 
     let r = mesh
-        .request(call("disconnect_users", json!({"user_ids":["ann"]})))
+        .request(&call("disconnect_users", json!({"user_ids":["ann"]})))
         .await
         .unwrap();
     assert_eq!(r["disconnected"], 2, "{r}");
@@ -597,6 +597,44 @@ async fn handler_hooks_compose_and_transform() {
         .await
         .unwrap();
     assert_eq!(r["result"], json!({"via":"orders.get","result":{"id":5}}));
+    gw.stop().await;
+}
+
+/// Local routes for `bff.*` only, said up front: other calls are never
+/// offered to `local_request`, which would answer anything it is offered.
+#[derive(Debug)]
+struct OnlyBff;
+impl WsHandler for OnlyBff {
+    fn is_local(&self, call: &nuropb_bff::ClientCall) -> bool {
+        call.service == "bff"
+    }
+    fn local_request(
+        &self,
+        call: LocalCall,
+    ) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
+        Some(Box::pin(async move {
+            Ok(json!({"local": format!("{}.{}", call.call.service, call.call.method)}))
+        }))
+    }
+}
+
+#[tokio::test]
+async fn only_the_calls_a_handler_calls_local_are_offered_to_it() {
+    let gw = start(ROUTES, hs256(), Arc::new(OnlyBff), |_| {}, stubs()).await;
+    let (mut c, _) = connect(&gw.url(), &token("lee", &[], 300)).await;
+    let r = c.request_traced("bff", "x", json!({}), "l").await.unwrap();
+    assert_eq!(r["result"], json!({"local": "bff.x"}));
+    // Not offered: routed to the mesh as any call.
+    let r = c
+        .request_traced("shop", "get", json!({"id": 5}), "s")
+        .await
+        .unwrap();
+    assert_eq!(r["result"], json!({"id": 5}), "{r}");
+    let r = c
+        .request_traced("nowhere", "x", json!({}), "n")
+        .await
+        .unwrap();
+    assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
     gw.stop().await;
 }
 

@@ -192,7 +192,7 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
         }
         // The BFF's own service queue serves again too.
         let stats = caller
-            .request(Call {
+            .request(&Call {
                 service: bff.clone(),
                 method: "stats".into(),
                 params: Default::default(),

@@ -1,4 +1,9 @@
-//! Command-line helpers shared by the benchmark binaries.
+//! Command-line helpers shared by the benchmark binaries, and their
+//! allocator.
+
+/// The benches run the gateway with the allocator a BFF binary installs.
+#[global_allocator]
+static ALLOCATOR: nuropb_bff::MiMalloc = nuropb_bff::MiMalloc;
 
 /// The value after `--name` on the command line, or `default`.
 pub(crate) fn arg(name: &str, default: usize) -> usize {

@@ -43,7 +43,7 @@ use super::{
 };
 use crate::protocol::{
     EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
-    RequestBody, ResponseBody,
+    RequestBodyRef, ResponseBody,
 };
 
 /// Where and as whom to join the mesh.
@@ -259,16 +259,7 @@ fn decode_message(props: &BasicProperties, data: &[u8]) -> Result<MeshMessage, S
     if header_str(props, "encrypted").as_deref() == Some("yes") {
         return Err("encrypted payloads are not supported by this gateway".into());
     }
-    let msg: MeshMessage =
-        serde_json::from_slice(data).map_err(|e| format!("undecodable body: {e}"))?;
-    if msg.message_type() != kind {
-        return Err(format!(
-            "nuropb_type header `{}` does not match body tag `{}`",
-            kind.as_str(),
-            msg.message_type().as_str()
-        ));
-    }
-    Ok(msg)
+    MeshMessage::decode_as(kind, data)
 }
 
 impl AmqpMesh {
@@ -441,20 +432,21 @@ impl AmqpMesh {
         command: bool,
         correlation_id: &str,
     ) -> Result<(), MeshError> {
-        let body = RequestBody {
-            correlation_id: correlation_id.to_owned(),
-            context: call.context.clone(),
-            trace_id: call.trace_id.clone(),
-            service: call.service.clone(),
-            method: call.method.clone(),
-            params: call.params.clone(),
-        };
-        let (msg, kind) = if command {
-            (MeshMessage::Command(body), MessageType::Command)
+        let kind = if command {
+            MessageType::Command
         } else {
-            (MeshMessage::Request(body), MessageType::Request)
+            MessageType::Request
         };
-        let payload = serde_json::to_vec(&msg).map_err(unavailable)?;
+        let body = RequestBodyRef {
+            tag: kind.as_str(),
+            correlation_id,
+            context: &call.context,
+            trace_id: call.trace_id.as_deref(),
+            service: &call.service,
+            method: &call.method,
+            params: &call.params,
+        };
+        let payload = serde_json::to_vec(&body).map_err(unavailable)?;
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_correlation_id(correlation_id.into())
@@ -559,7 +551,7 @@ impl AmqpMesh {
 }
 
 impl Mesh for AmqpMesh {
-    fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>> {
+    fn request<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Value, MeshError>> {
         Box::pin(async move {
             let correlation_id = uuid::Uuid::new_v4().simple().to_string();
             let (tx, rx) = oneshot::channel();
@@ -570,7 +562,7 @@ impl Mesh for AmqpMesh {
             };
             let ttl = call.ttl;
             let exchange = async {
-                self.publish_call(&call, false, &correlation_id).await?;
+                self.publish_call(call, false, &correlation_id).await?;
                 match rx.await {
                     Ok(Err(MeshError::NotDelivered { .. })) => Err(MeshError::NotDelivered {
                         service: call.service.clone(),

@@ -83,20 +83,20 @@ impl MemoryMesh {
 }
 
 impl Mesh for MemoryMesh {
-    fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>> {
+    fn request<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Value, MeshError>> {
         Box::pin(async move {
             let Some(service) = self.get(&call.service) else {
                 return Err(MeshError::NotDelivered {
-                    service: call.service,
-                    method: call.method,
+                    service: call.service.clone(),
+                    method: call.method.clone(),
                 });
             };
             let ttl = call.ttl;
             let request = IncomingRequest {
-                method: call.method,
-                params: call.params,
-                context: call.context,
-                trace_id: call.trace_id,
+                method: call.method.clone(),
+                params: call.params.clone(),
+                context: call.context.clone(),
+                trace_id: call.trace_id.clone(),
             };
             match tokio::time::timeout(ttl, service.handler.handle_request(request)).await {
                 Ok(result) => result.map_err(MeshError::Remote),
@@ -285,10 +285,13 @@ mod tests {
             Arc::new(StubService::new("calc").method("two", |_| async { Ok(json!(2)) })),
             vec![],
         );
-        assert_eq!(mesh.request(call("calc", "two", 1000)).await, Ok(json!(2)));
-        let err = mesh.request(call("calc", "three", 1000)).await.unwrap_err();
+        assert_eq!(mesh.request(&call("calc", "two", 1000)).await, Ok(json!(2)));
+        let err = mesh
+            .request(&call("calc", "three", 1000))
+            .await
+            .unwrap_err();
         assert!(matches!(err, MeshError::Remote(ref b) if b.error == "NuropbException"));
-        let err = mesh.request(call("nope", "x", 1000)).await.unwrap_err();
+        let err = mesh.request(&call("nope", "x", 1000)).await.unwrap_err();
         assert_eq!(
             err.to_client().error,
             "NuropbNotDeliveredError",
@@ -307,7 +310,7 @@ mod tests {
             })),
             vec![],
         );
-        let err = mesh.request(call("slow", "wait", 500)).await.unwrap_err();
+        let err = mesh.request(&call("slow", "wait", 500)).await.unwrap_err();
         assert_eq!(err, MeshError::Timeout(Duration::from_millis(500)));
     }
 
@@ -348,7 +351,7 @@ mod tests {
         let mesh = MemoryMesh::with_echo_stubs(&routes);
         let mut c = call("orders", "list", 1000);
         c.context.insert("user_id".into(), json!("u1"));
-        let v = mesh.request(c).await.unwrap();
+        let v = mesh.request(&c).await.unwrap();
         assert_eq!(v["method"], "list");
         assert_eq!(v["user_id"], "u1");
     }

@@ -161,8 +161,10 @@ impl MeshError {
 
 /// The client side of the mesh: what the gateway calls.
 pub trait Mesh: Send + Sync + fmt::Debug + 'static {
-    /// Call `service.method` and wait for its result.
-    fn request(&self, call: Call) -> BoxFuture<'_, Result<Value, MeshError>>;
+    /// Call `service.method` and wait for its result. The call is
+    /// borrowed: the caller keeps it (the `on_response` hook sees it), and
+    /// a mesh that only encodes it copies nothing.
+    fn request<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Value, MeshError>>;
     /// Send a command; resolves once the broker accepted it.
     fn command(&self, call: Call) -> BoxFuture<'_, Result<(), MeshError>>;
     /// Publish an event on the events exchange.

@@ -65,6 +65,44 @@ fn encodes_a_request_with_the_fields_nuropb_reads() {
 }
 
 #[test]
+fn a_borrowed_request_body_writes_the_same_bytes_as_the_owned_one() {
+    let context = json!({"user_id": "u", "Authorization": "Bearer x"});
+    let params = json!({"id": 7, "tags": ["a", "b\"c"], "nested": {"k": null}});
+    let owned = RequestBody {
+        correlation_id: "abc".into(),
+        context: context.as_object().unwrap().clone(),
+        trace_id: Some("t".into()),
+        service: "orders".into(),
+        method: "get".into(),
+        params: params.as_object().unwrap().clone(),
+    };
+    for (tag, message) in [
+        ("request", MeshMessage::Request(owned.clone())),
+        ("command", MeshMessage::Command(owned.clone())),
+    ] {
+        for trace_id in [Some("t"), None] {
+            let mut message = message.clone();
+            if let MeshMessage::Request(b) | MeshMessage::Command(b) = &mut message {
+                b.trace_id = trace_id.map(str::to_owned);
+            }
+            let borrowed = RequestBodyRef {
+                tag,
+                correlation_id: "abc",
+                context: context.as_object().unwrap(),
+                trace_id,
+                service: "orders",
+                method: "get",
+                params: params.as_object().unwrap(),
+            };
+            assert_eq!(
+                String::from_utf8(serde_json::to_vec(&borrowed).unwrap()).unwrap(),
+                String::from_utf8(serde_json::to_vec(&message).unwrap()).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
 fn encodes_a_response_like_nuropb() {
     let body = MeshMessage::Response(ResponseBody {
         correlation_id: "c0ffee".into(),
@@ -272,4 +310,37 @@ mod decoder_never_panics {
         );
         assert!(ClientFrame::decode(&deep_obj).is_err());
     }
+}
+
+#[test]
+fn decoding_by_the_header_type_reads_what_the_tagged_enum_reads() {
+    for (kind, body) in [
+        (MessageType::Request, NUROPB_REQUEST),
+        (MessageType::Response, NUROPB_ERROR_RESPONSE),
+        (MessageType::Event, NUROPB_EVENT),
+    ] {
+        let tagged: MeshMessage = serde_json::from_str(body).unwrap();
+        assert_eq!(MeshMessage::decode_as(kind, body.as_bytes()), Ok(tagged));
+    }
+    let command = NUROPB_REQUEST.replace(r#""tag": "request""#, r#""tag": "command""#);
+    assert!(matches!(
+        MeshMessage::decode_as(MessageType::Command, command.as_bytes()),
+        Ok(MeshMessage::Command(_))
+    ));
+}
+
+#[test]
+fn a_body_whose_tag_is_not_its_header_type_is_refused() {
+    let e = MeshMessage::decode_as(MessageType::Response, NUROPB_REQUEST.as_bytes()).unwrap_err();
+    assert!(e.contains("does not match body tag `request`"), "{e}");
+    let e =
+        MeshMessage::decode_as(MessageType::Response, br#"{"correlation_id": "c"}"#).unwrap_err();
+    assert!(e.contains("missing field `tag`"), "{e}");
+    let e = MeshMessage::decode_as(MessageType::Response, br#"{"tag": 7}"#).unwrap_err();
+    assert!(e.starts_with("undecodable body"), "{e}");
+    // The right tag, a body that is not a response.
+    let e = MeshMessage::decode_as(MessageType::Response, br#"{"tag": "response"}"#).unwrap_err();
+    assert!(e.contains("missing field `correlation_id`"), "{e}");
+    let e = MeshMessage::decode_as(MessageType::Event, b"[1, 2]").unwrap_err();
+    assert!(e.starts_with("undecodable body"), "{e}");
 }

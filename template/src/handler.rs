@@ -1,7 +1,7 @@
 //! The WebSocket handler hooks of {{project-name}}. Every hook has a
 //! default in the runtime; override what this frontend needs.
 
-use nuropb_bff::{BoxFuture, ErrorBody, LocalCall, WsHandler};
+use nuropb_bff::{BoxFuture, ClientCall, ErrorBody, LocalCall, WsHandler};
 use serde_json::{Value, json};
 
 #[derive(Debug, Default)]
@@ -13,16 +13,17 @@ impl WsHandler for Handler {
     // fn on_response(&self, session, call, result) -> Value
     // fn on_event(&self, topic, event) -> Option<Value>    before a push
 
-    /// BFF-local routes: requests for the service `bff` are answered here,
-    /// composing mesh calls on the user's behalf; everything else goes
-    /// through routes.toml.
+    /// BFF-local routes: requests for the service `bff` are answered here
+    /// (`local_request`), composing mesh calls on the user's behalf;
+    /// everything else goes through routes.toml.
+    fn is_local(&self, call: &ClientCall) -> bool {
+        call.service == "bff"
+    }
+
     fn local_request(
         &self,
         call: LocalCall,
     ) -> Option<BoxFuture<'static, Result<Value, ErrorBody>>> {
-        if call.call.service != "bff" {
-            return None;
-        }
         Some(Box::pin(async move {
             match call.call.method.as_str() {
                 "whoami" => Ok(json!({
