@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::lane::{Incoming, Lane, LaneIo, LaneSpec};
+use super::lane::{Incoming, Lane, LaneIo, LaneSpec, Properties as LaneProperties};
 use super::{
     BoxFuture, CONTROL_TOPIC, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent,
     redact_url,
@@ -222,14 +222,25 @@ fn unavailable(e: impl std::fmt::Display) -> MeshError {
     MeshError::Unavailable(e.to_string())
 }
 
+/// The NuroPb headers of a message of `kind`, sorted by name; `None` is
+/// void.
+fn nuropb_headers(kind: MessageType, trace_id: Option<&str>) -> [(&str, Option<&str>); 5] {
+    [
+        ("encrypted", Some("")),
+        ("nuropb_protocol", Some(NUROPB_PROTOCOL_VERSION)),
+        ("nuropb_type", Some(kind.as_str())),
+        ("nuropb_version", Some(NUROPB_LIBRARY_VERSION)),
+        ("trace_id", trace_id),
+    ]
+}
+
+/// [`nuropb_headers`] as lapin's table.
 fn headers(kind: MessageType, trace_id: Option<&str>) -> FieldTable {
     let mut h = FieldTable::default();
-    let s = |v: &str| AMQPValue::LongString(v.into());
-    h.insert("nuropb_protocol".into(), s(NUROPB_PROTOCOL_VERSION));
-    h.insert("nuropb_version".into(), s(NUROPB_LIBRARY_VERSION));
-    h.insert("nuropb_type".into(), s(kind.as_str()));
-    h.insert("trace_id".into(), trace_id.map_or(AMQPValue::Void, s));
-    h.insert("encrypted".into(), s(""));
+    for (name, value) in nuropb_headers(kind, trace_id) {
+        let value = value.map_or(AMQPValue::Void, |v| AMQPValue::LongString(v.into()));
+        h.insert(name.into(), value);
+    }
     h
 }
 
@@ -447,28 +458,36 @@ impl AmqpMesh {
             params: &call.params,
         };
         let payload = serde_json::to_vec(&body).map_err(unavailable)?;
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_correlation_id(correlation_id.into())
-            .with_reply_to(self.shared.response_queue.as_str().into())
-            .with_expiration(call.ttl.as_millis().max(1).to_string().into())
-            .with_headers(headers(kind, call.trace_id.as_deref()));
         let exchange = self.shared.config.rpc_exchange.as_str();
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
         if !command {
             // Requests go on the lane, unconfirmed: the response is the
             // confirmation. A lane that has ended is rebuilt by the
             // supervisor, which sees it end; one that is backed up (the
             // broker not reading) only refuses until it drains.
             let lane = self.lane()?;
+            let headers = nuropb_headers(kind, call.trace_id.as_deref());
+            let props = LaneProperties {
+                content_type: "application/json",
+                correlation_id,
+                reply_to: &self.shared.response_queue,
+                expiration_ms: u64::try_from(call.ttl.as_millis().max(1)).unwrap_or(u64::MAX),
+                headers: &headers,
+            };
             return lane
-                .publish(exchange, &call.service, true, props, &payload)
+                .publish(exchange, &call.service, true, &props, &payload)
                 .map_err(unavailable);
         }
         // Commands are confirmed.
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_correlation_id(correlation_id.into())
+            .with_reply_to(self.shared.response_queue.as_str().into())
+            .with_expiration(call.ttl.as_millis().max(1).to_string().into())
+            .with_headers(headers(kind, call.trace_id.as_deref()));
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
         let channel = self.publish_channel()?;
         let confirm = channel
             .basic_publish(

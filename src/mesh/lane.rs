@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amq_protocol::frame::parsing::parse_content_header;
-use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
+use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, connection, parse_class};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use amq_protocol::uri::{AMQPScheme, AMQPUri};
@@ -291,9 +291,7 @@ fn put_body(out: &mut Vec<u8>, body: &[u8], frame_max: usize) {
 }
 
 fn short(s: &str, what: &str) -> Result<ShortString, LaneError> {
-    if s.len() > 255 {
-        return Err(LaneError::new(format!("{what} is over 255 bytes")));
-    }
+    check_short(s, what)?;
     Ok(s.into())
 }
 
@@ -529,30 +527,166 @@ impl Lane {
         exchange: &str,
         routing_key: &str,
         mandatory: bool,
-        properties: BasicProperties,
+        properties: &Properties<'_>,
         body: &[u8],
     ) -> Result<(), LaneError> {
         if !self.is_open() {
             return Err(LaneError::new("the request lane is closed"));
         }
-        let publish = basic::AMQPMethod::Publish(basic::Publish {
-            exchange: short(exchange, "the exchange name")?,
-            routing_key: short(routing_key, "the routing key")?,
-            mandatory,
-            immediate: false,
-        });
-        let mut frames = method_frame(CHANNEL, AMQPClass::Basic(publish))?;
-        let header = AMQPContentHeader {
-            class_id: BASIC_CLASS,
-            body_size: body.len() as u64,
-            properties,
-        };
-        encode(&AMQPFrame::Header(CHANNEL, header), &mut frames)?;
+        check_short(exchange, "the exchange name")?;
+        check_short(routing_key, "the routing key")?;
+        let header_size = properties.check()?;
+        if header_size + FRAME_OVERHEAD > self.inner.frame_max {
+            return Err(LaneError::new(
+                "the message's properties are over the broker's frame size",
+            ));
+        }
+        // Written straight into the write buffer: nothing is built first.
         self.inner.queue(|out| {
-            out.extend_from_slice(&frames);
+            put_frame(out, FRAME_METHOD, |out| {
+                out.extend_from_slice(&BASIC_CLASS.to_be_bytes());
+                out.extend_from_slice(&BASIC_PUBLISH.to_be_bytes());
+                out.extend_from_slice(&0u16.to_be_bytes()); // reserved (ticket)
+                put_short(out, exchange);
+                put_short(out, routing_key);
+                out.push(u8::from(mandatory)); // bit 0; immediate (bit 1) off
+            });
+            put_frame(out, FRAME_HEADER, |out| {
+                out.extend_from_slice(&BASIC_CLASS.to_be_bytes());
+                out.extend_from_slice(&0u16.to_be_bytes()); // weight
+                out.extend_from_slice(&(body.len() as u64).to_be_bytes());
+                properties.put(out);
+            });
             put_body(out, body, self.inner.frame_max);
         })
     }
+}
+
+/// `basic.publish`'s method id.
+const BASIC_PUBLISH: u16 = 40;
+
+/// The properties of a message published on the lane, borrowed from the
+/// call: written straight into the write buffer, where lapin's
+/// `BasicProperties` would copy each string and build a table first.
+#[derive(Debug)]
+pub(super) struct Properties<'a> {
+    pub content_type: &'a str,
+    pub correlation_id: &'a str,
+    pub reply_to: &'a str,
+    /// Milliseconds, as AMQP's decimal string.
+    pub expiration_ms: u64,
+    /// Long-string headers in the order they are written (a broker does not
+    /// mind the order; lapin writes them sorted by name); `None` is void.
+    pub headers: &'a [(&'a str, Option<&'a str>)],
+}
+
+impl Properties<'_> {
+    /// The content header frame's payload size, once every string is known
+    /// to fit its AMQP type.
+    fn check(&self) -> Result<usize, LaneError> {
+        check_short(self.content_type, "the content type")?;
+        check_short(self.correlation_id, "the correlation id")?;
+        check_short(self.reply_to, "the reply queue")?;
+        let mut table = 0usize;
+        for (name, value) in self.headers {
+            check_short(name, "a header name")?;
+            table += 1 + name.len() + 1 + value.map_or(0, |v| 4 + v.len());
+        }
+        if u32::try_from(table).is_err() {
+            return Err(LaneError::new("the headers are over 4 GiB"));
+        }
+        let shorts = [self.content_type, self.correlation_id, self.reply_to]
+            .iter()
+            .map(|s| 1 + s.len())
+            .sum::<usize>();
+        let expiration = 1 + Digits::of(self.expiration_ms).as_bytes().len();
+        // class, weight, body size, flags; the table's size; the strings.
+        Ok(2 + 2 + 8 + 2 + 4 + table + shorts + expiration)
+    }
+
+    /// The flags and the property list, in AMQP's order.
+    fn put(&self, out: &mut Vec<u8>) {
+        // content-type (15), headers (13), correlation-id (10), reply-to
+        // (9), expiration (8).
+        let flags: u16 = 1 << 15 | 1 << 13 | 1 << 10 | 1 << 9 | 1 << 8;
+        out.extend_from_slice(&flags.to_be_bytes());
+        put_short(out, self.content_type);
+        let size_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        for (name, value) in self.headers {
+            put_short(out, name);
+            match value {
+                Some(v) => {
+                    out.push(b'S');
+                    // Checked to fit a u32 with the table.
+                    out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                    out.extend_from_slice(v.as_bytes());
+                }
+                None => out.push(b'V'),
+            }
+        }
+        let table = (out.len() - size_at - 4) as u32;
+        out[size_at..size_at + 4].copy_from_slice(&table.to_be_bytes());
+        put_short(out, self.correlation_id);
+        put_short(out, self.reply_to);
+        put_short(out, Digits::of(self.expiration_ms).as_str());
+    }
+}
+
+/// A u64's decimal digits, on the stack.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn of(mut n: u64) -> Self {
+        let mut buf = [0u8; 20];
+        let mut start = buf.len();
+        loop {
+            start -= 1;
+            buf[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Self { buf, start }
+    }
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+    fn as_str(&self) -> &str {
+        // Only ASCII digits were written.
+        std::str::from_utf8(self.as_bytes()).unwrap_or("0")
+    }
+}
+
+/// One frame on the lane's channel: its header, what `payload` writes, its
+/// size put in after, and the end byte.
+fn put_frame(out: &mut Vec<u8>, kind: u8, payload: impl FnOnce(&mut Vec<u8>)) {
+    out.push(kind);
+    out.extend_from_slice(&CHANNEL.to_be_bytes());
+    let size_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    payload(out);
+    // Callers check that a frame fits frame_max, a u32.
+    let size = (out.len() - size_at - 4) as u32;
+    out[size_at..size_at + 4].copy_from_slice(&size.to_be_bytes());
+    out.push(FRAME_END);
+}
+
+/// An AMQP short string; [`check_short`] has checked its length.
+fn put_short(out: &mut Vec<u8>, s: &str) {
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn check_short(s: &str, what: &str) -> Result<(), LaneError> {
+    if s.len() > 255 {
+        return Err(LaneError::new(format!("{what} is over 255 bytes")));
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -868,6 +1002,7 @@ impl Content {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amq_protocol::frame::AMQPContentHeader;
 
     fn reader_of(bytes: Vec<u8>) -> FrameReader {
         let (a, mut b) = tokio::io::duplex(1 << 20);
@@ -914,8 +1049,15 @@ mod tests {
         let lane = Lane {
             inner: inner.clone(),
         };
-        let props = BasicProperties::default().with_correlation_id("abc".into());
-        lane.publish("x", "svc", true, props, b"{\"a\":1}").unwrap();
+        let props = Properties {
+            content_type: "application/json",
+            correlation_id: "abc",
+            reply_to: "rq",
+            expiration_ms: 500,
+            headers: &[("trace_id", Some("t"))],
+        };
+        lane.publish("x", "svc", true, &props, b"{\"a\":1}")
+            .unwrap();
         let bytes = std::mem::take(&mut *lock(&inner.out));
         let mut r = reader_of(bytes);
         r.fill(None).await.unwrap();
@@ -943,8 +1085,158 @@ mod tests {
         assert_eq!(r.payload(b), b"{\"a\":1}");
         // Closed: refused at once.
         inner.open.store(false, Ordering::Release);
-        let props = BasicProperties::default();
-        assert!(lane.publish("x", "svc", true, props, b"{}").is_err());
+        assert!(lane.publish("x", "svc", true, &props, b"{}").is_err());
+    }
+
+    /// What lapin's codec writes for the same publish.
+    fn lapin_publish(
+        mandatory: bool,
+        props: &Properties<'_>,
+        body: &[u8],
+        frame_max: usize,
+    ) -> Vec<u8> {
+        let publish = basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "nuropb-rpc-exchange".into(),
+            routing_key: "orders".into(),
+            mandatory,
+            immediate: false,
+        });
+        let mut out = method(CHANNEL, AMQPClass::Basic(publish));
+        let mut headers = FieldTable::default();
+        for (name, value) in props.headers {
+            let value = value.map_or(AMQPValue::Void, |v| AMQPValue::LongString(v.into()));
+            headers.insert((*name).into(), value);
+        }
+        let properties = BasicProperties::default()
+            .with_content_type(props.content_type.into())
+            .with_correlation_id(props.correlation_id.into())
+            .with_reply_to(props.reply_to.into())
+            .with_expiration(props.expiration_ms.to_string().into())
+            .with_headers(headers);
+        let header = AMQPContentHeader {
+            class_id: BASIC_CLASS,
+            body_size: body.len() as u64,
+            properties,
+        };
+        encode(&AMQPFrame::Header(CHANNEL, header), &mut out).unwrap();
+        put_body(&mut out, body, frame_max);
+        out
+    }
+
+    #[test]
+    fn a_publish_is_written_byte_for_byte_as_lapins_codec_writes_it() {
+        let body = vec![b'x'; 10_000];
+        for (trace_id, expiration_ms, mandatory) in [
+            (Some("t-1"), 1, true),
+            (None, 30_000, true),
+            (Some(""), u64::MAX, false),
+        ] {
+            let headers = [
+                ("encrypted", Some("")),
+                ("nuropb_protocol", Some("0.1.1")),
+                ("nuropb_type", Some("request")),
+                ("nuropb_version", Some("0.1.8")),
+                ("trace_id", trace_id),
+            ];
+            let props = Properties {
+                content_type: "application/json",
+                correlation_id: "5f0c2e8d9a1b4c3d8e7f6a5b4c3d2e1f",
+                reply_to: "nuropb-bff-abc-rq",
+                expiration_ms,
+                headers: &headers,
+            };
+            let inner = test_inner();
+            let lane = Lane {
+                inner: inner.clone(),
+            };
+            for body in [&body[..], b"", b"{}"] {
+                lane.publish("nuropb-rpc-exchange", "orders", mandatory, &props, body)
+                    .unwrap();
+                let ours = std::mem::take(&mut *lock(&inner.out));
+                assert_eq!(
+                    ours,
+                    lapin_publish(mandatory, &props, body, inner.frame_max),
+                    "trace_id {trace_id:?}, expiration {expiration_ms}, body {} bytes",
+                    body.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_publish_that_cannot_be_written_is_refused_and_queues_nothing() {
+        let inner = test_inner();
+        let lane = Lane {
+            inner: inner.clone(),
+        };
+        let long = "n".repeat(256);
+        let huge = "v".repeat(5000);
+        let ok = Properties {
+            content_type: "application/json",
+            correlation_id: "c",
+            reply_to: "rq",
+            expiration_ms: 1,
+            headers: &[],
+        };
+        let cases = [
+            ("exchange", long.as_str(), "svc", Properties { ..ok }),
+            ("routing key", "x", long.as_str(), Properties { ..ok }),
+            (
+                "content type",
+                "x",
+                "svc",
+                Properties {
+                    content_type: &long,
+                    ..ok
+                },
+            ),
+            (
+                "correlation",
+                "x",
+                "svc",
+                Properties {
+                    correlation_id: &long,
+                    ..ok
+                },
+            ),
+            (
+                "reply",
+                "x",
+                "svc",
+                Properties {
+                    reply_to: &long,
+                    ..ok
+                },
+            ),
+            (
+                "header name",
+                "x",
+                "svc",
+                Properties {
+                    headers: &[(long.as_str(), None)],
+                    ..ok
+                },
+            ),
+            (
+                "frame size",
+                "x",
+                "svc",
+                Properties {
+                    headers: &[("trace_id", Some(huge.as_str()))],
+                    ..ok
+                },
+            ),
+        ];
+        for (what, exchange, routing_key, props) in cases {
+            let e = lane
+                .publish(exchange, routing_key, true, &props, b"{}")
+                .expect_err(what);
+            assert!(
+                e.to_string().contains("over"),
+                "{what}: the error says why: {e}"
+            );
+            assert!(lock(&inner.out).is_empty(), "{what}: nothing was queued");
+        }
     }
 
     fn test_inner() -> Arc<Inner> {
@@ -1178,18 +1470,5 @@ mod tests {
             decode_method(r.payload(f)).unwrap(),
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
         ));
-    }
-
-    #[test]
-    fn names_over_255_bytes_are_refused_not_encoded() {
-        let lane = Lane {
-            inner: test_inner(),
-        };
-        let long = "s".repeat(256);
-        let err = lane
-            .publish("x", &long, true, BasicProperties::default(), b"{}")
-            .unwrap_err();
-        assert!(err.to_string().contains("255"), "{err}");
-        assert!(lock(&lane.inner.out).is_empty());
     }
 }
