@@ -14,6 +14,7 @@
 //! Events for clients are bound to the per-instance event queue, so every
 //! gateway instance sees every event and can reach its own sockets.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -36,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::lane::{Incoming, Lane, LaneIo, LaneSpec, Properties as LaneProperties};
+use super::lane::{Incoming, Lane, LaneIo, LaneSpec, Properties as LaneProperties, Received};
 use super::{
     BoxFuture, CONTROL_TOPIC, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent,
     redact_url,
@@ -244,12 +245,26 @@ fn headers(kind: MessageType, trace_id: Option<&str>) -> FieldTable {
     h
 }
 
-fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
-    let headers = props.headers().as_ref()?;
-    match headers.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
+/// Where a received message's NuroPb headers are read: lapin's properties
+/// (the service queue) or the lane's, read in place.
+trait NuropbHeaders {
+    /// A string header's value; `None` when absent or not a string.
+    fn header(&self, key: &str) -> Option<Cow<'_, str>>;
+}
+
+impl NuropbHeaders for BasicProperties {
+    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
+        match self.headers().as_ref()?.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes())),
+            AMQPValue::ShortString(s) => Some(Cow::Borrowed(s.as_str())),
+            _ => None,
+        }
+    }
+}
+
+impl NuropbHeaders for Received<'_> {
+    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
+        Received::header(self, key)
     }
 }
 
@@ -258,16 +273,16 @@ fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
     decode_message(&delivery.properties, &delivery.data)
 }
 
-fn decode_message(props: &BasicProperties, data: &[u8]) -> Result<MeshMessage, String> {
-    let protocol = header_str(props, "nuropb_protocol");
+fn decode_message(props: &impl NuropbHeaders, data: &[u8]) -> Result<MeshMessage, String> {
+    let protocol = props.header("nuropb_protocol");
     if protocol.as_deref() != Some(NUROPB_PROTOCOL_VERSION) {
         return Err(format!("unsupported nuropb_protocol {protocol:?}"));
     }
-    let kind = header_str(props, "nuropb_type");
+    let kind = props.header("nuropb_type");
     let Some(kind) = kind.as_deref().and_then(MessageType::parse) else {
         return Err(format!("unknown nuropb_type {kind:?}"));
     };
-    if header_str(props, "encrypted").as_deref() == Some("yes") {
+    if props.header("encrypted").as_deref() == Some("yes") {
         return Err("encrypted payloads are not supported by this gateway".into());
     }
     MeshMessage::decode_as(kind, data)
@@ -900,7 +915,7 @@ fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             properties,
             body,
             event: true,
-        } => match decode_message(properties, body) {
+        } => match decode_message(&properties, body) {
             Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
             Ok(other) => tracing::debug!(
                 kind = other.message_type().as_str(),
@@ -910,7 +925,7 @@ fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
         },
         Incoming::Delivery {
             properties, body, ..
-        } => match decode_message(properties, body) {
+        } => match decode_message(&properties, body) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
             Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
                 if shared.control.try_send(ev.event).is_err() {
@@ -926,8 +941,9 @@ fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
         },
         Incoming::Returned { properties } => {
-            let id = properties.correlation_id().as_ref().map(|c| c.as_str());
-            let waiter = id.and_then(|id| lock(&shared.pending).remove(id));
+            let waiter = properties
+                .correlation_id()
+                .and_then(|id| lock(&shared.pending).remove(id));
             if let Some(tx) = waiter {
                 // The caller fills in the names.
                 let _ = tx.send(Err(MeshError::NotDelivered {

@@ -22,9 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
-use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, connection, parse_class};
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection, parse_class};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use amq_protocol::uri::{AMQPScheme, AMQPUri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -95,13 +94,177 @@ struct Inner {
 pub(super) enum Incoming<'a> {
     /// From one of the consumed queues: the event queue's when `event`.
     Delivery {
-        properties: &'a BasicProperties,
+        properties: Received<'a>,
         body: &'a [u8],
         event: bool,
     },
     /// A `mandatory` publish nobody could take (NO_ROUTE).
-    Returned { properties: &'a BasicProperties },
+    Returned { properties: Received<'a> },
 }
+
+/// A received message's properties, read in place from its content header:
+/// the correlation id and the headers, found without copying a string or
+/// building a table. Made only from a header [`parse_header`] has checked
+/// whole.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Received<'a> {
+    correlation_id: Option<&'a [u8]>,
+    /// The header table's entries (after its size).
+    headers: &'a [u8],
+}
+
+impl<'a> Received<'a> {
+    /// The correlation id, if it has one in UTF-8.
+    pub(super) fn correlation_id(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.correlation_id?).ok()
+    }
+
+    /// A string header's value (a long string; bytes that are not UTF-8
+    /// replaced); `None` when absent or of another type.
+    pub(super) fn header(&self, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+        let mut table = Cursor(self.headers);
+        while !table.0.is_empty() {
+            let key = table.short()?;
+            let kind = table.u8()?;
+            if key == name.as_bytes() {
+                return match kind {
+                    b'S' => Some(String::from_utf8_lossy(table.long()?)),
+                    _ => None,
+                };
+            }
+            skip_value(&mut table, kind)?;
+        }
+        None
+    }
+}
+
+/// Reads AMQP's big-endian fields off a slice; `None` when it runs out.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (taken, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(taken)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.array::<1>().map(|[b]| b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_be_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_be_bytes)
+    }
+    fn short(&mut self) -> Option<&'a [u8]> {
+        let n = self.u8()?;
+        self.take(usize::from(n))
+    }
+    fn long(&mut self) -> Option<&'a [u8]> {
+        let n = u32::from_be_bytes(self.array()?);
+        self.take(usize::try_from(n).ok()?)
+    }
+}
+
+/// Step over one field value of type `kind` (RabbitMQ's field types, as
+/// lapin's codec reads them); `None` for an unknown type or a short table.
+fn skip_value(c: &mut Cursor<'_>, kind: u8) -> Option<()> {
+    match kind {
+        b't' | b'b' | b'B' => c.take(1),
+        b's' | b'U' | b'u' => c.take(2),
+        b'I' | b'i' | b'f' => c.take(4),
+        b'D' => c.take(5),
+        b'l' | b'L' | b'd' | b'T' => c.take(8),
+        b'S' | b'x' | b'A' | b'F' => c.long(),
+        b'V' => Some(&[][..]),
+        _ => None,
+    }
+    .map(drop)
+}
+
+/// A content header frame's payload: the body's size and the properties,
+/// the header table checked entry by entry.
+fn parse_header(payload: &[u8]) -> Result<(u64, Received<'_>), LaneError> {
+    let bad = || LaneError::new("an undecodable content header");
+    let mut c = Cursor(payload);
+    if c.u16() != Some(BASIC_CLASS) {
+        return Err(bad());
+    }
+    let _weight = c.u16().ok_or_else(bad)?;
+    let size = c.u64().ok_or_else(bad)?;
+    let flags = c.u16().ok_or_else(bad)?;
+    // Bit 0 says another flag word follows; basic has 14 properties, all
+    // in the first word, so any further word must name none.
+    let mut more = flags & 1 != 0;
+    while more {
+        let word = c.u16().ok_or_else(bad)?;
+        if word & !1 != 0 {
+            return Err(bad());
+        }
+        more = word & 1 != 0;
+    }
+    if flags & 0b10 != 0 {
+        return Err(bad());
+    }
+    let mut received = Received {
+        correlation_id: None,
+        headers: &[],
+    };
+    for bit in (2..=15).rev() {
+        if flags & (1 << bit) == 0 {
+            continue;
+        }
+        let read = match bit {
+            // headers
+            13 => c.long().and_then(|table| {
+                let mut entries = Cursor(table);
+                while !entries.0.is_empty() {
+                    entries.short()?;
+                    let kind = entries.u8()?;
+                    skip_value(&mut entries, kind)?;
+                }
+                received.headers = table;
+                Some(())
+            }),
+            // delivery-mode, priority
+            12 | 11 => c.u8().map(drop),
+            10 => c.short().map(|id| received.correlation_id = Some(id)),
+            // timestamp
+            6 => c.u64().map(drop),
+            // content-type, content-encoding, reply-to, expiration,
+            // message-id, type, user-id, app-id, cluster-id
+            _ => c.short().map(drop),
+        };
+        read.ok_or_else(bad)?;
+    }
+    Ok((size, received))
+}
+
+/// A `basic.deliver` read in place: its delivery tag, and whether it came
+/// to the consumer tagged `consumer`. `None` for any other method.
+fn parse_deliver(payload: &[u8], consumer: &str) -> Option<(u64, bool)> {
+    let mut c = Cursor(payload);
+    if c.u16()? != BASIC_CLASS || c.u16()? != BASIC_DELIVER {
+        return None;
+    }
+    let tag = c.short()?;
+    let delivery_tag = c.u64()?;
+    // redelivered (a bit), the exchange, the routing key.
+    c.u8()?;
+    c.short()?;
+    c.short()?;
+    c.0.is_empty()
+        .then_some((delivery_tag, tag == consumer.as_bytes()))
+}
+
+/// `basic.deliver`'s method id.
+const BASIC_DELIVER: u16 = 60;
 
 type Reader = Pin<Box<dyn AsyncRead + Send>>;
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
@@ -757,7 +920,8 @@ struct Content {
     tag: Option<u64>,
     /// From the event queue.
     event: bool,
-    properties: Option<BasicProperties>,
+    /// Its content header has come (the read loop keeps its bytes).
+    has_header: bool,
     size: u64,
     body: Vec<u8>,
 }
@@ -845,6 +1009,8 @@ async fn read_loop(
     let mut unacked = 0u64;
     let mut last_tag = 0u64;
     let mut content: Option<Content> = None;
+    // The content header of the message in `content`.
+    let mut header: Vec<u8> = Vec::new();
     let silence = heartbeat.map(|h| h * 2);
     loop {
         loop {
@@ -860,13 +1026,20 @@ async fn read_loop(
             match frame.kind {
                 FRAME_HEARTBEAT => {}
                 FRAME_METHOD => {
+                    if content.is_some() {
+                        return LaneError::new("a method frame inside a message's content");
+                    }
+                    // The method nearly every frame carries, read in place.
+                    if let Some((tag, event)) = parse_deliver(payload, EVENTS_TAG) {
+                        let mut c = Content::new(Some(tag));
+                        c.event = event;
+                        content = Some(c);
+                        continue;
+                    }
                     let class = match decode_method(payload) {
                         Ok(c) => c,
                         Err(e) => return e,
                     };
-                    if content.is_some() {
-                        return LaneError::new("a method frame inside a message's content");
-                    }
                     match class {
                         AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
                             let mut c = Content::new(Some(d.delivery_tag));
@@ -900,29 +1073,32 @@ async fn read_loop(
                     }
                 }
                 FRAME_HEADER => {
-                    let Some(mut c) = content.take().filter(|c| c.properties.is_none()) else {
+                    let Some(mut c) = content.take().filter(|c| !c.has_header) else {
                         return LaneError::new("a content header without its method");
                     };
-                    let header = match parse_content_header(payload) {
-                        Ok((_, h)) => h,
-                        Err(_) => return LaneError::new("an undecodable content header"),
+                    let size = match parse_header(payload) {
+                        Ok((size, _)) => size,
+                        Err(e) => return e,
                     };
-                    if header.body_size > MAX_BODY {
+                    if size > MAX_BODY {
                         return LaneError::new(format!(
-                            "the broker sent a {}-byte message, over the {MAX_BODY} taken",
-                            header.body_size
+                            "the broker sent a {size}-byte message, over the {MAX_BODY} taken"
                         ));
                     }
-                    c.size = header.body_size;
-                    c.properties = Some(header.properties);
+                    c.size = size;
+                    c.has_header = true;
+                    // Kept until the body is whole; one message's content
+                    // at a time on the channel, so one buffer serves all.
+                    header.clear();
+                    header.extend_from_slice(payload);
                     if c.size == 0 {
-                        c.finish(&[], on, &mut unacked, &mut last_tag);
+                        c.finish(&header, &[], on, &mut unacked, &mut last_tag);
                     } else {
                         content = Some(c);
                     }
                 }
                 FRAME_BODY => {
-                    let Some(mut c) = content.take().filter(|c| c.properties.is_some()) else {
+                    let Some(mut c) = content.take().filter(|c| c.has_header) else {
                         return LaneError::new("a content body without its header");
                     };
                     let have = c.body.len() as u64 + payload.len() as u64;
@@ -937,11 +1113,11 @@ async fn read_loop(
                     } else if c.body.is_empty() {
                         // The whole body in one frame: straight from the
                         // read buffer.
-                        c.finish(payload, on, &mut unacked, &mut last_tag);
+                        c.finish(&header, payload, on, &mut unacked, &mut last_tag);
                     } else {
                         c.body.extend_from_slice(payload);
                         let body = std::mem::take(&mut c.body);
-                        c.finish(&body, on, &mut unacked, &mut last_tag);
+                        c.finish(&header, &body, on, &mut unacked, &mut last_tag);
                     }
                 }
                 other => return LaneError::new(format!("a frame of unknown type {other}")),
@@ -968,20 +1144,23 @@ impl Content {
         Self {
             tag,
             event: false,
-            properties: None,
+            has_header: false,
             size: 0,
             body: Vec::new(),
         }
     }
 
+    /// Hand the whole message to `on`; `header` is its content header,
+    /// checked when it came.
     fn finish(
         self,
+        header: &[u8],
         body: &[u8],
         on: &mut (dyn FnMut(Incoming<'_>) + Send),
         unacked: &mut u64,
         last_tag: &mut u64,
     ) {
-        let Some(properties) = self.properties.as_ref() else {
+        let Ok((_, properties)) = parse_header(header) else {
             return;
         };
         match self.tag {
@@ -1003,6 +1182,8 @@ impl Content {
 mod tests {
     use super::*;
     use amq_protocol::frame::AMQPContentHeader;
+    use amq_protocol::frame::parsing::parse_content_header;
+    use amq_protocol::protocol::BasicProperties;
 
     fn reader_of(bytes: Vec<u8>) -> FrameReader {
         let (a, mut b) = tokio::io::duplex(1 << 20);
@@ -1086,6 +1267,144 @@ mod tests {
         // Closed: refused at once.
         inner.open.store(false, Ordering::Release);
         assert!(lane.publish("x", "svc", true, &props, b"{}").is_err());
+    }
+
+    /// A content header as lapin's codec writes it: every basic property
+    /// set, and a header of every field type a broker sends.
+    fn full_header(body_size: u64) -> Vec<u8> {
+        use amq_protocol::types::{DecimalValue, FieldArray};
+        let mut nested = FieldTable::default();
+        nested.insert("deep".into(), AMQPValue::LongString("no".into()));
+        let mut headers = FieldTable::default();
+        let values = [
+            AMQPValue::Boolean(true),
+            AMQPValue::ShortShortInt(-1),
+            AMQPValue::ShortShortUInt(1),
+            AMQPValue::ShortInt(-2),
+            AMQPValue::ShortUInt(2),
+            AMQPValue::LongInt(-3),
+            AMQPValue::LongUInt(3),
+            AMQPValue::LongLongInt(-4),
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(2.5),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 314,
+            }),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString("x".into())])),
+            AMQPValue::Timestamp(1_700_000_000),
+            AMQPValue::FieldTable(nested),
+            AMQPValue::ByteArray(vec![1u8, 2, 3].into()),
+            AMQPValue::Void,
+        ];
+        for (i, v) in values.into_iter().enumerate() {
+            headers.insert(format!("h{i:02}").into(), v);
+        }
+        headers.insert(
+            "nuropb_type".into(),
+            AMQPValue::LongString("response".into()),
+        );
+        headers.insert(
+            "z_bytes".into(),
+            AMQPValue::LongString(vec![0xff, b'a'].into()),
+        );
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("identity".into())
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_priority(5)
+            .with_correlation_id("corr-1".into())
+            .with_reply_to("rq".into())
+            .with_expiration("1000".into())
+            .with_message_id("m".into())
+            .with_timestamp(1_700_000_000)
+            .with_type("t".into())
+            .with_user_id("guest".into())
+            .with_app_id("app".into())
+            .with_cluster_id("c".into());
+        let header = AMQPContentHeader {
+            class_id: BASIC_CLASS,
+            body_size,
+            properties,
+        };
+        let mut out = Vec::new();
+        encode(&AMQPFrame::Header(CHANNEL, header), &mut out).unwrap();
+        // The payload: without the frame's 7-byte head and its end byte.
+        out[7..out.len() - 1].to_vec()
+    }
+
+    #[test]
+    fn a_content_header_is_read_in_place_as_lapins_codec_wrote_it() {
+        let payload = full_header(1234);
+        let (size, p) = parse_header(&payload).unwrap();
+        assert_eq!(size, 1234);
+        assert_eq!(p.correlation_id(), Some("corr-1"));
+        assert_eq!(p.header("nuropb_type").as_deref(), Some("response"));
+        // Bytes that are not UTF-8 are replaced, not refused.
+        assert_eq!(p.header("z_bytes").as_deref(), Some("\u{fffd}a"));
+        // A header of another type is no string; a nested one is not a
+        // top-level one; an absent one is absent.
+        assert_eq!(p.header("h00"), None);
+        assert_eq!(p.header("deep"), None);
+        assert_eq!(p.header("absent"), None);
+        // Only the correlation id and the headers: nothing else set.
+        let bare = {
+            let header = AMQPContentHeader {
+                class_id: BASIC_CLASS,
+                body_size: 0,
+                properties: BasicProperties::default(),
+            };
+            let mut out = Vec::new();
+            encode(&AMQPFrame::Header(CHANNEL, header), &mut out).unwrap();
+            out[7..out.len() - 1].to_vec()
+        };
+        let (size, p) = parse_header(&bare).unwrap();
+        assert_eq!((size, p.correlation_id(), p.header("x")), (0, None, None));
+    }
+
+    #[test]
+    fn a_cut_or_malformed_content_header_is_refused_not_misread() {
+        let payload = full_header(7);
+        // Cut anywhere: refused (never a panic, never a short read taken
+        // for the whole).
+        for cut in 0..payload.len() {
+            assert!(parse_header(&payload[..cut]).is_err(), "cut at {cut}");
+        }
+        // Another class.
+        let mut other = payload.clone();
+        other[1] = 50;
+        assert!(parse_header(&other).is_err());
+        // A field of a type no broker sends ('h00' holds a boolean).
+        let at = payload.windows(4).position(|w| w == b"h00t").unwrap();
+        let mut unknown = payload.clone();
+        unknown[at + 3] = b'?';
+        assert!(parse_header(&unknown).is_err());
+        // A continuation flag word naming more properties.
+        let mut more = payload[..14].to_vec();
+        more[13] |= 1;
+        more.extend_from_slice(&[0x80, 0x00]);
+        more.extend_from_slice(&payload[14..]);
+        assert!(parse_header(&more).is_err());
+    }
+
+    #[test]
+    fn a_deliver_is_read_in_place_and_anything_else_is_left_to_the_codec() {
+        let frame = deliver_to(EVENTS_TAG, 42);
+        let payload = &frame[7..frame.len() - 1];
+        assert_eq!(parse_deliver(payload, EVENTS_TAG), Some((42, true)));
+        assert_eq!(parse_deliver(payload, RESPONSES_TAG), Some((42, false)));
+        for cut in 0..payload.len() {
+            assert_eq!(parse_deliver(&payload[..cut], EVENTS_TAG), None);
+        }
+        let ack = method(
+            CHANNEL,
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: 1,
+                multiple: false,
+            })),
+        );
+        assert_eq!(parse_deliver(&ack[7..ack.len() - 1], EVENTS_TAG), None);
     }
 
     /// What lapin's codec writes for the same publish.
