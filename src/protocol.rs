@@ -152,6 +152,14 @@ pub(crate) struct FrameError {
 impl ClientFrame {
     /// Decode one text frame. Every failure says what was wrong.
     pub(crate) fn decode(text: &str) -> Result<Self, FrameError> {
+        // A well-formed frame (nearly every one) in one pass, straight into
+        // its types; any other is read again to say what is wrong with it.
+        serde_json::from_str(text).or_else(|_| Self::decode_checked(text))
+    }
+
+    /// Decode step by step: each check has its own message, and the trace
+    /// id is kept when the frame had one.
+    fn decode_checked(text: &str) -> Result<Self, FrameError> {
         let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
             description: format!("frame is not valid JSON: {e}"),
             trace_id: None,

@@ -192,6 +192,34 @@ fn malformed_frames_are_described() {
 }
 
 #[test]
+fn the_one_pass_decode_takes_and_refuses_what_the_checked_one_does() {
+    let frames = [
+        r#"{"type":"request","payload":{"service":"a","method":"b","params":{"x":[1,{"y":null}]},"trace_id":"t"}}"#,
+        r#"{"payload":{"service":"a","method":"b"},"type":"command"}"#,
+        r#"{"type":"request","extra":1,"payload":{"service":"a","method":"b","context":{}}}"#,
+        r#"{"type":"request","type":"command","payload":{"service":"a","method":"b"}}"#,
+        r#"{"type":"subscribe","payload":{"topics":["a.*","b.#"]}}"#,
+        r#"{"type":"unsubscribe","payload":{"topics":[]}}"#,
+        r#"{"type":"authenticate","payload":{"token":"x.y.z"}}"#,
+        r#"{"type":"request","payload":{"service":"a","method":"b","trace_id":null}}"#,
+        r#"{"type":"request","payload":{"service":"a","method":"b","params":null}}"#,
+        r#"{"type":"request","payload":{"service":"a"}}"#,
+        r#"{"type":"request","payload":null}"#,
+        r#"{"type":"Request","payload":{"service":"a","method":"b"}}"#,
+        r#"{"type":"request","payload":{"service":"a","method":"b"}} trailing"#,
+        "",
+        "null",
+    ];
+    for text in frames {
+        let checked = ClientFrame::decode_checked(text);
+        match ClientFrame::decode(text) {
+            Ok(frame) => assert_eq!(Ok(frame), checked, "{text}"),
+            Err(e) => assert_eq!(Err(e), checked, "{text}"),
+        }
+    }
+}
+
+#[test]
 fn a_bad_frame_keeps_its_trace_id() {
     let err = ClientFrame::decode(r#"{"type":"request","payload":{"trace_id":"t9","method":1}}"#)
         .unwrap_err();
