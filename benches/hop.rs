@@ -9,13 +9,18 @@
 //! - a fan-out: one mesh event to N subscribed sockets.
 //!
 //! It prints req/s, p50, p99, the gateway's CPU per request (utime + stime
-//! of its process, from /proc) and the ratios to the direct path. Not a
-//! test: prints numbers.
+//! of its process, from /proc) and the ratios to the direct path, and then
+//! the machine's floors: what the kernel alone costs a process that
+//! answers on one socket (a blocking echo: recv, send, sleep and wake), and
+//! one that writes a small frame to each of many sockets (a blocking
+//! loop), so the gateway's numbers can be read against what no program on
+//! this machine could beat. Not a test: prints numbers.
 //!
 //!   cargo bench --bench hop                         # 2 rounds, 20,000 calls each, 10,000 sockets
 //!   cargo bench --bench hop -- --requests 50000 --rounds 3 --fanout 5000
 //!   cargo bench --bench hop -- --gateway-workers 1     # the gateway on one worker thread
 //!   cargo bench --bench hop -- --only "1 socket x 1"   # the scenarios whose name holds this
+//!   cargo bench --bench hop -- --only none --fanout-events 50   # the fan-out alone, 50 events
 //!
 //! Under `cargo test` it makes a short smoke run.
 
@@ -69,6 +74,109 @@ async fn until_stdin_closes() {
         let _ = std::io::stdin().read_to_end(&mut sink);
     })
     .await;
+}
+
+/// Frame size of the floors: about a response frame's.
+const FLOOR_FRAME: usize = 100;
+
+/// `--floor-echo`: a blocking TCP echo of [`FLOOR_FRAME`]-byte messages on
+/// one connection, the least a process can do to answer on a socket.
+fn floor_echo() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut buf = [0u8; FLOOR_FRAME];
+    while s.read_exact(&mut buf).is_ok() {
+        if std::io::Write::write_all(&mut s, &buf).is_err() {
+            break;
+        }
+    }
+}
+
+/// `--floor-writer N --floor-rounds R`: accepts N connections, then
+/// writes a [`FLOOR_FRAME`]-byte frame to each, R times (20 ms apart, so
+/// the readers wait for each), and prints its CPU per write in ns.
+fn floor_writer(n: usize, rounds: usize) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    let mut sockets: Vec<_> = (0..n)
+        .map(|_| {
+            let (s, _) = listener.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let own = format!("/proc/{}/stat", std::process::id());
+    let before = common::cpu_time(&own);
+    let frame = [b'x'; FLOOR_FRAME];
+    for _ in 0..rounds {
+        for s in &mut sockets {
+            std::io::Write::write_all(s, &frame).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cpu = common::cpu_time(&own).saturating_sub(before);
+    println!("{}", cpu.as_nanos() / (n * rounds) as u128);
+}
+
+/// The floors: (CPU per round trip of the blocking echo, CPU per write of
+/// the blocking writer to `fanout` waiting readers).
+async fn run_floors(fanout: usize) -> (Duration, Duration) {
+    let echo = Proc::spawn(&["--floor-echo"]);
+    let addr = echo.first_line.clone();
+    let round_trips = 20_000;
+    let before = echo.cpu();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = [0u8; FLOOR_FRAME];
+        for _ in 0..round_trips {
+            std::io::Write::write_all(&mut s, &buf).unwrap();
+            s.read_exact(&mut buf).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let per_round_trip = echo.cpu().saturating_sub(before) / round_trips;
+    drop(echo);
+
+    let rounds = 20;
+    let n = fanout.max(1);
+    let mut writer = Proc::spawn(&[
+        "--floor-writer",
+        &n.to_string(),
+        "--floor-rounds",
+        &rounds.to_string(),
+    ]);
+    let addr = writer.first_line.clone();
+    let mut readers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            let mut got = 0;
+            while got < FLOOR_FRAME * rounds {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k,
+                }
+            }
+        }));
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    let nanos = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        writer.stdout.read_line(&mut line).unwrap();
+        line.trim().parse::<u64>().unwrap_or(0)
+    })
+    .await
+    .unwrap();
+    (per_round_trip, Duration::from_nanos(nanos))
 }
 
 /// `--echo NAME`: a Rust NuroPb echo service on plain lapin, doing as
@@ -204,6 +312,8 @@ async fn gateway(name: String, svc: String, topic: String) {
 struct Proc {
     child: Child,
     first_line: String,
+    /// What it prints after its first line.
+    stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Proc {
@@ -230,12 +340,12 @@ impl Proc {
             .spawn()
             .unwrap();
         let mut first_line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first_line)
-            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut first_line).unwrap();
         Self {
             child,
             first_line: first_line.trim().to_owned(),
+            stdout,
         }
     }
 
@@ -616,6 +726,12 @@ async fn orchestrate() {
     if let Some(name) = arg_str("--echo") {
         return echo_service(name).await;
     }
+    if std::env::args().any(|a| a == "--floor-echo") {
+        return floor_echo();
+    }
+    if let Some(n) = arg_str("--floor-writer").and_then(|n| n.parse().ok()) {
+        return floor_writer(n, common::arg("--floor-rounds", 1));
+    }
     let benching = common::benching();
     let total = common::arg("--requests", if benching { 20_000 } else { 640 });
     let rounds = common::arg("--rounds", if benching { 2 } else { 1 });
@@ -723,10 +839,22 @@ async fn orchestrate() {
     if fanout == 0 {
         return;
     }
-    let (rate, p99, cpu) = run_fanout(&url, &gw, &topic, fanout, 3).await;
+    let events = common::arg("--fanout-events", 3);
+    // The floors first: the fan-out's 10,000 sockets are gone by then.
+    let (round_trip, write) = run_floors(fanout).await;
+    let (rate, p99, cpu) = run_fanout(&url, &gw, &topic, fanout, events).await;
     println!(
         "\nfan-out: one event to {fanout} subscribed sockets: {rate:.0} deliveries/s, p99 delivery {}, BFF CPU {} per delivery",
         ms(p99),
         us(cpu)
+    );
+    println!(
+        "\nfloors on this machine: a blocking echo costs {} of CPU per round trip \
+         (a BFF request at 1 in flight takes two: the socket's and the broker's); \
+         a blocking loop writing a {FLOOR_FRAME}-byte frame to each of {fanout} waiting sockets \
+         costs {} per write ({:.0} writes/s on one core)",
+        us(round_trip),
+        us(write),
+        1e9 / write.as_nanos().max(1) as f64
     );
 }
