@@ -152,9 +152,33 @@ pub(crate) struct FrameError {
 impl ClientFrame {
     /// Decode one text frame. Every failure says what was wrong.
     pub(crate) fn decode(text: &str) -> Result<Self, FrameError> {
-        // A well-formed frame (nearly every one) in one pass, straight into
+        // A well-formed frame (nearly every one) read once, straight into
         // its types; any other is read again to say what is wrong with it.
-        serde_json::from_str(text).or_else(|_| Self::decode_checked(text))
+        Self::decode_well_formed(text).map_or_else(|| Self::decode_checked(text), Ok)
+    }
+
+    /// The frame if it is well formed: the envelope with its payload left
+    /// unread, then the payload into the type `type` names, whichever of
+    /// the two fields comes first (serde's tagged enum would copy a payload
+    /// that comes first into a buffer).
+    fn decode_well_formed(text: &str) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            payload: &'a serde_json::value::RawValue,
+        }
+        let envelope: Envelope<'_> = serde_json::from_str(text).ok()?;
+        let payload = envelope.payload.get();
+        Some(match envelope.kind.as_ref() {
+            "request" => Self::Request(serde_json::from_str(payload).ok()?),
+            "command" => Self::Command(serde_json::from_str(payload).ok()?),
+            "subscribe" => Self::Subscribe(serde_json::from_str(payload).ok()?),
+            "unsubscribe" => Self::Unsubscribe(serde_json::from_str(payload).ok()?),
+            "authenticate" => Self::Authenticate(serde_json::from_str(payload).ok()?),
+            _ => return None,
+        })
     }
 
     /// Decode step by step: each check has its own message, and the trace
@@ -374,17 +398,20 @@ pub struct EventBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ResponseBody {
     pub correlation_id: String,
-    #[serde(default)]
+    // What a response carries besides its outcome is written for NuroPb
+    // peers and skipped unread on receipt: the gateway reads only the
+    // correlation id, the result and the error.
+    #[serde(default, skip_deserializing)]
     pub context: Map<String, Value>,
-    #[serde(default)]
+    #[serde(default, skip_deserializing)]
     pub trace_id: Option<String>,
     #[serde(default)]
     pub result: Value,
     #[serde(default)]
     pub error: Option<ErrorBody>,
-    #[serde(default)]
+    #[serde(default, skip_deserializing)]
     pub warning: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_deserializing)]
     pub reply_to: String,
 }
 
