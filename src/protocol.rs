@@ -384,7 +384,10 @@ pub(crate) struct RequestBodyRef<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventBody {
     pub correlation_id: String,
-    #[serde(default)]
+    /// Written for NuroPb peers; skipped unread on receipt (nothing in the
+    /// gateway reads an event's context), so a burst of events costs no
+    /// copy of it.
+    #[serde(default, skip_deserializing)]
     pub context: Map<String, Value>,
     #[serde(default)]
     pub trace_id: Option<String>,

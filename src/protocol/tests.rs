@@ -380,7 +380,7 @@ fn a_body_whose_tag_is_not_its_header_type_is_refused() {
 }
 
 #[test]
-fn a_received_response_is_read_for_its_outcome_only() {
+fn received_responses_and_events_are_read_for_what_the_gateway_uses() {
     let body = br#"{"tag": "response", "correlation_id": "c", "context": 5, "trace_id": ["x"],
         "result": {"n": 1}, "error": null, "warning": 7, "reply_to": {}}"#;
     let Ok(MeshMessage::Response(resp)) = MeshMessage::decode_as(MessageType::Response, body)
@@ -390,6 +390,13 @@ fn a_received_response_is_read_for_its_outcome_only() {
     assert_eq!(resp.correlation_id, "c");
     assert_eq!(resp.result, serde_json::json!({"n": 1}));
     assert!(resp.context.is_empty() && resp.trace_id.is_none() && resp.warning.is_none());
+    let event =
+        br#"{"tag": "event", "correlation_id": "e", "context": [1], "topic": "t", "event": 2}"#;
+    let Ok(MeshMessage::Event(ev)) = MeshMessage::decode_as(MessageType::Event, event) else {
+        panic!("an event's context is not read")
+    };
+    assert_eq!((ev.topic.as_str(), &ev.event), ("t", &serde_json::json!(2)));
+    assert!(ev.context.is_empty());
     // The outcome itself is still checked.
     let bad = br#"{"tag": "response", "correlation_id": "c", "error": "not an object"}"#;
     assert!(MeshMessage::decode_as(MessageType::Response, bad).is_err());
