@@ -60,8 +60,9 @@ pub use session::{SessionCounts, SessionInfo, Sessions};
 /// static ALLOCATOR: nuropb_bff::MiMalloc = nuropb_bff::MiMalloc;
 /// ```
 ///
-/// A call through the gateway makes about 150 small allocations that live
-/// for microseconds; with glibc's malloc they were a third of the
-/// gateway's user-space instructions per call (BENCHMARKS.md).
+/// A call through the gateway allocates small values (frames, JSON values)
+/// that live for microseconds; with glibc's malloc, allocation was over a
+/// third of the gateway's user-space instructions per call
+/// (BENCHMARKS.md).
 #[cfg(feature = "mimalloc")]
 pub use mimalloc::MiMalloc;

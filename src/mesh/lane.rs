@@ -247,7 +247,9 @@ fn parse_header(payload: &[u8]) -> Result<(u64, Received<'_>), LaneError> {
 }
 
 /// A `basic.deliver` read in place: its delivery tag, and whether it came
-/// to the consumer tagged `consumer`. `None` for any other method.
+/// to the consumer tagged `consumer`. `None` for any other method, or a
+/// deliver cut short. What follows its fields is left unread, as lapin's
+/// codec leaves it: the one reader of deliveries.
 fn parse_deliver(payload: &[u8], consumer: &str) -> Option<(u64, bool)> {
     let mut c = Cursor(payload);
     if c.u16()? != BASIC_CLASS || c.u16()? != BASIC_DELIVER {
@@ -259,8 +261,7 @@ fn parse_deliver(payload: &[u8], consumer: &str) -> Option<(u64, bool)> {
     c.u8()?;
     c.short()?;
     c.short()?;
-    c.0.is_empty()
-        .then_some((delivery_tag, tag == consumer.as_bytes()))
+    Some((delivery_tag, tag == consumer.as_bytes()))
 }
 
 /// `basic.deliver`'s method id.
@@ -1029,7 +1030,8 @@ async fn read_loop(
                     if content.is_some() {
                         return LaneError::new("a method frame inside a message's content");
                     }
-                    // The method nearly every frame carries, read in place.
+                    // Deliveries, nearly every frame, are read in place; a
+                    // deliver cut short is undecodable to the codec below.
                     if let Some((tag, event)) = parse_deliver(payload, EVENTS_TAG) {
                         let mut c = Content::new(Some(tag));
                         c.event = event;
@@ -1041,11 +1043,6 @@ async fn read_loop(
                         Err(e) => return e,
                     };
                     match class {
-                        AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
-                            let mut c = Content::new(Some(d.delivery_tag));
-                            c.event = d.consumer_tag.as_str() == EVENTS_TAG;
-                            content = Some(c);
-                        }
                         AMQPClass::Basic(basic::AMQPMethod::Return(_)) => {
                             content = Some(Content::new(None));
                         }
@@ -1394,9 +1391,21 @@ mod tests {
         let payload = &frame[7..frame.len() - 1];
         assert_eq!(parse_deliver(payload, EVENTS_TAG), Some((42, true)));
         assert_eq!(parse_deliver(payload, RESPONSES_TAG), Some((42, false)));
+        // Cut short: neither reader takes it, so the lane ends on it
+        // (never an unread deliver left to the codec's ignored methods).
         for cut in 0..payload.len() {
             assert_eq!(parse_deliver(&payload[..cut], EVENTS_TAG), None);
+            assert!(decode_method(&payload[..cut]).is_err(), "cut at {cut}");
         }
+        // Bytes after its fields are left unread by both, as lapin's codec
+        // leaves them.
+        let mut longer = payload.to_vec();
+        longer.extend_from_slice(b"more");
+        assert_eq!(parse_deliver(&longer, EVENTS_TAG), Some((42, true)));
+        assert!(matches!(
+            decode_method(&longer),
+            Ok(AMQPClass::Basic(basic::AMQPMethod::Deliver(_)))
+        ));
         let ack = method(
             CHANNEL,
             AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
