@@ -8,6 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A full run writes about GB_NEEDED GiB (the runtime, the generated crates'
+# shared target directory, the release benches). Say so before starting
+# rather than fail at a linker that could not write.
+GB_NEEDED=12
+free_gb() { df -Pk "$1" | awk 'NR==2 {print int($4 / 1048576)}'; }
+for where in . "${TMPDIR:-/tmp}"; do
+  if [ "$(free_gb "$where")" -lt "$GB_NEEDED" ]; then
+    echo "warning: $(free_gb "$where") GiB free on $where; a full run needs about $GB_NEEDED" >&2
+  fi
+done
+trap 'status=$?; if [ $status -ne 0 ]; then echo "failed ($status); disk:" >&2; df -h . "${TMPDIR:-/tmp}" >&2; fi' EXIT
+
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up; then
   echo "starting RabbitMQ" >&2

@@ -32,6 +32,14 @@ use crate::ws::connection;
 /// the connection stays; above this the connection is dropped.
 const HARD_FRAME_FACTOR: usize = 4;
 
+/// Frames a socket's writer gathers before it writes them out: the writer
+/// feeds a batch of frames and flushes once, and up to this many bytes go
+/// out in one `sendto` (at 0, tungstenite writes every frame on its own:
+/// one syscall per response). The buffer keeps its capacity, so a socket
+/// that once sent a large batch holds up to about twice this; an idle
+/// socket that only sent small frames holds only their size.
+const WRITE_COALESCE_BYTES: usize = 8 * 1024;
+
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     access_token: Option<String>,
@@ -277,7 +285,7 @@ async fn ws_upgrade(
     );
     let tasks = gw.tasks().clone();
     ws.read_buffer_size(read_buffer)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_COALESCE_BYTES)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| tasks.track_future(connection(gw, socket, identity, admission)))

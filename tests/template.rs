@@ -90,8 +90,51 @@ fn ok(what: &str, out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{what} failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        readable(&text)
+    );
     text
+}
+
+/// A failed command's output, shaped to be read in a CI report that keeps
+/// only its beginning: every line that names an error first, then the last
+/// lines, each cut to a few hundred characters (a linker's command line
+/// alone is tens of kilobytes, and the reason it failed comes after it).
+fn readable(text: &str) -> String {
+    const WIDTH: usize = 400;
+    let cut = |line: &str| -> String {
+        if line.len() <= WIDTH {
+            return line.to_string();
+        }
+        let mut end = WIDTH;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{} [... {} more bytes]", &line[..end], line.len() - end)
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let errors: Vec<String> = lines
+        .iter()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("error") || l.contains("no space") || l.contains("killed")
+        })
+        .take(40)
+        .map(|l| cut(l))
+        .collect();
+    let last: Vec<String> = lines[lines.len().saturating_sub(60)..]
+        .iter()
+        .map(|l| cut(l))
+        .collect();
+    format!(
+        "--- lines naming an error ---\n{}\n--- last {} lines ---\n{}",
+        errors.join("\n"),
+        last.len(),
+        last.join("\n")
+    )
 }
 
 /// Generate `name` with the local runtime and `answers`; the crate folder.
