@@ -74,7 +74,8 @@ usage: {name} [--dev]
 
 Settings come from {DEFAULT_CONFIG} (or the file BFF_CONFIG names), each
 overridden by an environment variable BFF_<KEY> (BFF_LIMITS__<KEY> for a key
-of [limits]); BFF_LOG sets the log filter.",
+of [limits]); BFF_LOG sets the log filter; TOKIO_WORKER_THREADS the number of
+worker threads (one per core when unset).",
         runtime = env!("CARGO_PKG_VERSION"),
     )
 }
@@ -136,10 +137,20 @@ pub fn main(
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    match worker_threads(std::env::var_os(WORKER_THREADS_VAR)) {
+        // Given here, tokio does not read the variable (a value it cannot
+        // parse would panic there).
+        Ok(Some(n)) => {
+            builder.worker_threads(n);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
@@ -183,6 +194,29 @@ pub fn main(
 }
 
 /// Ctrl-C or SIGTERM.
+/// The variable tokio reads for its number of worker threads.
+const WORKER_THREADS_VAR: &str = "TOKIO_WORKER_THREADS";
+
+/// Most worker threads a BFF starts; far more than cores only adds wake-ups.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// `TOKIO_WORKER_THREADS`, checked: unset (tokio's default, one per core),
+/// or a whole number from 1 to [`MAX_WORKER_THREADS`].
+fn worker_threads(value: Option<std::ffi::OsString>) -> Result<Option<usize>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "{WORKER_THREADS_VAR} must be a whole number of threads from 1 to \
+             {MAX_WORKER_THREADS}, not `{}` (unset it for one per core)",
+            text.chars().take(40).collect::<String>()
+        )),
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -317,5 +351,27 @@ mod tests {
         let e = args(&["--deV"]).unwrap_err();
         assert!(e.contains("--deV"), "{e}");
         assert!(usage("my-bff").contains("BFF_CONFIG"));
+    }
+
+    #[test]
+    fn the_worker_thread_count_is_checked() {
+        let v = |s: &str| worker_threads(Some(s.into()));
+        assert_eq!(worker_threads(None), Ok(None));
+        assert_eq!(v("1"), Ok(Some(1)));
+        assert_eq!(v(" 4 "), Ok(Some(4)));
+        assert_eq!(v("1024"), Ok(Some(1024)));
+        for bad in [
+            "0",
+            "-1",
+            "two",
+            "",
+            "1.5",
+            "1025",
+            "99999999999999999999999",
+        ] {
+            let e = v(bad).unwrap_err();
+            assert!(e.contains(WORKER_THREADS_VAR), "{bad}: {e}");
+            assert!(e.contains(&format!("`{bad}`")), "{bad}: {e}");
+        }
     }
 }

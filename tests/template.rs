@@ -712,6 +712,20 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
     assert!(log.contains("at least 32"), "{log}");
     drop(p);
 
+    // A worker thread count tokio cannot take: refused at start, named
+    // (tokio itself would panic on it).
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &["--dev"],
+        &[("BFF_JWT_SECRET", secret), ("TOKIO_WORKER_THREADS", "0")],
+    );
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("TOKIO_WORKER_THREADS"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    drop(p);
+
     // No broker at the configured URL and no --dev: exits, naming the URL
     // and both ways to start.
     let mut p = BffProcess::spawn(
