@@ -193,7 +193,6 @@ pub fn main(
     }
 }
 
-/// Ctrl-C or SIGTERM.
 /// The variable tokio reads for its number of worker threads.
 const WORKER_THREADS_VAR: &str = "TOKIO_WORKER_THREADS";
 
@@ -217,6 +216,7 @@ fn worker_threads(value: Option<std::ffi::OsString>) -> Result<Option<usize>, St
     }
 }
 
+/// Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
