@@ -754,8 +754,9 @@ fn server_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
         ),
         short => (2, short as usize),
     };
-    let payload = b.get(header..header + len)?;
-    Some((b[0] & 0x0f, payload, header + len))
+    let end = header.checked_add(len)?;
+    let payload = b.get(header..end)?;
+    Some((b[0] & 0x0f, payload, end))
 }
 
 /// `k` of a fan-out event frame (`..."fanout":true,"k":7...`).
