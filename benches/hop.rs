@@ -746,7 +746,7 @@ async fn lean_reader(
 
 /// The first whole unmasked frame of `b`: its opcode, payload and length.
 fn server_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
-    let (header, len) = match *b.get(1)? & 0x7f {
+    let (header, len): (usize, usize) = match *b.get(1)? & 0x7f {
         126 => (4, u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize),
         127 => (
             10,
