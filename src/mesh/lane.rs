@@ -122,17 +122,11 @@ impl<'a> Received<'a> {
     /// A string header's value (a long string; bytes that are not UTF-8
     /// replaced); `None` when absent or of another type.
     pub(super) fn header(&self, name: &str) -> Option<std::borrow::Cow<'a, str>> {
-        let mut table = Cursor(self.headers);
-        while !table.0.is_empty() {
-            let key = table.short()?;
-            let kind = table.u8()?;
+        for entry in table_entries(self.headers) {
+            let (key, kind, value) = entry?;
             if key == name.as_bytes() {
-                return match kind {
-                    b'S' => Some(String::from_utf8_lossy(table.long()?)),
-                    _ => None,
-                };
+                return (kind == b'S').then(|| String::from_utf8_lossy(value));
             }
-            skip_value(&mut table, kind)?;
         }
         None
     }
@@ -172,9 +166,10 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Step over one field value of type `kind` (RabbitMQ's field types, as
-/// lapin's codec reads them); `None` for an unknown type or a short table.
-fn skip_value(c: &mut Cursor<'_>, kind: u8) -> Option<()> {
+/// Read one field value of type `kind` (RabbitMQ's field types, as lapin's
+/// codec reads them): its bytes, a long string's or table's without their
+/// size; `None` for an unknown type or a short table.
+fn field_value<'a>(c: &mut Cursor<'a>, kind: u8) -> Option<&'a [u8]> {
     match kind {
         b't' | b'b' | b'B' => c.take(1),
         b's' | b'U' | b'u' => c.take(2),
@@ -185,7 +180,26 @@ fn skip_value(c: &mut Cursor<'_>, kind: u8) -> Option<()> {
         b'V' => Some(&[][..]),
         _ => None,
     }
-    .map(drop)
+}
+
+/// A header table's entries (after its size), in order: the name, the
+/// field type and the value's bytes; `None` for the first entry that does
+/// not parse, and nothing after it.
+fn table_entries(table: &[u8]) -> impl Iterator<Item = Option<(&[u8], u8, &[u8])>> {
+    let mut c = Cursor(table);
+    let mut broken = false;
+    std::iter::from_fn(move || {
+        if broken || c.0.is_empty() {
+            return None;
+        }
+        let key = c.short();
+        let entry = key.and_then(|key| {
+            let kind = c.u8()?;
+            Some((key, kind, field_value(&mut c, kind)?))
+        });
+        broken = entry.is_none();
+        Some(entry)
+    })
 }
 
 /// A content header frame's payload: the body's size and the properties,
@@ -222,16 +236,10 @@ fn parse_header(payload: &[u8]) -> Result<(u64, Received<'_>), LaneError> {
         }
         let read = match bit {
             // headers
-            13 => c.long().and_then(|table| {
-                let mut entries = Cursor(table);
-                while !entries.0.is_empty() {
-                    entries.short()?;
-                    let kind = entries.u8()?;
-                    skip_value(&mut entries, kind)?;
-                }
-                received.headers = table;
-                Some(())
-            }),
+            13 => c
+                .long()
+                .filter(|table| table_entries(table).all(|entry| entry.is_some()))
+                .map(|table| received.headers = table),
             // delivery-mode, priority
             12 | 11 => c.u8().map(drop),
             10 => c.short().map(|id| received.correlation_id = Some(id)),
