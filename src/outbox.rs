@@ -8,8 +8,10 @@
 //! beside the frames. A fleet holds tens of thousands of idle sockets, so
 //! per-socket bytes matter (see `benches/idle_sockets.rs`).
 //!
-//! One writer drains it; any number of producers fill it. Locks are never
-//! held across an `.await`.
+//! One consumer, the connection's own task, drains it and waits for frames;
+//! any number of producers fill it and none waits: a full queue is the
+//! producer's to handle (the hub counts a slow consumer; the connection
+//! writes before it queues more). Locks are never held across an `.await`.
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -41,8 +43,8 @@ pub(crate) struct Outbox(Arc<Shared>);
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
-    /// Frames pushed or popped, or the outbox closed: wakes the writer and
-    /// producers waiting for room.
+    /// A frame or ping queued by another task, or the outbox closed: wakes
+    /// the consumer.
     changed: Notify,
     /// The outbox closed: wakes whoever waits in [`Outbox::closed`].
     closing: Notify,
@@ -91,41 +93,36 @@ impl Outbox {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue a frame without waiting.
+    /// Queue a frame without waiting, and wake the consumer.
     pub(crate) fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
-        {
-            let mut state = self.lock();
-            if state.closed.is_some() {
-                return Err(PushError::Closed);
-            }
-            if state.frames.len() >= self.0.capacity {
-                return Err(PushError::Full);
-            }
-            state.frames.push_back(frame);
-        }
+        self.queue(frame).map_err(|(e, _)| e)?;
         self.0.changed.notify_waiters();
         Ok(())
     }
 
-    /// Queue a frame, waiting while the queue is full; fails only once the
-    /// session is closed.
-    pub(crate) async fn push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
-        loop {
-            let mut changed = pin!(self.0.changed.notified());
-            // Registered before the check, so a pop in between is not missed.
-            changed.as_mut().enable();
-            match self.try_push(frame.clone()) {
-                Err(PushError::Full) => changed.await,
-                done => return done,
-            }
+    /// Queue a frame from the consumer's own task, which looks at the queue
+    /// before it waits again: no wake-up. (A task that wakes itself is
+    /// requeued behind the others, and the runtime wakes an idle worker
+    /// thread to come and take it.) A refused frame is handed back.
+    pub(crate) fn try_push_own(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
+        self.queue(frame)
+    }
+
+    fn queue(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return Err((PushError::Closed, frame));
         }
+        if state.frames.len() >= self.0.capacity {
+            return Err((PushError::Full, frame));
+        }
+        state.frames.push_back(frame);
+        Ok(())
     }
 
     /// The next frame if one is queued (the writer batches with it).
     pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
-        let frame = self.lock().pop_front()?;
-        self.0.changed.notify_waiters();
-        Some(frame)
+        self.lock().pop_front()
     }
 
     /// Ask the writer to send a ping (at most one waits at a time).
@@ -153,8 +150,6 @@ impl Outbox {
                     return Some(Out::Ping);
                 }
                 if let Some(frame) = state.pop_front() {
-                    drop(state);
-                    self.0.changed.notify_waiters();
                     return Some(Out::Frame(frame));
                 }
                 if state.closed.is_some() {
@@ -272,36 +267,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn waiters_wake_on_push_room_and_close() {
-        let o = Outbox::new(1);
-        // The writer waits for a frame.
-        let writer = tokio::spawn({
+    async fn the_consumer_wakes_on_a_push_from_another_task_and_on_close() {
+        let o = Outbox::new(2);
+        // The consumer waits for a frame.
+        let consumer = tokio::spawn({
             let o = o.clone();
             async move { o.pop_frame().await }
         });
         tokio::task::yield_now().await;
         o.try_push(f("x")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let got = tokio::time::timeout(Duration::from_secs(5), consumer).await;
         assert_eq!(got.unwrap().unwrap().as_deref(), Some("x"));
 
-        // A producer waits for room.
-        o.try_push(f("full")).unwrap();
-        let producer = tokio::spawn({
-            let o = o.clone();
-            async move { o.push(f("waited")).await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!producer.is_finished());
-        assert_eq!(o.pop_frame().await.as_deref(), Some("full"));
-        let pushed = tokio::time::timeout(Duration::from_secs(5), producer).await;
-        assert_eq!(pushed.unwrap().unwrap(), Ok(()));
-        assert_eq!(o.pop_frame().await.as_deref(), Some("waited"));
+        // The consumer's own frames are queued in order with the others,
+        // bounded the same way, and refused once closed.
+        o.try_push_own(f("own")).unwrap();
+        o.try_push(f("other")).unwrap();
+        assert_eq!(o.try_push_own(f("over")), Err((PushError::Full, f("over"))));
+        assert_eq!(o.try_pop().as_deref(), Some("own"));
+        assert_eq!(o.pop_frame().await.as_deref(), Some("other"));
 
-        // A waiting producer and the close watcher both wake on close.
-        o.try_push(f("full again")).unwrap();
-        let producer = tokio::spawn({
+        // The consumer and the close watcher both wake on close.
+        let consumer = tokio::spawn({
             let o = o.clone();
-            async move { o.push(f("never")).await }
+            async move { o.pop().await }
         });
         let watcher = tokio::spawn({
             let o = o.clone();
@@ -309,8 +298,12 @@ mod tests {
         });
         tokio::task::yield_now().await;
         o.close(1001, "shutdown");
-        let pushed = tokio::time::timeout(Duration::from_secs(5), producer).await;
-        assert_eq!(pushed.unwrap().unwrap(), Err(PushError::Closed));
+        assert_eq!(
+            o.try_push_own(f("late")),
+            Err((PushError::Closed, f("late")))
+        );
+        let popped = tokio::time::timeout(Duration::from_secs(5), consumer).await;
+        assert_eq!(popped.unwrap().unwrap(), None);
         tokio::time::timeout(Duration::from_secs(5), watcher)
             .await
             .unwrap()

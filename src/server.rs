@@ -32,8 +32,8 @@ use crate::ws::connection;
 /// the connection stays; above this the connection is dropped.
 const HARD_FRAME_FACTOR: usize = 4;
 
-/// Frames a socket's writer gathers before it writes them out: the writer
-/// feeds a batch of frames and flushes once, and up to this many bytes go
+/// Frames a connection gathers before it writes them out: it feeds a batch
+/// of frames and flushes once, and up to this many bytes go
 /// out in one `sendto` (at 0, tungstenite writes every frame on its own:
 /// one syscall per response). The buffer keeps its capacity, so a socket
 /// that once sent a large batch holds up to about twice this; an idle

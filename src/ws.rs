@@ -1,7 +1,12 @@
-//! One WebSocket connection: authenticate, register the session, then a
-//! reader loop that decodes frames and runs requests concurrently, and a
-//! writer task that drains the session's bounded outbound queue. Whether a
-//! call may go out is `dispatch`'s to say; this module carries it out.
+//! One WebSocket connection: authenticate, register the session, then one
+//! task that decodes frames, runs requests concurrently and writes the
+//! session's bounded outbound queue. Whether a call may go out is
+//! `dispatch`'s to say; this module carries it out.
+//!
+//! One task, not a reader and a writer: tokio-tungstenite wakes every task
+//! that last used either half of a socket whenever it is ready, so a
+//! writer task was woken for nothing by each frame a client sent, and the
+//! runtime woke its other worker thread to take the second task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +22,11 @@ use serde_json::Value;
 use crate::auth::{Identity, unix_now};
 use crate::compose;
 use crate::dispatch::{self, Failure, Rates, Refusal};
-use crate::gateway::Gateway;
+use crate::gateway::{CallGuard, Gateway};
 use crate::hooks::WsHandler;
 use crate::hooks::{LocalCall, MeshClient};
 use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
-use crate::outbox::{Out, Outbox};
+use crate::outbox::{Out, Outbox, PushError};
 use crate::protocol::{ClientCall, ClientFrame, ErrorName, ServerFrame, close};
 use crate::session::{Admission, Crowded, SessionGuard, SessionInfo, SubscribeError};
 
@@ -107,17 +112,15 @@ pub(crate) fn connection(
     }
 }
 
-/// What an open connection keeps: its reader state, the read half of the
-/// socket and the writer task.
+/// What an open connection keeps: its state (with the write half of the
+/// socket) and the read half.
 struct Live {
     conn: Connection,
     stream: SplitStream<WebSocket>,
-    writer: tokio::task::JoinHandle<()>,
     _guard: SessionGuard,
 }
 
-/// Authenticate, register the session, start the writer and queue the
-/// hello event.
+/// Authenticate, register the session and queue the hello event.
 async fn open(
     gw: Gateway,
     mut socket: WebSocket,
@@ -181,20 +184,20 @@ async fn open(
     };
     let _ = outbox.try_push(hello.to_json().into());
 
-    let writer = tokio::spawn(write_loop(sink, outbox.clone(), gw.limits().write_timeout));
     let conn = Connection {
         gw,
         info: Arc::new(info),
         token,
         expires_at,
         outbox,
+        sink,
+        write_failed: false,
         calls: std::sync::Mutex::new(None),
         rates: Rates::default(),
     };
     Some(Live {
         conn,
         stream,
-        writer,
         _guard: guard,
     })
 }
@@ -256,70 +259,85 @@ async fn write_batch(
     sink.flush().await
 }
 
-/// A connection's calls in flight.
-type Calls = FuturesUnordered<BoxFuture<'static, ()>>;
+/// A call's answer, with the guard that counts the call as in flight
+/// until its answer is queued (a draining shutdown waits for it).
+type Done = (Utf8Bytes, CallGuard);
+
+/// A connection's calls in flight: one, polled directly, or several in a
+/// `FuturesUnordered`. One is the common case (a client that waits for
+/// each answer), and `FuturesUnordered` wakes its task again whenever one
+/// poll visited every future it holds without any finishing (its fairness
+/// rule): with one call in it, on every request, and the runtime then woke
+/// its other worker thread to take the task.
+enum Calls {
+    One(BoxFuture<'static, Done>),
+    Many(FuturesUnordered<BoxFuture<'static, Done>>),
+}
+
+impl Calls {
+    fn len(&self) -> usize {
+        match self {
+            Calls::One(_) => 1,
+            Calls::Many(calls) => calls.len(),
+        }
+    }
+}
 
 fn calls_mut(calls: &mut std::sync::Mutex<Option<Box<Calls>>>) -> &mut Option<Box<Calls>> {
     calls.get_mut().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The next call of `calls` to finish; never, while there are none. A
-/// `poll_fn` holding one reference: every idle socket's reader keeps this
-/// future, so its size counts.
-fn next_call(calls: &mut Option<Box<Calls>>) -> impl Future<Output = Option<()>> + '_ {
-    std::future::poll_fn(move |cx| match calls {
-        Some(c) if !c.is_empty() => c.poll_next_unpin(cx),
-        _ => std::task::Poll::Pending,
+/// Add a call to `calls`.
+fn push_call(calls: &mut Option<Box<Calls>>, call: BoxFuture<'static, Done>) {
+    *calls = Some(match calls.take() {
+        None => Box::new(Calls::One(call)),
+        Some(mut held) => {
+            match *held {
+                Calls::Many(ref mut many) => many.push(call),
+                Calls::One(first) => {
+                    let many = FuturesUnordered::new();
+                    many.push(first);
+                    many.push(call);
+                    *held = Calls::Many(many);
+                }
+            }
+            held
+        }
+    });
+}
+
+/// The answer of the next call of `calls` to finish, or `None` at once
+/// when there are none (the set is dropped once empty, so an idle socket
+/// holds nothing for it). A `poll_fn` holding one reference: every idle
+/// socket's loop keeps this future, so its size counts.
+fn next_call(calls: &mut Option<Box<Calls>>) -> impl Future<Output = Option<Done>> + '_ {
+    std::future::poll_fn(move |cx| {
+        let done = match calls.as_deref_mut() {
+            None => return std::task::Poll::Ready(None),
+            Some(Calls::One(call)) => std::task::ready!(call.as_mut().poll(cx)),
+            Some(Calls::Many(many)) => match std::task::ready!(many.poll_next_unpin(cx)) {
+                Some(done) if !many.is_empty() => return std::task::Poll::Ready(Some(done)),
+                Some(done) => done,
+                None => {
+                    *calls = None;
+                    return std::task::Poll::Ready(None);
+                }
+            },
+        };
+        *calls = None;
+        std::task::Poll::Ready(Some(done))
     })
 }
 
 /// Frames written to a socket with one flush, at most.
 const WRITE_BATCH: usize = 64;
 
-/// Drain the session's outbound queue into the socket until the session
-/// closes, then send the close frame with the session's close reason.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    outbox: Outbox,
-    write_timeout: Duration,
-) {
-    let mut drained_ok = true;
-    while let Some(out) = outbox.pop().await {
-        let message = match out {
-            Out::Frame(frame) => Message::Text(frame),
-            Out::Ping => Message::Ping(Default::default()),
-        };
-        // Boxed: only a socket being written to holds the write's state,
-        // not every idle one.
-        let write = Box::pin(write_batch(&mut sink, &outbox, message));
-        match tokio::time::timeout(write_timeout, write).await {
-            Ok(Ok(())) => {}
-            _ => {
-                drained_ok = false;
-                break;
-            }
-        }
-    }
-    // Stops the reader too when the write side failed.
-    outbox.close(close::NORMAL, "closed");
-    if drained_ok {
-        let (code, why) = outbox
-            .close_reason()
-            .map_or((close::NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
-        let _ = tokio::time::timeout(write_timeout, sink.send(close(code, &why))).await;
-    }
-    // Completes the closing handshake when the client started it (the reply
-    // tungstenite queued is flushed here), then shuts the socket down.
-    let _ = tokio::time::timeout(write_timeout, sink.close()).await;
-}
-
 impl Live {
     /// Borrows rather than consumes: a by-value `self` would be stored again
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
-        self.conn.read_loop(&mut self.stream).await;
-        self.conn.outbox.close(close::NORMAL, "closed");
-        let _ = (&mut self.writer).await;
+        self.conn.serve(&mut self.stream).await;
+        self.conn.finish().await;
         self.conn.gw.metrics().connection_closed();
         tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
     }
@@ -335,6 +353,11 @@ struct Connection {
     token: Option<String>,
     expires_at: Option<u64>,
     outbox: Outbox,
+    /// The write half of the socket, written by this connection's task
+    /// alone.
+    sink: SplitSink<WebSocket, Message>,
+    /// A write failed or timed out: nothing more is written.
+    write_failed: bool,
     /// The connection's calls in flight, polled by the connection's own
     /// task (their number is what `max_in_flight` limits). Not a task each:
     /// spawning one per call woke the runtime's other worker for nothing,
@@ -399,7 +422,13 @@ impl Connection {
         true
     }
 
-    async fn read_loop(&mut self, stream: &mut SplitStream<WebSocket>) {
+    /// Read frames, run calls and write the outbound queue until the
+    /// session ends. In each turn, in this order: the close, the timer,
+    /// the calls that finished (their answers queued), the queue written
+    /// (one flush for all that is queued), then the next client frame.
+    /// Writing before reading is the backpressure: a client that does not
+    /// read its answers is not read either.
+    async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) {
         let now = Instant::now();
         let mut keepalive = Keepalive {
             next_ping: now + self.gw.limits().ping_interval,
@@ -409,6 +438,7 @@ impl Connection {
         tokio::pin!(timer);
         loop {
             let msg = tokio::select! {
+                biased;
                 _ = self.outbox.closed() => break,
                 _ = &mut timer => {
                     if !self.on_timer(&mut keepalive) {
@@ -417,10 +447,14 @@ impl Connection {
                     timer.as_mut().reset(self.next_wake(&keepalive, Instant::now()));
                     continue;
                 }
-                Some(()) = next_call(calls_mut(&mut self.calls)) => {
-                    let calls = calls_mut(&mut self.calls);
-                    if calls.as_ref().is_some_and(|c| c.is_empty()) {
-                        *calls = None;
+                Some((answer, call)) = next_call(calls_mut(&mut self.calls)) => {
+                    self.reply_bytes(answer).await;
+                    drop(call);
+                    continue;
+                }
+                Some(out) = self.outbox.pop() => {
+                    if !self.write(out).await {
+                        break;
                     }
                     continue;
                 }
@@ -499,24 +533,83 @@ impl Connection {
                 }
             }
         }
-        // Requests still running finish (their replies go nowhere) or are
+        // Requests still running finish (their answers go nowhere) or are
         // bounded by their own timeouts.
-        if let Some(calls) = calls_mut(&mut self.calls).as_mut() {
-            while calls.next().await.is_some() {}
-        }
+        while next_call(calls_mut(&mut self.calls)).await.is_some() {}
     }
 
-    /// Queue a frame for this client, waiting while its queue is full.
-    /// Boxed: replies are off the request path, and an inline future would
-    /// grow every idle connection's state by its size.
-    fn reply(&self, frame: ServerFrame) -> BoxFuture<'_, ()> {
+    /// Queue a frame for this client.
+    fn reply(&mut self, frame: ServerFrame) -> BoxFuture<'_, ()> {
         self.reply_bytes(frame.to_json().into())
     }
 
-    fn reply_bytes(&self, frame: Utf8Bytes) -> BoxFuture<'_, ()> {
+    /// Queue a frame for this client; while its queue is full, write what
+    /// it holds first. Boxed: an inline future would grow every idle
+    /// connection's state by the write's size.
+    fn reply_bytes(&mut self, frame: Utf8Bytes) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let _ = self.outbox.push(frame).await;
+            let mut frame = frame;
+            loop {
+                match self.outbox.try_push_own(frame) {
+                    Err((PushError::Full, refused)) => {
+                        frame = refused;
+                        let Some(first) = self.outbox.try_pop() else {
+                            return;
+                        };
+                        if !self.write(Out::Frame(first)).await {
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
         })
+    }
+
+    /// Write `first` and what else is queued, within the write timeout.
+    /// False, with the session closed, once the socket cannot take it.
+    async fn write(&mut self, first: Out) -> bool {
+        if self.write_failed {
+            return false;
+        }
+        let message = match first {
+            Out::Frame(frame) => Message::Text(frame),
+            Out::Ping => Message::Ping(Default::default()),
+        };
+        // Boxed: only a socket being written to holds the write's state,
+        // not every idle one.
+        let write = Box::pin(write_batch(&mut self.sink, &self.outbox, message));
+        let written = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
+        if !matches!(written, Ok(Ok(()))) {
+            self.write_failed = true;
+            self.outbox.close(close::NORMAL, "closed");
+        }
+        !self.write_failed
+    }
+
+    /// The session is over: write what is still queued and the close frame
+    /// with the session's close reason (unless writing failed), then shut
+    /// the socket down.
+    async fn finish(&mut self) {
+        self.outbox.close(close::NORMAL, "closed");
+        // Once closed, `pop` hands out what was queued, then `None`.
+        while let Some(out) = self.outbox.pop().await {
+            if !self.write(out).await {
+                break;
+            }
+        }
+        let timeout = self.gw.limits().write_timeout;
+        if !self.write_failed {
+            let (code, why) = self
+                .outbox
+                .close_reason()
+                .map_or((close::NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
+            let _ = tokio::time::timeout(timeout, self.sink.send(close(code, &why))).await;
+        }
+        // Completes the closing handshake when the client started it (the
+        // reply tungstenite queued is flushed here), then shuts the socket
+        // down.
+        let _ = tokio::time::timeout(timeout, self.sink.close()).await;
     }
 
     /// A new token on an open connection. For the same user, its roles and
@@ -567,7 +660,7 @@ impl Connection {
 
     /// Subscribe to all of `topics` or (refused, with the first reason) to
     /// none.
-    async fn subscribe(&self, topics: Vec<String>) {
+    async fn subscribe(&mut self, topics: Vec<String>) {
         let limit = self.gw.limits().max_subscriptions;
         let checked = if topics.len() > limit {
             Err(Refusal::TooManySubscriptions { limit })
@@ -589,7 +682,7 @@ impl Connection {
         self.reply(frame).await;
     }
 
-    async fn unsubscribe(&self, topics: Vec<String>) {
+    async fn unsubscribe(&mut self, topics: Vec<String>) {
         let now = self
             .gw
             .sessions()
@@ -599,7 +692,7 @@ impl Connection {
 
     /// Start a request or command. A refusal (not routed, forbidden, rate
     /// limited, ...) is answered at once: its frame is handed back for the
-    /// reader to queue, so a client flooding refused calls is slowed by its
+    /// loop to queue, so a client flooding refused calls is slowed by its
     /// own queue instead of starting a call for it. Accepted calls run
     /// beside the socket (`run_call`), at most `max_in_flight` per
     /// connection.
@@ -638,15 +731,13 @@ impl Connection {
                 ),
             };
             if let Some(fut) = handler.local_request(local) {
-                let outbox = self.outbox.clone();
                 let call = self.gw.call_started();
                 self.run_call(async move {
-                    let _call = call;
                     let outcome = tokio::select! {
                         outcome = fut => outcome.map_err(Failure::Local),
                         _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
                     };
-                    let _ = outbox.push(respond.frame(outcome)).await;
+                    (respond.frame(outcome), call)
                 });
                 return None;
             }
@@ -685,10 +776,8 @@ impl Connection {
             }
             let parts = composed.parts.clone();
             let info = self.info.clone();
-            let outbox = self.outbox.clone();
             let call_guard = self.gw.call_started();
             self.run_call(async move {
-                let _call = call_guard;
                 let calls = plans.into_iter().map(|plan| {
                     let (mesh, handler, info) = (&mesh, &handler, &info);
                     async move {
@@ -705,7 +794,7 @@ impl Connection {
                     Ok((result, failed)) => respond.frame_with(Ok(result), failed),
                     Err(e) => respond.frame(Err(Failure::Local(e))),
                 };
-                let _ = outbox.push(frame).await;
+                (frame, call_guard)
             });
             return None;
         }
@@ -724,11 +813,9 @@ impl Connection {
         let mut mesh_call = allowed.call(call.params, context, &respond.trace_id);
         handler.on_request(&self.info, &mut mesh_call);
         let info = self.info.clone();
-        let outbox = self.outbox.clone();
+        // Counted until its answer is queued: the drain waits for it.
         let call = self.gw.call_started();
         self.run_call(async move {
-            // Counted until its answer is queued: the drain waits for it.
-            let _call = call;
             let work = async {
                 if command {
                     mesh.command(mesh_call).await.map(|()| Value::Null)
@@ -743,16 +830,15 @@ impl Connection {
                 outcome = work => outcome.map_err(Failure::Mesh),
                 _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
             };
-            let _ = outbox.push(respond.frame(outcome)).await;
+            (respond.frame(outcome), call)
         });
         None
     }
 
-    /// Run `call` beside the socket: the reader loop polls it.
-    fn run_call(&mut self, call: impl Future<Output = ()> + Send + 'static) {
-        calls_mut(&mut self.calls)
-            .get_or_insert_with(Box::default)
-            .push(Box::pin(call));
+    /// Run `call` beside the socket: the connection's loop polls it and
+    /// queues its answer.
+    fn run_call(&mut self, call: impl Future<Output = Done> + Send + 'static) {
+        push_call(calls_mut(&mut self.calls), Box::pin(call));
     }
 }
 
