@@ -46,8 +46,6 @@ struct Shared {
     /// A frame or ping queued by another task, or the outbox closed: wakes
     /// the consumer.
     changed: Notify,
-    /// The outbox closed: wakes whoever waits in [`Outbox::closed`].
-    closing: Notify,
     capacity: usize,
 }
 
@@ -84,7 +82,6 @@ impl Outbox {
         Self(Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
-            closing: Notify::new(),
             capacity: capacity.max(1),
         }))
     }
@@ -175,34 +172,21 @@ impl Outbox {
             });
         }
         self.0.changed.notify_waiters();
-        self.0.closing.notify_waiters();
         true
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.lock().closed.is_some()
     }
 
     /// The reason the session was closed with, once it is.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         self.lock().closed.clone()
     }
-
-    /// Resolves once the outbox is closed.
-    pub(crate) async fn closed(&self) {
-        loop {
-            let mut closing = pin!(self.0.closing.notified());
-            closing.as_mut().enable();
-            if self.is_closed() {
-                return;
-            }
-            closing.await;
-        }
-    }
 }
 
 #[cfg(test)]
 impl Outbox {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
+
     async fn pop_frame(&self) -> Option<Utf8Bytes> {
         match self.pop().await? {
             Out::Frame(f) => Some(f),
@@ -263,7 +247,6 @@ mod tests {
         assert_eq!(o.close_reason().map(|r| r.code), Some(4000));
         assert_eq!(o.pop_frame().await.as_deref(), Some("last words"));
         assert_eq!(o.pop_frame().await, None);
-        o.closed().await;
     }
 
     #[tokio::test]
@@ -287,27 +270,33 @@ mod tests {
         assert_eq!(o.try_pop().as_deref(), Some("own"));
         assert_eq!(o.pop_frame().await.as_deref(), Some("other"));
 
-        // The consumer and the close watcher both wake on close.
+        // The consumer wakes on close, with what was queued, then `None`.
         let consumer = tokio::spawn({
             let o = o.clone();
-            async move { o.pop().await }
-        });
-        let watcher = tokio::spawn({
-            let o = o.clone();
-            async move { o.closed().await }
+            async move { (o.pop_frame().await, o.pop().await) }
         });
         tokio::task::yield_now().await;
+        o.try_push(f("last")).unwrap();
         o.close(1001, "shutdown");
         assert_eq!(
             o.try_push_own(f("late")),
             Err((PushError::Closed, f("late")))
         );
         let popped = tokio::time::timeout(Duration::from_secs(5), consumer).await;
+        let (last, then) = popped.unwrap().unwrap();
+        assert_eq!(last.as_deref(), Some("last"));
+        assert_eq!(then, None);
+
+        // Waiting, it wakes on the close alone.
+        let o = Outbox::new(2);
+        let consumer = tokio::spawn({
+            let o = o.clone();
+            async move { o.pop().await }
+        });
+        tokio::task::yield_now().await;
+        o.close(1000, "bye");
+        let popped = tokio::time::timeout(Duration::from_secs(5), consumer).await;
         assert_eq!(popped.unwrap().unwrap(), None);
-        tokio::time::timeout(Duration::from_secs(5), watcher)
-            .await
-            .unwrap()
-            .unwrap();
     }
 
     #[tokio::test]

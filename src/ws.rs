@@ -423,9 +423,10 @@ impl Connection {
     }
 
     /// Read frames, run calls and write the outbound queue until the
-    /// session ends. In each turn, in this order: the close, the timer,
-    /// the calls that finished (their answers queued), the queue written
-    /// (one flush for all that is queued), then the next client frame.
+    /// session ends. In each turn, in this order: the timer, the calls that
+    /// finished (their answers queued), the queue written (one flush for
+    /// all that is queued) or the session's close, then the next client
+    /// frame.
     /// Writing before reading is the backpressure: a client that does not
     /// read its answers is not read either.
     async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) {
@@ -439,7 +440,6 @@ impl Connection {
         loop {
             let msg = tokio::select! {
                 biased;
-                _ = self.outbox.closed() => break,
                 _ = &mut timer => {
                     if !self.on_timer(&mut keepalive) {
                         break;
@@ -452,12 +452,17 @@ impl Connection {
                     drop(call);
                     continue;
                 }
-                Some(out) = self.outbox.pop() => {
-                    if !self.write(out).await {
-                        break;
+                // Once the session is closed, what was queued before, then
+                // `None`: the loop ends.
+                out = self.outbox.pop() => match out {
+                    Some(out) => {
+                        if !self.write(out).await {
+                            break;
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                    None => break,
+                },
                 msg = stream.next() => msg,
             };
             keepalive.missed = 0;
