@@ -429,6 +429,22 @@ impl TestClient {
         }
     }
 
+    /// The next text frame as it came, unparsed (within 10 seconds);
+    /// `None` once the socket is closed.
+    pub async fn next_text(&mut self) -> Result<Option<String>, String> {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .map_err(|_| "no frame within 10 s".to_owned())?;
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(Some(t.as_str().to_owned())),
+                Some(Ok(Message::Close(_))) | None => return Ok(None),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+        }
+    }
+
     /// Wait for the server's close frame (within 10 seconds), skipping
     /// other frames; its close code, or `None` if the socket just ended.
     pub async fn closed(&mut self) -> Result<Option<u16>, String> {
