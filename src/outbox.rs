@@ -57,7 +57,7 @@ struct State {
     ping: bool,
 }
 
-/// What the writer sends next.
+/// What the connection writes next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Out {
     Frame(Utf8Bytes),
@@ -117,12 +117,12 @@ impl Outbox {
         Ok(())
     }
 
-    /// The next frame if one is queued (the writer batches with it).
+    /// The next frame if one is queued (the connection batches with it).
     pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
         self.lock().pop_front()
     }
 
-    /// Ask the writer to send a ping (at most one waits at a time).
+    /// Ask the connection to send a ping (at most one waits at a time).
     pub(crate) fn ping(&self) {
         {
             let mut state = self.lock();
