@@ -45,25 +45,7 @@ async fn a_drain_answers_every_call_in_flight_then_closes_with_1001() {
     let refused = TestClient::connect(&gw.url(), Some(&token("late", &[], 300))).await;
     assert!(refused.unwrap_err().contains("503"));
     // A new call on the open socket is refused, naming the shutdown.
-    c.send(json!({"type":"request","payload":{"service":svc,"method":"wait","params":{"ms":0},"trace_id":"new"}}))
-        .await
-        .unwrap();
-    let mut answered = 0;
-    let mut refused_new = false;
-    loop {
-        let frame = c.recv().await.unwrap();
-        let p = &frame["payload"];
-        if p["trace_id"] == "new" {
-            assert_eq!(p["error"]["error"], "ShuttingDown", "{frame}");
-            refused_new = true;
-        } else {
-            assert_eq!(p["result"], 800, "{frame}");
-            answered += 1;
-        }
-        if answered == 16 && refused_new {
-            break;
-        }
-    }
+    drain_answers(&mut c, &svc, 16, 800).await;
     // Then the close, once the calls are answered.
     assert_eq!(c.closed().await.unwrap(), Some(1001));
     assert!(started.elapsed() < Duration::from_secs(5));

@@ -11,12 +11,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,132 +45,46 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A BFF process and its log lines.
-struct Bff {
-    child: Child,
-    lines: Receiver<String>,
-    log: Vec<String>,
-    dir: PathBuf,
+/// A BFF process routing `service.*` (with `route_extra` in its route)
+/// and `grace_ms` to drain, serving; and the folder of its settings.
+fn start_bff(service: &str, route_extra: &str, grace_ms: u64) -> (BffProcess, SocketAddr, Dir) {
+    let dir = Dir(std::env::temp_dir().join(unique("bff-shutdown")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let routes = dir.0.join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[route]]\ncall = \"{service}.*\"\n{route_extra}"),
+    )
+    .unwrap();
+    let config = dir.0.join("default.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mesh_service_name = \"{}\"\nlisten = \"127.0.0.1:0\"\namqp_url = \"{}\"\n\
+             routes = \"{}\"\nws_path = \"/ws\"\nallowed_origins = []\nauth = \"jwt-hs256\"\n\
+             jwt_secret = \"{SECRET}\"\nshutdown_grace_ms = {grace_ms}\nlog = \"info\"\n",
+            unique("shutdown-bff"),
+            amqp_url(),
+            routes.display(),
+        ),
+    )
+    .unwrap();
+    let mut bff = BffProcess::spawn(
+        &std::env::current_exe().unwrap(),
+        &dir.0,
+        &[],
+        &[(CHILD_VAR, "1"), ("BFF_CONFIG", &config.to_string_lossy())],
+    );
+    let addr = bff.serving_addr();
+    (bff, addr, dir)
 }
 
-impl Bff {
-    /// Start a BFF routing `service.*` (with `route_extra` in its route)
-    /// and `grace_ms` to drain; waits until it serves.
-    fn start(service: &str, route_extra: &str, grace_ms: u64) -> (Self, SocketAddr) {
-        let dir = std::env::temp_dir().join(unique("bff-shutdown"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let routes = dir.join("routes.toml");
-        std::fs::write(
-            &routes,
-            format!("[[route]]\ncall = \"{service}.*\"\n{route_extra}"),
-        )
-        .unwrap();
-        let config = dir.join("default.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "mesh_service_name = \"{}\"\nlisten = \"127.0.0.1:0\"\namqp_url = \"{}\"\n\
-                 routes = \"{}\"\nws_path = \"/ws\"\nallowed_origins = []\nauth = \"jwt-hs256\"\njwt_secret = \"{SECRET}\"\n\
-                 shutdown_grace_ms = {grace_ms}\nlog = \"info\"\n",
-                unique("shutdown-bff"),
-                amqp_url(),
-                routes.display(),
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env(CHILD_VAR, "1")
-            .env("BFF_CONFIG", &config)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the BFF process");
-        let (tx, lines) = channel();
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        let mut bff = Self {
-            child,
-            lines,
-            log: Vec::new(),
-            dir,
-        };
-        let line = bff.wait_for("serving", Duration::from_secs(30));
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        (bff, addr)
-    }
+/// A folder removed when dropped.
+struct Dir(PathBuf);
 
-    /// The first log line (from now) holding `text`, within `within`.
-    fn wait_for(&mut self, text: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(text) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {text:?} within {within:?}; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    /// Wait (up to `within`) for the process to exit: its status.
-    fn exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            while let Ok(line) = self.lines.try_recv() {
-                self.log.push(line);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the BFF did not exit within {within:?}; log:\n{}",
-                self.log.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Bff {
+impl Drop for Dir {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -202,7 +114,7 @@ fn request(service: &str, ms: u64, trace_id: &str) -> Value {
 async fn sigterm_drains_the_calls_in_flight_then_closes_and_exits_0() {
     let svc = unique("slow");
     let service = slow_service(&svc).await;
-    let (mut bff, addr) = Bff::start(&svc, "", 10_000);
+    let (mut bff, addr, _dir) = start_bff(&svc, "", 10_000);
     let url = format!("ws://{addr}/ws");
     until_readyz(addr, 200, Duration::from_secs(10)).await;
     let (mut c, _) = connect(&url, &token("dee", &[], 300)).await;
@@ -220,39 +132,22 @@ async fn sigterm_drains_the_calls_in_flight_then_closes_and_exits_0() {
     let late = nuropb_bff::testing::TestClient::connect(&url, Some(&token("late", &[], 300))).await;
     assert!(late.unwrap_err().contains("503"));
     // A new call on the open socket is refused, naming the shutdown.
-    c.send(request(&svc, 0, "new")).await.unwrap();
-    let mut answered = 0;
-    let mut refused_new = false;
-    while answered < in_flight || !refused_new {
-        let frame = c.recv().await.unwrap();
-        let p = &frame["payload"];
-        if p["trace_id"] == "new" {
-            assert_eq!(p["error"]["error"], "ShuttingDown", "{frame}");
-            refused_new = true;
-        } else {
-            assert_eq!(p["result"], 1500, "{frame}");
-            answered += 1;
-        }
-    }
+    drain_answers(&mut c, &svc, in_flight, 1500).await;
     assert!(
         not_ready_after < Duration::from_millis(1000),
         "readyz turned 503 {not_ready_after:?} after the signal"
     );
     // Then the close, once every call is answered, and a clean exit.
     assert_eq!(c.closed().await.unwrap(), Some(1001));
-    let status = bff.exit(Duration::from_secs(15));
-    assert!(
-        status.success(),
-        "exit {status}; log:\n{}",
-        bff.log.join("\n")
-    );
+    let (status, log) = bff.exit(Duration::from_secs(15));
+    assert!(status.success(), "exit {status}; log:\n{log}");
     service.close(Duration::from_secs(2)).await;
 }
 
 async fn a_second_sigterm_ends_the_drain_at_once() {
     let svc = unique("slow");
     let service = slow_service(&svc).await;
-    let (mut bff, addr) = Bff::start(&svc, "timeout_ms = 60000\n", 30_000);
+    let (mut bff, addr, _dir) = start_bff(&svc, "timeout_ms = 60000\n", 30_000);
     let (mut c, _) = connect(&format!("ws://{addr}/ws"), &token("hal", &[], 300)).await;
     c.send(request(&svc, 20_000, "long")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -273,12 +168,8 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
         "{frame}"
     );
     assert_eq!(c.closed().await.unwrap(), Some(1001));
-    let status = bff.exit(Duration::from_secs(5));
-    assert!(
-        status.success(),
-        "exit {status}; log:\n{}",
-        bff.log.join("\n")
-    );
+    let (status, log) = bff.exit(Duration::from_secs(5));
+    assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(
         signalled.elapsed() < Duration::from_secs(5),
         "{:?}",

@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::BffProcess;
 use nuropb_bff::testing::{TestClient, hs256_token, http_get};
 use serde_json::{Value, json};
 
@@ -559,116 +557,6 @@ fn invalid_answers_are_refused_naming_the_key() {
         });
         assert!(!half_written, "{key}={value} left files behind: {left:?}");
         let _ = std::fs::remove_dir_all(&root);
-    }
-}
-
-/// A generated BFF binary running as a child process; its log lines (stdout
-/// and stderr) are collected. Killed when dropped.
-struct BffProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl BffProcess {
-    fn spawn(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .current_dir(dir)
-            .env("NO_COLOR", "1")
-            .env("BFF_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start the generated BFF");
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        for stream in [
-            Box::new(out) as Box<dyn std::io::Read + Send>,
-            Box::new(err),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Self {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// Wait (up to `within`) for a log line containing `needle`.
-    fn wait_for(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.log.push(line),
-                Err(_) => panic!(
-                    "no log line with {needle:?} within {within:?}; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// The address from the `serving addr=...` line.
-    fn serving_addr(&mut self) -> SocketAddr {
-        let line = self.wait_for("serving", Duration::from_secs(60));
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-    }
-
-    /// Wait (up to `within`) for the process to exit; its status and log.
-    fn exit(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + within;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the BFF did not exit within {within:?}; log:\n{}",
-                self.log.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        // The reader threads end with the pipes.
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            self.log.push(line);
-        }
-        (status, self.log.join("\n"))
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for BffProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -5,9 +5,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use nuropb_bff::testing::{TestClient, http_get};
 
@@ -239,6 +240,28 @@ pub async fn slow_service(name: &str) -> nuropb_bff::AmqpMesh {
     .expect("RabbitMQ must be running")
 }
 
+/// During a drain: send a new `wait` call (trace id `new`) to `service`,
+/// then read until `in_flight` calls are answered with `result` and the
+/// new one is refused naming the shutdown, in whatever order they come.
+pub async fn drain_answers(c: &mut TestClient, service: &str, in_flight: usize, result: u64) {
+    c.send(serde_json::json!({"type":"request","payload":{"service":service,"method":"wait","params":{"ms":0},"trace_id":"new"}}))
+        .await
+        .unwrap();
+    let mut answered = 0;
+    let mut refused_new = false;
+    while answered < in_flight || !refused_new {
+        let frame = c.recv().await.unwrap();
+        let p = &frame["payload"];
+        if p["trace_id"] == "new" {
+            assert_eq!(p["error"]["error"], "ShuttingDown", "{frame}");
+            refused_new = true;
+        } else {
+            assert_eq!(p["result"], result, "{frame}");
+            answered += 1;
+        }
+    }
+}
+
 /// The value of an unlabelled counter or gauge in `/metrics` text (0 when
 /// absent).
 pub fn metric(text: &str, name: &str) -> u64 {
@@ -246,4 +269,114 @@ pub fn metric(text: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A BFF binary running as a child process; its log lines (stdout
+/// and stderr) are collected. Killed when dropped.
+pub struct BffProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl BffProcess {
+    pub fn spawn(bin: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .env("BFF_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the BFF process");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Wait (up to `within`) for a log line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {within:?}; log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The address from the `serving addr=...` line.
+    pub fn serving_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for("serving", Duration::from_secs(60));
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Wait (up to `within`) for the process to exit; its status and log.
+    pub fn exit(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the BFF did not exit within {within:?}; log:\n{}",
+                self.log.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The reader threads end with the pipes.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.log.push(line);
+        }
+        (status, self.log.join("\n"))
+    }
+
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for BffProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
