@@ -199,6 +199,10 @@ pub(crate) struct Calls {
     idle: tokio::sync::Notify,
 }
 
+/// How long a cut-short drain waits for the calls it ends to have their
+/// `ShuttingDown` answers queued before the sockets close.
+const HURRIED_ANSWERS: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One call in flight; counted until dropped.
 #[derive(Debug)]
 pub(crate) struct CallGuard(Gateway);
@@ -399,14 +403,23 @@ impl Gateway {
         if pending > 0 {
             tracing::info!(calls = pending, "draining: waiting for calls in flight");
         }
-        tokio::select! {
-            _ = self.0.calls.idle() => {}
+        let drained = tokio::select! {
+            _ = self.0.calls.idle() => true,
             _ = self.0.hurry.cancelled() => {
                 tracing::warn!(calls = self.0.calls.count(), "drain cut short");
+                false
             }
             _ = tokio::time::sleep(grace) => {
                 tracing::warn!(calls = self.0.calls.count(), "calls still in flight after the shutdown grace period");
+                false
             }
+        };
+        if !drained {
+            // What is still in flight ends now, answered `ShuttingDown`;
+            // a call counts until its answer is queued, so the sockets
+            // close after the answers (waiting a second at most).
+            self.0.hurry.cancel();
+            let _ = tokio::time::timeout(HURRIED_ANSWERS, self.0.calls.idle()).await;
         }
         self.sessions()
             .close_all(close::GOING_AWAY, "server shutting down");
