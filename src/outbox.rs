@@ -92,7 +92,7 @@ impl Outbox {
 
     /// Queue a frame without waiting, and wake the consumer.
     pub(crate) fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
-        self.queue(frame).map_err(|(e, _)| e)?;
+        self.try_push_own(frame).map_err(|(e, _)| e)?;
         self.0.changed.notify_waiters();
         Ok(())
     }
@@ -102,10 +102,6 @@ impl Outbox {
     /// requeued behind the others, and the runtime wakes an idle worker
     /// thread to come and take it.) A refused frame is handed back.
     pub(crate) fn try_push_own(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
-        self.queue(frame)
-    }
-
-    fn queue(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
         let mut state = self.lock();
         if state.closed.is_some() {
             return Err((PushError::Closed, frame));
