@@ -311,34 +311,47 @@ pub(crate) enum MeshMessage {
 impl MeshMessage {
     /// Decode a body whose headers say it is a `kind`: straight into that
     /// variant's type (serde's tagged enum would first copy every value of
-    /// the body into a buffer), once its `tag` is checked against `kind`.
+    /// the body into a buffer), refused if its `tag` is not `kind`.
     pub(crate) fn decode_as(kind: MessageType, data: &[u8]) -> Result<Self, String> {
-        /// The body's tag alone; every other field is skipped unread.
-        #[derive(Deserialize)]
-        struct Tag<'a> {
-            #[serde(borrow)]
-            tag: std::borrow::Cow<'a, str>,
-        }
-        let undecodable = |e: serde_json::Error| format!("undecodable body: {e}");
-        let tag = serde_json::from_slice::<Tag<'_>>(data)
-            .map_err(undecodable)?
-            .tag;
-        if tag != kind.as_str() {
-            return Err(format!(
-                "nuropb_type header `{}` does not match body tag `{tag}`",
-                kind.as_str()
-            ));
-        }
         Ok(match kind {
-            MessageType::Request => {
-                Self::Request(serde_json::from_slice(data).map_err(undecodable)?)
-            }
-            MessageType::Command => {
-                Self::Command(serde_json::from_slice(data).map_err(undecodable)?)
-            }
-            MessageType::Event => Self::Event(serde_json::from_slice(data).map_err(undecodable)?),
+            // What arrives on every call and in every burst is read in one
+            // pass, its tag with it.
             MessageType::Response => {
-                Self::Response(serde_json::from_slice(data).map_err(undecodable)?)
+                let r: ResponseIn<'_> = decode_tagged(kind, data, |r: &ResponseIn<'_>| &r.tag)?;
+                Self::Response(ResponseBody {
+                    correlation_id: r.correlation_id,
+                    context: Map::new(),
+                    trace_id: None,
+                    result: r.result,
+                    error: r.error,
+                    warning: None,
+                    reply_to: String::new(),
+                })
+            }
+            MessageType::Event => {
+                let e: EventIn<'_> = decode_tagged(kind, data, |e: &EventIn<'_>| &e.tag)?;
+                Self::Event(EventBody {
+                    correlation_id: e.correlation_id,
+                    context: Map::new(),
+                    trace_id: e.trace_id,
+                    topic: e.topic,
+                    event: e.event,
+                    target: e.target,
+                })
+            }
+            // Requests and commands (a gateway in service mode takes them):
+            // the tag first, then the body.
+            MessageType::Request | MessageType::Command => {
+                let tag = tag_of(data).map_err(undecodable)?;
+                if tag != kind.as_str() {
+                    return Err(mismatch(kind, &tag));
+                }
+                let body = serde_json::from_slice(data).map_err(undecodable)?;
+                if kind == MessageType::Request {
+                    Self::Request(body)
+                } else {
+                    Self::Command(body)
+                }
             }
         })
     }
@@ -351,6 +364,74 @@ impl MeshMessage {
             Self::Response(_) => MessageType::Response,
         }
     }
+}
+
+fn undecodable(e: serde_json::Error) -> String {
+    format!("undecodable body: {e}")
+}
+
+fn mismatch(kind: MessageType, tag: &str) -> String {
+    format!(
+        "nuropb_type header `{}` does not match body tag `{tag}`",
+        kind.as_str()
+    )
+}
+
+/// A body's tag, every other field skipped unread.
+fn tag_of(data: &[u8]) -> Result<std::borrow::Cow<'_, str>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Tag<'a> {
+        #[serde(borrow)]
+        tag: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Tag<'_>>(data).map(|t| t.tag)
+}
+
+/// Decode a body whose type reads its tag too, in one pass, and check the
+/// tag. A body that does not decode as `kind` but carries another kind's
+/// tag is refused as that kind, as a separate look at the tag would.
+fn decode_tagged<'a, T: Deserialize<'a>>(
+    kind: MessageType,
+    data: &'a [u8],
+    tag: impl FnOnce(&T) -> &str,
+) -> Result<T, String> {
+    match serde_json::from_slice::<T>(data) {
+        Ok(body) => match tag(&body) {
+            t if t == kind.as_str() => Ok(body),
+            t => Err(mismatch(kind, t)),
+        },
+        Err(e) => Err(match tag_of(data) {
+            Ok(t) if t != kind.as_str() => mismatch(kind, &t),
+            _ => undecodable(e),
+        }),
+    }
+}
+
+/// What the gateway reads of a response, its tag with it.
+#[derive(Deserialize)]
+struct ResponseIn<'a> {
+    #[serde(borrow)]
+    tag: std::borrow::Cow<'a, str>,
+    correlation_id: String,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+/// What the gateway reads of an event, its tag with it.
+#[derive(Deserialize)]
+struct EventIn<'a> {
+    #[serde(borrow)]
+    tag: std::borrow::Cow<'a, str>,
+    correlation_id: String,
+    #[serde(default)]
+    trace_id: Option<String>,
+    topic: String,
+    #[serde(default)]
+    event: Value,
+    #[serde(default)]
+    target: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -377,6 +377,19 @@ fn a_body_whose_tag_is_not_its_header_type_is_refused() {
     assert!(e.contains("missing field `correlation_id`"), "{e}");
     let e = MeshMessage::decode_as(MessageType::Event, b"[1, 2]").unwrap_err();
     assert!(e.starts_with("undecodable body"), "{e}");
+    // Read in one pass, a body of another kind is still named as that,
+    // whether or not it also decodes as the kind its header says.
+    let e =
+        MeshMessage::decode_as(MessageType::Event, NUROPB_ERROR_RESPONSE.as_bytes()).unwrap_err();
+    assert!(e.contains("does not match body tag `response`"), "{e}");
+    let e = MeshMessage::decode_as(MessageType::Response, NUROPB_EVENT.as_bytes()).unwrap_err();
+    assert!(e.contains("does not match body tag `event`"), "{e}");
+    let e = MeshMessage::decode_as(MessageType::Response, br#"{"tag": "event", "topic": "t"}"#)
+        .unwrap_err();
+    assert!(e.contains("does not match body tag `event`"), "{e}");
+    let e =
+        MeshMessage::decode_as(MessageType::Event, br#"{"tag": "event", "topic": 1}"#).unwrap_err();
+    assert!(e.starts_with("undecodable body"), "{e}");
 }
 
 #[test]
