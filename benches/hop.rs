@@ -122,6 +122,96 @@ fn floor_writer(n: usize, rounds: usize) {
     println!("{}", cpu.as_nanos() / (n * rounds) as u128);
 }
 
+/// `--floor-fanout N --topic T`: the least a program can do to fan an
+/// event out. It accepts N connections; then, for each line `k` on stdin,
+/// it writes the frame the gateway would send for fan-out event `k` to
+/// every socket, the sockets split over one blocking thread per core. Read
+/// by the same readers as the gateway's fan-out, its deliveries/s are what
+/// this machine allows any program.
+fn floor_fanout(n: usize, topic: &str) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    let mut sockets: Vec<_> = (0..n)
+        .map(|_| {
+            let (s, _) = listener.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        })
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let share = n.div_ceil(threads).max(1);
+    let mut writers = Vec::new();
+    while !sockets.is_empty() {
+        let rest = sockets.split_off(share.min(sockets.len()));
+        let mut mine = std::mem::replace(&mut sockets, rest);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(4);
+        let thread = std::thread::spawn(move || {
+            for frame in rx {
+                for s in &mut mine {
+                    let _ = std::io::Write::write_all(s, &frame);
+                }
+            }
+        });
+        writers.push((tx, thread));
+    }
+    for line in std::io::stdin().lines() {
+        let Ok(k) = line.unwrap_or_default().trim().parse::<usize>() else {
+            break;
+        };
+        let payload = json!({"type": "event", "payload": {
+            "topic": format!("{topic}.fanout"), "event": {"fanout": true, "k": k}}})
+        .to_string();
+        let frame = Arc::new(server_text_frame(payload.as_bytes()));
+        for (tx, _) in &writers {
+            tx.send(frame.clone()).unwrap();
+        }
+    }
+    for (tx, thread) in writers {
+        drop(tx);
+        thread.join().unwrap();
+    }
+}
+
+/// An unmasked WebSocket text frame (as a server sends) holding `payload`.
+fn server_text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x81];
+    match u16::try_from(payload.len()) {
+        Ok(len) if len < 126 => frame.push(len as u8),
+        Ok(len) => {
+            frame.push(126);
+            frame.extend_from_slice(&len.to_be_bytes());
+        }
+        Err(_) => {
+            frame.push(127);
+            frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The fan-out floor ([`floor_fanout`]): deliveries/s, p99 delivery and
+/// CPU per delivery of a bare program writing `events` events to `n`
+/// sockets that the bench's lean readers read.
+async fn run_fanout_floor(topic: &str, n: usize, events: usize) -> (f64, Duration, Duration) {
+    let mut writer = Proc::spawn(&["--floor-fanout", &n.to_string(), "--topic", topic]);
+    let addr = writer.first_line.clone();
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        sockets.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut stdin = writer.child.stdin.take().unwrap();
+    let outcome = measure_fanout(
+        sockets,
+        events,
+        async |k| std::io::Write::write_all(&mut stdin, format!("{k}\n").as_bytes()).unwrap(),
+        || writer.cpu(),
+    )
+    .await;
+    drop(stdin);
+    outcome
+}
+
 /// The floors: (CPU per round trip of the blocking echo, CPU per write of
 /// the blocking writer to `fanout` waiting readers).
 async fn run_floors(fanout: usize) -> (Duration, Duration) {
@@ -619,8 +709,6 @@ async fn run_fanout(
     n: usize,
     events: usize,
 ) -> (f64, Duration, Duration) {
-    let arrived: Arc<Vec<AtomicUsize>> =
-        Arc::new((0..events).map(|_| AtomicUsize::new(0)).collect());
     let mut ready = Vec::with_capacity(n);
     for _ in 0..n {
         let mut ws = open(url).await;
@@ -643,30 +731,57 @@ async fn run_fanout(
             _ => panic!("the bench speaks plain ws://"),
         }
     }
-    let readers: Vec<_> = ready
-        .into_iter()
-        .map(|tcp| tokio::spawn(lean_reader(tcp, events, arrived.clone())))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut cfg = AmqpConfig::new(amqp_url(), format!("fanout-pub-{}", std::process::id()));
     cfg.transient = true;
     let publisher = AmqpMesh::connect(cfg, Arc::new(StubService::new("fanout-pub")))
         .await
         .unwrap();
+    let outcome = measure_fanout(
+        ready,
+        events,
+        async |k| {
+            publisher
+                .publish_event(OutgoingEvent {
+                    topic: format!("{topic}.fanout"),
+                    event: json!({"fanout": true, "k": k}),
+                    context: Map::new(),
+                    target: None,
+                    trace_id: None,
+                })
+                .await
+                .unwrap();
+        },
+        || gw.cpu(),
+    )
+    .await;
+    publisher.close(Duration::from_secs(2)).await;
+    outcome
+}
+
+/// Read `sockets` with [`lean_reader`]s while `publish(k)` sends fan-out
+/// event `k`, for each of `events`, each once the last was delivered to
+/// every socket. Returns the deliveries/s (the median over the events of
+/// one event's span from publish to its last arrival), the p99 from
+/// publish to arrival, and `cpu`'s growth over the events per delivery.
+async fn measure_fanout(
+    sockets: Vec<tokio::net::TcpStream>,
+    events: usize,
+    mut publish: impl AsyncFnMut(usize),
+    cpu: impl Fn() -> Duration,
+) -> (f64, Duration, Duration) {
+    let n = sockets.len();
+    let arrived: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..events).map(|_| AtomicUsize::new(0)).collect());
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|tcp| tokio::spawn(lean_reader(tcp, events, arrived.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut published = Vec::with_capacity(events);
-    let cpu_before = gw.cpu();
+    let cpu_before = cpu();
     for (k, count) in arrived.iter().enumerate() {
         let t0 = Instant::now();
-        publisher
-            .publish_event(OutgoingEvent {
-                topic: format!("{topic}.fanout"),
-                event: json!({"fanout": true, "k": k}),
-                context: Map::new(),
-                target: None,
-                trace_id: None,
-            })
-            .await
-            .unwrap();
+        publish(k).await;
         published.push(t0);
         let deadline = t0 + Duration::from_secs(30);
         while count.load(Ordering::Relaxed) < n {
@@ -679,8 +794,7 @@ async fn run_fanout(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cpu = gw.cpu().saturating_sub(cpu_before);
-    publisher.close(Duration::from_secs(2)).await;
+    let cpu = cpu().saturating_sub(cpu_before);
     let mut latencies = Vec::with_capacity(n * events);
     let mut last = published.clone();
     let mut sockets = Vec::with_capacity(n);
@@ -808,6 +922,9 @@ async fn orchestrate() {
     if std::env::args().any(|a| a == "--floor-echo") {
         return floor_echo();
     }
+    if let Some(n) = arg_str("--floor-fanout").and_then(|n| n.parse().ok()) {
+        return floor_fanout(n, &arg_str("--topic").unwrap_or_default());
+    }
     if let Some(n) = arg_str("--floor-writer").and_then(|n| n.parse().ok()) {
         return floor_writer(n, common::arg("--floor-rounds", 1));
     }
@@ -921,6 +1038,7 @@ async fn orchestrate() {
     let events = common::arg("--fanout-events", 3);
     // The floors first: the fan-out's 10,000 sockets are gone by then.
     let (round_trip, write) = run_floors(fanout).await;
+    let (floor_rate, floor_p99, floor_cpu) = run_fanout_floor(&topic, fanout, events).await;
     let (rate, p99, cpu) = run_fanout(&url, &gw, &topic, fanout, events).await;
     println!(
         "\nfan-out: one event to {fanout} subscribed sockets: {rate:.0} deliveries/s, p99 delivery {}, BFF CPU {} per delivery",
@@ -928,12 +1046,27 @@ async fn orchestrate() {
         us(cpu)
     );
     println!(
+        "the same frames written by a bare program (a blocking thread per core, no broker), \
+         read by the same readers: {floor_rate:.0} deliveries/s, p99 delivery {}, its CPU {} per delivery; \
+         the gateway does {:.0}% of that",
+        ms(floor_p99),
+        us(floor_cpu),
+        100.0 * rate / floor_rate
+    );
+    println!(
         "\nfloors on this machine: a blocking echo costs {} of CPU per round trip \
          (a BFF request at 1 in flight takes two: the socket's and the broker's); \
          a blocking loop writing a {FLOOR_FRAME}-byte frame to each of {fanout} waiting sockets \
-         costs {} per write ({:.0} writes/s on one core)",
+         costs {}",
         us(round_trip),
-        us(write),
-        1e9 / write.as_nanos().max(1) as f64
+        match write.as_nanos() {
+            // Fewer writes than the CPU clock's tick (10 ms) can resolve.
+            0 => "less than the CPU clock resolves at this many sockets".to_owned(),
+            nanos => format!(
+                "{} per write ({:.0} writes/s on one core)",
+                us(write),
+                1e9 / nanos as f64
+            ),
+        }
     );
 }
