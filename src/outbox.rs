@@ -14,11 +14,12 @@
 //! writes before it queues more). Locks are never held across an `.await`.
 
 use std::collections::VecDeque;
-use std::pin::pin;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// Why and how a session is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +44,11 @@ pub(crate) struct Outbox(Arc<Shared>);
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
-    /// A frame or ping queued by another task, or the outbox closed: wakes
-    /// the consumer.
-    changed: Notify,
+    /// The consumer's task, woken when another task queues a frame or a
+    /// ping, or closes the outbox. One consumer: a waker slot, not a
+    /// `Notify` (whose waiter list costs a lock and a link each time the
+    /// consumer waits).
+    consumer: AtomicWaker,
     capacity: usize,
 }
 
@@ -81,7 +84,7 @@ impl Outbox {
     pub(crate) fn new(capacity: usize) -> Self {
         Self(Arc::new(Shared {
             state: Mutex::new(State::default()),
-            changed: Notify::new(),
+            consumer: AtomicWaker::new(),
             capacity: capacity.max(1),
         }))
     }
@@ -93,7 +96,7 @@ impl Outbox {
     /// Queue a frame without waiting, and wake the consumer.
     pub(crate) fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
         self.try_push_own(frame).map_err(|(e, _)| e)?;
-        self.0.changed.notify_waiters();
+        self.0.consumer.wake();
         Ok(())
     }
 
@@ -127,31 +130,31 @@ impl Outbox {
             }
             state.ping = true;
         }
-        self.0.changed.notify_waiters();
+        self.0.consumer.wake();
     }
 
     /// The next frame (or ping), waiting for one; frames queued before the
-    /// outbox closed are still handed out, then `None`.
-    pub(crate) async fn pop(&self) -> Option<Out> {
-        loop {
-            let mut changed = pin!(self.0.changed.notified());
-            changed.as_mut().enable();
-            {
-                let mut state = self.lock();
-                if state.ping && state.closed.is_none() {
-                    state.ping = false;
-                    return Some(Out::Ping);
-                }
-                if let Some(frame) = state.pop_front() {
-                    return Some(Out::Frame(frame));
-                }
-                if state.closed.is_some() {
-                    // Nothing can be queued after the close: drained for good.
-                    return None;
-                }
+    /// outbox closed are still handed out, then `None`. For the one
+    /// consumer's task: a second waiter would take the first one's wake-ups.
+    pub(crate) fn pop(&self) -> impl Future<Output = Option<Out>> + '_ {
+        std::future::poll_fn(|cx| {
+            // Registered before the look at the queue: what is queued after
+            // the look wakes this task.
+            self.0.consumer.register(cx.waker());
+            let mut state = self.lock();
+            if state.ping && state.closed.is_none() {
+                state.ping = false;
+                return Poll::Ready(Some(Out::Ping));
             }
-            changed.await;
-        }
+            if let Some(frame) = state.pop_front() {
+                return Poll::Ready(Some(Out::Frame(frame)));
+            }
+            if state.closed.is_some() {
+                // Nothing can be queued after the close: drained for good.
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
     }
 
     /// Close the session. The first reason given is kept; returns whether
@@ -167,7 +170,7 @@ impl Outbox {
                 reason: reason.to_owned(),
             });
         }
-        self.0.changed.notify_waiters();
+        self.0.consumer.wake();
         true
     }
 

@@ -95,11 +95,45 @@ pub(crate) fn preview(s: &str) -> String {
     out.escape_debug().to_string()
 }
 
-/// Does `topic` match `pattern`? A simulation of the pattern's automaton:
+/// Does `topic` match `pattern`? A pattern longer than
+/// [`MAX_PATTERN_WORDS`] matches nothing.
+///
+/// The shapes nearly every subscription has, a literal topic and a literal
+/// prefix followed by `.#`, are compared as bytes: a fan-out matches every
+/// subscribed session's patterns against its topic. Any other pattern is
+/// run as an automaton ([`matches_any_pattern`]).
+pub(crate) fn matches(pattern: &str, topic: &str) -> bool {
+    let (head, any_tail) = match pattern.strip_suffix(".#") {
+        Some(head) => (head, true),
+        None => (pattern, false),
+    };
+    let mut dots = 0;
+    for b in head.bytes() {
+        match b {
+            b'*' | b'#' => return matches_any_pattern(pattern, topic),
+            b'.' => dots += 1,
+            _ => {}
+        }
+    }
+    // Words: the head's, and the `#` after it.
+    if dots + 1 + usize::from(any_tail) > MAX_PATTERN_WORDS {
+        return false;
+    }
+    if any_tail {
+        // `#` matches zero words too: the head alone is a match.
+        topic
+            .strip_prefix(head)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    } else {
+        head == topic
+    }
+}
+
+/// [`matches`] for any pattern: a simulation of the pattern's automaton,
 /// the set of pattern positions reachable after each topic word, kept in a
 /// bit set. O(words of topic x words of pattern); a pattern longer than
 /// [`MAX_PATTERN_WORDS`] matches nothing.
-pub(crate) fn matches(pattern: &str, topic: &str) -> bool {
+fn matches_any_pattern(pattern: &str, topic: &str) -> bool {
     let Some(words) = Words::split(pattern) else {
         return false;
     };
@@ -289,6 +323,24 @@ mod tests {
             t in prop::collection::vec(word(), 1..8).prop_map(join),
         ) {
             prop_assert_eq!(matches(&p, &t), reference(&p, &t), "{} / {}", p, t);
+        }
+
+        /// Words may be empty here (no valid pattern or topic has one),
+        /// and patterns long: the byte comparison of literal patterns and
+        /// `prefix.#` must agree with the automaton on any input.
+        #[test]
+        fn literal_shapes_match_as_the_automaton_does(
+            head in prop::collection::vec(prop_oneof![Just(""), Just("a"), Just("b")], 1..40)
+                .prop_map(|w| w.join(".")),
+            tail in prop_oneof![Just(""), Just(".#"), Just(".*"), Just("#")],
+            t in prop::collection::vec(prop_oneof![Just(""), Just("a"), Just("b")], 1..40)
+                .prop_map(|w| w.join(".")),
+        ) {
+            let p = format!("{head}{tail}");
+            prop_assert_eq!(matches(&p, &t), matches_any_pattern(&p, &t), "{} / {}", p, t);
+            if p.split('.').count() <= 10 && t.split('.').count() <= 10 {
+                prop_assert_eq!(matches(&p, &t), reference(&p, &t), "{} / {}", p, t);
+            }
         }
 
         #[test]
