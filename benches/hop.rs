@@ -95,6 +95,84 @@ fn floor_echo() {
     }
 }
 
+/// `--floor-echo-sockets`: an echo of [`FLOOR_FRAME`]-byte messages on
+/// every connection it accepts, a task each on one tokio thread and nothing
+/// else: the least a program can do to answer on many sockets at once.
+fn floor_echo_sockets() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        let serve = async {
+            while let Ok((mut s, _)) = listener.accept().await {
+                s.set_nodelay(true).unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; FLOOR_FRAME];
+                    while s.read_exact(&mut buf).await.is_ok() {
+                        if s.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = until_stdin_closes() => {}
+        }
+    });
+}
+
+/// CPU per round trip of [`floor_echo_sockets`] with `sockets` clients
+/// each keeping one message in flight, `total` round trips in all: what
+/// answering one request on each of many sockets costs before any work.
+/// With `rate`, the clients send no faster than that many round trips per
+/// second in all, as the gateway's clients do, held back by the broker:
+/// an echo that is not kept busy sleeps and wakes more often.
+async fn run_floor_echo_sockets(sockets: usize, total: usize, rate: Option<f64>) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = Proc::spawn(&["--floor-echo-sockets"]);
+    let mut clients = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let s = tokio::net::TcpStream::connect(&echo.first_line)
+            .await
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        clients.push(s);
+    }
+    let each = total.div_ceil(sockets.max(1));
+    let before = echo.cpu();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; FLOOR_FRAME];
+                let mut pace = rate.map(|r| {
+                    let mut every =
+                        tokio::time::interval(Duration::from_secs_f64(sockets as f64 / r));
+                    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    every
+                });
+                for _ in 0..each {
+                    if let Some(pace) = &mut pace {
+                        pace.tick().await;
+                    }
+                    s.write_all(&buf).await.unwrap();
+                    s.read_exact(&mut buf).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    echo.cpu().saturating_sub(before) / (each * sockets) as u32
+}
+
 /// `--floor-writer N --floor-rounds R`: accepts N connections, then
 /// writes a [`FLOOR_FRAME`]-byte frame to each, R times (20 ms apart, so
 /// the readers wait for each), and prints its CPU per write in ns.
@@ -896,6 +974,9 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--floor-echo-sockets") {
+        return floor_echo_sockets();
+    }
     if let Some(name) = arg_str("--gateway") {
         let svc = arg_str("--service").unwrap();
         let topic = arg_str("--topic").unwrap();
@@ -1030,6 +1111,18 @@ async fn orchestrate() {
             ms(o.p50),
             ms(o.p99),
             o.cpu_per_request.map_or("-".into(), us),
+        );
+    }
+    if let Some(o) = median(&results[4]) {
+        let busy = run_floor_echo_sockets(64, total, None).await;
+        let paced = run_floor_echo_sockets(64, total / 2, Some(o.rate)).await;
+        println!(
+            "\nfloor for 64 sockets x 1: an echo of one {FLOOR_FRAME}-byte message per socket on 64 sockets \
+             (a tokio task each, one thread, nothing else) costs {} of CPU per round trip as fast as it goes, \
+             {} at the gateway's {:.0} req/s",
+            us(busy),
+            us(paced),
+            o.rate
         );
     }
     if fanout == 0 {
