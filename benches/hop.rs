@@ -19,6 +19,7 @@
 //!   cargo bench --bench hop                         # 2 rounds, 20,000 calls each, 10,000 sockets
 //!   cargo bench --bench hop -- --requests 50000 --rounds 3 --fanout 5000
 //!   cargo bench --bench hop -- --gateway-workers 1     # the gateway on one worker thread
+//!   cargo bench --bench hop -- --gateways 2 --gateway-workers 1   # two instances, the sockets spread over them
 //!   cargo bench --bench hop -- --only "1 socket x 1"   # the scenarios whose name holds this
 //!   cargo bench --bench hop -- --only none --fanout-events 50   # the fan-out alone, 50 events
 //!
@@ -524,6 +525,21 @@ impl Proc {
     }
 }
 
+/// The BFF instances under test: one, or `--gateways N`.
+struct Gateways(Vec<Proc>);
+
+impl Gateways {
+    /// Where socket `i` connects: the instances in turn.
+    fn url(&self, i: usize) -> String {
+        format!("ws://{}/ws", self.0[i % self.0.len()].first_line)
+    }
+
+    /// CPU time of all instances so far.
+    fn cpu(&self) -> Duration {
+        self.0.iter().map(Proc::cpu).sum()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
@@ -708,16 +724,15 @@ async fn open(url: &str) -> Ws {
 
 /// `sockets` sockets, each with `per_socket` requests in flight.
 async fn run_gateway(
-    url: &str,
-    gw: &Proc,
+    gw: &Gateways,
     svc: &str,
     total: usize,
     sockets: usize,
     per_socket: usize,
 ) -> Outcome {
     let mut wss = Vec::with_capacity(sockets);
-    for _ in 0..sockets {
-        wss.push(open(url).await);
+    for i in 0..sockets {
+        wss.push(open(&gw.url(i)).await);
     }
     let per_ws = total / sockets;
     let cpu_before = gw.cpu();
@@ -781,15 +796,14 @@ async fn run_gateway(
 /// then are read by [`lean_reader`]: the readers share the machine with the
 /// gateway, and the less they cost, the more of the gateway the numbers show.
 async fn run_fanout(
-    url: &str,
-    gw: &Proc,
+    gw: &Gateways,
     topic: &str,
     n: usize,
     events: usize,
 ) -> (f64, Duration, Duration) {
     let mut ready = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut ws = open(url).await;
+    for i in 0..n {
+        let mut ws = open(&gw.url(i)).await;
         let frame = json!({"type":"subscribe","payload":{"topics":[format!("{topic}.#")]}});
         ws.send(Message::Text(frame.to_string().into()))
             .await
@@ -1029,12 +1043,17 @@ async fn orchestrate() {
     if workers != "0" {
         gw_args.extend(["--gateway-workers".to_owned(), workers]);
     }
-    let gw = Proc::spawn(&gw_args.iter().map(String::as_str).collect::<Vec<_>>());
-    let url = format!("ws://{}/ws", gw.first_line);
+    // `--gateways N`: N instances of the BFF, the sockets spread over them
+    // (one process per core is a deployment shape of its own).
+    let gw = Gateways(
+        (0..common::arg("--gateways", 1usize).max(1))
+            .map(|_| Proc::spawn(&gw_args.iter().map(String::as_str).collect::<Vec<_>>()))
+            .collect(),
+    );
     let direct = Arc::new(Direct::connect().await);
     // Warm up both paths.
     run_direct(&direct, &echo, &svc, 640, 64).await;
-    run_gateway(&url, &gw, &svc, 640, 1, 64).await;
+    run_gateway(&gw, &svc, 640, 1, 64).await;
 
     let scenarios: [(&str, usize, usize, usize); 5] = [
         ("direct AMQP, 1 in flight", 0, 1, 1),
@@ -1069,7 +1088,7 @@ async fn orchestrate() {
                 total
             };
             let o = if *via_gateway == 1 {
-                run_gateway(&url, &gw, &svc, n, *sockets, *in_flight).await
+                run_gateway(&gw, &svc, n, *sockets, *in_flight).await
             } else {
                 run_direct(&direct, &echo, &svc, n, *in_flight).await
             };
@@ -1132,7 +1151,7 @@ async fn orchestrate() {
     // The floors first: the fan-out's 10,000 sockets are gone by then.
     let (round_trip, write) = run_floors(fanout).await;
     let (floor_rate, floor_p99, floor_cpu) = run_fanout_floor(&topic, fanout, events).await;
-    let (rate, p99, cpu) = run_fanout(&url, &gw, &topic, fanout, events).await;
+    let (rate, p99, cpu) = run_fanout(&gw, &topic, fanout, events).await;
     println!(
         "\nfan-out: one event to {fanout} subscribed sockets: {rate:.0} deliveries/s, p99 delivery {}, BFF CPU {} per delivery",
         ms(p99),
