@@ -174,19 +174,25 @@ async fn run_floor_echo_sockets(sockets: usize, total: usize, rate: Option<f64>)
     echo.cpu().saturating_sub(before) / (each * sockets) as u32
 }
 
-/// `--floor-writer N --floor-rounds R`: accepts N connections, then
-/// writes a [`FLOOR_FRAME`]-byte frame to each, R times (20 ms apart, so
-/// the readers wait for each), and prints its CPU per write in ns.
-fn floor_writer(n: usize, rounds: usize) {
+/// Listen on a free port, print it (the first line the bench reads), and
+/// accept `n` connections.
+fn accept_floor_sockets(n: usize) -> Vec<std::net::TcpStream> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     println!("{}", listener.local_addr().unwrap());
-    let mut sockets: Vec<_> = (0..n)
+    (0..n)
         .map(|_| {
             let (s, _) = listener.accept().unwrap();
             s.set_nodelay(true).unwrap();
             s
         })
-        .collect();
+        .collect()
+}
+
+/// `--floor-writer N --floor-rounds R`: accepts N connections, then
+/// writes a [`FLOOR_FRAME`]-byte frame to each, R times (20 ms apart, so
+/// the readers wait for each), and prints its CPU per write in ns.
+fn floor_writer(n: usize, rounds: usize) {
+    let mut sockets = accept_floor_sockets(n);
     std::thread::sleep(Duration::from_millis(300));
     let own = format!("/proc/{}/stat", std::process::id());
     let before = common::cpu_time(&own);
@@ -208,15 +214,7 @@ fn floor_writer(n: usize, rounds: usize) {
 /// by the same readers as the gateway's fan-out, its deliveries/s are what
 /// this machine allows any program.
 fn floor_fanout(n: usize, topic: &str) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    println!("{}", listener.local_addr().unwrap());
-    let mut sockets: Vec<_> = (0..n)
-        .map(|_| {
-            let (s, _) = listener.accept().unwrap();
-            s.set_nodelay(true).unwrap();
-            s
-        })
-        .collect();
+    let mut sockets = accept_floor_sockets(n);
     let threads = std::thread::available_parallelism().map_or(1, |c| c.get());
     let share = n.div_ceil(threads).max(1);
     let mut writers = Vec::new();
