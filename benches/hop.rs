@@ -20,6 +20,7 @@
 //!   cargo bench --bench hop -- --requests 50000 --rounds 3 --fanout 5000
 //!   cargo bench --bench hop -- --gateway-workers 1     # the gateway on one worker thread
 //!   cargo bench --bench hop -- --gateways 2 --gateway-workers 1   # two instances, the sockets spread over them
+//!   cargo bench --bench hop -- --payload-bytes 4096   # params (and so results) of about 4 KiB
 //!   cargo bench --bench hop -- --only "1 socket x 1"   # the scenarios whose name holds this
 //!   cargo bench --bench hop -- --only none --fanout-events 50   # the fan-out alone, 50 events
 //!
@@ -76,6 +77,31 @@ async fn until_stdin_closes() {
         let _ = std::io::stdin().read_to_end(&mut sink);
     })
     .await;
+}
+
+/// A call's params: `{"n": n}`, plus with `--payload-bytes B` about B bytes
+/// of records under `"items"` (the echo service answers with the params,
+/// so the result is as large).
+fn params(n: u64) -> Value {
+    static ITEMS: std::sync::OnceLock<Option<Value>> = std::sync::OnceLock::new();
+    let items = ITEMS.get_or_init(|| {
+        let bytes = common::arg("--payload-bytes", 0usize);
+        (bytes > 0).then(|| {
+            let mut items = Vec::new();
+            let mut size = 0;
+            while size < bytes {
+                let item = json!({"id": items.len(), "name": format!("item {}", items.len()),
+                    "price": 12.5, "in_stock": true, "tags": ["red", "large"]});
+                size += item.to_string().len() + 1;
+                items.push(item);
+            }
+            Value::Array(items)
+        })
+    });
+    match items {
+        Some(items) => json!({"n": n, "items": items}),
+        None => json!({"n": n}),
+    }
 }
 
 /// Frame size of the floors: about a response frame's.
@@ -621,7 +647,7 @@ impl Direct {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let body = json!({
             "tag": "request", "correlation_id": id, "context": {}, "trace_id": null,
-            "service": svc, "method": "echo", "params": {"n": n},
+            "service": svc, "method": "echo", "params": params(n),
         });
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().insert(id.clone(), tx);
@@ -748,7 +774,7 @@ async fn run_gateway(
                 let send = |i: usize| {
                     let id = format!("{s}-{i}");
                     let frame = json!({"type":"request","payload":{
-                        "service": svc, "method": "echo", "params": {"n": i}, "trace_id": id}});
+                        "service": svc, "method": "echo", "params": params(i as u64), "trace_id": id}});
                     (id, Message::Text(frame.to_string().into()))
                 };
                 while next < per_ws.min(per_socket) {

@@ -453,13 +453,13 @@ pub(crate) fn server_frame_samples() -> Vec<String> {
         },
         ServerFrame::Response {
             trace_id: "t1".into(),
-            result: json!({"total": 3.5}),
+            result: json!({"total": 3.5}).into(),
             error: None,
             failed: None,
         },
         ServerFrame::Response {
             trace_id: "t2".into(),
-            result: Value::Null,
+            result: Value::Null.into(),
             error: Some(ErrorBody {
                 error: "NuropbException".into(),
                 description: Some("boom".into()),

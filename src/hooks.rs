@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{AuthError, Identity};
 use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
-use crate::protocol::{ClientCall, ErrorBody};
+use crate::protocol::{ClientCall, ErrorBody, RawJson};
 use crate::session::SessionInfo;
 
 /// A BFF's authentication hook.
@@ -78,8 +78,10 @@ pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
         let _ = (session, call);
     }
 
-    /// Change a service's result before the client sees it.
-    fn on_response(&self, session: &SessionInfo, call: &Call, result: Value) -> Value {
+    /// Change a service's result before the client sees it. The result is
+    /// the JSON the service sent, passed on unparsed unless a hook reads it
+    /// ([`RawJson::to_value`], then [`RawJson::from_value`]).
+    fn on_response(&self, session: &SessionInfo, call: &Call, result: RawJson) -> RawJson {
         let _ = (session, call);
         result
     }

@@ -212,6 +212,75 @@ impl ClientFrame {
     }
 }
 
+/// JSON as a service sent it: checked to be one well-formed value, then
+/// passed to the client as it is, not parsed into a [`Value`] and written
+/// again. Parsing and writing a result cost the gateway about as much as the
+/// rest of a call together at a few KiB (`cargo bench --bench hop --
+/// --payload-bytes 4096`); passed on, the client also gets the service's
+/// key order and numbers no `f64` can hold.
+#[derive(Clone)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parsed, for a hook that reads or changes it. Fails only on what
+    /// JSON allows and a [`Value`] cannot hold (a number beyond `f64`).
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// Written from a [`Value`].
+    pub fn from_value(value: &Value) -> Self {
+        // Writing a `Value` cannot fail: its keys are strings.
+        serde_json::value::to_raw_value(value).map_or_else(|_| Self::null(), Self)
+    }
+
+    /// `null`.
+    pub fn null() -> Self {
+        Self(serde_json::value::RawValue::NULL.to_owned())
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(value: Value) -> Self {
+        Self::from_value(&value)
+    }
+}
+
+impl Default for RawJson {
+    fn default() -> Self {
+        Self::null()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(deserializer).map(Self)
+    }
+}
+
 /// A frame the gateway sends.
 #[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(tag = "type", content = "payload", rename_all = "lowercase")]
@@ -222,7 +291,8 @@ pub(crate) enum ServerFrame {
     },
     Response {
         trace_id: String,
-        result: Value,
+        #[ts(as = "Value")]
+        result: RawJson,
         error: Option<ErrorBody>,
         /// A composed route's parts that failed, by key, when any did.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -298,8 +368,9 @@ impl MessageType {
     }
 }
 
-/// A NuroPb message body; the `tag` field names the variant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A NuroPb message body; the `tag` field names the variant. Read with
+/// [`MeshMessage::decode_as`], which the headers' type steers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "tag", rename_all = "lowercase")]
 pub(crate) enum MeshMessage {
     Request(RequestBody),
@@ -414,7 +485,7 @@ struct ResponseIn<'a> {
     tag: std::borrow::Cow<'a, str>,
     correlation_id: String,
     #[serde(default)]
-    result: Value,
+    result: RawJson,
     #[serde(default)]
     error: Option<ErrorBody>,
 }
@@ -479,23 +550,16 @@ pub struct EventBody {
     pub target: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A response as the gateway writes it; one arriving is read as a
+/// [`ResponseIn`], for its correlation id, result and error only.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct ResponseBody {
     pub correlation_id: String,
-    // What a response carries besides its outcome is written for NuroPb
-    // peers and skipped unread on receipt: the gateway reads only the
-    // correlation id, the result and the error.
-    #[serde(default, skip_deserializing)]
     pub context: Map<String, Value>,
-    #[serde(default, skip_deserializing)]
     pub trace_id: Option<String>,
-    #[serde(default)]
-    pub result: Value,
-    #[serde(default)]
+    pub result: RawJson,
     pub error: Option<ErrorBody>,
-    #[serde(default, skip_deserializing)]
     pub warning: Option<String>,
-    #[serde(default, skip_deserializing)]
     pub reply_to: String,
 }
 

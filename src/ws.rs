@@ -27,7 +27,7 @@ use crate::hooks::WsHandler;
 use crate::hooks::{LocalCall, MeshClient};
 use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
 use crate::outbox::{Out, Outbox, PushError};
-use crate::protocol::{ClientCall, ClientFrame, ErrorName, ServerFrame, close};
+use crate::protocol::{ClientCall, ClientFrame, ErrorName, RawJson, ServerFrame, close};
 use crate::session::{Admission, Crowded, SessionGuard, SessionInfo, SubscribeError};
 
 fn text(frame: &ServerFrame) -> Message {
@@ -226,21 +226,36 @@ async fn hello_data(
     let mut hello_call = allowed.call(serde_json::Map::new(), context, &trace_id);
     let handler = gw.hub().handler();
     handler.on_request(info, &mut hello_call);
-    request_as(gw.mesh().as_ref(), handler.as_ref(), info, hello_call)
+    request_parsed(gw.mesh().as_ref(), handler.as_ref(), info, hello_call)
         .await
         .map_err(|e| e.to_client())
 }
 
 /// Make a mesh request for a client and pass its result through the
-/// handler's `on_response`.
+/// handler's `on_response`: the JSON the service sent, unparsed.
 async fn request_as(
     mesh: &dyn Mesh,
     handler: &dyn WsHandler,
     info: &SessionInfo,
     call: Call,
-) -> Result<Value, MeshError> {
-    let result = mesh.request(&call).await?;
+) -> Result<RawJson, MeshError> {
+    let result = mesh.request_raw(&call).await?;
     Ok(handler.on_response(info, &call, result))
+}
+
+/// [`request_as`], the result parsed: for what the gateway puts together
+/// itself (a composed route, the `hello` event).
+async fn request_parsed(
+    mesh: &dyn Mesh,
+    handler: &dyn WsHandler,
+    info: &SessionInfo,
+    call: Call,
+) -> Result<Value, MeshError> {
+    let result = mesh.request_raw(&call).await?;
+    let result = handler.on_response(info, &call, result);
+    result
+        .to_value()
+        .map_err(|e| crate::mesh::unreadable(&call, &e))
 }
 
 /// Write `first` and what else is queued (up to [`WRITE_BATCH`] frames),
@@ -739,7 +754,7 @@ impl Connection {
                 let call = self.gw.call_started();
                 self.run_call(async move {
                     let outcome = tokio::select! {
-                        outcome = fut => outcome.map_err(Failure::Local),
+                        outcome = fut => outcome.map(RawJson::from).map_err(Failure::Local),
                         _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
                     };
                     (respond.frame(outcome), call)
@@ -786,7 +801,7 @@ impl Connection {
                 let calls = plans.into_iter().map(|plan| {
                     let (mesh, handler, info) = (&mesh, &handler, &info);
                     async move {
-                        request_as(mesh.as_ref(), handler.as_ref(), info, plan?)
+                        request_parsed(mesh.as_ref(), handler.as_ref(), info, plan?)
                             .await
                             .map_err(|e| e.to_client())
                     }
@@ -796,7 +811,7 @@ impl Connection {
                     _ = respond.gw.hurried() => Err(Failure::from(Refusal::ShuttingDown).to_client()),
                 };
                 let frame = match gathered {
-                    Ok((result, failed)) => respond.frame_with(Ok(result), failed),
+                    Ok((result, failed)) => respond.frame_with(Ok(result.into()), failed),
                     Err(e) => respond.frame(Err(Failure::Local(e))),
                 };
                 (frame, call_guard)
@@ -823,7 +838,7 @@ impl Connection {
         self.run_call(async move {
             let work = async {
                 if command {
-                    mesh.command(mesh_call).await.map(|()| Value::Null)
+                    mesh.command(mesh_call).await.map(|()| RawJson::null())
                 } else {
                     request_as(mesh.as_ref(), handler.as_ref(), &info, mesh_call).await
                 }
@@ -856,14 +871,14 @@ struct Responder {
 }
 
 impl Responder {
-    fn frame(self, outcome: Result<Value, Failure>) -> Utf8Bytes {
+    fn frame(self, outcome: Result<RawJson, Failure>) -> Utf8Bytes {
         self.frame_with(outcome, None)
     }
 
     /// The frame, with a composed route's failed parts when there are any.
     fn frame_with(
         self,
-        outcome: Result<Value, Failure>,
+        outcome: Result<RawJson, Failure>,
         failed: Option<serde_json::Map<String, Value>>,
     ) -> Utf8Bytes {
         let label = match &outcome {
@@ -892,7 +907,7 @@ impl Responder {
             },
             (false, Err(f)) => ServerFrame::Response {
                 trace_id,
-                result: Value::Null,
+                result: RawJson::null(),
                 error: Some(f.to_client()),
                 failed: None,
             },

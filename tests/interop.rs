@@ -57,6 +57,23 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
         .unwrap();
     assert_eq!(r["result"], 42, "{r}");
 
+    // A result reaches the client as the service wrote it: its key order,
+    // an integer no f64 holds, its escapes (not parsed and written again).
+    c.send(json!({"type": "request", "payload": {
+        "service": py_name, "method": "exact", "params": {}, "trace_id": "x"}}))
+        .await
+        .unwrap();
+    let text = loop {
+        let t = c.next_text().await.unwrap().expect("the socket stays open");
+        if t.contains(r#""trace_id":"x""#) {
+            break t;
+        }
+    };
+    assert!(
+        text.contains(r#""result":{"b": 1, "a": 1000000000000000000000000000000, "s": "\u00e9"}"#),
+        "{text}"
+    );
+
     let r = c
         .request_traced(&py_name, "boom", json!({}), "b")
         .await

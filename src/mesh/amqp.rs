@@ -43,7 +43,7 @@ use super::{
     redact_url,
 };
 use crate::protocol::{
-    EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION,
+    EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION, RawJson,
     RequestBodyRef, ResponseBody,
 };
 
@@ -164,7 +164,7 @@ impl AmqpConfig {
 /// Control messages waiting for the handler.
 const CONTROL_QUEUE: usize = 1024;
 
-type Pending = Mutex<HashMap<String, oneshot::Sender<Result<Value, MeshError>>>>;
+type Pending = Mutex<HashMap<String, oneshot::Sender<Result<RawJson, MeshError>>>>;
 
 #[derive(Debug)]
 struct Shared {
@@ -590,6 +590,13 @@ impl AmqpMesh {
 
 impl Mesh for AmqpMesh {
     fn request<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Value, MeshError>> {
+        Box::pin(async move {
+            let raw = self.request_raw(call).await?;
+            raw.to_value().map_err(|e| super::unreadable(call, &e))
+        })
+    }
+
+    fn request_raw<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<RawJson, MeshError>> {
         Box::pin(async move {
             let correlation_id = uuid::Uuid::new_v4().simple().to_string();
             let (tx, rx) = oneshot::channel();
@@ -1039,8 +1046,8 @@ async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
             let context = req.context.clone();
             let outcome = shared.handler.handle_request(req.into()).await;
             let (result, error) = match outcome {
-                Ok(v) => (v, None),
-                Err(e) => (Value::Null, Some(e)),
+                Ok(v) => (RawJson::from(v), None),
+                Err(e) => (RawJson::null(), Some(e)),
             };
             let body = MeshMessage::Response(ResponseBody {
                 correlation_id: correlation_id.clone(),

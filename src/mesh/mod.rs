@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::protocol::{ErrorBody, ErrorName};
+use crate::protocol::{ErrorBody, ErrorName, RawJson};
 
 mod amqp;
 mod lane;
@@ -159,12 +159,31 @@ impl MeshError {
     }
 }
 
+/// A result JSON allows and a [`Value`] cannot hold (a number beyond
+/// `f64`), for a caller that needs the parsed value.
+pub(crate) fn unreadable(call: &Call, e: &serde_json::Error) -> MeshError {
+    MeshError::Remote(ErrorBody::gateway(
+        ErrorName::InternalError,
+        format!(
+            "the result of {}.{} cannot be read: {e}",
+            call.service, call.method
+        ),
+    ))
+}
+
 /// The client side of the mesh: what the gateway calls.
 pub trait Mesh: Send + Sync + fmt::Debug + 'static {
     /// Call `service.method` and wait for its result. The call is
     /// borrowed: the caller keeps it (the `on_response` hook sees it), and
     /// a mesh that only encodes it copies nothing.
     fn request<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Value, MeshError>>;
+    /// [`request`](Self::request), the result as the JSON the service
+    /// sent: what the gateway passes to a client. A mesh that receives JSON
+    /// overrides it to pass that on unparsed; the default writes the parsed
+    /// result.
+    fn request_raw<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<RawJson, MeshError>> {
+        Box::pin(async move { self.request(call).await.map(RawJson::from) })
+    }
     /// Send a command; resolves once the broker accepted it.
     fn command(&self, call: Call) -> BoxFuture<'_, Result<(), MeshError>>;
     /// Publish an event on the events exchange.

@@ -10,7 +10,8 @@ pub struct Handler;
 impl WsHandler for Handler {
     // fn hello(&self, session: &SessionInfo) -> Value      the `hello` event
     // fn on_request(&self, session, call: &mut Call)       before a mesh call
-    // fn on_response(&self, session, call, result) -> Value
+    // fn on_response(&self, session, call, result: RawJson) -> RawJson
+    //                                                      a service's JSON, passed on unparsed
     // fn on_event(&self, topic, event) -> Option<Value>    before a push
 
     /// BFF-local routes: requests for the service `bff` are answered here

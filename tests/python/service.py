@@ -33,6 +33,10 @@ class Interop:
     def add(self, a: int, b: int) -> int:
         return a + b
 
+    def exact(self) -> dict:
+        # What a Value would change: key order, an integer beyond f64, an escape.
+        return {"b": 1, "a": 10**30, "s": "\u00e9"}
+
     def boom(self) -> None:
         raise ValueError("boom from python")
 
