@@ -237,10 +237,10 @@ async fn request_as(
     mesh: &dyn Mesh,
     handler: &dyn WsHandler,
     info: &SessionInfo,
-    call: Call,
+    call: &Call,
 ) -> Result<RawJson, MeshError> {
-    let result = mesh.request_raw(&call).await?;
-    Ok(handler.on_response(info, &call, result))
+    let result = mesh.request_raw(call).await?;
+    Ok(handler.on_response(info, call, result))
 }
 
 /// [`request_as`], the result parsed: for what the gateway puts together
@@ -251,9 +251,8 @@ async fn request_parsed(
     info: &SessionInfo,
     call: Call,
 ) -> Result<Value, MeshError> {
-    let result = mesh.request_raw(&call).await?;
-    let result = handler.on_response(info, &call, result);
-    result
+    request_as(mesh, handler, info, &call)
+        .await?
         .to_value()
         .map_err(|e| crate::mesh::unreadable(&call, &e))
 }
@@ -840,7 +839,7 @@ impl Connection {
                 if command {
                     mesh.command(mesh_call).await.map(|()| RawJson::null())
                 } else {
-                    request_as(mesh.as_ref(), handler.as_ref(), &info, mesh_call).await
+                    request_as(mesh.as_ref(), handler.as_ref(), &info, &mesh_call).await
                 }
             };
             // Failures are counted by outcome in the request metrics; the
