@@ -247,6 +247,11 @@ mod tests {
         assert!(!matches("a.b", "a.b.c"));
         assert!(matches("#.#.a.#", "a"));
         assert!(!matches("a", "b"));
+        // Empty words (no valid pattern has one) match as the automaton
+        // has them: `.#` is the empty word, then anything.
+        assert!(matches(".#", ""));
+        assert!(matches(".#", ".x"));
+        assert!(!matches(".#", "a"));
     }
 
     #[test]
