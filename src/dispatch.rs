@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::mesh::{Call, MeshError};
-use crate::protocol::{ErrorBody, ErrorName};
+use crate::protocol::{ErrorBody, ErrorName, Params};
 use crate::routing::{Composed, Delivery, Route, RouteTable};
 use crate::session::SessionInfo;
 use crate::topic;
@@ -151,14 +151,14 @@ impl Allowed<'_> {
     /// timeout, with `params` and the gateway-built `context`.
     pub(crate) fn call(
         &self,
-        params: Map<String, Value>,
+        params: impl Into<Params>,
         context: Map<String, Value>,
         trace_id: &str,
     ) -> Call {
         Call {
             service: self.service.to_owned(),
             method: self.method.to_owned(),
-            params,
+            params: params.into(),
             context,
             ttl: self.timeout(),
             trace_id: Some(trace_id.to_owned()),

@@ -288,7 +288,7 @@ pub async fn describe_services(
         let call = Call {
             service: (*service).to_owned(),
             method: "nuropb_describe".into(),
-            params: serde_json::Map::new(),
+            params: Default::default(),
             context: serde_json::Map::new(),
             ttl: Duration::from_secs(3),
             trace_id: None,

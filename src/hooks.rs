@@ -159,7 +159,7 @@ impl MeshClient {
             .request(&Call {
                 service: service.to_owned(),
                 method: method.to_owned(),
-                params,
+                params: params.into(),
                 context: self.context.clone(),
                 ttl: self.timeout,
                 trace_id: Some(self.trace_id.clone()),
@@ -196,7 +196,7 @@ mod tests {
             call: ClientCall {
                 service: "bff".into(),
                 method: "whoami".into(),
-                params: Map::new(),
+                params: Default::default(),
                 trace_id: None,
             },
             mesh: client,

@@ -43,7 +43,7 @@ pub use mesh::{
     AmqpConfig, AmqpMesh, BoxFuture, Call, EchoService, IncomingEvent, IncomingRequest, MemoryMesh,
     Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
 };
-pub use protocol::{ClientCall, ErrorBody, ErrorName, RawJson, close};
+pub use protocol::{ClientCall, ErrorBody, ErrorName, Params, RawJson, close};
 pub use routing::{
     Composed, Delivery, EventRule, Part, PartParams, Route, RouteTable, RoutesError,
 };

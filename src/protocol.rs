@@ -125,7 +125,7 @@ pub struct ClientCall {
     pub method: String,
     #[serde(default)]
     #[ts(as = "Option<Map<String, Value>>", optional)]
-    pub params: Map<String, Value>,
+    pub params: Params,
     #[serde(default)]
     #[ts(optional = nullable)]
     pub trace_id: Option<String>,
@@ -205,10 +205,21 @@ impl ClientFrame {
             Some(_) => return Err(fail("field `type` must be a string".into())),
             None => return Err(fail("missing field `type`".into())),
         }
-        if !obj.contains_key("payload") {
+        let (Some(kind), Some(payload)) = (obj.get("type"), obj.get("payload")) else {
             return Err(fail("missing field `payload`".into()));
-        }
-        serde_json::from_value(value).map_err(|e| fail(format!("invalid frame: {e}")))
+        };
+        // Read again from text, `type` first, so serde reads the payload
+        // straight from it: `Params` keeps the client's JSON, which only a
+        // text deserializer can hand it.
+        let text = format!("{{\"type\":{kind},\"payload\":{payload}}}");
+        serde_json::from_str(&text).map_err(|e| {
+            // Where in the rewritten text it failed means nothing to the
+            // client.
+            let message = e.to_string();
+            let at = format!(" at line {} column {}", e.line(), e.column());
+            let message = message.strip_suffix(&at).unwrap_or(&message);
+            fail(format!("invalid frame: {message}"))
+        })
     }
 }
 
@@ -278,6 +289,166 @@ impl Serialize for RawJson {
 impl<'de> Deserialize<'de> for RawJson {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Box::<serde_json::value::RawValue>::deserialize(deserializer).map(Self)
+    }
+}
+
+/// A call's params: a JSON object, kept as the text the client sent until
+/// something reads or changes it. A plain routed call writes that text into
+/// the mesh request as it is; a hook or a composed route that reads the
+/// params (through `Deref` to the map) parses them once, and one that
+/// changes them (`DerefMut`) writes the changed map instead.
+///
+/// Checked on arrival: an object, every number one a [`Value`] can hold
+/// (so that reading the map cannot fail later), nested no deeper than a
+/// [`Value`] may be.
+#[derive(Clone)]
+pub struct Params(ParamsRepr);
+
+#[derive(Clone)]
+enum ParamsRepr {
+    /// As the client sent it; parsed on the first read.
+    Raw(
+        Box<serde_json::value::RawValue>,
+        std::sync::OnceLock<Map<String, Value>>,
+    ),
+    /// Built or changed here.
+    Map(Map<String, Value>),
+}
+
+impl Params {
+    /// The map, parsed from the text if nothing has read it yet.
+    fn map(raw: &serde_json::value::RawValue) -> Map<String, Value> {
+        // Checked when it arrived (`Deserialize`): a readable object.
+        serde_json::from_str(raw.get()).unwrap_or_default()
+    }
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self(ParamsRepr::Map(Map::new()))
+    }
+}
+
+impl From<Map<String, Value>> for Params {
+    fn from(map: Map<String, Value>) -> Self {
+        Self(ParamsRepr::Map(map))
+    }
+}
+
+impl std::ops::Deref for Params {
+    type Target = Map<String, Value>;
+
+    fn deref(&self) -> &Map<String, Value> {
+        match &self.0 {
+            ParamsRepr::Raw(raw, parsed) => parsed.get_or_init(|| Self::map(raw)),
+            ParamsRepr::Map(map) => map,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Params {
+    fn deref_mut(&mut self) -> &mut Map<String, Value> {
+        if let ParamsRepr::Raw(raw, parsed) = &mut self.0 {
+            let map = parsed.take().unwrap_or_else(|| Self::map(raw));
+            self.0 = ParamsRepr::Map(map);
+        }
+        match &mut self.0 {
+            ParamsRepr::Map(map) => map,
+            ParamsRepr::Raw(..) => unreachable!("made a map just above"),
+        }
+    }
+}
+
+impl PartialEq for Params {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ParamsRepr::Raw(raw, _) => f.write_str(raw.get()),
+            ParamsRepr::Map(map) => map.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Params {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            ParamsRepr::Raw(raw, _) => raw.serialize(serializer),
+            ParamsRepr::Map(map) => map.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        serde_json::from_str::<ReadableObject>(raw.get()).map_err(serde::de::Error::custom)?;
+        Ok(Self(ParamsRepr::Raw(raw, std::sync::OnceLock::new())))
+    }
+}
+
+/// A JSON object that parses into a [`Map`], read without building one.
+struct ReadableObject;
+
+impl<'de> Deserialize<'de> for ReadableObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_map(Readable)
+            .map(|Readable| ReadableObject)
+    }
+}
+
+/// Any JSON value a [`Value`] can hold, read without building it: numbers
+/// are parsed (one beyond `f64` fails as it would for a [`Value`]),
+/// strings are not copied.
+#[derive(Clone, Copy)]
+struct Readable;
+
+impl<'de> Deserialize<'de> for Readable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Readable)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Readable {
+    type Value = Readable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<Readable>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, Readable>()?
+            .is_some()
+        {}
+        Ok(self)
     }
 }
 
@@ -530,7 +701,7 @@ pub(crate) struct RequestBodyRef<'a> {
     pub trace_id: Option<&'a str>,
     pub service: &'a str,
     pub method: &'a str,
-    pub params: &'a Map<String, Value>,
+    pub params: &'a Params,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

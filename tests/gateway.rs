@@ -391,7 +391,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
     let call = |method: &str, params: Value| nuropb_bff::Call {
         service: "test-bff".into(),
         method: method.into(),
-        params: params.as_object().unwrap().clone(),
+        params: params.as_object().unwrap().clone().into(),
         context: push_context(),
         ttl: Duration::from_secs(5),
         trace_id: None,

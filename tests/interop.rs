@@ -74,6 +74,25 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
         "{text}"
     );
 
+    // And the client's params reach the service as the client wrote them.
+    c.send_text(&format!(
+        r#"{{"type":"request","payload":{{"service":"{py_name}","method":"params_seen","params":{{"z": 1, "a": 2, "big": 1000000000000000000000000000000}},"trace_id":"p"}}}}"#
+    ))
+    .await
+    .unwrap();
+    let text = loop {
+        let t = c.next_text().await.unwrap().expect("the socket stays open");
+        if t.contains(r#""trace_id":"p""#) {
+            break t;
+        }
+    };
+    assert!(
+        text.contains(
+            r#""result":{"keys": ["z", "a", "big"], "big": 1000000000000000000000000000000}"#
+        ),
+        "{text}"
+    );
+
     let r = c
         .request_traced(&py_name, "boom", json!({}), "b")
         .await

@@ -8,7 +8,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::{
     BoxFuture, Call, IncomingEvent, IncomingRequest, Mesh, MeshError, MeshHandler, OutgoingEvent,
@@ -94,7 +94,7 @@ impl Mesh for MemoryMesh {
             let ttl = call.ttl;
             let request = IncomingRequest {
                 method: call.method.clone(),
-                params: call.params.clone(),
+                params: Map::clone(&call.params),
                 context: call.context.clone(),
                 trace_id: call.trace_id.clone(),
             };
@@ -115,7 +115,7 @@ impl Mesh for MemoryMesh {
             };
             let request = IncomingRequest {
                 method: call.method,
-                params: call.params,
+                params: Map::clone(&call.params),
                 context: call.context,
                 trace_id: call.trace_id,
             };
@@ -270,7 +270,7 @@ mod tests {
         Call {
             service: service.into(),
             method: method.into(),
-            params: Map::new(),
+            params: Default::default(),
             context: Map::new(),
             ttl: Duration::from_millis(ttl_ms),
             trace_id: None,

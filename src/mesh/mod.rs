@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::protocol::{ErrorBody, ErrorName, RawJson};
+use crate::protocol::{ErrorBody, ErrorName, Params, RawJson};
 
 mod amqp;
 mod lane;
@@ -40,7 +40,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct Call {
     pub service: String,
     pub method: String,
-    pub params: Map<String, Value>,
+    /// As the client sent them until a hook reads or changes them
+    /// ([`Params`] derefs to the map).
+    pub params: Params,
     pub context: Map<String, Value>,
     /// How long the caller waits; also the message's `expiration`.
     pub ttl: Duration,
@@ -257,7 +259,7 @@ mod tests {
         let call = Call {
             service: "s".into(),
             method: "m".into(),
-            params: Map::new(),
+            params: Default::default(),
             context,
             ttl: Duration::from_secs(1),
             trace_id: None,

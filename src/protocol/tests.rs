@@ -93,7 +93,7 @@ fn a_borrowed_request_body_writes_the_same_bytes_as_the_owned_one() {
                 trace_id,
                 service: "orders",
                 method: "get",
-                params: params.as_object().unwrap(),
+                params: &Params::from(params.as_object().unwrap().clone()),
             };
             assert_eq!(
                 String::from_utf8(serde_json::to_vec(&borrowed).unwrap()).unwrap(),
@@ -140,7 +140,7 @@ fn client_request_decodes_and_ignores_client_context() {
         ClientFrame::Request(ClientCall {
             service: "a".into(),
             method: "b".into(),
-            params: json!({"x":1}).as_object().unwrap().clone(),
+            params: json!({"x":1}).as_object().unwrap().clone().into(),
             trace_id: Some("t".into()),
         })
     );
@@ -425,4 +425,68 @@ fn received_responses_and_events_are_read_for_what_the_gateway_uses() {
     // The outcome itself is still checked.
     let bad = br#"{"tag": "response", "correlation_id": "c", "error": "not an object"}"#;
     assert!(MeshMessage::decode_as(MessageType::Response, bad).is_err());
+}
+
+#[test]
+fn params_are_kept_as_the_client_wrote_them_until_changed() {
+    let frame = r#"{"type":"request","payload":{"service":"a","method":"b","params":{"z": 1, "a": "\u00e9", "big": 1000000000000000000000000000000}}}"#;
+    let Ok(ClientFrame::Request(call)) = ClientFrame::decode(frame) else {
+        panic!("a request")
+    };
+    let written = |params: &Params| {
+        let body = RequestBodyRef {
+            tag: "request",
+            correlation_id: "c",
+            context: &Map::new(),
+            trace_id: None,
+            service: "a",
+            method: "b",
+            params,
+        };
+        String::from_utf8(serde_json::to_vec(&body).unwrap()).unwrap()
+    };
+    let mut params = call.params;
+    assert!(
+        written(&params).contains(
+            r#""params":{"z": 1, "a": "\u00e9", "big": 1000000000000000000000000000000}"#
+        ),
+        "{}",
+        written(&params)
+    );
+    // Read, they are the map; still written as they came.
+    assert_eq!(params["a"], "é");
+    assert_eq!(params.len(), 3);
+    assert!(written(&params).contains(r#""z": 1, "a""#));
+    // Changed, the map is written.
+    params.insert("added".into(), json!(true));
+    assert_eq!(params.len(), 4);
+    assert!(
+        written(&params).contains(r#""added":true"#),
+        "{}",
+        written(&params)
+    );
+    assert_eq!(params, Params::from(Map::clone(&params)));
+}
+
+#[test]
+fn params_that_a_map_cannot_hold_are_refused_on_arrival() {
+    for (params, why) in [
+        ("[1]", "invalid type"),
+        (r#""x""#, "invalid type"),
+        ("null", "invalid type"),
+        ("7", "invalid type"),
+        (r#"{"n": 1e400}"#, "number out of range"),
+        (r#"{"a": [1, {"b": -1e999}]}"#, "number out of range"),
+    ] {
+        let frame = format!(
+            r#"{{"type":"request","payload":{{"service":"a","method":"b","params":{params}}}}}"#
+        );
+        let e = ClientFrame::decode(&frame).unwrap_err();
+        assert!(e.description.contains(why), "{params}: {}", e.description);
+    }
+    let frame = r#"{"type":"request","payload":{"service":"a","method":"b","params":{"n": 1e300, "m": [1e-400]}}}"#;
+    assert!(
+        ClientFrame::decode(frame).is_ok(),
+        "what a Value holds is taken"
+    );
 }

@@ -37,6 +37,10 @@ class Interop:
         # What a Value would change: key order, an integer beyond f64, an escape.
         return {"b": 1, "a": 10**30, "s": "\u00e9"}
 
+    def params_seen(self, **params) -> dict:
+        # What reached the service: the keys in their order, and a value.
+        return {"keys": list(params), "big": params.get("big")}
+
     def boom(self) -> None:
         raise ValueError("boom from python")
 
