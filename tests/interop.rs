@@ -11,6 +11,29 @@ use common::*;
 use nuropb_bff::DefaultHandler;
 use serde_json::{Value, json};
 
+/// Call `service.method` with `params` written as given (JSON text), and
+/// return the text of the answer traced `trace_id`, as it came.
+async fn answer_text(
+    c: &mut nuropb_bff::testing::TestClient,
+    service: &str,
+    method: &str,
+    params: &str,
+    trace_id: &str,
+) -> String {
+    c.send_text(&format!(
+        r#"{{"type":"request","payload":{{"service":"{service}","method":"{method}","params":{params},"trace_id":"{trace_id}"}}}}"#
+    ))
+    .await
+    .unwrap();
+    let traced = format!(r#""trace_id":"{trace_id}""#);
+    loop {
+        let t = c.next_text().await.unwrap().expect("the socket stays open");
+        if t.contains(&traced) {
+            return t;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_nuropb_service_through_the_gateway_and_back() {
     let py_name = unique("interop");
@@ -59,33 +82,14 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
 
     // A result reaches the client as the service wrote it: its key order,
     // an integer no f64 holds, its escapes (not parsed and written again).
-    c.send(json!({"type": "request", "payload": {
-        "service": py_name, "method": "exact", "params": {}, "trace_id": "x"}}))
-        .await
-        .unwrap();
-    let text = loop {
-        let t = c.next_text().await.unwrap().expect("the socket stays open");
-        if t.contains(r#""trace_id":"x""#) {
-            break t;
-        }
-    };
+    let text = answer_text(&mut c, &py_name, "exact", "{}", "x").await;
     assert!(
         text.contains(r#""result":{"b": 1, "a": 1000000000000000000000000000000, "s": "\u00e9"}"#),
         "{text}"
     );
-
     // And the client's params reach the service as the client wrote them.
-    c.send_text(&format!(
-        r#"{{"type":"request","payload":{{"service":"{py_name}","method":"params_seen","params":{{"z": 1, "a": 2, "big": 1000000000000000000000000000000}},"trace_id":"p"}}}}"#
-    ))
-    .await
-    .unwrap();
-    let text = loop {
-        let t = c.next_text().await.unwrap().expect("the socket stays open");
-        if t.contains(r#""trace_id":"p""#) {
-            break t;
-        }
-    };
+    let params = r#"{"z": 1, "a": 2, "big": 1000000000000000000000000000000}"#;
+    let text = answer_text(&mut c, &py_name, "params_seen", params, "p").await;
     assert!(
         text.contains(
             r#""result":{"keys": ["z", "a", "big"], "big": 1000000000000000000000000000000}"#
