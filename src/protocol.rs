@@ -300,7 +300,9 @@ impl<'de> Deserialize<'de> for RawJson {
 ///
 /// Checked on arrival: an object, every number one a [`Value`] can hold
 /// (so that reading the map cannot fail later), nested no deeper than a
-/// [`Value`] may be.
+/// [`Value`] may be. Read from JSON text (serde_json's `from_str` or
+/// `from_slice`): keeping the text takes serde_json's text deserializer,
+/// so deserializing one from a [`Value`] is refused.
 #[derive(Clone)]
 pub struct Params(ParamsRepr);
 
