@@ -337,6 +337,16 @@ impl From<Map<String, Value>> for Params {
     }
 }
 
+impl From<Params> for Map<String, Value> {
+    /// The map, taking the parsed one if something read it already.
+    fn from(params: Params) -> Self {
+        match params.0 {
+            ParamsRepr::Raw(raw, mut parsed) => parsed.take().unwrap_or_else(|| Params::map(&raw)),
+            ParamsRepr::Map(map) => map,
+        }
+    }
+}
+
 impl std::ops::Deref for Params {
     type Target = Map<String, Value>;
 

@@ -115,7 +115,7 @@ impl Mesh for MemoryMesh {
             };
             let request = IncomingRequest {
                 method: call.method,
-                params: Map::clone(&call.params),
+                params: call.params.into(),
                 context: call.context,
                 trace_id: call.trace_id,
             };

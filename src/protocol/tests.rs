@@ -453,8 +453,11 @@ fn params_are_kept_as_the_client_wrote_them_until_changed() {
         "{}",
         written(&params)
     );
+    // Taken as a map, unread or read, they are the map.
+    assert_eq!(Map::from(params.clone())["a"], "é");
     // Read, they are the map; still written as they came.
     assert_eq!(params["a"], "é");
+    assert_eq!(Map::from(params.clone()).len(), 3);
     assert_eq!(params.len(), 3);
     assert!(written(&params).contains(r#""z": 1, "a""#));
     // Changed, the map is written.
