@@ -261,9 +261,9 @@ fn floor_fanout(n: usize, topic: &str) {
         let Ok(k) = line.unwrap_or_default().trim().parse::<usize>() else {
             break;
         };
-        let payload = json!({"type": "event", "payload": {
-            "topic": format!("{topic}.fanout"), "event": {"fanout": true, "k": k}}})
-        .to_string();
+        let (topic, event) = fanout_event(topic, k);
+        let payload =
+            json!({"type": "event", "payload": {"topic": topic, "event": event}}).to_string();
         let frame = Arc::new(server_text_frame(payload.as_bytes()));
         for (tx, _) in &writers {
             tx.send(frame.clone()).unwrap();
@@ -273,6 +273,13 @@ fn floor_fanout(n: usize, topic: &str) {
         drop(tx);
         thread.join().unwrap();
     }
+}
+
+/// Fan-out event `k` on the bench's topic: its topic and body, as the
+/// gateway's fan-out publishes them and the floor writes them
+/// ([`fanout_k`] reads `k` back).
+fn fanout_event(topic: &str, k: usize) -> (String, Value) {
+    (format!("{topic}.fanout"), json!({"fanout": true, "k": k}))
 }
 
 /// An unmasked WebSocket text frame (as a server sends) holding `payload`.
@@ -857,12 +864,15 @@ async fn run_fanout(
         events,
         async |k| {
             publisher
-                .publish_event(OutgoingEvent {
-                    topic: format!("{topic}.fanout"),
-                    event: json!({"fanout": true, "k": k}),
-                    context: Map::new(),
-                    target: None,
-                    trace_id: None,
+                .publish_event({
+                    let (topic, event) = fanout_event(topic, k);
+                    OutgoingEvent {
+                        topic,
+                        event,
+                        context: Map::new(),
+                        target: None,
+                        trace_id: None,
+                    }
                 })
                 .await
                 .unwrap();
