@@ -40,7 +40,8 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use nuropb_bff::{
-    AmqpConfig, AmqpMesh, Gateway, Mesh, NoAuth, OutgoingEvent, RouteTable, Settings, StubService,
+    AmqpConfig, AmqpMesh, AuthHook, Gateway, JwtVerifier, Mesh, NoAuth, OutgoingEvent, RouteTable,
+    Settings, StubService,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
@@ -483,6 +484,33 @@ async fn echo_service(name: String) {
     let _ = connection.close(200, "bye".into()).await;
 }
 
+/// The HS256 secret of `--token-bytes`.
+const SECRET: &str = "hop-bench-secret";
+
+/// `--token-bytes N`: each socket authenticates with an HS256 token of
+/// about N bytes (claims padded, as a production token with its scopes
+/// and profile is), which the gateway verifies and forwards in every
+/// call's context. 0 (the default): no authentication, no token.
+fn token_bytes() -> usize {
+    common::arg("--token-bytes", 0usize)
+}
+
+/// Socket `i`'s token, about `bytes` long.
+fn token(i: usize, bytes: usize) -> String {
+    let sub = format!("user-{i}");
+    let bare = nuropb_bff::testing::hs256_token(SECRET, &sub, &["user"], 3600);
+    // Base64 makes 4 characters of 3 bytes of claims.
+    let pad = bytes.saturating_sub(bare.len()) * 3 / 4;
+    let claims = serde_json::json!({
+        "sub": sub,
+        "name": sub,
+        "roles": ["user"],
+        "exp": nuropb_bff::testing::unix_time() + 3600,
+        "scope": "s".repeat(pad),
+    });
+    nuropb_bff::testing::hs256_token_with(SECRET, &claims)
+}
+
 /// `--gateway NAME --service SVC --topic T`: the BFF, on RabbitMQ.
 async fn gateway(name: String, svc: String, topic: String) {
     let routes = RouteTable::parse(
@@ -492,6 +520,10 @@ async fn gateway(name: String, svc: String, topic: String) {
         ),
     )
     .unwrap();
+    let auth: Arc<dyn AuthHook> = match token_bytes() {
+        0 => Arc::new(NoAuth),
+        _ => Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
+    };
     let mut settings = Settings::new(name);
     settings.amqp_url = amqp_url();
     settings.limits.max_in_flight = 256;
@@ -500,7 +532,7 @@ async fn gateway(name: String, svc: String, topic: String) {
     settings.shutdown_grace_ms = 3_000;
     let gw = Gateway::builder(settings)
         .routes(routes)
-        .auth(Arc::new(NoAuth))
+        .auth(auth)
         .start()
         .await
         .expect("the gateway starts");
@@ -562,7 +594,11 @@ struct Gateways(Vec<Proc>);
 impl Gateways {
     /// Where socket `i` connects: the instances in turn.
     fn url(&self, i: usize) -> String {
-        format!("ws://{}/ws", self.0[i % self.0.len()].first_line)
+        let addr = &self.0[i % self.0.len()].first_line;
+        match token_bytes() {
+            0 => format!("ws://{addr}/ws"),
+            bytes => format!("ws://{addr}/ws?access_token={}", token(i, bytes)),
+        }
     }
 
     /// CPU time of all instances so far.
@@ -593,6 +629,8 @@ struct Direct {
     channel: lapin::Channel,
     reply_to: String,
     waiters: Waiters,
+    /// The context of every call: `{}`, or the token of `--token-bytes`.
+    context: Value,
     _connection: Connection,
 }
 
@@ -642,10 +680,16 @@ impl Direct {
                 }
             }
         });
+        // The same token a socket's calls carry, when there is one.
+        let context = match token_bytes() {
+            0 => json!({}),
+            bytes => json!({"Authorization": token(0, bytes)}),
+        };
         Self {
             channel,
             reply_to,
             waiters,
+            context,
             _connection: connection,
         }
     }
@@ -653,7 +697,7 @@ impl Direct {
     async fn call(&self, svc: &str, n: u64) {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let body = json!({
-            "tag": "request", "correlation_id": id, "context": {}, "trace_id": null,
+            "tag": "request", "correlation_id": id, "context": self.context, "trace_id": null,
             "service": svc, "method": "echo", "params": params(n),
         });
         let (tx, rx) = oneshot::channel();
@@ -1076,6 +1120,9 @@ async fn orchestrate() {
     ];
     if workers != "0" {
         gw_args.extend(["--gateway-workers".to_owned(), workers]);
+    }
+    if token_bytes() > 0 {
+        gw_args.extend(["--token-bytes".to_owned(), token_bytes().to_string()]);
     }
     // `--gateways N`: N instances of the BFF, the sockets spread over them
     // (one process per core is a deployment shape of its own).

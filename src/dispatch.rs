@@ -4,12 +4,11 @@
 //! metrics. The socket loop in `ws` only asks and carries out the answer.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
-
 use crate::mesh::{Call, MeshError};
-use crate::protocol::{ErrorBody, ErrorName, Params};
+use crate::protocol::{ContextMembers, ErrorBody, ErrorName, Params};
 use crate::routing::{Composed, Delivery, Route, RouteTable};
 use crate::session::SessionInfo;
 use crate::topic;
@@ -149,12 +148,7 @@ impl Allowed<'_> {
 
     /// The mesh call this allows: its service and method, under the route's
     /// timeout, with `params` and the gateway-built `context`.
-    pub(crate) fn call(
-        &self,
-        params: impl Into<Params>,
-        context: Map<String, Value>,
-        trace_id: &str,
-    ) -> Call {
+    pub(crate) fn call(&self, params: impl Into<Params>, context: Params, trace_id: &str) -> Call {
         Call {
             service: self.service.to_owned(),
             method: self.method.to_owned(),
@@ -279,30 +273,34 @@ pub(crate) fn authorize_subscription(
     }
 }
 
-/// The mesh context the gateway builds for a client's call; whatever
-/// context the client sent is ignored.
-pub(crate) fn context(
-    session: &SessionInfo,
-    token: Option<&str>,
-    trace_id: &str,
-) -> Map<String, Value> {
-    let mut ctx = Map::new();
-    ctx.insert("user_id".into(), Value::String(session.user_id.clone()));
-    ctx.insert(
-        "Authorization".into(),
-        token.map_or(Value::Null, |t| Value::String(t.to_owned())),
-    );
-    ctx.insert("trace_id".into(), Value::String(trace_id.to_owned()));
-    ctx.insert(
-        "session_id".into(),
-        Value::String(session.session_id.clone()),
-    );
-    ctx
+/// The mesh context the gateway builds for a session's calls (whatever
+/// context a client sends is ignored): `Authorization` (the session's
+/// token, or null), `session_id`, `trace_id` and `user_id`.
+///
+/// All but the trace id are written as JSON once per session, and again
+/// when the token changes: a session's token is not copied and escaped
+/// again for each of its calls.
+pub(crate) struct SessionContext(Arc<ContextMembers>);
+
+impl SessionContext {
+    pub(crate) fn new(session: &SessionInfo, token: Option<&str>) -> Self {
+        Self(Arc::new(ContextMembers::new(
+            token,
+            &session.session_id,
+            &session.user_id,
+        )))
+    }
+
+    /// The context of the call `trace_id` names.
+    pub(crate) fn render(&self, trace_id: &str) -> Params {
+        Params::context(self.0.clone(), trace_id)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Map, Value};
 
     const ROUTES: &str = r#"
 [[route]]
@@ -460,12 +458,65 @@ deliver = "all"
 
     #[test]
     fn the_context_names_the_user_and_carries_the_token() {
-        let ctx = context(&user(&[]), Some("tok"), "t1");
+        let ctx = SessionContext::new(&user(&[]), Some("tok")).render("t1");
         assert_eq!(ctx["user_id"], "u1");
         assert_eq!(ctx["Authorization"], "tok");
         assert_eq!(ctx["trace_id"], "t1");
         assert_eq!(ctx["session_id"], "s1");
-        assert_eq!(context(&user(&[]), None, "t")["Authorization"], Value::Null);
+        assert_eq!(ctx.len(), 4);
+        let anonymous = SessionContext::new(&user(&[]), None).render("t");
+        assert_eq!(anonymous["Authorization"], Value::Null);
+        // A session's calls differ by their trace id only.
+        let text = SessionContext::new(&user(&[]), Some("tok"));
+        assert_eq!(text.render("a")["trace_id"], "a");
+        assert_eq!(text.render("b")["trace_id"], "b");
+        // Its debug form leaves the token out.
+        let shown = format!("{:?}", text.render("a"));
+        assert!(shown.contains("s1") && !shown.contains("tok"), "{shown}");
+    }
+
+    /// The context built as a map: what the text must be the JSON of.
+    fn context_map(
+        session: &SessionInfo,
+        token: Option<&str>,
+        trace_id: &str,
+    ) -> Map<String, Value> {
+        let mut ctx = Map::new();
+        ctx.insert("user_id".into(), session.user_id.clone().into());
+        ctx.insert(
+            "Authorization".into(),
+            token.map_or(Value::Null, Value::from),
+        );
+        ctx.insert("trace_id".into(), trace_id.into());
+        ctx.insert("session_id".into(), session.session_id.clone().into());
+        ctx
+    }
+
+    proptest::proptest! {
+        /// Any ids and token a client or an identity provider could put in
+        /// it (quotes, backslashes, control characters, any script): the
+        /// context's text is byte for byte the JSON of the map.
+        #[test]
+        fn the_context_text_is_the_json_of_the_context(
+            user_id in "\\PC*|[\"\\\\\u{0}-\u{1f}\u{7f}\u{2028}é😀a]{0,12}",
+            session_id in "\\PC{0,40}",
+            token in proptest::option::of("[A-Za-z0-9._\"\\\\-]{0,80}"),
+            trace_id in "\\PC*|[\"\\\\\u{0}-\u{1f}a]{0,12}",
+        ) {
+            let session = SessionInfo {
+                session_id,
+                user_id,
+                username: None,
+                roles: vec![],
+            };
+            let built = context_map(&session, token.as_deref(), &trace_id);
+            let rendered = SessionContext::new(&session, token.as_deref()).render(&trace_id);
+            proptest::prop_assert_eq!(
+                serde_json::to_string(&rendered).unwrap(),
+                serde_json::to_string(&built).unwrap()
+            );
+            proptest::prop_assert_eq!(&*rendered, &built);
+        }
     }
 
     #[test]

@@ -289,7 +289,7 @@ pub async fn describe_services(
             service: (*service).to_owned(),
             method: "nuropb_describe".into(),
             params: Default::default(),
-            context: serde_json::Map::new(),
+            context: Default::default(),
             ttl: Duration::from_secs(3),
             trace_id: None,
         };

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{AuthError, Identity};
 use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
-use crate::protocol::{ClientCall, ErrorBody, RawJson};
+use crate::protocol::{ClientCall, ErrorBody, Params, RawJson};
 use crate::session::SessionInfo;
 
 /// A BFF's authentication hook.
@@ -117,7 +117,7 @@ pub struct LocalCall {
 #[derive(Clone)]
 pub struct MeshClient {
     mesh: Arc<dyn Mesh>,
-    context: Map<String, Value>,
+    context: Params,
     trace_id: String,
     timeout: Duration,
 }
@@ -136,7 +136,7 @@ impl fmt::Debug for MeshClient {
 impl MeshClient {
     pub(crate) fn new(
         mesh: Arc<dyn Mesh>,
-        context: Map<String, Value>,
+        context: Params,
         trace_id: String,
         timeout: Duration,
     ) -> Self {
@@ -182,7 +182,7 @@ mod tests {
         );
         let client = MeshClient::new(
             Arc::new(MemoryMesh::new()),
-            context,
+            context.into(),
             "t".into(),
             Duration::from_secs(1),
         );

@@ -2,6 +2,8 @@
 //! sends and receives, and the NuroPb 0.1.1 message bodies on the broker.
 //! Pure serde, no I/O.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use ts_rs::TS;
@@ -292,15 +294,17 @@ impl<'de> Deserialize<'de> for RawJson {
     }
 }
 
-/// A call's params: a JSON object, kept as the text the client sent until
-/// something reads or changes it. A plain routed call writes that text into
-/// the mesh request as it is; a hook or a composed route that reads the
-/// params (through `Deref` to the map) parses them once, and one that
-/// changes them (`DerefMut`) writes the changed map instead.
+/// A call's params or its context: a JSON object, kept as text until
+/// something reads or changes it. The params are the text the client sent:
+/// a plain routed call writes it into the mesh request as it is. The
+/// context is the session's part, written once per session, and the call's
+/// trace id. A hook or a composed route that reads either (through `Deref`
+/// to the map) parses it once, and one that changes it (`DerefMut`) writes
+/// the changed map instead.
 ///
-/// Checked on arrival: an object, every number one a [`Value`] can hold
-/// (so that reading the map cannot fail later), nested no deeper than a
-/// [`Value`] may be. Read from JSON text (serde_json's `from_str` or
+/// Params are checked on arrival: an object, every number one a [`Value`]
+/// can hold (so that reading the map cannot fail later), nested no deeper
+/// than a [`Value`] may be. Read from JSON text (serde_json's `from_str` or
 /// `from_slice`): keeping the text takes serde_json's text deserializer,
 /// so deserializing one from a [`Value`] is refused.
 #[derive(Clone)]
@@ -308,20 +312,91 @@ pub struct Params(ParamsRepr);
 
 #[derive(Clone)]
 enum ParamsRepr {
-    /// As the client sent it; parsed on the first read.
-    Raw(
-        Box<serde_json::value::RawValue>,
-        std::sync::OnceLock<Map<String, Value>>,
-    ),
+    /// Text; parsed on the first read.
+    Text(Text, std::sync::OnceLock<Map<String, Value>>),
     /// Built or changed here.
     Map(Map<String, Value>),
 }
 
+#[derive(Clone)]
+enum Text {
+    /// As the client sent it.
+    Raw(Box<serde_json::value::RawValue>),
+    /// A call's context: the session's members and the call's trace id.
+    Context(Arc<ContextMembers>, Box<str>),
+}
+
+/// The members of a session's call context other than the trace id, each
+/// written as JSON once for the session: `Authorization` (the token, or
+/// null), `session_id` and `user_id`.
+pub(crate) struct ContextMembers {
+    authorization: Box<serde_json::value::RawValue>,
+    session_id: Box<serde_json::value::RawValue>,
+    user_id: Box<serde_json::value::RawValue>,
+}
+
+impl ContextMembers {
+    pub(crate) fn new(authorization: Option<&str>, session_id: &str, user_id: &str) -> Self {
+        // A string or null always serializes.
+        let json = |value: Option<&str>| {
+            serde_json::value::to_raw_value(&value)
+                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
+        };
+        Self {
+            authorization: json(authorization),
+            session_id: json(Some(session_id)),
+            user_id: json(Some(user_id)),
+        }
+    }
+}
+
+impl Text {
+    /// The object as a map. Params were checked to be a readable object
+    /// when they arrived; a context is written here.
+    fn map(&self) -> Map<String, Value> {
+        match self {
+            Text::Raw(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+            Text::Context(members, trace_id) => {
+                let value = |raw: &serde_json::value::RawValue| {
+                    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+                };
+                let mut map = Map::new();
+                map.insert("Authorization".into(), value(&members.authorization));
+                map.insert("session_id".into(), value(&members.session_id));
+                map.insert("trace_id".into(), Value::String(trace_id.to_string()));
+                map.insert("user_id".into(), value(&members.user_id));
+                map
+            }
+        }
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Text::Raw(raw) => raw.serialize(serializer),
+            // The members' JSON written as it is: a session's token is
+            // escaped once, not once per call.
+            Text::Context(members, trace_id) => {
+                let mut map = serializer.serialize_map(Some(4))?;
+                map.serialize_entry("Authorization", &members.authorization)?;
+                map.serialize_entry("session_id", &members.session_id)?;
+                map.serialize_entry("trace_id", trace_id)?;
+                map.serialize_entry("user_id", &members.user_id)?;
+                map.end()
+            }
+        }
+    }
+}
+
 impl Params {
-    /// The map, parsed from the text if nothing has read it yet.
-    fn map(raw: &serde_json::value::RawValue) -> Map<String, Value> {
-        // Checked when it arrived (`Deserialize`): a readable object.
-        serde_json::from_str(raw.get()).unwrap_or_default()
+    /// A call's context: the session's `members` and the call's trace id.
+    pub(crate) fn context(members: Arc<ContextMembers>, trace_id: &str) -> Self {
+        Self(ParamsRepr::Text(
+            Text::Context(members, trace_id.into()),
+            std::sync::OnceLock::new(),
+        ))
     }
 }
 
@@ -341,7 +416,7 @@ impl From<Params> for Map<String, Value> {
     /// The map, taking the parsed one if something read it already.
     fn from(params: Params) -> Self {
         match params.0 {
-            ParamsRepr::Raw(raw, mut parsed) => parsed.take().unwrap_or_else(|| Params::map(&raw)),
+            ParamsRepr::Text(text, mut parsed) => parsed.take().unwrap_or_else(|| text.map()),
             ParamsRepr::Map(map) => map,
         }
     }
@@ -352,7 +427,7 @@ impl std::ops::Deref for Params {
 
     fn deref(&self) -> &Map<String, Value> {
         match &self.0 {
-            ParamsRepr::Raw(raw, parsed) => parsed.get_or_init(|| Self::map(raw)),
+            ParamsRepr::Text(text, parsed) => parsed.get_or_init(|| text.map()),
             ParamsRepr::Map(map) => map,
         }
     }
@@ -360,13 +435,13 @@ impl std::ops::Deref for Params {
 
 impl std::ops::DerefMut for Params {
     fn deref_mut(&mut self) -> &mut Map<String, Value> {
-        if let ParamsRepr::Raw(raw, parsed) = &mut self.0 {
-            let map = parsed.take().unwrap_or_else(|| Self::map(raw));
+        if let ParamsRepr::Text(text, parsed) = &mut self.0 {
+            let map = parsed.take().unwrap_or_else(|| text.map());
             self.0 = ParamsRepr::Map(map);
         }
         match &mut self.0 {
             ParamsRepr::Map(map) => map,
-            ParamsRepr::Raw(..) => unreachable!("made a map just above"),
+            ParamsRepr::Text(..) => unreachable!("made a map just above"),
         }
     }
 }
@@ -380,7 +455,14 @@ impl PartialEq for Params {
 impl std::fmt::Debug for Params {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
-            ParamsRepr::Raw(raw, _) => f.write_str(raw.get()),
+            ParamsRepr::Text(Text::Raw(raw), _) => f.write_str(raw.get()),
+            // Never the token.
+            ParamsRepr::Text(Text::Context(members, trace_id), _) => f
+                .debug_struct("Context")
+                .field("session_id", &members.session_id.get())
+                .field("trace_id", trace_id)
+                .field("user_id", &members.user_id.get())
+                .finish_non_exhaustive(),
             ParamsRepr::Map(map) => map.fmt(f),
         }
     }
@@ -389,7 +471,7 @@ impl std::fmt::Debug for Params {
 impl Serialize for Params {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match &self.0 {
-            ParamsRepr::Raw(raw, _) => raw.serialize(serializer),
+            ParamsRepr::Text(text, _) => text.serialize(serializer),
             ParamsRepr::Map(map) => map.serialize(serializer),
         }
     }
@@ -399,7 +481,10 @@ impl<'de> Deserialize<'de> for Params {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
         serde_json::from_str::<ReadableObject>(raw.get()).map_err(serde::de::Error::custom)?;
-        Ok(Self(ParamsRepr::Raw(raw, std::sync::OnceLock::new())))
+        Ok(Self(ParamsRepr::Text(
+            Text::Raw(raw),
+            std::sync::OnceLock::new(),
+        )))
     }
 }
 
@@ -709,7 +794,7 @@ pub(crate) struct RequestBodyRef<'a> {
     /// `request` or `command`: the variant's tag, first as serde writes it.
     pub tag: &'static str,
     pub correlation_id: &'a str,
-    pub context: &'a Map<String, Value>,
+    pub context: &'a Params,
     pub trace_id: Option<&'a str>,
     pub service: &'a str,
     pub method: &'a str,

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::auth::{Identity, unix_now};
 use crate::compose;
-use crate::dispatch::{self, Failure, Rates, Refusal};
+use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::gateway::{CallGuard, Gateway};
 use crate::hooks::WsHandler;
 use crate::hooks::{LocalCall, MeshClient};
@@ -168,9 +168,10 @@ async fn open(
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
     let (sink, stream) = socket.split();
+    let context = SessionContext::new(&info, token.as_deref());
     let mut event = gw.hub().handler().hello(&info);
     if let Some(call) = gw.settings().hello_call.as_deref() {
-        let (key, value) = match hello_data(&gw, &info, token.as_deref(), call).await {
+        let (key, value) = match hello_data(&gw, &info, &context, call).await {
             Ok(data) => ("data", data),
             Err(e) => ("data_error", serde_json::to_value(e).unwrap_or(Value::Null)),
         };
@@ -187,7 +188,7 @@ async fn open(
     let conn = Connection {
         gw,
         info: Arc::new(info),
-        token,
+        context,
         expires_at,
         outbox,
         sink,
@@ -207,7 +208,7 @@ async fn open(
 async fn hello_data(
     gw: &Gateway,
     info: &SessionInfo,
-    token: Option<&str>,
+    context: &SessionContext,
     call: &str,
 ) -> Result<Value, crate::protocol::ErrorBody> {
     let (service, method) = call.split_once('.').unwrap_or((call, ""));
@@ -222,7 +223,7 @@ async fn hello_data(
         method,
     )
     .map_err(|r| Failure::from(r).to_client())?;
-    let context = dispatch::context(info, token, &trace_id);
+    let context = context.render(&trace_id);
     let mut hello_call = allowed.call(serde_json::Map::new(), context, &trace_id);
     let handler = gw.hub().handler();
     handler.on_request(info, &mut hello_call);
@@ -362,9 +363,10 @@ struct Connection {
     /// Shared with the calls in flight (the `on_response` hook sees it)
     /// without a copy per call.
     info: Arc<SessionInfo>,
-    /// The bearer token, forwarded to services as `Authorization`, and
-    /// when it expires (who it names is in `info`).
-    token: Option<String>,
+    /// The mesh context of this session's calls, with the bearer token
+    /// (forwarded to services as `Authorization`); and when the token
+    /// expires (who it names is in `info`).
+    context: SessionContext,
     expires_at: Option<u64>,
     outbox: Outbox,
     /// The write half of the socket, written by this connection's task
@@ -647,7 +649,7 @@ impl Connection {
                 let info = Arc::make_mut(&mut self.info);
                 info.roles = id.roles;
                 info.username = id.username;
-                self.token = id.token;
+                self.context = SessionContext::new(&self.info, id.token.as_deref());
                 self.expires_at = id.expires_at;
                 true
             }
@@ -735,7 +737,7 @@ impl Connection {
             return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
         }
         let mesh = self.gw.mesh().clone();
-        let context = dispatch::context(&self.info, self.token.as_deref(), &respond.trace_id);
+        let context = self.context.render(&respond.trace_id);
         let handler = self.gw.hub().handler().clone();
 
         if !command && handler.is_local(&call) {

@@ -35,7 +35,7 @@ fn call(service: &str, method: &str, params: Value, ttl: Duration) -> Call {
         service: service.into(),
         method: method.into(),
         params: params.as_object().cloned().unwrap_or_default().into(),
-        context: Map::new(),
+        context: Default::default(),
         ttl,
         trace_id: Some("trace-1".into()),
     }

@@ -288,7 +288,7 @@ async fn a_broadcast_to_a_thousand_sockets_over_two_instances() {
             service: name.clone(),
             method: "broadcast".into(),
             params: json!({"message": "hi"}).as_object().unwrap().clone().into(),
-            context: push_context(),
+            context: push_context().into(),
             ttl: Duration::from_secs(10),
             trace_id: None,
         })

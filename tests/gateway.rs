@@ -392,7 +392,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
         service: "test-bff".into(),
         method: method.into(),
         params: params.as_object().unwrap().clone().into(),
-        context: push_context(),
+        context: push_context().into(),
         ttl: Duration::from_secs(5),
         trace_id: None,
     };
@@ -411,7 +411,7 @@ async fn push_to_session_user_and_all_through_the_mesh_methods_and_events() {
             .collect(),
     ] {
         let mut refused = call("broadcast", json!({"message":"no"}));
-        refused.context = context;
+        refused.context = context.into();
         let e = mesh.request(&refused).await.unwrap_err();
         assert!(
             matches!(&e, nuropb_bff::MeshError::Remote(b) if b.error == "NuropbAuthorizationError"),

@@ -95,7 +95,7 @@ impl Mesh for MemoryMesh {
             let request = IncomingRequest {
                 method: call.method.clone(),
                 params: Map::clone(&call.params),
-                context: call.context.clone(),
+                context: (*call.context).clone(),
                 trace_id: call.trace_id.clone(),
             };
             match tokio::time::timeout(ttl, service.handler.handle_request(request)).await {
@@ -116,7 +116,7 @@ impl Mesh for MemoryMesh {
             let request = IncomingRequest {
                 method: call.method,
                 params: call.params.into(),
-                context: call.context,
+                context: call.context.into(),
                 trace_id: call.trace_id,
             };
             // Fire and forget, as on the broker: the caller does not wait for
@@ -263,7 +263,6 @@ impl MeshHandler for EchoService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Map;
     use std::time::Duration;
 
     fn call(service: &str, method: &str, ttl_ms: u64) -> Call {
@@ -271,7 +270,7 @@ mod tests {
             service: service.into(),
             method: method.into(),
             params: Default::default(),
-            context: Map::new(),
+            context: Default::default(),
             ttl: Duration::from_millis(ttl_ms),
             trace_id: None,
         }
@@ -335,7 +334,7 @@ mod tests {
             mesh.publish_event(OutgoingEvent {
                 topic: topic.into(),
                 event: Value::Null,
-                context: Map::new(),
+                context: Default::default(),
                 target: None,
                 trace_id: None,
             })

@@ -43,7 +43,9 @@ pub struct Call {
     /// As the client sent them until a hook reads or changes them
     /// ([`Params`] derefs to the map).
     pub params: Params,
-    pub context: Map<String, Value>,
+    /// The gateway's context for the service (the user, the session, the
+    /// token, the trace id); kept as text the same way as the params.
+    pub context: Params,
     /// How long the caller waits; also the message's `expiration`.
     pub ttl: Duration,
     pub trace_id: Option<String>,
@@ -260,7 +262,7 @@ mod tests {
             service: "s".into(),
             method: "m".into(),
             params: Default::default(),
-            context,
+            context: context.into(),
             ttl: Duration::from_secs(1),
             trace_id: None,
         };

@@ -89,7 +89,7 @@ fn a_borrowed_request_body_writes_the_same_bytes_as_the_owned_one() {
             let borrowed = RequestBodyRef {
                 tag,
                 correlation_id: "abc",
-                context: context.as_object().unwrap(),
+                context: &Params::from(context.as_object().unwrap().clone()),
                 trace_id,
                 service: "orders",
                 method: "get",
@@ -437,7 +437,7 @@ fn params_are_kept_as_the_client_wrote_them_until_changed() {
         let body = RequestBodyRef {
             tag: "request",
             correlation_id: "c",
-            context: &Map::new(),
+            context: &Params::default(),
             trace_id: None,
             service: "a",
             method: "b",
