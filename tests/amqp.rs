@@ -136,6 +136,13 @@ async fn request_response_errors_no_route_and_timeout_over_the_broker() {
         .await;
     assert_eq!(r, Err(MeshError::Timeout(Duration::from_millis(300))));
 
+    // A caller that gives up (its future dropped) leaves nothing behind
+    // either; nor did any call above.
+    let slow = call(&svc_name, "slow", json!({}), ttl);
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), client.request(&slow)).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    assert_eq!(client.calls_waiting(), 0);
+
     client.close(Duration::from_secs(5)).await;
     server.close(Duration::from_secs(5)).await;
 }

@@ -207,15 +207,20 @@ pub struct AmqpMesh {
     supervisor: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
-/// Removes a pending call when its waiter goes away (timeout, cancel).
+/// Removes a pending call when its waiter goes away before an answer
+/// (a failed publish, the timeout, a cancel).
 struct PendingGuard<'a> {
     pending: &'a Pending,
     correlation_id: String,
+    /// The answer came: whoever sent it took the entry out.
+    answered: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        lock(self.pending).remove(&self.correlation_id);
+        if !self.answered {
+            lock(self.pending).remove(&self.correlation_id);
+        }
     }
 }
 
@@ -346,6 +351,11 @@ impl AmqpMesh {
 
     pub fn config(&self) -> &AmqpConfig {
         &self.shared.config
+    }
+
+    /// Requests published and not yet answered, timed out or given up.
+    pub fn calls_waiting(&self) -> usize {
+        lock(&self.shared.pending).len()
     }
 
     /// Stop consuming, close the connection and wait for the background
@@ -601,25 +611,33 @@ impl Mesh for AmqpMesh {
             let correlation_id = uuid::Uuid::new_v4().simple().to_string();
             let (tx, rx) = oneshot::channel();
             lock(&self.shared.pending).insert(correlation_id.clone(), tx);
-            let _guard = PendingGuard {
+            let mut guard = PendingGuard {
                 pending: &self.shared.pending,
-                correlation_id: correlation_id.clone(),
+                correlation_id,
+                answered: false,
             };
             let ttl = call.ttl;
             let exchange = async {
-                self.publish_call(call, false, &correlation_id).await?;
-                match rx.await {
-                    Ok(Err(MeshError::NotDelivered { .. })) => Err(MeshError::NotDelivered {
-                        service: call.service.clone(),
-                        method: call.method.clone(),
-                    }),
-                    Ok(answer) => answer,
-                    Err(_) => Err(MeshError::Unavailable("connection lost".into())),
-                }
+                self.publish_call(call, false, &guard.correlation_id)
+                    .await?;
+                Ok(rx.await)
             };
-            tokio::time::timeout(ttl, exchange)
-                .await
-                .unwrap_or(Err(MeshError::Timeout(ttl)))
+            let answer = match tokio::time::timeout(ttl, exchange).await {
+                Err(_) => return Err(MeshError::Timeout(ttl)),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(answer)) => answer,
+            };
+            // The sender was taken out of the map to send it, or dropped
+            // with the map's other entries when the connection was lost.
+            guard.answered = true;
+            match answer {
+                Ok(Err(MeshError::NotDelivered { .. })) => Err(MeshError::NotDelivered {
+                    service: call.service.clone(),
+                    method: call.method.clone(),
+                }),
+                Ok(answer) => answer,
+                Err(_) => Err(MeshError::Unavailable("connection lost".into())),
+            }
         })
     }
 

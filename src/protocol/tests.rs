@@ -493,3 +493,26 @@ fn params_that_a_map_cannot_hold_are_refused_on_arrival() {
         "what a Value holds is taken"
     );
 }
+
+#[test]
+fn a_body_that_is_not_utf8_is_refused_and_any_utf8_is_read() {
+    let mut body = br#"{"tag": "response", "correlation_id": "c", "result": ""#.to_vec();
+    body.extend_from_slice(&[0xff, 0xfe]);
+    body.extend_from_slice(br#""}"#);
+    for kind in [
+        MessageType::Response,
+        MessageType::Event,
+        MessageType::Request,
+    ] {
+        let e = MeshMessage::decode_as(kind, &body).unwrap_err();
+        assert!(e.starts_with("undecodable body: not UTF-8"), "{e}");
+    }
+    let text =
+        r#"{"tag": "response", "correlation_id": "c", "result": {"naïve": "日本 😀 \u00e9"}}"#;
+    let Ok(MeshMessage::Response(r)) =
+        MeshMessage::decode_as(MessageType::Response, text.as_bytes())
+    else {
+        panic!("a response")
+    };
+    assert_eq!(r.result.get(), r#"{"naïve": "日本 😀 \u00e9"}"#);
+}
