@@ -28,6 +28,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use amq_protocol::uri::{AMQPScheme, AMQPUri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 /// The one channel the lane opens.
@@ -81,6 +82,13 @@ pub(super) struct Lane {
 struct Inner {
     /// Encoded frames the writer has not taken yet.
     out: Mutex<Vec<u8>>,
+    /// The writer holds frames it took from `out` and has not written all
+    /// of yet. Changed and read only with `out` locked.
+    writing: AtomicBool,
+    /// The socket, on a plain TCP connection: a publish that finds nothing
+    /// queued and nothing being written writes itself, without waking the
+    /// writer.
+    direct: Option<Arc<OwnedWriteHalf>>,
     /// Wakes the writer: there is something in `out`.
     wake: Notify,
     /// False once either task has ended: nothing more can be sent.
@@ -277,6 +285,41 @@ const BASIC_DELIVER: u16 = 60;
 
 type Reader = Pin<Box<dyn AsyncRead + Send>>;
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// The write half of a plain TCP connection, shared by the writer task and
+/// the publishes that write directly ([`Inner::queue`]).
+struct SharedWrite(Arc<OwnedWriteHalf>);
+
+impl AsyncWrite for SharedWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.as_ref().as_ref().poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                written => return std::task::Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // The socket closes when the lane (both halves) is dropped.
+        std::task::Poll::Ready(Ok(()))
+    }
+}
 
 /// The receiving half and the socket: run by the mesh's supervisor.
 pub(super) struct LaneIo {
@@ -485,7 +528,9 @@ fn client_properties(name: &str) -> FieldTable {
     props
 }
 
-async fn open_socket(uri: &AMQPUri) -> Result<(Reader, Writer), LaneError> {
+async fn open_socket(
+    uri: &AMQPUri,
+) -> Result<(Reader, Writer, Option<Arc<OwnedWriteHalf>>), LaneError> {
     let host = uri.authority.host.as_str();
     let stream = TcpStream::connect((host, uri.authority.port))
         .await
@@ -494,7 +539,8 @@ async fn open_socket(uri: &AMQPUri) -> Result<(Reader, Writer), LaneError> {
     match uri.scheme {
         AMQPScheme::AMQP => {
             let (r, w) = stream.into_split();
-            Ok((Box::pin(r), Box::pin(w)))
+            let w = Arc::new(w);
+            Ok((Box::pin(r), Box::pin(SharedWrite(w.clone())), Some(w)))
         }
         AMQPScheme::AMQPS => {
             let tls = tls_connector()?;
@@ -505,7 +551,7 @@ async fn open_socket(uri: &AMQPUri) -> Result<(Reader, Writer), LaneError> {
                 .await
                 .map_err(|e| LaneError::new(format!("TLS handshake: {e}")))?;
             let (r, w) = tokio::io::split(stream);
-            Ok((Box::pin(r), Box::pin(w)))
+            Ok((Box::pin(r), Box::pin(w), None))
         }
     }
 }
@@ -556,7 +602,7 @@ impl Lane {
             .url
             .parse()
             .map_err(|e| LaneError::new(format!("bad AMQP URL: {e}")))?;
-        let (reader, mut writer) = open_socket(&uri).await?;
+        let (reader, mut writer, direct) = open_socket(&uri).await?;
         let mut frames = FrameReader::new(reader);
         writer.write_all(b"AMQP\x00\x00\x09\x01").await?;
 
@@ -671,6 +717,8 @@ impl Lane {
 
         let inner = Arc::new(Inner {
             out: Mutex::new(Vec::new()),
+            writing: AtomicBool::new(false),
+            direct,
             wake: Notify::new(),
             open: AtomicBool::new(true),
             frame_max: frame_max as usize,
@@ -877,6 +925,24 @@ impl Inner {
         }
         let was_empty = out.is_empty();
         put(&mut out);
+        if was_empty
+            && !self.writing.load(Ordering::Relaxed)
+            && let Some(socket) = &self.direct
+        {
+            // Nothing queued before and nothing being written: write it
+            // here, in the caller's turn, rather than wake the writer for
+            // it. What the socket does not take now, the writer writes.
+            match socket.try_write(&out) {
+                Ok(n) if n == out.len() => {
+                    out.clear();
+                    return Ok(());
+                }
+                Ok(n) => drop(out.drain(..n)),
+                // Would block, or failed: the writer meets the same and
+                // ends the lane with the reason.
+                Err(_) => {}
+            }
+        }
         drop(out);
         if was_empty {
             self.wake.notify_one();
@@ -991,7 +1057,11 @@ async fn write_loop(inner: &Inner, writer: &mut Writer, heartbeat: Option<Durati
                 });
             }
         }
-        std::mem::swap(&mut *lock(&inner.out), &mut batch);
+        {
+            let mut out = lock(&inner.out);
+            std::mem::swap(&mut *out, &mut batch);
+            inner.writing.store(!batch.is_empty(), Ordering::Relaxed);
+        }
         if batch.is_empty() {
             continue;
         }
@@ -999,6 +1069,10 @@ async fn write_loop(inner: &Inner, writer: &mut Writer, heartbeat: Option<Durati
             return e.into();
         }
         batch.clear();
+        {
+            let _out = lock(&inner.out);
+            inner.writing.store(false, Ordering::Relaxed);
+        }
         if batch.capacity() > 1 << 20 {
             batch = Vec::new();
         }
@@ -1575,9 +1649,108 @@ mod tests {
         }
     }
 
+    /// Publishes that write the socket themselves and the writer task,
+    /// mixed as a peer that stops reading makes them: every byte arrives,
+    /// in the order it was queued.
+    #[tokio::test]
+    async fn direct_and_queued_writes_reach_the_socket_in_order() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let (_read, write) = ours.into_split();
+        let write = Arc::new(write);
+        let inner = Arc::new(Inner {
+            direct: Some(write.clone()),
+            ..Arc::into_inner(test_inner()).unwrap()
+        });
+
+        // While the writer holds frames it has not written all of, a
+        // publish waits behind them, even with nothing queued.
+        inner.writing.store(true, Ordering::Relaxed);
+        inner.queue(|out| out.extend_from_slice(b"held")).unwrap();
+        assert_eq!(lock(&inner.out).as_slice(), b"held");
+        lock(&inner.out).clear();
+        inner.writing.store(false, Ordering::Relaxed);
+        // Nothing queued, nothing being written: written at once.
+        inner.queue(|out| out.extend_from_slice(b"first")).unwrap();
+        assert!(lock(&inner.out).is_empty());
+        let mut sent = b"first".to_vec();
+        // The peer does not read: the socket fills, and what it cannot
+        // take waits for the writer, with everything queued after it.
+        let mut chunks = 0u32;
+        while lock(&inner.out).is_empty() {
+            chunks += 1;
+            assert!(chunks < 2000, "the socket never filled");
+            let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i as u32 ^ chunks) as u8).collect();
+            inner.queue(|out| out.extend_from_slice(&chunk)).unwrap();
+            sent.extend_from_slice(&chunk);
+        }
+        for tail in [&b"after"[..], b"the", b"fill"] {
+            inner.queue(|out| out.extend_from_slice(tail)).unwrap();
+            sent.extend_from_slice(tail);
+        }
+        let writer = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                let mut writer: Writer = Box::pin(SharedWrite(write));
+                write_loop(&inner, &mut writer, None).await
+            })
+        };
+        let mut received = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(20), peer.read_exact(&mut received))
+            .await
+            .expect("everything arrives")
+            .unwrap();
+        assert!(received == sent, "the bytes arrived out of order");
+        // Once the writer is idle, a publish writes directly again.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while inner.writing.load(Ordering::Relaxed) || !lock(&inner.out).is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        inner.queue(|out| out.extend_from_slice(b"last")).unwrap();
+        assert!(lock(&inner.out).is_empty());
+        let mut last = [0u8; 4];
+        peer.read_exact(&mut last).await.unwrap();
+        assert_eq!(&last, b"last");
+
+        // Publishes while the writer has a batch in flight and the peer
+        // reads slowly: still in order.
+        let mut sent = Vec::new();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 8 * 1024];
+            loop {
+                match tokio::time::timeout(Duration::from_millis(500), peer.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => return got,
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        for i in 0..400u32 {
+            let chunk: Vec<u8> = (0..16 * 1024).map(|j| (j as u32 ^ i) as u8).collect();
+            inner.queue(|out| out.extend_from_slice(&chunk)).unwrap();
+            sent.extend_from_slice(&chunk);
+            if i % 8 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes arrived out of order");
+        writer.abort();
+    }
+
     fn test_inner() -> Arc<Inner> {
         Arc::new(Inner {
             out: Mutex::new(Vec::new()),
+            writing: AtomicBool::new(false),
+            direct: None,
             wake: Notify::new(),
             open: AtomicBool::new(true),
             frame_max: 4096,
