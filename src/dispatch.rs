@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::mesh::{Call, MeshError};
-use crate::protocol::{ContextMembers, ErrorBody, ErrorName, Params};
+use crate::protocol::{ErrorBody, ErrorName, Params};
 use crate::routing::{Composed, Delivery, Route, RouteTable};
 use crate::session::SessionInfo;
 use crate::topic;
@@ -277,23 +277,19 @@ pub(crate) fn authorize_subscription(
 /// context a client sends is ignored): `Authorization` (the session's
 /// token, or null), `session_id`, `trace_id` and `user_id`.
 ///
-/// All but the trace id are written as JSON once per session, and again
-/// when the token changes: a session's token is not copied and escaped
-/// again for each of its calls.
-pub(crate) struct SessionContext(Arc<ContextMembers>);
+/// The token is written as JSON once per session, and again when it
+/// changes: it is not copied and escaped again for each call.
+pub(crate) struct SessionContext(Option<Arc<serde_json::value::RawValue>>);
 
 impl SessionContext {
-    pub(crate) fn new(session: &SessionInfo, token: Option<&str>) -> Self {
-        Self(Arc::new(ContextMembers::new(
-            token,
-            &session.session_id,
-            &session.user_id,
-        )))
+    pub(crate) fn new(token: Option<&str>) -> Self {
+        // A string always serializes.
+        Self(token.and_then(|t| serde_json::value::to_raw_value(t).ok().map(Arc::from)))
     }
 
-    /// The context of the call `trace_id` names.
-    pub(crate) fn render(&self, trace_id: &str) -> Params {
-        Params::context(self.0.clone(), trace_id)
+    /// The context of the call `trace_id` names, made for `session`.
+    pub(crate) fn render(&self, session: &Arc<SessionInfo>, trace_id: &str) -> Params {
+        Params::context(session.clone(), self.0.clone(), trace_id)
     }
 }
 
@@ -458,20 +454,21 @@ deliver = "all"
 
     #[test]
     fn the_context_names_the_user_and_carries_the_token() {
-        let ctx = SessionContext::new(&user(&[]), Some("tok")).render("t1");
+        let session = Arc::new(user(&[]));
+        let ctx = SessionContext::new(Some("tok")).render(&session, "t1");
         assert_eq!(ctx["user_id"], "u1");
         assert_eq!(ctx["Authorization"], "tok");
         assert_eq!(ctx["trace_id"], "t1");
         assert_eq!(ctx["session_id"], "s1");
         assert_eq!(ctx.len(), 4);
-        let anonymous = SessionContext::new(&user(&[]), None).render("t");
+        let anonymous = SessionContext::new(None).render(&session, "t");
         assert_eq!(anonymous["Authorization"], Value::Null);
         // A session's calls differ by their trace id only.
-        let text = SessionContext::new(&user(&[]), Some("tok"));
-        assert_eq!(text.render("a")["trace_id"], "a");
-        assert_eq!(text.render("b")["trace_id"], "b");
+        let text = SessionContext::new(Some("tok"));
+        assert_eq!(text.render(&session, "a")["trace_id"], "a");
+        assert_eq!(text.render(&session, "b")["trace_id"], "b");
         // Its debug form leaves the token out.
-        let shown = format!("{:?}", text.render("a"));
+        let shown = format!("{:?}", text.render(&session, "a"));
         assert!(shown.contains("s1") && !shown.contains("tok"), "{shown}");
     }
 
@@ -510,7 +507,8 @@ deliver = "all"
                 roles: vec![],
             };
             let built = context_map(&session, token.as_deref(), &trace_id);
-            let rendered = SessionContext::new(&session, token.as_deref()).render(&trace_id);
+            let session = Arc::new(session);
+            let rendered = SessionContext::new(token.as_deref()).render(&session, &trace_id);
             proptest::prop_assert_eq!(
                 serde_json::to_string(&rendered).unwrap(),
                 serde_json::to_string(&built).unwrap()

@@ -322,49 +322,38 @@ enum ParamsRepr {
 enum Text {
     /// As the client sent it.
     Raw(Box<serde_json::value::RawValue>),
-    /// A call's context: the session's members and the call's trace id.
-    Context(Arc<ContextMembers>, Box<str>),
-}
-
-/// The members of a session's call context other than the trace id, each
-/// written as JSON once for the session: `Authorization` (the token, or
-/// null), `session_id` and `user_id`.
-pub(crate) struct ContextMembers {
-    authorization: Box<serde_json::value::RawValue>,
-    session_id: Box<serde_json::value::RawValue>,
-    user_id: Box<serde_json::value::RawValue>,
-}
-
-impl ContextMembers {
-    pub(crate) fn new(authorization: Option<&str>, session_id: &str, user_id: &str) -> Self {
-        // A string or null always serializes.
-        let json = |value: Option<&str>| {
-            serde_json::value::to_raw_value(&value)
-                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
-        };
-        Self {
-            authorization: json(authorization),
-            session_id: json(Some(session_id)),
-            user_id: json(Some(user_id)),
-        }
-    }
+    /// A call's context: the session (its id and user), its token as JSON
+    /// (written once per session), the call's trace id.
+    Context {
+        session: Arc<crate::session::SessionInfo>,
+        token: Option<Arc<serde_json::value::RawValue>>,
+        trace_id: Box<str>,
+    },
 }
 
 impl Text {
     /// The object as a map. Params were checked to be a readable object
-    /// when they arrived; a context is written here.
+    /// when they arrived; a context is built here.
     fn map(&self) -> Map<String, Value> {
         match self {
             Text::Raw(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
-            Text::Context(members, trace_id) => {
-                let value = |raw: &serde_json::value::RawValue| {
-                    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
-                };
+            Text::Context {
+                session,
+                token,
+                trace_id,
+            } => {
+                let token = token
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str(t.get()).ok())
+                    .unwrap_or(Value::Null);
                 let mut map = Map::new();
-                map.insert("Authorization".into(), value(&members.authorization));
-                map.insert("session_id".into(), value(&members.session_id));
+                map.insert("Authorization".into(), token);
+                map.insert(
+                    "session_id".into(),
+                    Value::String(session.session_id.clone()),
+                );
                 map.insert("trace_id".into(), Value::String(trace_id.to_string()));
-                map.insert("user_id".into(), value(&members.user_id));
+                map.insert("user_id".into(), Value::String(session.user_id.clone()));
                 map
             }
         }
@@ -376,14 +365,18 @@ impl Serialize for Text {
         use serde::ser::SerializeMap;
         match self {
             Text::Raw(raw) => raw.serialize(serializer),
-            // The members' JSON written as it is: a session's token is
-            // escaped once, not once per call.
-            Text::Context(members, trace_id) => {
+            // The token's JSON written as it is: escaped once per session,
+            // not once per call.
+            Text::Context {
+                session,
+                token,
+                trace_id,
+            } => {
                 let mut map = serializer.serialize_map(Some(4))?;
-                map.serialize_entry("Authorization", &members.authorization)?;
-                map.serialize_entry("session_id", &members.session_id)?;
+                map.serialize_entry("Authorization", &token.as_deref())?;
+                map.serialize_entry("session_id", &session.session_id)?;
                 map.serialize_entry("trace_id", trace_id)?;
-                map.serialize_entry("user_id", &members.user_id)?;
+                map.serialize_entry("user_id", &session.user_id)?;
                 map.end()
             }
         }
@@ -391,10 +384,19 @@ impl Serialize for Text {
 }
 
 impl Params {
-    /// A call's context: the session's `members` and the call's trace id.
-    pub(crate) fn context(members: Arc<ContextMembers>, trace_id: &str) -> Self {
+    /// A call's context: `session`'s ids, its `token` written as JSON (a
+    /// string), and the call's trace id.
+    pub(crate) fn context(
+        session: Arc<crate::session::SessionInfo>,
+        token: Option<Arc<serde_json::value::RawValue>>,
+        trace_id: &str,
+    ) -> Self {
         Self(ParamsRepr::Text(
-            Text::Context(members, trace_id.into()),
+            Text::Context {
+                session,
+                token,
+                trace_id: trace_id.into(),
+            },
             std::sync::OnceLock::new(),
         ))
     }
@@ -457,11 +459,16 @@ impl std::fmt::Debug for Params {
         match &self.0 {
             ParamsRepr::Text(Text::Raw(raw), _) => f.write_str(raw.get()),
             // Never the token.
-            ParamsRepr::Text(Text::Context(members, trace_id), _) => f
+            ParamsRepr::Text(
+                Text::Context {
+                    session, trace_id, ..
+                },
+                _,
+            ) => f
                 .debug_struct("Context")
-                .field("session_id", &members.session_id.get())
+                .field("session_id", &session.session_id)
                 .field("trace_id", trace_id)
-                .field("user_id", &members.user_id.get())
+                .field("user_id", &session.user_id)
                 .finish_non_exhaustive(),
             ParamsRepr::Map(map) => map.fmt(f),
         }

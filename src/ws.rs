@@ -168,7 +168,8 @@ async fn open(
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
     let (sink, stream) = socket.split();
-    let context = SessionContext::new(&info, token.as_deref());
+    let info = Arc::new(info);
+    let context = SessionContext::new(token.as_deref());
     let mut event = gw.hub().handler().hello(&info);
     if let Some(call) = gw.settings().hello_call.as_deref() {
         let (key, value) = match hello_data(&gw, &info, &context, call).await {
@@ -187,7 +188,7 @@ async fn open(
 
     let conn = Connection {
         gw,
-        info: Arc::new(info),
+        info,
         context,
         expires_at,
         outbox,
@@ -207,7 +208,7 @@ async fn open(
 /// timeout: its result, or the error that says why there is none.
 async fn hello_data(
     gw: &Gateway,
-    info: &SessionInfo,
+    info: &Arc<SessionInfo>,
     context: &SessionContext,
     call: &str,
 ) -> Result<Value, crate::protocol::ErrorBody> {
@@ -223,7 +224,7 @@ async fn hello_data(
         method,
     )
     .map_err(|r| Failure::from(r).to_client())?;
-    let context = context.render(&trace_id);
+    let context = context.render(info, &trace_id);
     let mut hello_call = allowed.call(serde_json::Map::new(), context, &trace_id);
     let handler = gw.hub().handler();
     handler.on_request(info, &mut hello_call);
@@ -649,7 +650,7 @@ impl Connection {
                 let info = Arc::make_mut(&mut self.info);
                 info.roles = id.roles;
                 info.username = id.username;
-                self.context = SessionContext::new(&self.info, id.token.as_deref());
+                self.context = SessionContext::new(id.token.as_deref());
                 self.expires_at = id.expires_at;
                 true
             }
@@ -737,7 +738,7 @@ impl Connection {
             return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
         }
         let mesh = self.gw.mesh().clone();
-        let context = self.context.render(&respond.trace_id);
+        let context = self.context.render(&self.info, &respond.trace_id);
         let handler = self.gw.hub().handler().clone();
 
         if !command && handler.is_local(&call) {

@@ -4,10 +4,12 @@
 //! lapin runs one I/O thread per connection, and every frame crosses between
 //! it and the runtime's workers through channels; most of what a request
 //! cost the gateway was those hand-offs (BENCHMARKS.md). On the lane a
-//! request is encoded straight into a write buffer that one task flushes,
-//! as many requests per write as have queued since the last one; one task
-//! reads the socket, and a response completes its call from there, with no
-//! other task or thread in between.
+//! request is encoded straight into a write buffer. When nothing else is
+//! queued or being written, the publishing task writes it to the socket
+//! itself (on plain TCP); otherwise the lane's task flushes the buffer, as
+//! many requests per write as have queued since the last one. The same
+//! task reads the socket, and a response completes its call from there,
+//! with no other task or thread in between.
 //!
 //! The lane speaks only the part of AMQP 0-9-1 it needs, through
 //! amq-protocol (the codec lapin is built on): the handshake, one channel,
