@@ -594,6 +594,26 @@ impl Proc {
     }
 }
 
+/// A durable queue the bench made, deleted from the broker when this is
+/// dropped, so runs do not pile queues up on the developer's broker.
+struct DeleteOnDrop(String);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let deleted = Command::new("rabbitmqctl")
+            .args(["delete_queue", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !deleted.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "note: could not delete queue {} (rabbitmqctl delete_queue)",
+                self.0
+            );
+        }
+    }
+}
+
 /// The BFF instances under test: one, or `--gateways N`.
 struct Gateways(Vec<Proc>);
 
@@ -1128,6 +1148,9 @@ async fn orchestrate() {
         gw_args.extend(["--gateway-workers".to_owned(), workers]);
     }
     gw_args.extend(["--token-bytes".to_owned(), token_bytes().to_string()]);
+    // Dropped after the gateways (declared before them): their service
+    // queue, durable as a NuroPb service's is, is deleted once they stop.
+    let _queue = DeleteOnDrop(format!("nuropb-hop-bff-{suffix}-sq"));
     // `--gateways N`: N instances of the BFF, the sockets spread over them
     // (one process per core is a deployment shape of its own).
     let gw = Gateways(
