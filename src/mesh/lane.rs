@@ -934,6 +934,10 @@ impl Inner {
             // Nothing queued before and nothing being written: write it
             // here, in the caller's turn, rather than wake the writer for
             // it. What the socket does not take now, the writer writes.
+            // The queue stays locked for the write, which keeps the bytes
+            // in order; the socket is non-blocking, so that is a copy into
+            // the kernel (or nothing, when it would block), and a
+            // publisher on another worker waits that long at most.
             match socket.try_write(&out) {
                 Ok(n) if n == out.len() => {
                     out.clear();
