@@ -486,7 +486,7 @@ impl AmqpMesh {
             method: &call.method,
             params: &call.params,
         };
-        let payload = serde_json::to_vec(&body).map_err(unavailable)?;
+        let payload = body.to_vec().map_err(unavailable)?;
         let exchange = self.shared.config.rpc_exchange.as_str();
         if !command {
             // Requests go on the lane, unconfirmed: the response is the

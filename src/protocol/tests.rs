@@ -516,3 +516,41 @@ fn a_body_that_is_not_utf8_is_refused_and_any_utf8_is_read() {
     };
     assert_eq!(r.result.get(), r#"{"naïve": "日本 😀 \u00e9"}"#);
 }
+
+#[test]
+fn a_request_body_is_written_into_a_buffer_sized_for_it() {
+    let session = std::sync::Arc::new(crate::session::SessionInfo {
+        session_id: "0123456789abcdef0123456789abcdef".into(),
+        user_id: "user-\"quoted\"-ü".into(),
+        username: None,
+        roles: vec![],
+    });
+    let token = serde_json::value::to_raw_value(&"t".repeat(900)).unwrap();
+    for (token, params) in [
+        (None, r#"{}"#.to_owned()),
+        (
+            Some(token),
+            format!(r#"{{"blob": "{}", "n": [1, 2.5, -3]}}"#, "x".repeat(4096)),
+        ),
+    ] {
+        let context = Params::context(session.clone(), token.map(Into::into), "trace-1");
+        let params: Params = serde_json::from_str(&params).unwrap();
+        let body = RequestBodyRef {
+            tag: "request",
+            correlation_id: "c0ffee",
+            context: &context,
+            trace_id: Some("trace-1"),
+            service: "orders",
+            method: "get",
+            params: &params,
+        };
+        let written = body.to_vec().unwrap();
+        assert_eq!(written, serde_json::to_vec(&body).unwrap());
+        assert!(
+            written.len() <= body.size_hint(),
+            "{} bytes, {} foreseen",
+            written.len(),
+            body.size_hint()
+        );
+    }
+}
