@@ -297,10 +297,10 @@ impl<'de> Deserialize<'de> for RawJson {
 /// A call's params or its context: a JSON object, kept as text until
 /// something reads or changes it. The params are the text the client sent:
 /// a plain routed call writes it into the mesh request as it is. The
-/// context is the session's part, written once per session, and the call's
-/// trace id. A hook or a composed route that reads either (through `Deref`
-/// to the map) parses it once, and one that changes it (`DerefMut`) writes
-/// the changed map instead.
+/// context is the session (shared), its token (written as JSON once per
+/// session) and the call's trace id. A hook or a composed route that reads
+/// either (through `Deref` to the map) parses it once, and one that changes
+/// it (`DerefMut`) writes the changed map instead.
 ///
 /// Params are checked on arrival: an object, every number one a [`Value`]
 /// can hold (so that reading the map cannot fail later), nested no deeper
@@ -332,30 +332,13 @@ enum Text {
 }
 
 impl Text {
-    /// The object as a map. Params were checked to be a readable object
-    /// when they arrived; a context is built here.
+    /// The object as a map, read back from what it writes. Params were
+    /// checked to be a readable object when they arrived; a context is
+    /// written here (strings, and null for no token).
     fn map(&self) -> Map<String, Value> {
-        match self {
-            Text::Raw(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
-            Text::Context {
-                session,
-                token,
-                trace_id,
-            } => {
-                let token = token
-                    .as_deref()
-                    .and_then(|t| serde_json::from_str(t.get()).ok())
-                    .unwrap_or(Value::Null);
-                let mut map = Map::new();
-                map.insert("Authorization".into(), token);
-                map.insert(
-                    "session_id".into(),
-                    Value::String(session.session_id.clone()),
-                );
-                map.insert("trace_id".into(), Value::String(trace_id.to_string()));
-                map.insert("user_id".into(), Value::String(session.user_id.clone()));
-                map
-            }
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
         }
     }
 }
@@ -400,9 +383,7 @@ impl Params {
             std::sync::OnceLock::new(),
         ))
     }
-}
 
-impl Params {
     /// About how long its JSON is, to size a buffer it is written into:
     /// exact for text as it came, an estimate for a context, a guess for a
     /// map.

@@ -95,7 +95,7 @@ impl Mesh for MemoryMesh {
             let request = IncomingRequest {
                 method: call.method.clone(),
                 params: Map::clone(&call.params),
-                context: (*call.context).clone(),
+                context: Map::clone(&call.context),
                 trace_id: call.trace_id.clone(),
             };
             match tokio::time::timeout(ttl, service.handler.handle_request(request)).await {
