@@ -1136,9 +1136,10 @@ async fn orchestrate() {
     let topic = format!("hop-{suffix}");
     let echo = Proc::spawn(&["--echo", &svc]);
     let workers = arg_str("--gateway-workers").unwrap_or_else(|| "0".into());
+    let gw_name = format!("hop-bff-{suffix}");
     let mut gw_args = vec![
         "--gateway".to_owned(),
-        format!("hop-bff-{suffix}"),
+        gw_name.clone(),
         "--service".to_owned(),
         svc.clone(),
         "--topic".to_owned(),
@@ -1150,7 +1151,7 @@ async fn orchestrate() {
     gw_args.extend(["--token-bytes".to_owned(), token_bytes().to_string()]);
     // Dropped after the gateways (declared before them): their service
     // queue, durable as a NuroPb service's is, is deleted once they stop.
-    let _queue = DeleteOnDrop(format!("nuropb-hop-bff-{suffix}-sq"));
+    let _queue = DeleteOnDrop(AmqpConfig::new(amqp_url(), gw_name).service_queue());
     // `--gateways N`: N instances of the BFF, the sockets spread over them
     // (one process per core is a deployment shape of its own).
     let gw = Gateways(
