@@ -470,6 +470,17 @@ deliver = "all"
         // Its debug form leaves the token out.
         let shown = format!("{:?}", text.render(&session, "a"));
         assert!(shown.contains("s1") && !shown.contains("tok"), "{shown}");
+        // Empty ids, no token: the keys in their order, as a map writes them.
+        let empty = Arc::new(SessionInfo {
+            session_id: String::new(),
+            user_id: String::new(),
+            username: None,
+            roles: vec![],
+        });
+        assert_eq!(
+            serde_json::to_string(&SessionContext::new(None).render(&empty, "")).unwrap(),
+            r#"{"Authorization":null,"session_id":"","trace_id":"","user_id":""}"#
+        );
     }
 
     /// The context built as a map: what the text must be the JSON of.
