@@ -18,7 +18,20 @@ for where in . "${TMPDIR:-/tmp}"; do
     echo "warning: $(free_gb "$where") GiB free on $where; a full run needs about $GB_NEEDED" >&2
   fi
 done
-trap 'status=$?; if [ $status -ne 0 ]; then echo "failed ($status); disk:" >&2; df -h . "${TMPDIR:-/tmp}" >&2; fi' EXIT
+# The durable service queues the run declares (most under unique names) are
+# deleted at the end, pass or fail, when nothing uses them (see
+# scripts/sweep-test-queues.py); only for the local broker rabbitmqctl lists.
+QUEUES_BEFORE=""
+list_queues() { rabbitmqctl -q list_queues --no-table-headers name 2>/dev/null; }
+on_exit() {
+  status=$?
+  if [ $status -ne 0 ]; then echo "failed ($status); disk:" >&2; df -h . "${TMPDIR:-/tmp}" >&2; fi
+  if [ -n "$QUEUES_BEFORE" ] && after=$(mktemp) && list_queues > "$after"; then
+    .venv/bin/python scripts/sweep-test-queues.py "$QUEUES_BEFORE" "$after" || true
+    rm -f "$after" "$QUEUES_BEFORE"
+  fi
+}
+trap on_exit EXIT
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up; then
@@ -30,6 +43,10 @@ if ! broker_up; then
 fi
 
 bash scripts/setup-python.sh
+if [ -z "${BFF_TEST_AMQP_URL:-}" ] && command -v rabbitmqctl >/dev/null 2>&1; then
+  QUEUES_BEFORE=$(mktemp)
+  list_queues > "$QUEUES_BEFORE" || QUEUES_BEFORE=""
+fi
 
 if ! cargo generate --version 2>/dev/null | grep -q '0\.23\.14'; then
   echo "installing cargo-generate 0.23.14 (builds on Rust 1.95)" >&2
