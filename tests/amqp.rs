@@ -260,6 +260,7 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
         tokio::spawn(async move { client.request(&c).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let losses = client.reconnects();
     let dropped_at = Instant::now();
     tokio::task::spawn_blocking(move || broker_closes(&name))
         .await
@@ -269,7 +270,12 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
         .expect("the in-flight call must end when the connection drops")
         .unwrap();
     assert!(matches!(r, Err(MeshError::Unavailable(_))), "{r:?}");
-    wait_until("the mesh to notice the loss", || !client.is_ready()).await;
+    // Counted, not watched: the link can be back before a poll of
+    // `is_ready` ever sees it down.
+    wait_until("the mesh to notice the loss", || {
+        client.reconnects() > losses
+    })
+    .await;
 
     // Back by itself: requests, and the event bindings of the new queue.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -212,6 +212,11 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
     )
     .await;
     until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    let reconnects = || async {
+        let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+        metric(&metrics, "bff_mesh_reconnects_total")
+    };
+    let reconnects_before = reconnects().await;
     // Delete the exchange the BFF's heartbeats are published to: the broker
     // answers the next publish by closing the publish channel (404).
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
@@ -225,17 +230,19 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
     .await
     .unwrap();
     let _ = conn.close(200, "done".into()).await;
-    // Not ready once the channel is gone, then ready again.
+    // Not ready once the channel is gone, then ready again. The link can
+    // be rebuilt between two looks at /readyz, so the reconnect counter
+    // counts as noticing too.
     let started = Instant::now();
-    let mut saw_503 = false;
+    let mut noticed = false;
     while started.elapsed() < Duration::from_secs(5) {
-        if readyz(&gw).await == 503 {
-            saw_503 = true;
+        if readyz(&gw).await == 503 || reconnects().await > reconnects_before {
+            noticed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(saw_503, "/readyz never noticed the closed publish channel");
+    assert!(noticed, "the BFF never noticed the closed publish channel");
     let back = until_readyz(&gw, 200, Duration::from_secs(5)).await;
     let (mut c, _) = connect(&gw.url(), &token("pat", &[], 300)).await;
     let r = c
