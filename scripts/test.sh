@@ -26,8 +26,11 @@ list_queues() { rabbitmqctl -q list_queues --no-table-headers name 2>/dev/null; 
 on_exit() {
   status=$?
   if [ $status -ne 0 ]; then echo "failed ($status); disk:" >&2; df -h . "${TMPDIR:-/tmp}" >&2; fi
-  if [ -n "$QUEUES_BEFORE" ] && after=$(mktemp) && list_queues > "$after"; then
-    .venv/bin/python scripts/sweep-test-queues.py "$QUEUES_BEFORE" "$after" || true
+  if [ -n "$QUEUES_BEFORE" ]; then
+    after=$(mktemp)
+    if list_queues > "$after"; then
+      .venv/bin/python scripts/sweep-test-queues.py "$QUEUES_BEFORE" "$after" || true
+    fi
     rm -f "$after" "$QUEUES_BEFORE"
   fi
 }
@@ -45,7 +48,7 @@ fi
 bash scripts/setup-python.sh
 if [ -z "${BFF_TEST_AMQP_URL:-}" ] && command -v rabbitmqctl >/dev/null 2>&1; then
   QUEUES_BEFORE=$(mktemp)
-  list_queues > "$QUEUES_BEFORE" || QUEUES_BEFORE=""
+  list_queues > "$QUEUES_BEFORE" || { rm -f "$QUEUES_BEFORE"; QUEUES_BEFORE=""; }
 fi
 
 if ! cargo generate --version 2>/dev/null | grep -q '0\.23\.14'; then
