@@ -13,6 +13,8 @@ still running keeps its queue. A queue under a fixed name must also hold
 no message (`if_empty`); one under a run's unique name (`-<8 or 12 hex
 digits>-sq`, as `tests/common::unique` and the benches make them) is
 deleted with what a test left in it, since nothing will ever read it.
+(Two suites run at once against one broker can see each other's queues
+as new: a queue the other run is between two consumers of may go.)
 """
 
 import os
