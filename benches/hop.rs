@@ -600,12 +600,7 @@ struct DeleteOnDrop(String);
 
 impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
-        let deleted = Command::new("rabbitmqctl")
-            .args(["delete_queue", &self.0])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !deleted.is_ok_and(|s| s.success()) {
+        if !common::rabbitmqctl(&["delete_queue", &self.0]) {
             eprintln!(
                 "note: could not delete queue {} (rabbitmqctl delete_queue)",
                 self.0

@@ -106,15 +106,6 @@ async fn client(url: String, svc: String, depth: usize, life: Duration, tally: A
     let _ = tx.send(Message::Close(None)).await;
 }
 
-fn rabbitmqctl(args: &[&str]) -> bool {
-    Command::new("rabbitmqctl")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Time until `/readyz` answers 200 again.
 async fn recovery(addr: std::net::SocketAddr) -> Duration {
     let started = Instant::now();
@@ -223,7 +214,7 @@ async fn main() {
                 format!("nuropb-{name}-sq"),
                 format!("nuropb-{name}-{instance}-rq"),
             ] {
-                rabbitmqctl(&["delete_queue", &queue]);
+                common::rabbitmqctl(&["delete_queue", &queue]);
                 let took = recovery(addr).await;
                 println!("incident: {queue} deleted; ready again after {took:?}");
                 recoveries.push((format!("delete {queue}"), took));
@@ -231,9 +222,9 @@ async fn main() {
         }
         if benching && now >= next_restart && now + Duration::from_secs(30) < run_for {
             next_restart = now + restart_every;
-            rabbitmqctl(&["stop_app"]);
+            common::rabbitmqctl(&["stop_app"]);
             tokio::time::sleep(Duration::from_secs(5)).await;
-            rabbitmqctl(&["start_app"]);
+            common::rabbitmqctl(&["start_app"]);
             let took = recovery(addr).await;
             println!("incident: broker restarted (5 s down); ready again after {took:?}");
             recoveries.push(("broker restart".to_owned(), took));

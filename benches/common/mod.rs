@@ -50,3 +50,15 @@ pub(crate) fn cpu_time(stat_file: &str) -> std::time::Duration {
         .sum();
     std::time::Duration::from_millis(ticks * 10)
 }
+
+/// Run `rabbitmqctl` with `args`, its output discarded: whether it
+/// succeeded.
+#[allow(dead_code)]
+pub(crate) fn rabbitmqctl(args: &[&str]) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
