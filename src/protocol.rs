@@ -202,12 +202,12 @@ impl ClientFrame {
         let obj = value
             .as_object()
             .ok_or_else(|| fail("frame must be a JSON object".into()))?;
-        match obj.get("type") {
-            Some(Value::String(_)) => {}
+        let kind = match obj.get("type") {
+            Some(kind @ Value::String(_)) => kind,
             Some(_) => return Err(fail("field `type` must be a string".into())),
             None => return Err(fail("missing field `type`".into())),
-        }
-        let (Some(kind), Some(payload)) = (obj.get("type"), obj.get("payload")) else {
+        };
+        let Some(payload) = obj.get("payload") else {
             return Err(fail("missing field `payload`".into()));
         };
         // Read again from text, `type` first, so serde reads the payload
