@@ -46,7 +46,7 @@ async fn main() {
     settings.limits.read_buffer_bytes = read_buffer;
     settings.shutdown_grace_ms = 5_000;
     if !memory {
-        settings.amqp_url = url.clone();
+        settings.amqp_url = url.clone().into();
     }
     let echo = Arc::new(
         StubService::new(svc.clone()).method("echo", |r: IncomingRequest| async move {

@@ -531,7 +531,7 @@ async fn gateway(name: String, svc: String, topic: String) {
         _ => Arc::new(JwtVerifier::hs256(SECRET.as_bytes(), None, None)),
     };
     let mut settings = Settings::new(name);
-    settings.amqp_url = amqp_url();
+    settings.amqp_url = amqp_url().into();
     settings.limits.max_in_flight = 256;
     settings.limits.ping_interval = Duration::from_secs(600);
     settings.limits.max_connections = 50_000;

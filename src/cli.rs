@@ -10,12 +10,16 @@ use std::sync::Arc;
 
 use tracing_subscriber::EnvFilter;
 
+use crate::auth::AuthHook;
 use crate::config::Settings;
-use crate::hooks::{AuthHook, WsHandler};
-use crate::runner::{RunError, log_filter, run};
+use crate::error::RunError;
+use crate::hooks::WsHandler;
+use crate::runner::{log_filter, run};
 
 /// The settings file when `BFF_CONFIG` names none.
 const DEFAULT_CONFIG: &str = "config/default.toml";
+/// The broker URL's variable, which `--dev` sets to the in-process mesh.
+const AMQP_URL_VAR: &str = "BFF_AMQP_URL";
 
 /// What the command line asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,16 +116,19 @@ pub fn main(
         Command::Serve { dev } => dev,
         Command::ClientTs { out, live } => return client_ts(name, out, live),
     };
-    let (mut settings, warnings) = match Settings::load(&config_file(), std::env::vars()) {
+    // `--dev` is the in-process mesh, whatever BFF_AMQP_URL says: settled
+    // before the settings are checked, since what they allow depends on it
+    // (a short HS256 secret, say).
+    let env = std::env::vars()
+        .filter(|(k, _)| !(dev && k == AMQP_URL_VAR))
+        .chain(dev.then(|| (AMQP_URL_VAR.to_owned(), "memory://".to_owned())));
+    let (settings, warnings) = match Settings::load(&config_file(), env) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{name}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    if dev {
-        settings.amqp_url = "memory://".into();
-    }
     let filter = EnvFilter::try_new(log_filter(&settings.log)).unwrap_or_else(|e| {
         eprintln!("{name}: log filter `{}`: {e}; using `info`", settings.log);
         EnvFilter::new(log_filter("info"))

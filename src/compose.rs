@@ -6,8 +6,8 @@
 use serde_json::{Map, Value};
 
 use crate::protocol::ErrorBody;
+use crate::protocol::SessionInfo;
 use crate::routing::{Part, PartParams};
-use crate::session::SessionInfo;
 
 /// A part's params: the client's, or its own fields with `$session.*` and
 /// `$client.*` values filled in (a missing field is null).

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::mesh::{Call, MeshError};
+use crate::protocol::SessionInfo;
 use crate::protocol::{ErrorBody, ErrorName, Params};
 use crate::routing::{Composed, Delivery, Route, RouteTable};
-use crate::session::SessionInfo;
 use crate::topic;
 
 /// Why the gateway refused a call before it reached the mesh.

@@ -271,7 +271,7 @@ pub async fn describe_services(
         settings.mesh_service_name,
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let mut config = AmqpConfig::new(&settings.amqp_url, name.clone());
+    let mut config = AmqpConfig::new(settings.amqp_url.as_str(), name.clone());
     config.transient = true;
     let mesh = AmqpMesh::connect(config, Arc::new(StubService::new(name)))
         .await

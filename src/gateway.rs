@@ -11,16 +11,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::AuthHook;
+use crate::auth::auth_from_settings;
 use crate::cluster::Cluster;
 use crate::config::{Limits, Settings};
-use crate::hooks::{AuthHook, DefaultHandler, WsHandler};
+use crate::error::RunError;
+use crate::hooks::{DefaultHandler, WsHandler};
 use crate::hub::Hub;
 use crate::mesh::{AmqpConfig, AmqpMesh, MemoryMesh, Mesh, MeshHandler, redact_url};
 use crate::mesh_api::{self, BffService, CONTROL_OUTBOX, ControlItem, ControlOut};
 use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::routing::RouteTable;
-use crate::runner::{RunError, auth_from_settings};
 use crate::session::{Caps, Sessions};
 
 /// The gateway: shared state, the mesh it joined, and its lifecycle. Cheap
@@ -147,7 +149,7 @@ impl GatewayBuilder {
                 (Arc::new(mesh), None)
             }
             None => {
-                let mut config = AmqpConfig::new(&settings.amqp_url, name.clone());
+                let mut config = AmqpConfig::new(settings.amqp_url.as_str(), name.clone());
                 config.instance_id = hub.instance_id().to_owned();
                 config.event_bindings = bindings;
                 config.control_exchange = Some(format!("nuropb-bff-{name}-control"));

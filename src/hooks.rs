@@ -1,7 +1,7 @@
-//! The hook traits a BFF implements: [`AuthHook`] turns a token into an
-//! [`Identity`]; [`WsHandler`] shapes what clients see (the hello event,
-//! BFF-local routes, calls, results, events). The generated crate's
-//! `auth.rs` and `handler.rs` implement them; the runtime calls them.
+//! The handler hooks a BFF implements: [`WsHandler`] shapes what clients
+//! see (the hello event, BFF-local routes, calls, results, events). The
+//! generated crate's `handler.rs` implements it; the runtime calls it. (The
+//! auth hook, `AuthHook`, lives with the identities it makes, in `auth`.)
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,35 +9,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use crate::auth::{AuthError, Identity};
 use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
+use crate::protocol::SessionInfo;
 use crate::protocol::{ClientCall, ErrorBody, Params, RawJson};
-use crate::session::SessionInfo;
-
-/// A BFF's authentication hook.
-pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
-    /// Verify a token and say whom it names.
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
-
-    /// The identity of a connection that presented no token, or `None` when a
-    /// token is required (the default).
-    fn anonymous(&self, session_id: &str) -> Option<Identity> {
-        let _ = session_id;
-        None
-    }
-
-    /// False while the hook cannot verify anything yet (a JWKS that has
-    /// never loaded): `/readyz` answers 503 meanwhile.
-    fn ready(&self) -> bool {
-        true
-    }
-
-    /// Background work the hook needs (refreshing a key set); the gateway
-    /// runs it until it stops.
-    fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
-        None
-    }
-}
 
 /// The WebSocket handler hooks of a BFF. Every method has a default, so a
 /// BFF overrides only what it needs.

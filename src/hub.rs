@@ -5,8 +5,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::auth::AuthHook;
 use crate::config::{Limits, Settings};
-use crate::hooks::{AuthHook, WsHandler};
+use crate::hooks::WsHandler;
 use crate::metrics::Metrics;
 use crate::routing::RouteTable;
 use crate::session::Sessions;

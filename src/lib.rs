@@ -8,11 +8,13 @@
 //! adds a test gateway and a WebSocket client.
 
 mod auth;
+mod calls;
 mod cli;
 mod cluster;
 mod compose;
 mod config;
 mod dispatch;
+mod error;
 mod frontend;
 mod gateway;
 mod hooks;
@@ -31,26 +33,31 @@ pub mod testing;
 mod topic;
 mod ws;
 
-pub use auth::{AuthError, Identity, JwksProvider, JwtVerifier, NoAuth};
+pub use auth::{
+    AuthError, AuthHook, Identity, JwksProvider, JwtVerifier, NoAuth, auth_from_settings,
+    jwt_verifier_from_settings,
+};
 pub use cli::main;
-pub use config::{AuthMode, JwksSettings, Limits, MeshApi, Settings, SettingsError};
+pub use config::{
+    AuthConfig, AuthMode, BrokerUrl, JwksSettings, JwtConfig, KeySource, Limits, MIN_SECRET_BYTES,
+    MeshApi, Secret, Settings, SettingsError,
+};
+pub use error::RunError;
 pub use frontend::{ServiceDescriptions, client_ts, describe_services};
 pub use gateway::{Gateway, GatewayBuilder, Serving};
-pub use hooks::{AuthHook, DefaultHandler, LocalCall, MeshClient, WsHandler};
+pub use hooks::{DefaultHandler, LocalCall, MeshClient, WsHandler};
 /// The signing algorithms of [`JwtVerifier::with_algorithms`].
 pub use jsonwebtoken::Algorithm as JwtAlgorithm;
 pub use mesh::{
     AmqpConfig, AmqpMesh, BoxFuture, Call, EchoService, IncomingEvent, IncomingRequest, MemoryMesh,
     Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
 };
-pub use protocol::{ClientCall, ErrorBody, ErrorName, Params, RawJson, close};
+pub use protocol::{ClientCall, ErrorBody, ErrorName, Params, RawJson, SessionInfo, close};
 pub use routing::{
     Composed, Delivery, EventRule, Part, PartParams, Route, RouteTable, RoutesError,
 };
-pub use runner::{
-    MIN_SECRET_BYTES, RunError, auth_from_settings, jwt_verifier_from_settings, log_filter, run,
-};
-pub use session::{SessionCounts, SessionInfo, Sessions};
+pub use runner::{log_filter, run};
+pub use session::{SessionCounts, Sessions};
 
 /// The allocator a BFF binary installs as its global allocator (the
 /// template's `main.rs` does):

@@ -173,7 +173,7 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
 /// for `dev-user` (HS256 only).
 async fn console(State(gw): State<Gateway>) -> Response {
     let settings = gw.settings();
-    let token = crate::runner::dev_token(settings)
+    let token = crate::auth::dev_token(settings)
         .and_then(Result::ok)
         .unwrap_or_default();
     let html = crate::frontend::console_html(

@@ -20,17 +20,8 @@ use axum::extract::ws::Utf8Bytes;
 
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, PushError};
-use crate::protocol::close;
+use crate::protocol::{SessionInfo, close};
 use crate::topic;
-
-/// Who is on the other end of a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    pub session_id: String,
-    pub user_id: String,
-    pub username: Option<String>,
-    pub roles: Vec<String>,
-}
 
 #[derive(Debug)]
 struct Entry {

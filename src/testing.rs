@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::auth::AuthHook;
 use crate::auth::{sign_hs256, unix_now};
 use crate::config::Settings;
 use crate::gateway::{Gateway, Serving};
-use crate::hooks::{AuthHook, WsHandler};
+use crate::hooks::WsHandler;
 use crate::mesh::MemoryMesh;
 use crate::routing::RouteTable;
 

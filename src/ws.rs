@@ -1,7 +1,8 @@
 //! One WebSocket connection: authenticate, register the session, then one
-//! task that decodes frames, runs requests concurrently and writes the
-//! session's bounded outbound queue. Whether a call may go out is
-//! `dispatch`'s to say; this module carries it out.
+//! task that decodes frames, polls the session's calls and writes its
+//! bounded outbound queue. What a call becomes is `calls`'s to say (and
+//! whether it may go out, `dispatch`'s); this module queues the future it
+//! gets and writes the frame its outcome makes.
 //!
 //! One task, not a reader and a writer: tokio-tungstenite wakes every task
 //! that last used either half of a socket whenever it is ready, so a
@@ -20,15 +21,14 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 
 use crate::auth::{Identity, unix_now};
-use crate::compose;
+use crate::calls::{Answer, Caller};
 use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::gateway::{CallGuard, Gateway};
-use crate::hooks::WsHandler;
-use crate::hooks::{LocalCall, MeshClient};
-use crate::mesh::{BoxFuture, Call, Mesh, MeshError};
+use crate::mesh::BoxFuture;
 use crate::outbox::{Out, Outbox, PushError};
+use crate::protocol::SessionInfo;
 use crate::protocol::{ClientCall, ClientFrame, ErrorName, RawJson, ServerFrame, close};
-use crate::session::{Admission, Crowded, SessionGuard, SessionInfo, SubscribeError};
+use crate::session::{Admission, Crowded, SessionGuard, SubscribeError};
 
 fn text(frame: &ServerFrame) -> Message {
     Message::Text(frame.to_json().into())
@@ -172,7 +172,13 @@ async fn open(
     let context = SessionContext::new(token.as_deref());
     let mut event = gw.hub().handler().hello(&info);
     if let Some(call) = gw.settings().hello_call.as_deref() {
-        let (key, value) = match hello_data(&gw, &info, &context, call).await {
+        let caller = Caller {
+            hub: gw.hub(),
+            mesh: gw.mesh(),
+            session: &info,
+            context: &context,
+        };
+        let (key, value) = match caller.hello_data(call).await {
             Ok(data) => ("data", data),
             Err(e) => ("data_error", serde_json::to_value(e).unwrap_or(Value::Null)),
         };
@@ -202,61 +208,6 @@ async fn open(
         stream,
         _guard: guard,
     })
-}
-
-/// The `hello_call` made on the user's behalf, under its route's rules and
-/// timeout: its result, or the error that says why there is none.
-async fn hello_data(
-    gw: &Gateway,
-    info: &Arc<SessionInfo>,
-    context: &SessionContext,
-    call: &str,
-) -> Result<Value, crate::protocol::ErrorBody> {
-    let (service, method) = call.split_once('.').unwrap_or((call, ""));
-    let trace_id = uuid::Uuid::new_v4().simple().to_string();
-    let now = std::time::Instant::now();
-    let allowed = dispatch::authorize(
-        gw.routes(),
-        info,
-        &mut Rates::default(),
-        now,
-        service,
-        method,
-    )
-    .map_err(|r| Failure::from(r).to_client())?;
-    let context = context.render(info, &trace_id);
-    let mut hello_call = allowed.call(serde_json::Map::new(), context, &trace_id);
-    let handler = gw.hub().handler();
-    handler.on_request(info, &mut hello_call);
-    request_parsed(gw.mesh().as_ref(), handler.as_ref(), info, hello_call)
-        .await
-        .map_err(|e| e.to_client())
-}
-
-/// Make a mesh request for a client and pass its result through the
-/// handler's `on_response`: the JSON the service sent, unparsed.
-async fn request_as(
-    mesh: &dyn Mesh,
-    handler: &dyn WsHandler,
-    info: &SessionInfo,
-    call: &Call,
-) -> Result<RawJson, MeshError> {
-    let result = mesh.request_raw(call).await?;
-    Ok(handler.on_response(info, call, result))
-}
-
-/// [`request_as`], the result parsed: for what the gateway puts together
-/// itself (a composed route, the `hello` event).
-async fn request_parsed(
-    mesh: &dyn Mesh,
-    handler: &dyn WsHandler,
-    info: &SessionInfo,
-    call: Call,
-) -> Result<Value, MeshError> {
-    request_as(mesh, handler, info, &call)
-        .await?
-        .to_value()
-        .map_err(|e| crate::mesh::unreadable(&call, &e))
 }
 
 /// Write `first` and what else is queued (up to [`WRITE_BATCH`] frames),
@@ -737,119 +688,29 @@ impl Connection {
         if calls_mut(&mut self.calls).as_ref().map_or(0, |c| c.len()) >= limit {
             return Some(respond.frame(Err(Refusal::TooManyInFlight { limit }.into())));
         }
-        let mesh = self.gw.mesh().clone();
-        let context = self.context.render(&self.info, &respond.trace_id);
-        let handler = self.gw.hub().handler().clone();
-
-        if !command && handler.is_local(&call) {
-            let local = LocalCall {
-                session: SessionInfo::clone(&self.info),
-                call: call.clone(),
-                mesh: MeshClient::new(
-                    mesh.clone(),
-                    context.clone(),
-                    respond.trace_id.clone(),
-                    crate::routing::DEFAULT_TIMEOUT,
-                ),
-            };
-            if let Some(fut) = handler.local_request(local) {
-                let call = self.gw.call_started();
-                self.run_call(async move {
-                    let outcome = tokio::select! {
-                        outcome = fut => outcome.map(RawJson::from).map_err(Failure::Local),
-                        _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
-                    };
-                    (respond.frame(outcome), call)
-                });
-                return None;
-            }
-        }
-
-        if !command
-            && let Some((index, composed)) = self.gw.routes().composed(&call.service, &call.method)
-        {
-            let now = std::time::Instant::now();
-            if let Err(refusal) =
-                dispatch::authorize_composed(composed, index, &self.info, &mut self.rates, now)
-            {
-                return Some(respond.frame(Err(refusal.into())));
-            }
-            // Each part under the rules of the call it makes.
-            let mut plans = Vec::with_capacity(composed.parts.len());
-            for part in &composed.parts {
-                let allowed = dispatch::authorize(
-                    self.gw.routes(),
-                    &self.info,
-                    &mut self.rates,
-                    now,
-                    &part.service,
-                    &part.method,
-                );
-                plans.push(match allowed {
-                    Ok(allowed) => {
-                        let params = compose::part_params(part, &self.info, &call.params);
-                        let mut part_call =
-                            allowed.call(params, context.clone(), &respond.trace_id);
-                        handler.on_request(&self.info, &mut part_call);
-                        Ok(part_call)
-                    }
-                    Err(refusal) => Err(Failure::from(refusal).to_client()),
-                });
-            }
-            let parts = composed.parts.clone();
-            let info = self.info.clone();
-            let call_guard = self.gw.call_started();
-            self.run_call(async move {
-                let calls = plans.into_iter().map(|plan| {
-                    let (mesh, handler, info) = (&mesh, &handler, &info);
-                    async move {
-                        request_parsed(mesh.as_ref(), handler.as_ref(), info, plan?)
-                            .await
-                            .map_err(|e| e.to_client())
-                    }
-                });
-                let gathered = tokio::select! {
-                    outcomes = futures_util::future::join_all(calls) => compose::combine(&parts, outcomes),
-                    _ = respond.gw.hurried() => Err(Failure::from(Refusal::ShuttingDown).to_client()),
-                };
-                let frame = match gathered {
-                    Ok((result, failed)) => respond.frame_with(Ok(result.into()), failed),
-                    Err(e) => respond.frame(Err(Failure::Local(e))),
-                };
-                (frame, call_guard)
-            });
-            return None;
-        }
-
-        let allowed = match dispatch::authorize(
-            self.gw.routes(),
-            &self.info,
-            &mut self.rates,
-            std::time::Instant::now(),
-            &call.service,
-            &call.method,
-        ) {
-            Ok(allowed) => allowed,
+        let caller = Caller {
+            hub: self.gw.hub(),
+            mesh: self.gw.mesh(),
+            session: &self.info,
+            context: &self.context,
+        };
+        let plan = match caller.plan(&mut self.rates, call, command, &respond.trace_id) {
+            Ok(plan) => plan,
             Err(refusal) => return Some(respond.frame(Err(refusal.into()))),
         };
-        let mut mesh_call = allowed.call(call.params, context, &respond.trace_id);
-        handler.on_request(&self.info, &mut mesh_call);
-        let info = self.info.clone();
+        let run = plan.run(
+            self.gw.mesh().clone(),
+            self.gw.hub().handler().clone(),
+            self.info.clone(),
+        );
         // Counted until its answer is queued: the drain waits for it.
         let call = self.gw.call_started();
         self.run_call(async move {
-            let work = async {
-                if command {
-                    mesh.command(mesh_call).await.map(|()| RawJson::null())
-                } else {
-                    request_as(mesh.as_ref(), handler.as_ref(), &info, &mesh_call).await
-                }
-            };
             // Failures are counted by outcome in the request metrics; the
             // broker's state changes are logged once by the mesh, never
             // once per call.
             let outcome = tokio::select! {
-                outcome = work => outcome.map_err(Failure::Mesh),
+                outcome = run => outcome,
                 _ = respond.gw.hurried() => Err(Refusal::ShuttingDown.into()),
             };
             (respond.frame(outcome), call)
@@ -873,16 +734,7 @@ struct Responder {
 }
 
 impl Responder {
-    fn frame(self, outcome: Result<RawJson, Failure>) -> Utf8Bytes {
-        self.frame_with(outcome, None)
-    }
-
-    /// The frame, with a composed route's failed parts when there are any.
-    fn frame_with(
-        self,
-        outcome: Result<RawJson, Failure>,
-        failed: Option<serde_json::Map<String, Value>>,
-    ) -> Utf8Bytes {
+    fn frame(self, outcome: Result<Answer, Failure>) -> Utf8Bytes {
         let label = match &outcome {
             Ok(_) => "ok",
             Err(f) => f.label(),
@@ -901,7 +753,7 @@ impl Responder {
                     trace_id: Some(trace_id),
                 }
             }
-            (false, Ok(result)) => ServerFrame::Response {
+            (false, Ok(Answer { result, failed })) => ServerFrame::Response {
                 trace_id,
                 result,
                 error: None,

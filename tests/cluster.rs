@@ -34,7 +34,7 @@ fn instance_process() {
         .unwrap();
     rt.block_on(async {
         let mut settings = Settings::new(spec["name"].as_str().unwrap());
-        settings.amqp_url = amqp_url();
+        settings.amqp_url = amqp_url().into();
         settings.instance_id = Some(spec["instance"].as_str().unwrap().to_owned());
         settings.auth = AuthMode::JwtHs256;
         settings.jwt_secret = Some(SECRET.into());

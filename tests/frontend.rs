@@ -211,7 +211,7 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
     // The client, typed from the services' own descriptions (--live).
     let bff_name = common::unique("ts-bff");
     let mut settings = Settings::new(bff_name.clone());
-    settings.amqp_url = common::amqp_url();
+    settings.amqp_url = common::amqp_url().into();
     let (described, notes) = nuropb_bff::describe_services(&settings, &route_table)
         .await
         .expect("the broker is reachable");

@@ -538,7 +538,7 @@ async fn settings_build_a_jwks_verifier_and_refuse_short_secrets() {
     hs.amqp_url = "amqp://127.0.0.1".into();
     let err = nuropb_bff::jwt_verifier_from_settings(&hs).unwrap_err();
     assert!(err.to_string().contains("32"), "{err}");
-    hs.jwt_secret = Some("x".repeat(32));
+    hs.jwt_secret = Some("x".repeat(32).into());
     assert!(nuropb_bff::jwt_verifier_from_settings(&hs).is_ok());
 }
 

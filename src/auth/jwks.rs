@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 use super::AuthError;
-use super::jwt::{RSA, VerifyKey};
+use super::key::{RSA, VerifyKey};
 use crate::config::JwksSettings;
 
 /// A key set or discovery document larger than this is refused.

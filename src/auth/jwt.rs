@@ -10,38 +10,14 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::{Map, Value};
 
 use super::jwks::{Jwks, JwksProvider};
-use super::{AuthError, Identity};
-use crate::config::JwksSettings;
-use crate::hooks::AuthHook;
+use super::key::VerifyKey;
+use super::{AuthError, AuthHook, Identity};
+use crate::config::{JwksSettings, JwtConfig, KeySource};
 use crate::mesh::BoxFuture;
 
 /// A token longer than this is refused before any parsing: real ones are a
 /// few kilobytes even with group claims.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
-
-const HMAC: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
-pub(super) const RSA: [Algorithm; 6] = [
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-];
-
-/// A key and the algorithms a token signed with it may name.
-pub(super) struct VerifyKey {
-    pub(super) key: DecodingKey,
-    pub(super) algorithms: Vec<Algorithm>,
-}
-
-impl fmt::Debug for VerifyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifyKey")
-            .field("algorithms", &self.algorithms)
-            .finish_non_exhaustive()
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Keys {
@@ -99,10 +75,7 @@ fn validation(issuer: Option<&str>, audience: Option<&str>) -> Validation {
 impl JwtVerifier {
     /// HS256, HS384 or HS512 with a shared secret.
     pub fn hs256(secret: &[u8], issuer: Option<&str>, audience: Option<&str>) -> Self {
-        let key = VerifyKey {
-            key: DecodingKey::from_secret(secret),
-            algorithms: HMAC.to_vec(),
-        };
+        let key = VerifyKey::secret(secret);
         Self::fixed(key, issuer, audience)
     }
 
@@ -114,36 +87,7 @@ impl JwtVerifier {
         issuer: Option<&str>,
         audience: Option<&str>,
     ) -> Result<Self, AuthError> {
-        let key = if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
-            VerifyKey {
-                key,
-                algorithms: RSA.to_vec(),
-            }
-        } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
-            // The key is the curve point: its length names the curve.
-            let algorithm = match key.try_get_as_bytes().map(<[u8]>::len) {
-                Ok(65 | 33) => Algorithm::ES256,
-                Ok(97 | 49) => Algorithm::ES384,
-                _ => {
-                    return Err(AuthError::Invalid(
-                        "an EC public key on a curve other than P-256 or P-384".into(),
-                    ));
-                }
-            };
-            VerifyKey {
-                key,
-                algorithms: vec![algorithm],
-            }
-        } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
-            VerifyKey {
-                key,
-                algorithms: vec![Algorithm::EdDSA],
-            }
-        } else {
-            return Err(AuthError::Invalid(
-                "not a PEM public key (RSA, EC P-256/P-384 or Ed25519)".into(),
-            ));
-        };
+        let key = VerifyKey::from_pem(pem)?;
         Ok(Self::fixed(key, issuer, audience))
     }
 
@@ -174,6 +118,36 @@ impl JwtVerifier {
             validation: validation(None, audience),
             allowed: Vec::new(),
         })
+    }
+
+    /// The verifier a checked [`JwtConfig`] describes (a PEM key is read
+    /// from its file here).
+    pub fn from_config(config: &JwtConfig) -> Result<Self, AuthError> {
+        let audience = config.audience.as_deref();
+        let verifier = match &config.keys {
+            KeySource::Secret { secret, issuer } => {
+                Self::hs256(secret.expose().as_bytes(), issuer.as_deref(), audience)
+            }
+            KeySource::PublicKey { path, issuer } => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    AuthError::Invalid(format!("cannot read {}: {e}", path.display()))
+                })?;
+                Self::public_key_pem(&pem, issuer.as_deref(), audience)
+                    .map_err(|e| AuthError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            KeySource::Jwks {
+                issuer,
+                jwks_url,
+                options,
+            } => {
+                let provider = JwksProvider {
+                    issuer: issuer.clone(),
+                    jwks_url: jwks_url.clone(),
+                };
+                Self::jwks(vec![provider], audience, options)?
+            }
+        };
+        Ok(verifier.with_algorithms(&config.algorithms))
     }
 
     fn fixed(key: VerifyKey, issuer: Option<&str>, audience: Option<&str>) -> Self {

@@ -4,43 +4,46 @@
 
 mod jwks;
 mod jwt;
+mod key;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
-use crate::hooks::AuthHook;
+use crate::config::{AuthConfig, AuthMode, Settings};
+use crate::error::RunError;
 use crate::mesh::BoxFuture;
 
 pub use jwks::JwksProvider;
 pub use jwt::JwtVerifier;
 
-/// The signing algorithms a BFF verifies, by their JOSE names.
-pub(crate) const ALGORITHMS: [&str; 12] = [
-    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
-    "ES384", "EdDSA",
-];
+/// A BFF's authentication hook.
+pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
+    /// Verify a token and say whom it names.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;
 
-/// The algorithm a JOSE name stands for, among [`ALGORITHMS`].
-pub(crate) fn algorithm(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "HS256" => Algorithm::HS256,
-        "HS384" => Algorithm::HS384,
-        "HS512" => Algorithm::HS512,
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
+    /// The identity of a connection that presented no token, or `None` when a
+    /// token is required (the default).
+    fn anonymous(&self, session_id: &str) -> Option<Identity> {
+        let _ = session_id;
+        None
+    }
+
+    /// False while the hook cannot verify anything yet (a JWKS that has
+    /// never loaded): `/readyz` answers 503 meanwhile.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// Background work the hook needs (refreshing a key set); the gateway
+    /// runs it until it stops.
+    fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// Who a connection acts for.
@@ -211,6 +214,49 @@ pub(crate) fn hs256_dev_token(
         claims.insert("aud".into(), aud.into());
     }
     sign_hs256(secret, &claims)
+}
+
+/// The JWT verifier the settings describe (`jwt-hs256`: a secret;
+/// `jwt-rs256`: a PEM public key; `jwks`: the identity provider's key set),
+/// restricted to `jwt_algorithms` when set. The settings are checked by
+/// [`Settings::auth_config`], with its messages.
+pub fn jwt_verifier_from_settings(settings: &Settings) -> Result<JwtVerifier, RunError> {
+    match settings
+        .auth_config()
+        .map_err(|e| RunError::Auth(e.to_string()))?
+    {
+        AuthConfig::None => Err(RunError::Auth(
+            "auth is `none`: there is no token verifier".into(),
+        )),
+        AuthConfig::Jwt(config) => {
+            JwtVerifier::from_config(&config).map_err(|e| RunError::Auth(e.to_string()))
+        }
+    }
+}
+
+/// The default auth hook for the settings' mode.
+pub fn auth_from_settings(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
+    match settings.auth {
+        AuthMode::None => Ok(Arc::new(NoAuth)),
+        _ => Ok(Arc::new(jwt_verifier_from_settings(settings)?)),
+    }
+}
+
+/// In development mode with HS256, a token for `dev-user`, valid 8 hours,
+/// that the frontend (and the console page) can use at once; `None` in any
+/// other mode.
+pub(crate) fn dev_token(settings: &Settings) -> Option<Result<String, AuthError>> {
+    let secret = settings.jwt_secret.as_ref().filter(|s| !s.is_empty())?;
+    if !settings.is_memory_mesh() || settings.auth != AuthMode::JwtHs256 {
+        return None;
+    }
+    Some(hs256_dev_token(
+        secret.expose().as_bytes(),
+        "dev-user",
+        8 * 3600,
+        settings.jwt_issuer.as_deref(),
+        settings.jwt_audience.as_deref(),
+    ))
 }
 
 /// Seconds since the epoch.

@@ -18,19 +18,7 @@ mod memory;
 pub use amqp::{AmqpConfig, AmqpMesh};
 pub use memory::{EchoService, MemoryMesh, StubService};
 
-/// The broker URL with its password masked, for logs and error messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub(crate) use crate::config::redact_url;
 
 /// A boxed, sendable future: what the object-safe traits here return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

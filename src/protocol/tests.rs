@@ -519,7 +519,7 @@ fn a_body_that_is_not_utf8_is_refused_and_any_utf8_is_read() {
 
 #[test]
 fn a_request_body_is_written_into_a_buffer_sized_for_it() {
-    let session = std::sync::Arc::new(crate::session::SessionInfo {
+    let session = std::sync::Arc::new(crate::protocol::SessionInfo {
         session_id: "0123456789abcdef0123456789abcdef".into(),
         user_id: "user-\"quoted\"-ü".into(),
         username: None,

@@ -77,7 +77,7 @@ pub async fn start(
     let mut settings = Settings::new("test-bff");
     settings.shutdown_grace_ms = 5_000;
     if let MeshSetup::Broker = mesh {
-        settings.amqp_url = amqp_url();
+        settings.amqp_url = amqp_url().into();
     }
     configure(&mut settings);
     let mut builder = Gateway::builder(settings)

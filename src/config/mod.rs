@@ -12,22 +12,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// How clients authenticate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AuthMode {
-    #[serde(rename = "jwt-hs256")]
-    JwtHs256,
-    /// A public key in PEM: RSA (RS*/PS*), EC P-256/P-384 (ES256/ES384)
-    /// or Ed25519 (EdDSA); the key's type decides the algorithms.
-    #[serde(rename = "jwt-rs256")]
-    JwtRs256,
-    /// Keys from a JWKS endpoint (`jwks_url`, or the OIDC discovery
-    /// document of `jwt_issuer`), by `kid`, refreshed as they rotate.
-    #[serde(rename = "jwks")]
-    Jwks,
-    #[serde(rename = "none")]
-    None,
-}
+mod auth;
+
+pub use auth::{
+    AuthConfig, AuthMode, JwksSettings, JwtConfig, KeySource, MIN_SECRET_BYTES, Secret,
+};
 
 /// Per-connection limits. The defaults suit a browser frontend; every one is
 /// a setting (`[limits]` in the file, `BFF_LIMITS__*` in the environment).
@@ -104,41 +93,6 @@ pub struct MeshApi {
     pub heartbeat: Duration,
 }
 
-/// How a JWKS is fetched and cached (`[jwks]`, `BFF_JWKS__*`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct JwksSettings {
-    /// A token with a `kid` the cached set lacks makes at most one refetch
-    /// per this interval (a flood of made-up `kid`s cannot hammer the
-    /// identity provider).
-    #[serde(rename = "min_refresh_ms", with = "millis")]
-    pub min_refresh: Duration,
-    /// How long one fetch (discovery and key set) may take.
-    #[serde(rename = "fetch_timeout_ms", with = "millis")]
-    pub fetch_timeout: Duration,
-    /// How long a key set is used before it is fetched again when the
-    /// response has no `Cache-Control: max-age`.
-    #[serde(rename = "default_max_age_ms", with = "millis")]
-    pub default_max_age: Duration,
-    /// Bounds on a response's `max-age`.
-    #[serde(rename = "min_max_age_ms", with = "millis")]
-    pub min_max_age: Duration,
-    #[serde(rename = "max_max_age_ms", with = "millis")]
-    pub max_max_age: Duration,
-}
-
-impl Default for JwksSettings {
-    fn default() -> Self {
-        Self {
-            min_refresh: Duration::from_secs(30),
-            fetch_timeout: Duration::from_secs(5),
-            default_max_age: Duration::from_secs(300),
-            min_max_age: Duration::from_secs(60),
-            max_max_age: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
 impl Default for MeshApi {
     fn default() -> Self {
         Self {
@@ -164,8 +118,70 @@ mod millis {
     }
 }
 
-/// Everything a BFF binary needs to run.
+/// A broker URL. Its `Debug` hides the password; [`BrokerUrl::as_str`]
+/// (or `Deref` to `str`) is the URL itself.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password replaced by `***`: what logs show.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::ops::Deref for BrokerUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl From<String> for BrokerUrl {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for BrokerUrl {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// `url` with the password of its user info replaced by `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Everything a BFF binary needs to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The BFF's own service name on the mesh.
@@ -173,14 +189,14 @@ pub struct Settings {
     /// Socket address to listen on.
     pub listen: String,
     /// Broker URL; `memory://` runs on in-process echo services.
-    pub amqp_url: String,
+    pub amqp_url: BrokerUrl,
     /// Path of the routing file.
     pub routes: PathBuf,
     /// The WebSocket endpoint path.
     pub ws_path: String,
     pub auth: AuthMode,
     #[serde(default)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     #[serde(default)]
     pub jwt_public_key: Option<PathBuf>,
     #[serde(default)]
@@ -226,37 +242,6 @@ fn d_grace() -> u64 {
 }
 fn d_log() -> String {
     "info".into()
-}
-
-impl std::fmt::Debug for Settings {
-    // Secrets stay out of logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("mesh_service_name", &self.mesh_service_name)
-            .field("listen", &self.listen)
-            .field("amqp_url", &crate::mesh::redact_url(&self.amqp_url))
-            .field("routes", &self.routes)
-            .field("ws_path", &self.ws_path)
-            .field("auth", &self.auth)
-            .field(
-                "jwt_secret",
-                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field("jwt_public_key", &self.jwt_public_key)
-            .field("jwks_url", &self.jwks_url)
-            .field("jwt_issuer", &self.jwt_issuer)
-            .field("jwt_audience", &self.jwt_audience)
-            .field("jwt_algorithms", &self.jwt_algorithms)
-            .field("jwks", &self.jwks)
-            .field("allowed_origins", &self.allowed_origins)
-            .field("instance_id", &self.instance_id)
-            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
-            .field("limits", &self.limits)
-            .field("mesh_api", &self.mesh_api)
-            .field("hello_call", &self.hello_call)
-            .field("console", &self.console)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -306,7 +291,7 @@ impl Settings {
     /// keys (and environment variables) the loader accepts.
     fn every_key() -> Self {
         Self {
-            jwt_secret: Some(String::new()),
+            jwt_secret: Some(Secret::default()),
             jwt_public_key: Some(PathBuf::new()),
             jwks_url: Some(String::new()),
             jwt_issuer: Some(String::new()),
@@ -449,44 +434,7 @@ impl Settings {
                 self.ws_path
             ));
         }
-        match self.auth {
-            AuthMode::JwtHs256 if self.jwt_secret.as_deref().is_none_or(str::is_empty) => bad(
-                "auth is jwt-hs256 but no secret is set: set BFF_JWT_SECRET (or jwt_secret in the settings file)".into(),
-            ),
-            AuthMode::JwtRs256 if self.jwt_public_key.is_none() => bad(
-                "auth is jwt-rs256 but no key is set: set BFF_JWT_PUBLIC_KEY to the path of a PEM public key".into(),
-            ),
-            AuthMode::Jwks if self.jwt_issuer.as_deref().is_none_or(str::is_empty) => bad(
-                "auth is jwks but no issuer is set: set BFF_JWT_ISSUER (tokens must name it in `iss`; without BFF_JWKS_URL its OIDC discovery document names the key set)".into(),
-            ),
-            _ => Ok(()),
-        }?;
-        for alg in &self.jwt_algorithms {
-            if crate::auth::algorithm(alg).is_none() {
-                return bad(format!(
-                    "jwt_algorithms: `{alg}` is not one of {}",
-                    crate::auth::ALGORITHMS.join(", ")
-                ));
-            }
-        }
-        let j = &self.jwks;
-        for (name, value) in [
-            ("min_refresh_ms", j.min_refresh),
-            ("fetch_timeout_ms", j.fetch_timeout),
-            ("default_max_age_ms", j.default_max_age),
-            ("min_max_age_ms", j.min_max_age),
-            ("max_max_age_ms", j.max_max_age),
-        ] {
-            if value < Duration::from_millis(10) {
-                return bad(format!(
-                    "jwks.{name} must be at least 10 ms, found {}",
-                    value.as_millis()
-                ));
-            }
-        }
-        if j.min_max_age > j.max_max_age {
-            return bad("jwks.min_max_age_ms must not exceed jwks.max_max_age_ms".into());
-        }
+        self.auth_config()?;
         Ok(())
     }
 
@@ -586,6 +534,9 @@ auth = "jwt-hs256"
 allowed_origins = ["http://localhost:3000"]
 "#;
 
+    /// A secret long enough outside development mode.
+    const K: &str = "k-k-k-k-k-k-k-k-k-k-k-k-k-k-k-k-k";
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -599,7 +550,7 @@ allowed_origins = ["http://localhost:3000"]
             "default.toml",
             BASE,
             env(&[
-                ("BFF_JWT_SECRET", "k"),
+                ("BFF_JWT_SECRET", K),
                 ("BFF_LISTEN", "0.0.0.0:9000"),
                 (
                     "BFF_ALLOWED_ORIGINS",
@@ -611,7 +562,7 @@ allowed_origins = ["http://localhost:3000"]
         )
         .unwrap();
         assert_eq!(s.listen, "0.0.0.0:9000");
-        assert_eq!(s.jwt_secret.as_deref(), Some("k"));
+        assert_eq!(s.jwt_secret.as_ref().map(Secret::expose), Some(K));
         assert_eq!(
             s.allowed_origins,
             vec!["https://a.example", "https://b.example"]
@@ -663,7 +614,7 @@ allowed_origins = ["http://localhost:3000"]
             "d.toml",
             BASE,
             env(&[
-                ("BFF_JWT_SECRET", "12345"),
+                ("BFF_JWT_SECRET", "12345678901234567890123456789012"),
                 ("BFF_LIMITS__MAX_FRAME_BYTES", "1000"),
                 ("BFF_LIMITS__AUTH_TIMEOUT_MS", "250"),
                 ("BFF_SHUTDOWN_GRACE_MS", "7"),
@@ -672,7 +623,11 @@ allowed_origins = ["http://localhost:3000"]
             ]),
         )
         .unwrap();
-        assert_eq!(s.jwt_secret.as_deref(), Some("12345"), "a string stays one");
+        assert_eq!(
+            s.jwt_secret.as_ref().map(Secret::expose),
+            Some("12345678901234567890123456789012"),
+            "a string stays one"
+        );
         assert_eq!(s.limits.max_frame_bytes, 1000);
         assert_eq!(s.limits.auth_timeout, Duration::from_millis(250));
         assert_eq!(s.shutdown_grace_ms, 7);
@@ -684,7 +639,7 @@ allowed_origins = ["http://localhost:3000"]
             "d.toml",
             BASE,
             env(&[
-                ("BFF_JWT_SECRET", "k"),
+                ("BFF_JWT_SECRET", K),
                 ("BFF_LIMITS__MAX_IN_FLIGHT", "lots"),
             ]),
         )
@@ -706,7 +661,7 @@ allowed_origins = ["http://localhost:3000"]
         let e = Settings::parse(
             "d.toml",
             BASE,
-            env(&[("BFF_JWT_SECRET", "k"), ("BFF_LISTEN", "nope")]),
+            env(&[("BFF_JWT_SECRET", K), ("BFF_LISTEN", "nope")]),
         )
         .unwrap_err();
         assert!(e.to_string().contains("BFF_LISTEN"), "{e}");
@@ -721,7 +676,7 @@ allowed_origins = ["http://localhost:3000"]
         let e = Settings::parse(
             "d.toml",
             &format!("{BASE}\n[limits]\nmax_in_flight = 0\n"),
-            env(&[("BFF_JWT_SECRET", "k")]),
+            env(&[("BFF_JWT_SECRET", K)]),
         )
         .unwrap_err();
         assert!(e.to_string().contains("limits.max_in_flight"), "{e}");
@@ -730,7 +685,7 @@ allowed_origins = ["http://localhost:3000"]
     #[test]
     fn the_read_buffer_is_bounded() {
         let with = |n: usize| format!("{BASE}\n[limits]\nread_buffer_bytes = {n}\n");
-        let secret = || env(&[("BFF_JWT_SECRET", "k")]);
+        let secret = || env(&[("BFF_JWT_SECRET", K)]);
         let (s, _) = Settings::parse("d.toml", &with(2048), secret()).unwrap();
         assert_eq!(s.limits.read_buffer_bytes, 2048);
         for bad in [0, 100, 2 << 20] {

@@ -1,0 +1,238 @@
+//! What a client call becomes, decided in one place: a BFF-local route, a
+//! composed route or one mesh call. Every routed call (a plain one, each
+//! part of a composed one, the `hello_call`) goes through the same four
+//! steps, [`Caller::prepare`]: authorize (`dispatch`), render the session's
+//! context, build the mesh call, let the handler's `on_request` change it.
+//! Then [`Plan::run`] carries the plan out on the mesh and the handler.
+//!
+//! `ws` asks for a plan, queues the future it gets and writes the answer:
+//! the socket loop knows frames, not routes (as mini-redis's connection
+//! knows no command).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+
+use crate::compose;
+use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
+use crate::hooks::{LocalCall, MeshClient, WsHandler};
+use crate::hub::Hub;
+use crate::mesh::{self, BoxFuture, Call, Mesh, MeshError};
+use crate::protocol::{ClientCall, ErrorBody, Params, RawJson, SessionInfo};
+use crate::routing::{DEFAULT_TIMEOUT, Part};
+
+/// Who calls, with what: the session and the shared state its calls are
+/// planned against.
+pub(crate) struct Caller<'a> {
+    pub(crate) hub: &'a Hub,
+    pub(crate) mesh: &'a Arc<dyn Mesh>,
+    pub(crate) session: &'a Arc<SessionInfo>,
+    pub(crate) context: &'a SessionContext,
+}
+
+/// A call the planner let through, ready to run.
+pub(crate) enum Plan {
+    /// A BFF-local route, answered by the handler.
+    Local(BoxFuture<'static, Result<Value, ErrorBody>>),
+    /// A composed route: its parts, and for each the call it makes or why
+    /// that part was refused (a refused part fails alone, like a failed one).
+    Composed {
+        parts: Vec<Part>,
+        calls: Vec<Result<Call, ErrorBody>>,
+    },
+    /// One routed request.
+    Request(Call),
+    /// One routed command: acknowledged once the broker has it.
+    Command(Call),
+}
+
+/// A call's answer: its result, and for a composed route the parts that
+/// failed, by key, when any did.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) result: RawJson,
+    pub(crate) failed: Option<Map<String, Value>>,
+}
+
+impl From<RawJson> for Answer {
+    fn from(result: RawJson) -> Self {
+        Self {
+            result,
+            failed: None,
+        }
+    }
+}
+
+impl Caller<'_> {
+    /// The one sequence of every routed call: may the session call
+    /// `service.method` now (routes, roles, rate), under which context,
+    /// as which mesh call; then the handler's `on_request`.
+    fn prepare(
+        &self,
+        rates: &mut Rates,
+        now: Instant,
+        service: &str,
+        method: &str,
+        params: impl FnOnce() -> Params,
+        trace_id: &str,
+    ) -> Result<Call, Refusal> {
+        let allowed =
+            dispatch::authorize(self.hub.routes(), self.session, rates, now, service, method)?;
+        let context = self.context.render(self.session, trace_id);
+        let mut call = allowed.call(params(), context, trace_id);
+        self.hub.handler().on_request(self.session, &mut call);
+        Ok(call)
+    }
+
+    /// What `call` becomes: offered to the handler as a BFF-local route
+    /// first (requests only), then a composed route, then one routed call.
+    /// A refusal is the answer; nothing was started for it.
+    pub(crate) fn plan(
+        &self,
+        rates: &mut Rates,
+        call: ClientCall,
+        command: bool,
+        trace_id: &str,
+    ) -> Result<Plan, Refusal> {
+        let handler = self.hub.handler();
+        if !command && handler.is_local(&call) {
+            let local = LocalCall {
+                session: SessionInfo::clone(self.session),
+                call: call.clone(),
+                mesh: MeshClient::new(
+                    self.mesh.clone(),
+                    self.context.render(self.session, trace_id),
+                    trace_id.to_owned(),
+                    DEFAULT_TIMEOUT,
+                ),
+            };
+            if let Some(answer) = handler.local_request(local) {
+                return Ok(Plan::Local(answer));
+            }
+        }
+        let now = Instant::now();
+        if !command
+            && let Some((index, composed)) = self.hub.routes().composed(&call.service, &call.method)
+        {
+            dispatch::authorize_composed(composed, index, self.session, rates, now)?;
+            // Each part under the rules of the call it makes.
+            let calls = composed
+                .parts
+                .iter()
+                .map(|part| {
+                    let params = || compose::part_params(part, self.session, &call.params).into();
+                    self.prepare(rates, now, &part.service, &part.method, params, trace_id)
+                        .map_err(|refusal| Failure::from(refusal).to_client())
+                })
+                .collect();
+            return Ok(Plan::Composed {
+                parts: composed.parts.clone(),
+                calls,
+            });
+        }
+        let ClientCall {
+            service,
+            method,
+            params,
+            ..
+        } = call;
+        let call = self.prepare(rates, now, &service, &method, || params, trace_id)?;
+        Ok(if command {
+            Plan::Command(call)
+        } else {
+            Plan::Request(call)
+        })
+    }
+
+    /// The `hello_call` made on the user's behalf when a socket opens,
+    /// under its route's rules and timeout: its result, or the error that
+    /// says why there is none.
+    pub(crate) async fn hello_data(&self, hello_call: &str) -> Result<Value, ErrorBody> {
+        let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
+        let trace_id = uuid::Uuid::new_v4().simple().to_string();
+        let call = self
+            .prepare(
+                &mut Rates::default(),
+                Instant::now(),
+                service,
+                method,
+                Params::default,
+                &trace_id,
+            )
+            .map_err(|refusal| Failure::from(refusal).to_client())?;
+        let handler = self.hub.handler();
+        request_parsed(self.mesh.as_ref(), handler.as_ref(), self.session, call)
+            .await
+            .map_err(|e| e.to_client())
+    }
+}
+
+impl Plan {
+    /// Carry the plan out: the answer, or why there is none.
+    pub(crate) async fn run(
+        self,
+        mesh: Arc<dyn Mesh>,
+        handler: Arc<dyn WsHandler>,
+        session: Arc<SessionInfo>,
+    ) -> Result<Answer, Failure> {
+        match self {
+            Plan::Request(call) => request_as(mesh.as_ref(), handler.as_ref(), &session, &call)
+                .await
+                .map(Answer::from)
+                .map_err(Failure::Mesh),
+            Plan::Command(call) => mesh
+                .command(call)
+                .await
+                .map(|()| RawJson::null().into())
+                .map_err(Failure::Mesh),
+            Plan::Local(answer) => answer
+                .await
+                .map(|value| RawJson::from(value).into())
+                .map_err(Failure::Local),
+            Plan::Composed { parts, calls } => {
+                let calls = calls.into_iter().map(|call| {
+                    let (mesh, handler, session) = (&mesh, &handler, &session);
+                    async move {
+                        request_parsed(mesh.as_ref(), handler.as_ref(), session, call?)
+                            .await
+                            .map_err(|e| e.to_client())
+                    }
+                });
+                let outcomes = futures_util::future::join_all(calls).await;
+                compose::combine(&parts, outcomes)
+                    .map(|(result, failed)| Answer {
+                        result: result.into(),
+                        failed,
+                    })
+                    .map_err(Failure::Local)
+            }
+        }
+    }
+}
+
+/// Make a mesh request for a client and pass its result through the
+/// handler's `on_response`: the JSON the service sent, unparsed.
+async fn request_as(
+    mesh: &dyn Mesh,
+    handler: &dyn WsHandler,
+    session: &SessionInfo,
+    call: &Call,
+) -> Result<RawJson, MeshError> {
+    let result = mesh.request_raw(call).await?;
+    Ok(handler.on_response(session, call, result))
+}
+
+/// [`request_as`], the result parsed: for what the gateway puts together
+/// itself (a composed route, the `hello` event).
+async fn request_parsed(
+    mesh: &dyn Mesh,
+    handler: &dyn WsHandler,
+    session: &SessionInfo,
+    call: Call,
+) -> Result<Value, MeshError> {
+    request_as(mesh, handler, session, &call)
+        .await?
+        .to_value()
+        .map_err(|e| mesh::unreadable(&call, &e))
+}
