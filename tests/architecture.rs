@@ -259,9 +259,15 @@ fn every_room_is_in_the_architecture_page() {
     let page =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
             .expect("ARCHITECTURE.md");
+    // The first cell of each table row names one room or several.
+    let named: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("| "))
+        .filter_map(|l| l.split(" |").next())
+        .collect();
     for room in rooms(&edges(&src())).keys() {
         assert!(
-            page.contains(&format!("| `{room}`")),
+            named.iter().any(|cell| cell.contains(&format!("`{room}`"))),
             "ARCHITECTURE.md's table of rooms does not name `{room}`"
         );
     }
