@@ -638,10 +638,7 @@ allowed_origins = ["http://localhost:3000"]
         let e = Settings::parse(
             "d.toml",
             BASE,
-            env(&[
-                ("BFF_JWT_SECRET", K),
-                ("BFF_LIMITS__MAX_IN_FLIGHT", "lots"),
-            ]),
+            env(&[("BFF_JWT_SECRET", K), ("BFF_LIMITS__MAX_IN_FLIGHT", "lots")]),
         )
         .unwrap_err();
         assert!(e.to_string().contains("BFF_LIMITS__MAX_IN_FLIGHT"), "{e}");
