@@ -14,38 +14,28 @@
 //! Events for clients are bound to the per-instance event queue, so every
 //! gateway instance sees every event and can reach its own sockets.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ExchangeKind,
-};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::lane::{Incoming, Lane, LaneIo, LaneSpec, Properties as LaneProperties, Received};
+use super::lane::{Lane, Properties as LaneProperties};
 use super::{
     BoxFuture, CONTROL_TOPIC, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent,
     redact_url,
 };
-use crate::protocol::{
-    EventBody, MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION, RawJson,
-    RequestBodyRef, ResponseBody,
-};
+use crate::protocol::{EventBody, MeshMessage, MessageType, RawJson, RequestBodyRef};
+use headers::{header_table, nuropb_headers};
+use supervisor::{deliver, supervise};
+use topology::establish;
 
 /// Where and as whom to join the mesh.
 #[derive(Clone, PartialEq, Eq)]
@@ -230,71 +220,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn unavailable(e: impl std::fmt::Display) -> MeshError {
     MeshError::Unavailable(e.to_string())
-}
-
-/// The NuroPb headers of a message of `kind`, sorted by name; `None` is
-/// void.
-fn nuropb_headers(kind: MessageType, trace_id: Option<&str>) -> [(&str, Option<&str>); 5] {
-    [
-        ("encrypted", Some("")),
-        ("nuropb_protocol", Some(NUROPB_PROTOCOL_VERSION)),
-        ("nuropb_type", Some(kind.as_str())),
-        ("nuropb_version", Some(NUROPB_LIBRARY_VERSION)),
-        ("trace_id", trace_id),
-    ]
-}
-
-/// [`nuropb_headers`] as lapin's table.
-fn headers(kind: MessageType, trace_id: Option<&str>) -> FieldTable {
-    let mut h = FieldTable::default();
-    for (name, value) in nuropb_headers(kind, trace_id) {
-        let value = value.map_or(AMQPValue::Void, |v| AMQPValue::LongString(v.into()));
-        h.insert(name.into(), value);
-    }
-    h
-}
-
-/// Where a received message's NuroPb headers are read: lapin's properties
-/// (the service queue) or the lane's, read in place.
-trait NuropbHeaders {
-    /// A string header's value; `None` when absent or not a string.
-    fn header(&self, key: &str) -> Option<Cow<'_, str>>;
-}
-
-impl NuropbHeaders for BasicProperties {
-    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
-        match self.headers().as_ref()?.inner().get(key)? {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes())),
-            AMQPValue::ShortString(s) => Some(Cow::Borrowed(s.as_str())),
-            _ => None,
-        }
-    }
-}
-
-impl NuropbHeaders for Received<'_> {
-    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
-        Received::header(self, key)
-    }
-}
-
-/// Check the nuropb headers and decode the body; why not, if not.
-fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
-    decode_message(&delivery.properties, &delivery.data)
-}
-
-fn decode_message(props: &impl NuropbHeaders, data: &[u8]) -> Result<MeshMessage, String> {
-    let protocol = props.header("nuropb_protocol");
-    if protocol.as_deref() != Some(NUROPB_PROTOCOL_VERSION) {
-        return Err(format!("unsupported nuropb_protocol {protocol:?}"));
-    }
-    let kind = props.header("nuropb_type");
-    let Some(kind) = kind.as_deref().and_then(MessageType::parse) else {
-        return Err(format!("unknown nuropb_type {kind:?}"));
-    };
-    if props.header("encrypted").as_deref() == Some("yes") {
-        return Err("encrypted payloads are not supported by this gateway".into());
-    }
-    MeshMessage::decode_as(kind, data)
 }
 
 impl AmqpMesh {
@@ -512,7 +437,7 @@ impl AmqpMesh {
             .with_correlation_id(correlation_id.into())
             .with_reply_to(self.shared.response_queue.as_str().into())
             .with_expiration(call.ttl.as_millis().max(1).to_string().into())
-            .with_headers(headers(kind, call.trace_id.as_deref()));
+            .with_headers(header_table(kind, call.trace_id.as_deref()));
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -579,7 +504,7 @@ impl AmqpMesh {
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_correlation_id(correlation_id.into())
-            .with_headers(headers(MessageType::Event, event.trace_id.as_deref()));
+            .with_headers(header_table(MessageType::Event, event.trace_id.as_deref()));
         let confirm = channel
             .basic_publish(
                 exchange.into(),
@@ -685,449 +610,10 @@ impl Mesh for AmqpMesh {
     }
 }
 
-struct Consumers {
-    /// The request lane's reading half: responses, control messages and
-    /// returned requests, and mesh events from a queue of their own (a
-    /// consumer with a small prefetch of its own, so a burst of events
-    /// never has more than that in front of a response).
-    lane: LaneIo,
-    requests: Consumer,
-}
-
-async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
-    let c = &shared.config;
-    let fail = |what: &str, e: lapin::Error| {
-        MeshError::Unavailable(format!("{what} on {}: {e}", redact_url(&c.url)))
-    };
-    let properties =
-        ConnectionProperties::default().with_connection_name(c.connection_name().into());
-    let connection = Connection::connect(&c.url, properties)
-        .await
-        .map_err(|e| fail("cannot connect", e))?;
-    let ch = connection
-        .create_channel()
-        .await
-        .map_err(|e| fail("cannot open a channel", e))?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    for (name, kind) in [
-        (&c.dl_exchange, ExchangeKind::Fanout),
-        (&c.events_exchange, ExchangeKind::Topic),
-        (&c.rpc_exchange, ExchangeKind::Direct),
-    ] {
-        ch.exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
-            .await
-            .map_err(|e| fail(&format!("cannot declare exchange {name}"), e))?;
-    }
-    let service_queue = c.service_queue();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(c.dl_exchange.as_str().into()),
-    );
-    ch.queue_declare(
-        service_queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: !c.transient,
-            auto_delete: c.transient,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await
-    .map_err(|e| fail(&format!("cannot declare queue {service_queue}"), e))?;
-    ch.queue_bind(
-        service_queue.as_str().into(),
-        c.rpc_exchange.as_str().into(),
-        c.service_name.as_str().into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| fail("cannot bind the service queue", e))?;
-    let rq: ShortString = shared.response_queue.as_str().into();
-    ch.queue_declare(
-        rq.clone(),
-        QueueDeclareOptions {
-            durable: false,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| fail("cannot declare the response queue", e))?;
-    if let Some(control) = &c.control_exchange {
-        ch.exchange_declare(
-            control.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(&format!("cannot declare exchange {control}"), e))?;
-        ch.queue_bind(
-            rq.clone(),
-            control.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail("cannot bind the control exchange", e))?;
-    }
-    let eq: ShortString = c.event_queue_name().as_str().into();
-    if !c.event_bindings.is_empty() {
-        // The broker keeps at most `event_queue` events for this instance
-        // and drops the oldest past that: memory stays bounded on both
-        // sides under a burst.
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-max-length".into(),
-            AMQPValue::LongLongInt(i64::try_from(c.event_queue).unwrap_or(i64::MAX)),
-        );
-        ch.queue_declare(
-            eq.clone(),
-            QueueDeclareOptions {
-                durable: false,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .map_err(|e| fail("cannot declare the event queue", e))?;
-    }
-    for topic in &c.event_bindings {
-        ch.queue_bind(
-            eq.clone(),
-            c.events_exchange.as_str().into(),
-            topic.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(&format!("cannot bind events `{topic}`"), e))?;
-    }
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| fail("cannot enable publisher confirms", e))?;
-    let consume = connection
-        .create_channel()
-        .await
-        .map_err(|e| fail("cannot open a channel", e))?;
-    consume
-        .basic_qos(c.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| fail("cannot set prefetch", e))?;
-    // Responses and control messages, on the lane, acknowledged in
-    // batches: the broker holds back what is past the prefetch, so a burst
-    // never piles up in this process.
-    let lane_name = format!("{} requests", c.connection_name());
-    let event_queue = c.event_queue_name();
-    let (lane, lane_io) = Lane::connect(LaneSpec {
-        url: &c.url,
-        name: &lane_name,
-        queue: &shared.response_queue,
-        prefetch: c.response_prefetch,
-        events: (!c.event_bindings.is_empty()).then_some((event_queue.as_str(), c.event_prefetch)),
-    })
-    .await
-    .map_err(|e| {
-        MeshError::Unavailable(format!("the request lane on {}: {e}", redact_url(&c.url)))
-    })?;
-    let requests = consume
-        .basic_consume(
-            service_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail("cannot consume the service queue", e))?;
-    *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
-        connection,
-        publish: ch,
-        lane,
-    });
-    shared.ready.store(true, Ordering::SeqCst);
-    tracing::info!(
-        url = %redact_url(&c.url),
-        service_queue = %service_queue,
-        response_queue = %shared.response_queue,
-        "joined the mesh"
-    );
-    Ok(Consumers {
-        lane: lane_io,
-        requests,
-    })
-}
-
-/// Own the consumers; on loss, fail what is in flight and reconnect.
-///
-/// Any failure below the connection (a consumer cancelled because its queue
-/// was deleted, a channel closed by an error, a publish channel that can no
-/// longer publish) is treated like a lost connection: the whole connection
-/// is closed and rebuilt, topology and bindings declared again. Keeping the
-/// old connection would keep its exclusive response-queue consumer, and
-/// every new attempt would be refused.
-async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
-    loop {
-        let mut dispatch = |incoming: Incoming<'_>| take_from_lane(&shared, incoming);
-        let why = tokio::select! {
-            _ = shared.shutdown.cancelled() => None,
-            e = consumers.lane.run(&mut dispatch) => Some(format!("the request lane ended: {e}")),
-            _ = consume_requests(&shared, &mut consumers.requests) => Some("the service-queue consumer ended".into()),
-            _ = shared.relink.notified() => Some("the publish channel failed".into()),
-        };
-        let Some(why) = why else {
-            consumers.lane.close(LANE_GOODBYE).await;
-            return;
-        };
-        shared.ready.store(false, Ordering::SeqCst);
-        shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        let waiting: Vec<_> = lock(&shared.pending).drain().collect();
-        for (_, tx) in waiting {
-            let _ = tx.send(Err(MeshError::Unavailable("broker connection lost".into())));
-        }
-        tracing::warn!(url = %redact_url(&shared.config.url), %why, "lost the broker link; rebuilding the connection");
-        // The old lane goes first: its exclusive consumer of the response
-        // queue would refuse the new one.
-        consumers.lane.close(LANE_GOODBYE).await;
-        drop(consumers);
-        let old = shared
-            .link
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(old) = old {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                old.connection.close(320, "rebuilding the link".into()),
-            )
-            .await;
-        }
-        let started = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        consumers = loop {
-            let attempt = tokio::time::timeout(shared.config.connect_timeout, establish(&shared));
-            let attempt = tokio::select! {
-                _ = shared.shutdown.cancelled() => return,
-                attempt = attempt => attempt,
-            };
-            match attempt {
-                Ok(Ok(c)) => break c,
-                Ok(Err(e)) => tracing::debug!(error = %e, "reconnect failed"),
-                Err(_) => tracing::debug!("reconnect timed out"),
-            }
-            // Full jitter: instances that lost the broker together do not
-            // come back in step.
-            let pause = backoff.mul_f64(0.5 + jitter() * 0.5);
-            tokio::select! {
-                _ = shared.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
-            }
-            backoff = (backoff * 2).min(shared.config.max_backoff);
-        };
-        tracing::info!(after = ?started.elapsed(), "the broker link is back");
-    }
-}
-
-/// What the broker sent on the lane: responses complete their calls,
-/// control messages and events go to their queues, and a request nobody
-/// could take (AMQP NO_ROUTE) fails its call with `NotDelivered` at once.
-fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
-    match incoming {
-        Incoming::Delivery {
-            properties,
-            body,
-            event: true,
-        } => match decode_message(&properties, body) {
-            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => tracing::debug!(
-                kind = other.message_type().as_str(),
-                "unexpected message on the event queue, dropped"
-            ),
-            Err(why) => tracing::debug!(%why, "undecodable message on the event queue, dropped"),
-        },
-        Incoming::Delivery {
-            properties, body, ..
-        } => match decode_message(&properties, body) {
-            Ok(MeshMessage::Response(resp)) => complete(shared, resp),
-            Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
-                if shared.control.try_send(ev.event).is_err() {
-                    shared.events_dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("control message dropped: the control queue is full");
-                }
-            }
-            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => tracing::debug!(
-                kind = other.message_type().as_str(),
-                "unexpected message on the response queue, dropped"
-            ),
-            Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
-        },
-        Incoming::Returned { properties } => {
-            let waiter = properties
-                .correlation_id()
-                .and_then(|id| lock(&shared.pending).remove(id));
-            if let Some(tx) = waiter {
-                // The caller fills in the names.
-                let _ = tx.send(Err(MeshError::NotDelivered {
-                    service: String::new(),
-                    method: String::new(),
-                }));
-            }
-        }
-    }
-}
-
-/// How long a closing lane waits for the broker's answer to its goodbye.
-const LANE_GOODBYE: Duration = Duration::from_secs(1);
-
-/// A number in [0, 1) that differs between calls and processes.
-fn jitter() -> f64 {
-    let n = uuid::Uuid::new_v4().as_u128() as u64;
-    (n >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Hand queued items (events, control messages) to the handler with
-/// `handle`, one at a time, until shutdown.
-async fn deliver<T>(
-    shared: Arc<Shared>,
-    mut queue: mpsc::Receiver<T>,
-    handle: for<'a> fn(&'a dyn MeshHandler, T) -> BoxFuture<'a, ()>,
-) {
-    loop {
-        let item = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            item = queue.recv() => item,
-        };
-        let Some(item) = item else { return };
-        handle(shared.handler.as_ref(), item).await;
-    }
-}
-
-fn complete(shared: &Shared, resp: ResponseBody) {
-    let waiter = lock(&shared.pending).remove(&resp.correlation_id);
-    match waiter {
-        Some(tx) => {
-            let outcome = match resp.error {
-                Some(err) => Err(MeshError::Remote(err)),
-                None => Ok(resp.result),
-            };
-            let _ = tx.send(outcome);
-        }
-        None => tracing::debug!(
-            correlation_id = %resp.correlation_id,
-            "response nobody waits for (timed out or cancelled), dropped"
-        ),
-    }
-}
-
-async fn consume_requests(shared: &Arc<Shared>, consumer: &mut Consumer) {
-    while let Some(delivery) = consumer.next().await {
-        let Ok(delivery) = delivery else { return };
-        let shared2 = shared.clone();
-        // The broker delivers at most `prefetch` unacked messages, which
-        // bounds these tasks.
-        shared
-            .tasks
-            .spawn(async move { serve_delivery(&shared2, delivery).await });
-    }
-}
-
-async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
-    let msg = match decode_delivery(&delivery) {
-        Ok(m) => m,
-        Err(why) => {
-            tracing::debug!(%why, "rejecting an undecodable service message");
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
-            return;
-        }
-    };
-    match msg {
-        MeshMessage::Request(req) => {
-            let reply_to = delivery
-                .properties
-                .reply_to()
-                .as_ref()
-                .map(|r| r.as_str().to_owned())
-                .unwrap_or_default();
-            let correlation_id = req.correlation_id.clone();
-            let trace_id = req.trace_id.clone();
-            let context = req.context.clone();
-            let outcome = shared.handler.handle_request(req.into()).await;
-            let (result, error) = match outcome {
-                Ok(v) => (RawJson::from(v), None),
-                Err(e) => (RawJson::null(), Some(e)),
-            };
-            let body = MeshMessage::Response(ResponseBody {
-                correlation_id: correlation_id.clone(),
-                context,
-                trace_id: trace_id.clone(),
-                result,
-                error,
-                warning: None,
-                reply_to: String::new(),
-            });
-            if reply_to.is_empty() {
-                tracing::debug!("request without reply_to, answered nowhere");
-            } else if let Err(e) = publish_response(
-                shared,
-                &reply_to,
-                &correlation_id,
-                trace_id.as_deref(),
-                &body,
-            )
-            .await
-            {
-                tracing::debug!(error = %e, "could not publish a response");
-            }
-        }
-        MeshMessage::Command(cmd) => {
-            let _ = shared.handler.handle_request(cmd.into()).await;
-        }
-        MeshMessage::Event(ev) => {
-            shared.handler.handle_event(ev.into()).await;
-        }
-        MeshMessage::Response(_) => {
-            tracing::debug!("a response on the service queue, dropped");
-        }
-    }
-    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-}
-
-async fn publish_response(
-    shared: &Shared,
-    reply_to: &str,
-    correlation_id: &str,
-    trace_id: Option<&str>,
-    body: &MeshMessage,
-) -> Result<(), MeshError> {
-    let channel = shared.publish_channel()?;
-    let payload = serde_json::to_vec(body).map_err(unavailable)?;
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_correlation_id(correlation_id.into())
-        .with_headers(headers(MessageType::Response, trace_id));
-    channel
-        .basic_publish(
-            "".into(),
-            reply_to.into(),
-            BasicPublishOptions::default(),
-            &payload,
-            props,
-        )
-        .await
-        .map_err(|e| shared.channel_error(e))?;
-    Ok(())
-}
+mod headers;
+mod service;
+mod supervisor;
+mod topology;
 
 #[cfg(test)]
 mod tests {
@@ -1156,23 +642,5 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host/"), "amqp://host/");
-    }
-
-    #[test]
-    fn headers_carry_the_nuropb_fields() {
-        let h = headers(MessageType::Request, Some("t1"));
-        let get = |k: &str| h.inner().get(k).cloned();
-        assert_eq!(
-            get("nuropb_protocol"),
-            Some(AMQPValue::LongString("0.1.1".into()))
-        );
-        assert_eq!(
-            get("nuropb_type"),
-            Some(AMQPValue::LongString("request".into()))
-        );
-        assert_eq!(get("trace_id"), Some(AMQPValue::LongString("t1".into())));
-        assert_eq!(get("encrypted"), Some(AMQPValue::LongString("".into())));
-        let h = headers(MessageType::Event, None);
-        assert_eq!(h.inner().get("trace_id"), Some(&AMQPValue::Void));
     }
 }

@@ -1,0 +1,106 @@
+//! The NuroPb headers: what the gateway writes on every message it sends
+//! (protocol, type, version, trace id), and the check of a received
+//! message's headers before its body is decoded.
+
+use std::borrow::Cow;
+
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::super::lane::Received;
+use crate::protocol::{MeshMessage, MessageType, NUROPB_LIBRARY_VERSION, NUROPB_PROTOCOL_VERSION};
+
+/// The NuroPb headers of a message of `kind`, sorted by name; `None` is
+/// void.
+pub(super) fn nuropb_headers(
+    kind: MessageType,
+    trace_id: Option<&str>,
+) -> [(&str, Option<&str>); 5] {
+    [
+        ("encrypted", Some("")),
+        ("nuropb_protocol", Some(NUROPB_PROTOCOL_VERSION)),
+        ("nuropb_type", Some(kind.as_str())),
+        ("nuropb_version", Some(NUROPB_LIBRARY_VERSION)),
+        ("trace_id", trace_id),
+    ]
+}
+
+/// [`nuropb_headers`] as lapin's table.
+pub(super) fn header_table(kind: MessageType, trace_id: Option<&str>) -> FieldTable {
+    let mut h = FieldTable::default();
+    for (name, value) in nuropb_headers(kind, trace_id) {
+        let value = value.map_or(AMQPValue::Void, |v| AMQPValue::LongString(v.into()));
+        h.insert(name.into(), value);
+    }
+    h
+}
+
+/// Where a received message's NuroPb headers are read: lapin's properties
+/// (the service queue) or the lane's, read in place.
+pub(super) trait NuropbHeaders {
+    /// A string header's value; `None` when absent or not a string.
+    fn header(&self, key: &str) -> Option<Cow<'_, str>>;
+}
+
+impl NuropbHeaders for BasicProperties {
+    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
+        match self.headers().as_ref()?.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes())),
+            AMQPValue::ShortString(s) => Some(Cow::Borrowed(s.as_str())),
+            _ => None,
+        }
+    }
+}
+
+impl NuropbHeaders for Received<'_> {
+    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
+        Received::header(self, key)
+    }
+}
+
+/// Check the nuropb headers and decode the body; why not, if not.
+pub(super) fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
+    decode_message(&delivery.properties, &delivery.data)
+}
+
+pub(super) fn decode_message(
+    props: &impl NuropbHeaders,
+    data: &[u8],
+) -> Result<MeshMessage, String> {
+    let protocol = props.header("nuropb_protocol");
+    if protocol.as_deref() != Some(NUROPB_PROTOCOL_VERSION) {
+        return Err(format!("unsupported nuropb_protocol {protocol:?}"));
+    }
+    let kind = props.header("nuropb_type");
+    let Some(kind) = kind.as_deref().and_then(MessageType::parse) else {
+        return Err(format!("unknown nuropb_type {kind:?}"));
+    };
+    if props.header("encrypted").as_deref() == Some("yes") {
+        return Err("encrypted payloads are not supported by this gateway".into());
+    }
+    MeshMessage::decode_as(kind, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_carry_the_nuropb_fields() {
+        let h = header_table(MessageType::Request, Some("t1"));
+        let get = |k: &str| h.inner().get(k).cloned();
+        assert_eq!(
+            get("nuropb_protocol"),
+            Some(AMQPValue::LongString("0.1.1".into()))
+        );
+        assert_eq!(
+            get("nuropb_type"),
+            Some(AMQPValue::LongString("request".into()))
+        );
+        assert_eq!(get("trace_id"), Some(AMQPValue::LongString("t1".into())));
+        assert_eq!(get("encrypted"), Some(AMQPValue::LongString("".into())));
+        let h = header_table(MessageType::Event, None);
+        assert_eq!(h.inner().get("trace_id"), Some(&AMQPValue::Void));
+    }
+}

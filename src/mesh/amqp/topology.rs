@@ -1,0 +1,239 @@
+//! The link's topology, declared each time it is built: the exchanges,
+//! the service queue (dead-lettered) bound to the RPC exchange, the
+//! instance's response queue (bound to the control exchange), its event
+//! queue bound to each event rule's topic; then the request lane and the
+//! service-queue consumer.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+
+use super::super::lane::{Lane, LaneIo, LaneSpec};
+use super::{AmqpConfig, Link, Shared};
+use crate::mesh::{MeshError, redact_url};
+
+pub(super) struct Consumers {
+    /// The request lane's reading half: responses, control messages and
+    /// returned requests, and mesh events from a queue of their own (a
+    /// consumer with a small prefetch of its own, so a burst of events
+    /// never has more than that in front of a response).
+    pub(super) lane: LaneIo,
+    pub(super) requests: Consumer,
+}
+
+/// Why a step of the link's set-up failed, naming the broker.
+fn fail(c: &AmqpConfig, what: &str, e: lapin::Error) -> MeshError {
+    MeshError::Unavailable(format!("{what} on {}: {e}", redact_url(&c.url)))
+}
+
+/// Build the link: connect, declare the topology, open the lane, consume
+/// the service queue; then the mesh is ready.
+pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshError> {
+    let c = &shared.config;
+    let properties =
+        ConnectionProperties::default().with_connection_name(c.connection_name().into());
+    let connection = Connection::connect(&c.url, properties)
+        .await
+        .map_err(|e| fail(c, "cannot connect", e))?;
+    let ch = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail(c, "cannot open a channel", e))?;
+    declare_exchanges(&ch, c).await?;
+    declare_service_queue(&ch, c).await?;
+    declare_response_queue(&ch, c, &shared.response_queue).await?;
+    declare_event_queue(&ch, c).await?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| fail(c, "cannot enable publisher confirms", e))?;
+    let consume = connection
+        .create_channel()
+        .await
+        .map_err(|e| fail(c, "cannot open a channel", e))?;
+    consume
+        .basic_qos(c.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| fail(c, "cannot set prefetch", e))?;
+    // Responses and control messages, on the lane, acknowledged in
+    // batches: the broker holds back what is past the prefetch, so a burst
+    // never piles up in this process.
+    let lane_name = format!("{} requests", c.connection_name());
+    let event_queue = c.event_queue_name();
+    let (lane, lane_io) = Lane::connect(LaneSpec {
+        url: &c.url,
+        name: &lane_name,
+        queue: &shared.response_queue,
+        prefetch: c.response_prefetch,
+        events: (!c.event_bindings.is_empty()).then_some((event_queue.as_str(), c.event_prefetch)),
+    })
+    .await
+    .map_err(|e| {
+        MeshError::Unavailable(format!("the request lane on {}: {e}", redact_url(&c.url)))
+    })?;
+    let service_queue = c.service_queue();
+    let requests = consume
+        .basic_consume(
+            service_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(c, "cannot consume the service queue", e))?;
+    *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
+        connection,
+        publish: ch,
+        lane,
+    });
+    shared.ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        url = %redact_url(&c.url),
+        service_queue = %service_queue,
+        response_queue = %shared.response_queue,
+        "joined the mesh"
+    );
+    Ok(Consumers {
+        lane: lane_io,
+        requests,
+    })
+}
+
+const DURABLE: ExchangeDeclareOptions = ExchangeDeclareOptions {
+    passive: false,
+    durable: true,
+    auto_delete: false,
+    internal: false,
+    nowait: false,
+};
+
+/// NuroPb's exchanges: dead letters, events (topic), RPC (direct).
+async fn declare_exchanges(ch: &Channel, c: &AmqpConfig) -> Result<(), MeshError> {
+    for (name, kind) in [
+        (&c.dl_exchange, ExchangeKind::Fanout),
+        (&c.events_exchange, ExchangeKind::Topic),
+        (&c.rpc_exchange, ExchangeKind::Direct),
+    ] {
+        ch.exchange_declare(name.as_str().into(), kind, DURABLE, FieldTable::default())
+            .await
+            .map_err(|e| fail(c, &format!("cannot declare exchange {name}"), e))?;
+    }
+    Ok(())
+}
+
+/// The BFF's service queue (dead-lettered), bound to the RPC exchange by
+/// its service name: other services call the BFF through it.
+async fn declare_service_queue(ch: &Channel, c: &AmqpConfig) -> Result<(), MeshError> {
+    let service_queue = c.service_queue();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(c.dl_exchange.as_str().into()),
+    );
+    ch.queue_declare(
+        service_queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: !c.transient,
+            auto_delete: c.transient,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| fail(c, &format!("cannot declare queue {service_queue}"), e))?;
+    ch.queue_bind(
+        service_queue.as_str().into(),
+        c.rpc_exchange.as_str().into(),
+        c.service_name.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| fail(c, "cannot bind the service queue", e))
+}
+
+/// The instance's response queue, and with several instances the control
+/// exchange bound to it.
+async fn declare_response_queue(
+    ch: &Channel,
+    c: &AmqpConfig,
+    response_queue: &str,
+) -> Result<(), MeshError> {
+    let rq: ShortString = response_queue.into();
+    ch.queue_declare(
+        rq.clone(),
+        QueueDeclareOptions {
+            durable: false,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| fail(c, "cannot declare the response queue", e))?;
+    let Some(control) = &c.control_exchange else {
+        return Ok(());
+    };
+    ch.exchange_declare(
+        control.as_str().into(),
+        ExchangeKind::Fanout,
+        DURABLE,
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| fail(c, &format!("cannot declare exchange {control}"), e))?;
+    ch.queue_bind(
+        rq,
+        control.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| fail(c, "cannot bind the control exchange", e))
+}
+
+/// The instance's event queue, bound to the events exchange with each
+/// event rule's topic (none without rules).
+async fn declare_event_queue(ch: &Channel, c: &AmqpConfig) -> Result<(), MeshError> {
+    if c.event_bindings.is_empty() {
+        return Ok(());
+    }
+    let eq: ShortString = c.event_queue_name().as_str().into();
+    // The broker keeps at most `event_queue` events for this instance and
+    // drops the oldest past that: memory stays bounded on both sides under
+    // a burst.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::try_from(c.event_queue).unwrap_or(i64::MAX)),
+    );
+    ch.queue_declare(
+        eq.clone(),
+        QueueDeclareOptions {
+            durable: false,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| fail(c, "cannot declare the event queue", e))?;
+    for topic in &c.event_bindings {
+        ch.queue_bind(
+            eq.clone(),
+            c.events_exchange.as_str().into(),
+            topic.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(c, &format!("cannot bind events `{topic}`"), e))?;
+    }
+    Ok(())
+}
