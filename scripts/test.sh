@@ -72,3 +72,6 @@ export USER="${USER:-bff}"
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets "$@"
+# Doc tests: the public types' examples compile and run (`--all-targets`
+# skips them).
+cargo test --doc

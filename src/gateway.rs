@@ -27,6 +27,34 @@ use crate::session::{Caps, Sessions};
 
 /// The gateway: shared state, the mesh it joined, and its lifecycle. Cheap
 /// to clone; clones share everything.
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use nuropb_bff::{Gateway, MemoryMesh, RouteTable, Settings, StubService};
+/// use serde_json::json;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A BFF routing `orders.*`, on the in-process mesh with one service.
+/// let routes = RouteTable::parse("routes.toml", "[[route]]\ncall = \"orders.*\"\n")?;
+/// let mesh = MemoryMesh::new();
+/// let orders = StubService::new("orders")
+///     .method("get", |req| async move { Ok(json!({"id": req.params["id"]})) });
+/// mesh.add_service("orders", Arc::new(orders), Vec::new());
+/// let serving = Gateway::builder(Settings::new("shop-bff"))
+///     .routes(routes)
+///     .memory_mesh(mesh)
+///     .start()
+///     .await?
+///     .spawn()
+///     .await?;
+/// assert!(serving.ws_url().starts_with("ws://127.0.0.1:"));
+/// assert!(serving.gateway().is_ready());
+/// serving.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Gateway(Arc<Inner>);
 
@@ -107,17 +135,7 @@ impl GatewayBuilder {
             Some(r) => r,
             None => RouteTable::load(&settings.routes)?,
         };
-        if let Some(own) = routes
-            .routes()
-            .iter()
-            .find(|r| r.service == settings.mesh_service_name && r.method.is_none())
-        {
-            return Err(RunError::Invalid(format!(
-                "route `{}` would let clients call this BFF's own mesh methods \
-                 (send_to_users, broadcast, ...); route them one by one if you mean to",
-                own.describe()
-            )));
-        }
+        check_routes(&settings, &routes)?;
         let auth = match self.auth {
             Some(a) => a,
             None => auth_from_settings(&settings)?,
@@ -192,6 +210,40 @@ impl GatewayBuilder {
         }
         Ok(gateway)
     }
+}
+
+/// The routing file the settings name, loaded and checked against them:
+/// what a gateway checks at start-up, with the same messages, for a CI job
+/// or a generated crate's own test to run without starting anything.
+pub fn load_routes(settings: &Settings) -> Result<RouteTable, RunError> {
+    let routes = RouteTable::load(&settings.routes)?;
+    check_routes(settings, &routes)?;
+    Ok(routes)
+}
+
+/// What the settings and the routing table must agree on: no route opens
+/// the BFF's own mesh methods to clients, and `hello_call` is routed.
+fn check_routes(settings: &Settings, routes: &RouteTable) -> Result<(), RunError> {
+    if let Some(own) = routes
+        .routes()
+        .iter()
+        .find(|r| r.service == settings.mesh_service_name && r.method.is_none())
+    {
+        return Err(RunError::Invalid(format!(
+            "route `{}` would let clients call this BFF's own mesh methods \
+                 (send_to_users, broadcast, ...); route them one by one if you mean to",
+            own.describe()
+        )));
+    }
+    if let Some(call) = &settings.hello_call {
+        routes.check_call(call).map_err(|why| {
+            RunError::Invalid(format!(
+                "hello_call (BFF_HELLO_CALL): {why} ({})",
+                settings.routes.display()
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// Counts the client calls in flight, and wakes the drain when none is left.

@@ -15,6 +15,29 @@ use crate::protocol::{ClientCall, ErrorBody, Params, RawJson};
 
 /// The WebSocket handler hooks of a BFF. Every method has a default, so a
 /// BFF overrides only what it needs.
+///
+/// ```
+/// use nuropb_bff::{Call, SessionInfo, WsHandler};
+/// use serde_json::Value;
+///
+/// #[derive(Debug)]
+/// struct Handler;
+///
+/// impl WsHandler for Handler {
+///     // A header every service of this BFF reads.
+///     fn on_request(&self, session: &SessionInfo, call: &mut Call) {
+///         let tenant = session.user_id.split('/').next().unwrap_or_default();
+///         call.context.insert("tenant".into(), Value::String(tenant.into()));
+///     }
+///
+///     // Internal events never reach a browser.
+///     fn on_event(&self, topic: &str, event: Value) -> Option<Value> {
+///         (!topic.starts_with("internal.")).then_some(event)
+///     }
+/// }
+///
+/// assert!(Handler.on_event("internal.audit", Value::Null).is_none());
+/// ```
 pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
     /// The `hello` event sent once a connection is authenticated.
     fn hello(&self, session: &SessionInfo) -> Value {

@@ -34,8 +34,8 @@ mod topic;
 mod ws;
 
 pub use auth::{
-    AuthError, AuthHook, Identity, JwksProvider, JwtVerifier, NoAuth, auth_from_settings,
-    jwt_verifier_from_settings,
+    AuthError, AuthHook, ClaimsMapper, Identity, JwksProvider, JwtVerifier, NoAuth,
+    auth_from_settings, jwt_verifier_from_settings,
 };
 pub use cli::main;
 pub use config::{
@@ -44,7 +44,7 @@ pub use config::{
 };
 pub use error::RunError;
 pub use frontend::{ServiceDescriptions, client_ts, describe_services};
-pub use gateway::{Gateway, GatewayBuilder, Serving};
+pub use gateway::{Gateway, GatewayBuilder, Serving, load_routes};
 pub use hooks::{DefaultHandler, LocalCall, MeshClient, WsHandler};
 /// The signing algorithms of [`JwtVerifier::with_algorithms`].
 pub use jsonwebtoken::Algorithm as JwtAlgorithm;

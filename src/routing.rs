@@ -89,6 +89,47 @@ pub(crate) struct Resolved<'a> {
     pub method: &'a str,
 }
 
+/// The allow-list a gateway routes by (`routes.toml`): routes, event rules
+/// and composed routes, checked when loaded (a bad entry names its file and
+/// line).
+///
+/// ```
+/// use nuropb_bff::RouteTable;
+///
+/// let file = r#"
+/// [[route]]
+/// call = "orders.*"
+///
+/// [[route]]
+/// call = "users.get_profile"
+/// expose_as = "me.profile"
+/// roles = ["user"]
+///
+/// [[event]]
+/// topic = "orders.#"
+/// deliver = "subscribers"
+///
+/// [[compose]]
+/// name = "home.load"
+/// [[compose.part]]
+/// key = "profile"
+/// call = "me.profile"
+/// "#;
+/// let routes = RouteTable::parse("routes.toml", file)?;
+/// assert_eq!(routes.routes().len(), 2);
+/// assert_eq!(routes.composed_routes()[0].parts[0].key, "profile");
+/// assert!(routes.check_call("orders.list").is_ok());
+/// assert!(routes.check_call("orders._private").is_err());
+///
+/// // A part no route covers: refused, with where it is.
+/// let err = RouteTable::parse(
+///     "routes.toml",
+///     "[[compose]]\nname = \"a.b\"\n[[compose.part]]\nkey = \"k\"\ncall = \"users.get\"\n",
+/// )
+/// .unwrap_err();
+/// assert_eq!((err.line, err.to_string().contains("is not routed")), (5, true));
+/// # Ok::<(), nuropb_bff::RoutesError>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
@@ -398,6 +439,16 @@ impl RouteTable {
                         ));
                     }
                 };
+                if table.resolve(&service, &method).is_none() {
+                    return Err(at(
+                        p.call.span(),
+                        format!(
+                            "`{service}.{method}` is not routed: each part must name a route \
+                             above (a `service.*` route covers public method names: a letter, \
+                             then letters, digits or `_`)"
+                        ),
+                    ));
+                }
                 let params = match &p.params {
                     None => PartParams::Client,
                     Some(v) => match v.get_ref() {
@@ -434,6 +485,21 @@ impl RouteTable {
             });
         }
         Ok(table)
+    }
+
+    /// Whether a route covers `call` (`service.method`, by the name a
+    /// client calls); why not, when not.
+    pub fn check_call(&self, call: &str) -> Result<(), String> {
+        let Ok((service, Some(method))) = parse_call(call) else {
+            return Err(format!("must be a routed `service.method`, found `{call}`"));
+        };
+        if self.resolve(&service, &method).is_some() {
+            return Ok(());
+        }
+        Err(format!(
+            "`{call}` is not routed by the routing file (a `service.*` route covers public \
+             method names: a letter, then letters, digits or `_`)"
+        ))
     }
 
     /// The composed route a client's `service.method` names, and its index.
@@ -698,5 +764,38 @@ topic = "news.*"
         let t = RouteTable::parse("r.toml", "").unwrap();
         assert!(t.resolve("a", "b").is_none());
         assert!(t.routes().is_empty());
+    }
+
+    #[test]
+    fn composed_parts_and_calls_are_checked_against_the_routes() {
+        let file = "[[route]]\ncall = \"svc.*\"\n\n[[route]]\ncall = \"users.get\"\nexpose_as = \"me.get\"\n";
+        let part = |call: &str| {
+            format!(
+                "{file}[[compose]]\nname = \"home.load\"\n[[compose.part]]\nkey = \"a\"\ncall = \"{call}\"\n"
+            )
+        };
+        for routed in ["svc.list", "me.get"] {
+            RouteTable::parse("r.toml", &part(routed)).unwrap();
+        }
+        // What a `service.*` route does not cover, and names clients do
+        // not call (`users.get` is exposed as `me.get`).
+        for unrouted in [
+            "svc.9x",
+            "svc.a-b",
+            "svc._private",
+            "svc.nuropb_describe",
+            "users.get",
+            "other.x",
+        ] {
+            let e = RouteTable::parse("r.toml", &part(unrouted)).unwrap_err();
+            assert_eq!(e.line, 11, "{unrouted}: {e}");
+            assert!(e.message.contains("is not routed"), "{unrouted}: {e}");
+        }
+        let t = RouteTable::parse("r.toml", file).unwrap();
+        assert!(t.check_call("svc.list").is_ok());
+        assert!(t.check_call("me.get").is_ok());
+        for bad in ["svc.9x", "users.get", "svc", "svc.*"] {
+            assert!(t.check_call(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -26,6 +26,9 @@ timeout_ms = 300
 call = "{py}.whoami"
 roles = ["admin"]
 
+[[route]]
+call = "{absent}.x"
+
 [[compose]]
 name = "screen.all"
 [[compose.part]]
@@ -132,7 +135,7 @@ async fn composed_routes_gather_parts_concurrently_and_name_what_failed() {
     let failed = &r["failed"];
     assert_eq!(failed["broken"]["error"], "NuropbException", "{r}");
     assert_eq!(failed["slow"]["error"], "Timeout", "{r}");
-    assert_eq!(failed["nowhere"]["error"], "RouteNotFound", "{r}");
+    assert_eq!(failed["nowhere"]["error"], "NuropbNotDeliveredError", "{r}");
     assert_eq!(failed["secret"]["error"], "Forbidden", "{r}");
 
     let r = c
@@ -211,4 +214,36 @@ async fn hello_carries_the_hello_call_or_says_why_not() {
         assert_eq!(r["result"], 3, "{r}");
         gw.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_routes_do_not_cover_stop_the_start_naming_them() {
+    let py = unique("unrouted");
+    let absent = unique("absent");
+    let file = std::env::temp_dir().join(format!("{py}.toml"));
+    std::fs::write(&file, routes(&py, &absent)).unwrap();
+    let mut settings = nuropb_bff::Settings::new("bff");
+    settings.routes = file.clone();
+    settings.hello_call = Some(format!("{py}.9x"));
+    let err = nuropb_bff::load_routes(&settings).unwrap_err().to_string();
+    assert!(err.contains("hello_call (BFF_HELLO_CALL)"), "{err}");
+    assert!(err.contains(&format!("`{py}.9x` is not routed")), "{err}");
+    let started = nuropb_bff::Gateway::builder(settings.clone()).start().await;
+    let err = started
+        .err()
+        .expect("a gateway with an unrouted hello_call does not start")
+        .to_string();
+    assert!(err.contains("hello_call"), "{err}");
+
+    // A composed part outside the routes: the routing file's own error,
+    // with its line.
+    let text = routes(&py, &absent).replace(
+        &format!("key = \"nowhere\"\ncall = \"{absent}.x\""),
+        "key = \"nowhere\"\ncall = \"other.x\"",
+    );
+    std::fs::write(&file, text).unwrap();
+    settings.hello_call = None;
+    let err = nuropb_bff::load_routes(&settings).unwrap_err().to_string();
+    assert!(err.contains("`other.x` is not routed"), "{err}");
+    let _ = std::fs::remove_file(&file);
 }

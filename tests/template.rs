@@ -517,7 +517,6 @@ fn invalid_answers_are_refused_naming_the_key() {
     let cases: &[(&str, &str, &str)] = &[
         ("routes", "orders", "routes"),
         ("routes", "orders.get,bad route", "routes"),
-        ("routes", "orders.get,orders.get", "routes"),
         ("port", "http", "port"),
         ("port", "70000", "port"),
         ("auth", "magic", "auth"),
@@ -530,10 +529,7 @@ fn invalid_answers_are_refused_naming_the_key() {
         ("runtime_path", "relative/path", "runtime_path"),
         ("runtime_source", "path", "runtime_path"),
         ("runtime_source", "svn", "runtime_source"),
-        ("compose", "home.load=billing.charge", "compose"),
         ("compose", "home.load", "compose"),
-        ("compose", "echo.x=echo.a", "compose"),
-        ("hello_call", "users.get_profile", "hello_call"),
         ("hello_call", "users", "hello_call"),
     ];
     for (key, value, named) in cases {
@@ -557,6 +553,95 @@ fn invalid_answers_are_refused_naming_the_key() {
         });
         assert!(!half_written, "{key}={value} left files behind: {left:?}");
         let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+/// The generated settings file names what a team sets; the runtime's
+/// defaults stand in it as comments, and they are this release's defaults.
+#[test]
+fn the_generated_settings_show_the_runtimes_defaults_as_comments() {
+    let text = std::fs::read_to_string(repo().join("template/config/default.toml")).unwrap();
+    let (set, defaults) = text
+        .split_once("# The runtime's defaults")
+        .expect("a section of defaults");
+    for key in [
+        "log",
+        "shutdown_grace_ms",
+        "[limits]",
+        "[mesh_api]",
+        "max_frame_bytes",
+    ] {
+        assert!(
+            !set.lines().any(|l| l.trim_start().starts_with(key)),
+            "`{key}` is set, not left to the runtime"
+        );
+    }
+    // The commented lines, uncommented, as a TOML document.
+    let uncommented: String = defaults
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("{%"))
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let shown: toml::Table =
+        toml::from_str(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    let runtime = toml::Table::try_from(nuropb_bff::Settings::new("x")).unwrap();
+    let mut compared = 0;
+    for (key, value) in &shown {
+        match value {
+            toml::Value::Table(section) => {
+                for (k, v) in section {
+                    assert_eq!(Some(v), runtime[key].get(k), "[{key}] {k}");
+                    compared += 1;
+                }
+            }
+            v => {
+                assert_eq!(Some(v), runtime.get(key), "{key}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 20, "{compared} defaults shown:\n{uncommented}");
+}
+
+/// Answers of the right form that disagree with each other generate a crate
+/// whose own test stops with the runtime's message (the one the BFF would
+/// start with): the hook writes entries and checks none of them.
+#[test]
+fn answers_that_disagree_are_reported_by_the_runtime_in_the_crates_own_test() {
+    type Answers<'a> = &'a [(&'a str, &'a str)];
+    let cases: &[(&str, Answers, &str)] = &[
+        (
+            "twice-bff",
+            &[("routes", "orders.get,orders.get")],
+            "`orders.get` is routed twice",
+        ),
+        (
+            "part-bff",
+            &[("routes", "svc.*"), ("compose", "home.load=svc.9x")],
+            "`svc.9x` is not routed",
+        ),
+        (
+            "hello-bff",
+            &[("routes", "echo.*"), ("hello_call", "users.get_profile")],
+            "hello_call (BFF_HELLO_CALL): `users.get_profile` is not routed",
+        ),
+    ];
+    for (name, answers, message) in cases {
+        let d = generate_crate(name, answers);
+        let out = cargo(&d, &["test", "--test", "bff", "the_routing_table_is_valid"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{name}: its test passed:\n{text}");
+        assert!(
+            text.contains(message),
+            "{name}: `{message}` not in:\n{text}"
+        );
     }
 }
 

@@ -26,11 +26,38 @@ enum Keys {
     Jwks(Jwks),
 }
 
+/// Turns a verified token's claims into the identity a connection acts
+/// for (see [`JwtVerifier::map_claims`]).
+pub type ClaimsMapper =
+    Arc<dyn Fn(&str, &Map<String, Value>) -> Result<Identity, AuthError> + Send + Sync>;
+
 /// Verifies a token's signature, expiry, `nbf`, issuer and audience and
-/// returns its claims. Cheap to clone; clones share the keys.
+/// returns its claims; as an [`AuthHook`], maps them to an [`Identity`]
+/// ([`Identity::from_claims`] unless [`JwtVerifier::map_claims`] says
+/// otherwise). Cheap to clone; clones share the keys.
+///
+/// ```
+/// use nuropb_bff::JwtVerifier;
+/// use jsonwebtoken::{EncodingKey, Header, encode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let secret = b"a-secret-of-at-least-32-bytes-long";
+/// let verifier = JwtVerifier::hs256(secret, Some("https://idp.example"), None);
+/// let claims = serde_json::json!({"sub": "ann", "iss": "https://idp.example", "exp": 4_000_000_000u64});
+/// let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(secret)).unwrap();
+/// assert_eq!(verifier.verify(&token).await.unwrap()["sub"], "ann");
+///
+/// let other = serde_json::json!({"sub": "ann", "iss": "https://evil.example", "exp": 4_000_000_000u64});
+/// let token = encode(&Header::default(), &other, &EncodingKey::from_secret(secret)).unwrap();
+/// assert!(verifier.verify(&token).await.is_err(), "another issuer");
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct JwtVerifier {
     keys: Keys,
+    /// Claims to identity, for the hook.
+    identity: ClaimsMapper,
     /// Everything but the algorithm (and, for JWKS, the issuer).
     validation: Validation,
     /// The settings' restriction (`jwt_algorithms`); empty: none.
@@ -115,6 +142,7 @@ impl JwtVerifier {
         let jwks = Jwks::new(providers, options)?;
         Ok(Self {
             keys: Keys::Jwks(jwks),
+            identity: Arc::new(Identity::from_claims),
             validation: validation(None, audience),
             allowed: Vec::new(),
         })
@@ -153,9 +181,42 @@ impl JwtVerifier {
     fn fixed(key: VerifyKey, issuer: Option<&str>, audience: Option<&str>) -> Self {
         Self {
             keys: Keys::Fixed(Arc::new(key)),
+            identity: Arc::new(Identity::from_claims),
             validation: validation(issuer, audience),
             allowed: Vec::new(),
         }
+    }
+
+    /// Map a verified token's claims to the identity a connection acts for
+    /// with `identity` (a tenant claim into the user id, roles from a
+    /// custom claim, ...) instead of [`Identity::from_claims`]. The
+    /// verifier stays the hook: keys, readiness and refreshes unchanged.
+    ///
+    /// ```
+    /// use nuropb_bff::{AuthError, Identity, JwtVerifier};
+    /// use serde_json::{Map, Value};
+    ///
+    /// fn tenant_user(token: &str, claims: &Map<String, Value>) -> Result<Identity, AuthError> {
+    ///     let mut id = Identity::from_claims(token, claims)?;
+    ///     if let Some(tenant) = claims.get("tenant").and_then(Value::as_str) {
+    ///         id.user_id = format!("{tenant}/{}", id.user_id);
+    ///     }
+    ///     Ok(id)
+    /// }
+    ///
+    /// let verifier = JwtVerifier::hs256(b"a-secret-of-at-least-32-bytes-long", None, None)
+    ///     .map_claims(tenant_user);
+    /// # drop(verifier);
+    /// ```
+    pub fn map_claims(
+        mut self,
+        identity: impl Fn(&str, &Map<String, Value>) -> Result<Identity, AuthError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.identity = Arc::new(identity);
+        self
     }
 
     /// Accept only these algorithms (the key's type still has the last
@@ -224,7 +285,7 @@ impl JwtVerifier {
 
 impl AuthHook for JwtVerifier {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
-        Box::pin(async move { Identity::from_claims(token, &self.verify(token).await?) })
+        Box::pin(async move { (self.identity)(token, &self.verify(token).await?) })
     }
 
     fn ready(&self) -> bool {

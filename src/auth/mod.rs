@@ -19,9 +19,40 @@ use crate::error::RunError;
 use crate::mesh::BoxFuture;
 
 pub use jwks::JwksProvider;
-pub use jwt::JwtVerifier;
+pub use jwt::{ClaimsMapper, JwtVerifier};
 
 /// A BFF's authentication hook.
+///
+/// The runtime's [`JwtVerifier`] is one (with [`JwtVerifier::map_claims`]
+/// for a team's own claims); a BFF that takes other credentials writes its
+/// own:
+///
+/// ```
+/// use nuropb_bff::{AuthError, AuthHook, BoxFuture, Identity};
+///
+/// /// API keys of machine clients, each naming one user.
+/// #[derive(Debug)]
+/// struct ApiKeys(Vec<(String, String)>);
+///
+/// impl AuthHook for ApiKeys {
+///     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
+///         Box::pin(async move {
+///             let (_, user) = self.0.iter().find(|(key, _)| key == token).ok_or(AuthError::Missing)?;
+///             Ok(Identity {
+///                 user_id: user.clone(),
+///                 username: None,
+///                 roles: vec!["machine".into()],
+///                 token: None,
+///                 expires_at: None,
+///             })
+///         })
+///     }
+/// }
+/// # let keys = ApiKeys(vec![("k1".into(), "ann".into())]);
+/// # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// # assert_eq!(rt.block_on(keys.authenticate("k1")).unwrap().user_id, "ann");
+/// # assert!(rt.block_on(keys.authenticate("k2")).is_err());
+/// ```
 pub trait AuthHook: Send + Sync + fmt::Debug + 'static {
     /// Verify a token and say whom it names.
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>>;

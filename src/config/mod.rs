@@ -181,6 +181,37 @@ pub(crate) fn redact_url(url: &str) -> String {
 }
 
 /// Everything a BFF binary needs to run.
+///
+/// Read from a file and `BFF_*` variables ([`Settings::load`]), or built
+/// in code from [`Settings::new`]:
+///
+/// ```
+/// use nuropb_bff::Settings;
+///
+/// let file = r#"
+/// mesh_service_name = "shop-bff"
+/// listen = "127.0.0.1:8080"
+/// amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+/// routes = "routes.toml"
+/// ws_path = "/ws"
+/// auth = "jwt-hs256"
+/// "#;
+/// let env = [
+///     ("BFF_JWT_SECRET", "a-secret-of-at-least-32-bytes-long"),
+///     ("BFF_LIMITS__MAX_IN_FLIGHT", "8"),
+/// ];
+/// let env = env.map(|(k, v)| (k.to_owned(), v.to_owned()));
+/// let (settings, warnings) = Settings::parse("default.toml", file, env)?;
+/// assert_eq!(settings.limits.max_in_flight, 8);
+/// assert!(warnings.is_empty());
+/// assert!(!format!("{settings:?}").contains("a-secret"), "secrets stay out of Debug");
+///
+/// // Too short a secret outside development mode: refused, named.
+/// let short = [("BFF_JWT_SECRET".to_owned(), "short".to_owned())];
+/// let err = Settings::parse("default.toml", file, short).unwrap_err();
+/// assert!(err.to_string().contains("at least 32"));
+/// # Ok::<(), nuropb_bff::SettingsError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {

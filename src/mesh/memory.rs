@@ -183,13 +183,34 @@ impl Mesh for MemoryMesh {
 type MethodFn =
     Box<dyn Fn(IncomingRequest) -> BoxFuture<'static, Result<Value, ErrorBody>> + Send + Sync>;
 
-/// A service made of closures, one a method.
+/// A service made of closures, one a method, for tests and development on
+/// the [`MemoryMesh`].
 ///
 /// ```
-/// use nuropb_bff::mesh::memory::StubService;
-/// use serde_json::json;
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use nuropb_bff::{Call, MemoryMesh, Mesh, StubService};
+/// use serde_json::{Map, json};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let orders = StubService::new("orders")
 ///     .method("get", |req| async move { Ok(json!({"id": req.params["id"]})) });
+/// let mesh = MemoryMesh::new();
+/// mesh.add_service("orders", Arc::new(orders), Vec::new());
+/// let mut params = Map::new();
+/// params.insert("id".into(), json!(7));
+/// let call = Call {
+///     service: "orders".into(),
+///     method: "get".into(),
+///     params: params.into(),
+///     context: Map::new().into(),
+///     ttl: Duration::from_secs(1),
+///     trace_id: None,
+/// };
+/// assert_eq!(mesh.request(&call).await.unwrap(), json!({"id": 7}));
+/// # }
 /// ```
 pub struct StubService {
     name: String,

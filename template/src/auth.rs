@@ -3,7 +3,7 @@
 //! claims (tenant ids, custom role claims, ...).
 
 {%- if auth != "none" %}
-use nuropb_bff::{AuthError, AuthHook, BoxFuture, Identity, JwtVerifier, RunError, Settings};
+use nuropb_bff::{AuthError, AuthHook, Identity, RunError, Settings};
 use serde_json::{Map, Value};
 {%- else %}
 use nuropb_bff::{AuthHook, RunError, Settings};
@@ -25,36 +25,16 @@ pub fn hook(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
 }
 {%- else %}
 
-/// The hook for the settings.
+/// The hook for the settings: the runtime's verifier (secret, PEM key or
+/// JWKS, as the settings say), with this crate's claim mapping.
 pub fn hook(settings: &Settings) -> Result<Arc<dyn AuthHook>, RunError> {
     let verifier = nuropb_bff::jwt_verifier_from_settings(settings)?;
-    Ok(Arc::new(Auth { verifier }))
+    Ok(Arc::new(verifier.map_claims(identity)))
 }
 
 /// Turn verified claims into the user a connection acts for. The default
 /// reads `sub`, `name`/`preferred_username` and `roles`/`scope`.
 pub fn identity(token: &str, claims: &Map<String, Value>) -> Result<Identity, AuthError> {
     Identity::from_claims(token, claims)
-}
-
-#[derive(Debug)]
-pub struct Auth {
-    verifier: JwtVerifier,
-}
-
-impl AuthHook for Auth {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
-        Box::pin(async move { identity(token, &self.verifier.verify(token).await?) })
-    }
-
-    // A JWKS verifier is ready once the provider's keys have loaded, and
-    // keeps them fresh in the background; a secret or a PEM key always is.
-    fn ready(&self) -> bool {
-        self.verifier.ready()
-    }
-
-    fn maintain(&self) -> Option<BoxFuture<'static, ()>> {
-        self.verifier.maintain()
-    }
 }
 {%- endif %}

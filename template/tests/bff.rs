@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nuropb_bff::testing::{TestBff, TestClient};
-use nuropb_bff::{RouteTable, Settings};
+use nuropb_bff::Settings;
 use serde_json::json;
 
 use {{crate_name}}::{auth, handler};
@@ -21,8 +21,8 @@ fn settings() -> Settings {
     let routes = crate_path("routes.toml").display().to_string();
     let mut env = vec![("BFF_ROUTES".to_owned(), routes)];
     env.extend(support::auth_env());
-    let (settings, warnings) =
-        Settings::load(&crate_path("config/default.toml"), env).expect("config/default.toml loads");
+    let (settings, warnings) = Settings::load(&crate_path("config/default.toml"), env)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(warnings.is_empty(), "{warnings:?}");
     settings
 }
@@ -42,9 +42,11 @@ async fn connect(bff: &TestBff, sub: &str) -> (TestClient, serde_json::Value) {
     (client, hello)
 }
 
+/// The routing file and the settings, checked by the runtime as at
+/// start-up: a failure here is the message the BFF would stop with.
 #[test]
 fn the_routing_table_is_valid() {
-    let routes = RouteTable::load(&crate_path("routes.toml")).expect("routes.toml is valid");
+    let routes = nuropb_bff::load_routes(&settings()).unwrap_or_else(|e| panic!("{e}"));
     assert!(!routes.routes().is_empty());
 }
 
