@@ -230,8 +230,7 @@ async fn calls_the_routes_do_not_cover_stop_the_start_naming_them() {
     assert!(err.contains(&format!("`{py}.9x` is not routed")), "{err}");
     let started = nuropb_bff::Gateway::builder(settings.clone()).start().await;
     let err = started
-        .err()
-        .expect("a gateway with an unrouted hello_call does not start")
+        .expect_err("a gateway with an unrouted hello_call does not start")
         .to_string();
     assert!(err.contains("hello_call"), "{err}");
 
