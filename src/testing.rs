@@ -22,6 +22,57 @@ use crate::hooks::WsHandler;
 use crate::mesh::MemoryMesh;
 use crate::routing::RouteTable;
 
+/// Poll `check` every 20 ms until it answers `Some`, and return what it
+/// answered; panic, naming `what`, once `within` has passed. The one way
+/// a test waits for something to happen (a key set to load, a link to come
+/// back, an instance to be seen).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use nuropb_bff::testing::eventually;
+///
+/// let mut polls = 0;
+/// let seen = eventually("the third poll", Duration::from_secs(1), async || {
+///     polls += 1;
+///     (polls == 3).then_some(polls)
+/// })
+/// .await;
+/// assert_eq!(seen, 3);
+/// # }
+/// ```
+pub async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until `GET /readyz` on `addr` answers `status`, within `within`;
+/// how long it took.
+pub async fn readyz_becomes(addr: SocketAddr, status: u16, within: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    let what = format!("/readyz to answer {status}");
+    eventually(&what, within, async || {
+        let answer = http_get(addr, "/readyz").await.ok().map(|(s, _)| s);
+        (answer == Some(status)).then_some(())
+    })
+    .await;
+    started.elapsed()
+}
+
 /// An HS256 token for `sub` with `roles`, valid for `ttl_secs`.
 pub fn hs256_token(secret: &str, sub: &str, roles: &[&str], ttl_secs: u64) -> String {
     hs256_token_with(

@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{amqp_url, rabbitmqctl, unique};
+use common::{amqp_url, eventually, rabbitmqctl, unique};
 use nuropb_bff::{
     AmqpConfig, AmqpMesh, BoxFuture, Call, ErrorBody, IncomingEvent, IncomingRequest, Mesh,
     MeshError, MeshHandler, OutgoingEvent, StubService,
@@ -47,14 +47,6 @@ async fn peer(name: &str, handler: Arc<dyn MeshHandler>, bindings: Vec<String>) 
     AmqpMesh::connect(config, handler)
         .await
         .expect("RabbitMQ must be running on 127.0.0.1:5672 (rabbitmq-server -detached)")
-}
-
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -191,8 +183,14 @@ async fn commands_and_events_reach_their_peers() {
         })
         .await
         .unwrap();
-    wait_until("the command", || rec.commands.lock().unwrap().len() == 1).await;
-    wait_until("two events", || rec.events.lock().unwrap().len() == 2).await;
+    eventually("the command", Duration::from_secs(10), async || {
+        (rec.commands.lock().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    eventually("two events", Duration::from_secs(10), async || {
+        (rec.events.lock().unwrap().len() == 2).then_some(())
+    })
+    .await;
     assert_eq!(rec.commands.lock().unwrap()[0], "do_it");
     let events = rec.events.lock().unwrap().clone();
     assert!(events.contains(&(format!("{topic_root}.a.b"), Some(vec!["u1".to_owned()]))));
@@ -272,17 +270,18 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
     assert!(matches!(r, Err(MeshError::Unavailable(_))), "{r:?}");
     // Counted, not watched: the link can be back before a poll of
     // `is_ready` ever sees it down.
-    wait_until("the mesh to notice the loss", || {
-        client.reconnects() > losses
-    })
+    eventually(
+        "the mesh to notice the loss",
+        Duration::from_secs(10),
+        async || (client.reconnects() > losses).then_some(()),
+    )
     .await;
 
     // Back by itself: requests, and the event bindings of the new queue.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client.is_ready() {
-        assert!(Instant::now() < deadline, "no reconnect within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("a reconnect", Duration::from_secs(30), async || {
+        client.is_ready().then_some(())
+    })
+    .await;
     println!("reconnected {:?} after the drop", dropped_at.elapsed());
     assert_eq!(client.request(&add(41)).await, Ok(json!(42)));
     server
@@ -295,9 +294,11 @@ async fn the_mesh_reconnects_after_the_broker_drops_its_connection() {
         })
         .await
         .unwrap();
-    wait_until("the event after reconnecting", || {
-        !recorder.events.lock().unwrap().is_empty()
-    })
+    eventually(
+        "the event after reconnecting",
+        Duration::from_secs(10),
+        async || (!recorder.events.lock().unwrap().is_empty()).then_some(()),
+    )
     .await;
 
     client.close(Duration::from_secs(5)).await;

@@ -142,15 +142,12 @@ async fn expect_event(c: &mut TestClient, topic: &str, event: &Value) {
 
 /// Wait until every instance has heard every other's heartbeat.
 async fn until_instances_see_each_other(name: &str, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("{n} instances to see each other");
+    eventually(&what, Duration::from_secs(10), async || {
         let stats = py(name, "stats", json!({}), json!({})).await;
-        if stats["result"]["cluster"]["instances"].as_u64() == Some(n) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "instances never met: {stats}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        (stats["result"]["cluster"]["instances"].as_u64() == Some(n)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

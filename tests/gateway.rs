@@ -98,7 +98,7 @@ async fn hello_then_a_request_round_trip_with_gateway_built_context() {
     let t = token("alice", &["user"], 300);
     let (mut c, hello) = connect(&gw.url(), &t).await;
     assert_eq!(hello["payload"]["event"]["user_id"], "alice");
-    assert_eq!(hello["payload"]["event"]["username"], "alice name");
+    assert_eq!(hello["payload"]["event"]["username"], "alice");
     let sid = hello["payload"]["event"]["session_id"]
         .as_str()
         .unwrap()

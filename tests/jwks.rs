@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use common::{MeshSetup, http_get, start};
+use common::{MeshSetup, eventually, http_get, start};
 use nuropb_bff::testing::{TestClient, TestKey, jwks_document};
 use nuropb_bff::{
     AuthHook, DefaultHandler, JwksProvider, JwksSettings, JwtAlgorithm as Alg, JwtVerifier,
@@ -167,14 +167,6 @@ async fn gateway_on(server: &Server) -> (JwtVerifier, common::Running) {
     (v, bff)
 }
 
-async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn tok(key: &TestKey, issuer: &str, sub: &str) -> String {
     key.token(sub, &["reader"], 300, Some(issuer), Some("shop"))
 }
@@ -184,7 +176,10 @@ async fn every_algorithm_verifies_from_a_jwks() {
     let keys: Vec<TestKey> = ALL.iter().map(|a| TestKey::generate(*a)).collect();
     let server = Server::start(jwks_document(&keys.iter().collect::<Vec<_>>())).await;
     let v = verifier(vec![server.provider()], &options(30_000));
-    until("the key set loads", Duration::from_secs(5), || v.ready()).await;
+    eventually("the key set loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     for key in &keys {
         let id = v
             .authenticate(&tok(key, &server.base, "ann"))
@@ -252,7 +247,10 @@ async fn an_unknown_kid_is_refused_after_one_refetch_and_rotation_is_picked_up()
     let old = TestKey::generate(Alg::ES256);
     let server = Server::start(jwks_document(&[&old])).await;
     let v = verifier(vec![server.provider()], &options(1_000));
-    until("the key set loads", Duration::from_secs(5), || v.ready()).await;
+    eventually("the key set loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     assert!(v.authenticate(&tok(&old, &server.base, "a")).await.is_ok());
     let loads = server.hits();
 
@@ -285,8 +283,8 @@ async fn an_endpoint_down_at_start_means_not_ready_and_no_tokens() {
     let server = Server::start(jwks_document(&[&key])).await;
     server.set(|idp| idp.status = StatusCode::INTERNAL_SERVER_ERROR);
     let (v, bff) = gateway_on(&server).await;
-    until("a fetch was tried", Duration::from_secs(5), || {
-        server.hits() >= 2
+    eventually("a fetch was tried", Duration::from_secs(5), async || {
+        (server.hits() >= 2).then_some(())
     })
     .await;
     let (status, body) = http_get(bff.addr, "/readyz").await.unwrap();
@@ -298,7 +296,10 @@ async fn an_endpoint_down_at_start_means_not_ready_and_no_tokens() {
 
     // The provider comes back: ready, and the same token is let in.
     server.set(|idp| idp.status = StatusCode::OK);
-    until("the key set loads", Duration::from_secs(5), || v.ready()).await;
+    eventually("the key set loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     assert_eq!(http_get(bff.addr, "/readyz").await.unwrap().0, 200);
     let (_c, hello) = common::connect(&bff.url(), &t).await;
     assert_eq!(hello["payload"]["event"]["user_id"], "ann");
@@ -317,15 +318,18 @@ async fn cached_keys_keep_serving_while_the_endpoint_is_down() {
         ..options(200)
     };
     let v = verifier(vec![server.provider()], &o);
-    until("the key set loads", Duration::from_secs(5), || v.ready()).await;
-    until("max-age is honoured", Duration::from_secs(5), || {
-        server.hits() >= 3
+    eventually("the key set loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
+    eventually("max-age is honoured", Duration::from_secs(5), async || {
+        (server.hits() >= 3).then_some(())
     })
     .await;
     server.set(|idp| idp.status = StatusCode::BAD_GATEWAY);
     let failing_from = server.hits();
-    until("refetches fail", Duration::from_secs(5), || {
-        server.hits() >= failing_from + 3
+    eventually("refetches fail", Duration::from_secs(5), async || {
+        (server.hits() >= failing_from + 3).then_some(())
     })
     .await;
     assert!(v.ready(), "a loaded set stays loaded");
@@ -340,8 +344,8 @@ async fn cached_keys_keep_serving_while_the_endpoint_is_down() {
         idp.keys = json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
     });
     let from = server.hits();
-    until("garbage is fetched", Duration::from_secs(5), || {
-        server.hits() >= from + 2
+    eventually("garbage is fetched", Duration::from_secs(5), async || {
+        (server.hits() >= from + 2).then_some(())
     })
     .await;
     assert!(
@@ -356,7 +360,10 @@ async fn a_slow_endpoint_does_not_stall_other_handshakes() {
     let key = TestKey::generate(Alg::ES384);
     let server = Server::start(jwks_document(&[&key])).await;
     let (v, bff) = gateway_on(&server).await;
-    until("the key set loads", Duration::from_secs(5), || v.ready()).await;
+    eventually("the key set loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     server.set(|idp| idp.delay = Duration::from_secs(5));
 
     // An unknown kid waits on a refetch that takes 5 s (and is cut at the
@@ -398,7 +405,10 @@ async fn issuers_never_vouch_for_each_other() {
     let a = Server::start(jwks_document(&[&a_key])).await;
     let b = Server::start(jwks_document(&[&b_key])).await;
     let v = verifier(vec![a.provider(), b.provider()], &options(30_000));
-    until("both key sets load", Duration::from_secs(5), || v.ready()).await;
+    eventually("both key sets load", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     assert!(v.authenticate(&tok(&a_key, &a.base, "ann")).await.is_ok());
     assert!(v.authenticate(&tok(&b_key, &b.base, "bo")).await.is_ok());
     assert!(
@@ -418,7 +428,10 @@ async fn issuers_never_vouch_for_each_other() {
     // With one provider, a token signed by its key but naming another
     // issuer is refused too.
     let single = verifier(vec![a.provider()], &options(30_000));
-    until("loads", Duration::from_secs(5), || single.ready()).await;
+    eventually("loads", Duration::from_secs(5), async || {
+        (single.ready()).then_some(())
+    })
+    .await;
     assert!(
         single
             .authenticate(&tok(&a_key, &a.base, "ann"))
@@ -438,7 +451,10 @@ async fn algorithm_confusion_is_refused() {
     let key = TestKey::generate(Alg::RS256);
     let server = Server::start(jwks_document(&[&key])).await;
     let v = verifier(vec![server.provider()], &options(30_000));
-    until("loads", Duration::from_secs(5), || v.ready()).await;
+    eventually("loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     let claims = json!({
         "sub": "mallory", "iss": server.base, "aud": "shop",
         "exp": nuropb_bff::testing::unix_time() + 60,
@@ -494,9 +510,11 @@ async fn oidc_discovery_names_the_key_set_and_must_name_the_issuer() {
         jwks_url: None,
     };
     let v = verifier(vec![discovered.clone()], &options(30_000));
-    until("discovery and keys load", Duration::from_secs(5), || {
-        v.ready()
-    })
+    eventually(
+        "discovery and keys load",
+        Duration::from_secs(5),
+        async || (v.ready()).then_some(()),
+    )
     .await;
     assert!(
         v.authenticate(&tok(&key, &server.base, "ann"))
@@ -524,7 +542,10 @@ async fn settings_build_a_jwks_verifier_and_refuse_short_secrets() {
     s.jwt_algorithms = vec!["EdDSA".into()];
     let v = nuropb_bff::jwt_verifier_from_settings(&s).unwrap();
     tokio::spawn(v.maintain().unwrap());
-    until("loads", Duration::from_secs(5), || v.ready()).await;
+    eventually("loads", Duration::from_secs(5), async || {
+        (v.ready()).then_some(())
+    })
+    .await;
     let t = key.token("ann", &[], 60, Some(&server.base), None);
     assert!(v.authenticate(&t).await.is_ok());
 

@@ -80,19 +80,6 @@ async fn hurrying_cuts_the_drain_short() {
     service.close(Duration::from_secs(2)).await;
 }
 
-/// Wait until `/readyz` says `status`; how long it took.
-async fn until_readyz(gw: &Running, status: u16, within: Duration) -> Duration {
-    let started = Instant::now();
-    while readyz(gw).await != status {
-        assert!(
-            started.elapsed() < within,
-            "/readyz never said {status} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    started.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
     let svc = unique("echo");
@@ -110,7 +97,7 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
         MeshSetup::Broker,
     )
     .await;
-    until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;
     let caller = AmqpMesh::connect(
         AmqpConfig::new(amqp_url(), unique("caller")),
         Arc::new(StubService::new("caller")),
@@ -158,7 +145,7 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
         tokio::task::block_in_place(incident);
         // Not ready while the link is down (if it was down long enough to
         // be seen), ready again within 5 s, and serving then.
-        let back = until_readyz(&gw, 200, Duration::from_secs(5)).await;
+        let back = readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;
         let trace = format!("after-{i}");
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -211,7 +198,7 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
         MeshSetup::Broker,
     )
     .await;
-    until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;
     let reconnects = || async {
         let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
         metric(&metrics, "bff_mesh_reconnects_total")
@@ -233,17 +220,13 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
     // Not ready once the channel is gone, then ready again. The link can
     // be rebuilt between two looks at /readyz, so the reconnect counter
     // counts as noticing too.
-    let started = Instant::now();
-    let mut noticed = false;
-    while started.elapsed() < Duration::from_secs(5) {
-        if readyz(&gw).await == 503 || reconnects().await > reconnects_before {
-            noticed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(noticed, "the BFF never noticed the closed publish channel");
-    let back = until_readyz(&gw, 200, Duration::from_secs(5)).await;
+    eventually(
+        "the BFF to notice the closed publish channel",
+        Duration::from_secs(5),
+        async || (readyz(&gw).await == 503 || reconnects().await > reconnects_before).then_some(()),
+    )
+    .await;
+    let back = readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;
     let (mut c, _) = connect(&gw.url(), &token("pat", &[], 300)).await;
     let r = c
         .request_traced(&svc, "wait", json!({"ms": 0}), "after")

@@ -88,25 +88,6 @@ impl Drop for Dir {
     }
 }
 
-async fn readyz(addr: SocketAddr) -> Option<u16> {
-    http_get(addr, "/readyz")
-        .await
-        .ok()
-        .map(|(status, _)| status)
-}
-
-/// Poll `/readyz` until it answers `status`, within `within`.
-async fn until_readyz(addr: SocketAddr, status: u16, within: Duration) {
-    let deadline = Instant::now() + within;
-    while readyz(addr).await != Some(status) {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz not {status} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn request(service: &str, ms: u64, trace_id: &str) -> Value {
     json!({"type":"request","payload":{"service":service,"method":"wait","params":{"ms":ms},"trace_id":trace_id}})
 }
@@ -116,7 +97,7 @@ async fn sigterm_drains_the_calls_in_flight_then_closes_and_exits_0() {
     let service = slow_service(&svc).await;
     let (mut bff, addr, _dir) = start_bff(&svc, "", 10_000);
     let url = format!("ws://{addr}/ws");
-    until_readyz(addr, 200, Duration::from_secs(10)).await;
+    readyz_becomes(addr, 200, Duration::from_secs(10)).await;
     let (mut c, _) = connect(&url, &token("dee", &[], 300)).await;
     let in_flight = 16;
     for i in 0..in_flight {
@@ -127,7 +108,7 @@ async fn sigterm_drains_the_calls_in_flight_then_closes_and_exits_0() {
     bff.terminate();
     // Not ready while the calls still run (they end 1.2 s from now, and the
     // socket closes only after them), and no new sockets.
-    until_readyz(addr, 503, Duration::from_millis(1000)).await;
+    readyz_becomes(addr, 503, Duration::from_millis(1000)).await;
     let not_ready_after = signalled.elapsed();
     let late = nuropb_bff::testing::TestClient::connect(&url, Some(&token("late", &[], 300))).await;
     assert!(late.unwrap_err().contains("503"));
@@ -154,7 +135,7 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
     bff.terminate();
     // Listening for the second signal once the drain has begun.
     bff.wait_for("draining", Duration::from_secs(5));
-    until_readyz(addr, 503, Duration::from_secs(2)).await;
+    readyz_becomes(addr, 503, Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let signalled = Instant::now();
     bff.terminate();

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use nuropb_bff::testing::{TestClient, http_get};
+pub use nuropb_bff::testing::{TestClient, eventually, http_get, readyz_becomes};
 
 use nuropb_bff::{AuthHook, Gateway, MemoryMesh, RouteTable, Serving, Settings, WsHandler};
 use serde_json::Value;
@@ -26,13 +26,9 @@ pub fn hs256() -> Arc<dyn AuthHook> {
     ))
 }
 
-/// An HS256 token signed with [`SECRET`].
+/// An HS256 token signed with [`SECRET`] (the runtime's own test helper).
 pub fn token(sub: &str, roles: &[&str], ttl_secs: u64) -> String {
-    let exp = nuropb_bff::testing::unix_time() + ttl_secs;
-    nuropb_bff::testing::hs256_token_with(
-        SECRET,
-        &serde_json::json!({"sub": sub, "name": format!("{sub} name"), "roles": roles, "exp": exp}),
-    )
+    nuropb_bff::testing::hs256_token(SECRET, sub, roles, ttl_secs)
 }
 
 pub struct Running {

@@ -1,5 +1,7 @@
-//! The request lane: RPC requests out and their responses in, on a broker
-//! connection of the gateway's own that two tokio tasks drive.
+//! The request lane: RPC requests out and their responses (and the
+//! instance's events) in, on a broker connection of the gateway's own that
+//! one task drives: the mesh's supervisor runs its read and write loops
+//! together ([`LaneIo::run`]).
 //!
 //! lapin runs one I/O thread per connection, and every frame crosses between
 //! it and the runtime's workers through channels; most of what a request
