@@ -167,6 +167,14 @@ async fn gateway_on(server: &Server) -> (JwtVerifier, common::Running) {
     (v, bff)
 }
 
+/// Wait (5 s at most) until `v`'s key sets have loaded.
+async fn until_loaded(v: &JwtVerifier) {
+    eventually("the key sets to load", Duration::from_secs(5), async || {
+        v.ready().then_some(())
+    })
+    .await;
+}
+
 fn tok(key: &TestKey, issuer: &str, sub: &str) -> String {
     key.token(sub, &["reader"], 300, Some(issuer), Some("shop"))
 }
@@ -176,10 +184,7 @@ async fn every_algorithm_verifies_from_a_jwks() {
     let keys: Vec<TestKey> = ALL.iter().map(|a| TestKey::generate(*a)).collect();
     let server = Server::start(jwks_document(&keys.iter().collect::<Vec<_>>())).await;
     let v = verifier(vec![server.provider()], &options(30_000));
-    eventually("the key set loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     for key in &keys {
         let id = v
             .authenticate(&tok(key, &server.base, "ann"))
@@ -247,10 +252,7 @@ async fn an_unknown_kid_is_refused_after_one_refetch_and_rotation_is_picked_up()
     let old = TestKey::generate(Alg::ES256);
     let server = Server::start(jwks_document(&[&old])).await;
     let v = verifier(vec![server.provider()], &options(1_000));
-    eventually("the key set loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     assert!(v.authenticate(&tok(&old, &server.base, "a")).await.is_ok());
     let loads = server.hits();
 
@@ -296,10 +298,7 @@ async fn an_endpoint_down_at_start_means_not_ready_and_no_tokens() {
 
     // The provider comes back: ready, and the same token is let in.
     server.set(|idp| idp.status = StatusCode::OK);
-    eventually("the key set loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     assert_eq!(http_get(bff.addr, "/readyz").await.unwrap().0, 200);
     let (_c, hello) = common::connect(&bff.url(), &t).await;
     assert_eq!(hello["payload"]["event"]["user_id"], "ann");
@@ -318,10 +317,7 @@ async fn cached_keys_keep_serving_while_the_endpoint_is_down() {
         ..options(200)
     };
     let v = verifier(vec![server.provider()], &o);
-    eventually("the key set loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     eventually("max-age is honoured", Duration::from_secs(5), async || {
         (server.hits() >= 3).then_some(())
     })
@@ -360,10 +356,7 @@ async fn a_slow_endpoint_does_not_stall_other_handshakes() {
     let key = TestKey::generate(Alg::ES384);
     let server = Server::start(jwks_document(&[&key])).await;
     let (v, bff) = gateway_on(&server).await;
-    eventually("the key set loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     server.set(|idp| idp.delay = Duration::from_secs(5));
 
     // An unknown kid waits on a refetch that takes 5 s (and is cut at the
@@ -405,10 +398,7 @@ async fn issuers_never_vouch_for_each_other() {
     let a = Server::start(jwks_document(&[&a_key])).await;
     let b = Server::start(jwks_document(&[&b_key])).await;
     let v = verifier(vec![a.provider(), b.provider()], &options(30_000));
-    eventually("both key sets load", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     assert!(v.authenticate(&tok(&a_key, &a.base, "ann")).await.is_ok());
     assert!(v.authenticate(&tok(&b_key, &b.base, "bo")).await.is_ok());
     assert!(
@@ -428,10 +418,7 @@ async fn issuers_never_vouch_for_each_other() {
     // With one provider, a token signed by its key but naming another
     // issuer is refused too.
     let single = verifier(vec![a.provider()], &options(30_000));
-    eventually("loads", Duration::from_secs(5), async || {
-        (single.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&single).await;
     assert!(
         single
             .authenticate(&tok(&a_key, &a.base, "ann"))
@@ -451,10 +438,7 @@ async fn algorithm_confusion_is_refused() {
     let key = TestKey::generate(Alg::RS256);
     let server = Server::start(jwks_document(&[&key])).await;
     let v = verifier(vec![server.provider()], &options(30_000));
-    eventually("loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     let claims = json!({
         "sub": "mallory", "iss": server.base, "aud": "shop",
         "exp": nuropb_bff::testing::unix_time() + 60,
@@ -513,7 +497,7 @@ async fn oidc_discovery_names_the_key_set_and_must_name_the_issuer() {
     eventually(
         "discovery and keys load",
         Duration::from_secs(5),
-        async || (v.ready()).then_some(()),
+        async || v.ready().then_some(()),
     )
     .await;
     assert!(
@@ -542,10 +526,7 @@ async fn settings_build_a_jwks_verifier_and_refuse_short_secrets() {
     s.jwt_algorithms = vec!["EdDSA".into()];
     let v = nuropb_bff::jwt_verifier_from_settings(&s).unwrap();
     tokio::spawn(v.maintain().unwrap());
-    eventually("loads", Duration::from_secs(5), async || {
-        (v.ready()).then_some(())
-    })
-    .await;
+    until_loaded(&v).await;
     let t = key.token("ann", &[], 60, Some(&server.base), None);
     assert!(v.authenticate(&t).await.is_ok());
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::{AmqpConfig, AmqpMesh, Call, DefaultHandler, Mesh, StubService};
+use nuropb_bff::{AmqpConfig, AmqpMesh, Call, DefaultHandler, Mesh, Settings, StubService};
 use serde_json::json;
 
 async fn readyz(gw: &Running) -> u16 {
@@ -19,18 +19,24 @@ async fn readyz(gw: &Running) -> u16 {
         .unwrap_or(0)
 }
 
+/// A gateway on the broker routing `svc.*` (with `extra` in its route).
+async fn gateway_for(svc: &str, extra: &str, configure: impl FnOnce(&mut Settings)) -> Running {
+    let routes = format!("[[route]]\ncall = \"{svc}.*\"\n{extra}");
+    start(
+        &routes,
+        hs256(),
+        Arc::new(DefaultHandler),
+        configure,
+        MeshSetup::Broker,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_answers_every_call_in_flight_then_closes_with_1001() {
     let svc = unique("slow");
     let service = slow_service(&svc).await;
-    let gw = start(
-        &format!("[[route]]\ncall = \"{svc}.*\"\n"),
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| s.shutdown_grace_ms = 10_000,
-        MeshSetup::Broker,
-    )
-    .await;
+    let gw = gateway_for(&svc, "", |s| s.shutdown_grace_ms = 10_000).await;
     let (mut c, _) = connect(&gw.url(), &token("dee", &[], 300)).await;
     for i in 0..16 {
         c.send(json!({"type":"request","payload":{"service":svc,"method":"wait","params":{"ms":800},"trace_id":format!("w{i}")}}))
@@ -57,13 +63,9 @@ async fn a_drain_answers_every_call_in_flight_then_closes_with_1001() {
 async fn hurrying_cuts_the_drain_short() {
     let svc = unique("slow");
     let service = slow_service(&svc).await;
-    let gw = start(
-        &format!("[[route]]\ncall = \"{svc}.*\"\ntimeout_ms = 60000\n"),
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| s.shutdown_grace_ms = 30_000,
-        MeshSetup::Broker,
-    )
+    let gw = gateway_for(&svc, "timeout_ms = 60000\n", |s| {
+        s.shutdown_grace_ms = 30_000
+    })
     .await;
     let (mut c, _) = connect(&gw.url(), &token("hal", &[], 300)).await;
     c.send(json!({"type":"request","payload":{"service":svc,"method":"wait","params":{"ms":20000},"trace_id":"long"}}))
@@ -86,16 +88,10 @@ async fn the_link_heals_after_the_broker_deletes_its_queues_or_drops_it() {
     let service = slow_service(&svc).await;
     let bff = unique("heal-bff");
     let instance = unique("i");
-    let gw = start(
-        &format!("[[route]]\ncall = \"{svc}.*\"\n"),
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| {
-            s.mesh_service_name = bff.clone();
-            s.instance_id = Some(instance.clone());
-        },
-        MeshSetup::Broker,
-    )
+    let gw = gateway_for(&svc, "", |s| {
+        s.mesh_service_name = bff.clone();
+        s.instance_id = Some(instance.clone());
+    })
     .await;
     readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;
     let caller = AmqpMesh::connect(
@@ -187,16 +183,10 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
     let svc = unique("echo");
     let service = slow_service(&svc).await;
     let bff = unique("heal-bff");
-    let gw = start(
-        &format!("[[route]]\ncall = \"{svc}.*\"\n"),
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| {
-            s.mesh_service_name = bff.clone();
-            s.mesh_api.heartbeat = Duration::from_millis(200);
-        },
-        MeshSetup::Broker,
-    )
+    let gw = gateway_for(&svc, "", |s| {
+        s.mesh_service_name = bff.clone();
+        s.mesh_api.heartbeat = Duration::from_millis(200);
+    })
     .await;
     readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;
     let reconnects = || async {

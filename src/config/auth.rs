@@ -10,7 +10,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 use serde::{Deserialize, Serialize};
 
-use super::{Settings, SettingsError, millis};
+use super::{Settings, SettingsError, check_millis, millis};
 
 /// How clients authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,17 +63,7 @@ impl fmt::Display for Secret {
     }
 }
 
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Self(s)
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
+from_text!(Secret);
 
 /// Shorter HS* secrets are refused outside development mode: they can be
 /// found by brute force from any one token.
@@ -140,20 +130,17 @@ impl Default for JwksSettings {
 
 impl JwksSettings {
     fn validate(&self) -> Result<(), SettingsError> {
-        for (name, value) in [
-            ("min_refresh_ms", self.min_refresh),
-            ("fetch_timeout_ms", self.fetch_timeout),
-            ("default_max_age_ms", self.default_max_age),
-            ("min_max_age_ms", self.min_max_age),
-            ("max_max_age_ms", self.max_max_age),
-        ] {
-            if value < Duration::from_millis(10) {
-                return Err(SettingsError::Invalid(format!(
-                    "jwks.{name} must be at least 10 ms, found {}",
-                    value.as_millis()
-                )));
-            }
-        }
+        check_millis(
+            "jwks",
+            &[
+                ("min_refresh_ms", self.min_refresh),
+                ("fetch_timeout_ms", self.fetch_timeout),
+                ("default_max_age_ms", self.default_max_age),
+                ("min_max_age_ms", self.min_max_age),
+                ("max_max_age_ms", self.max_max_age),
+            ],
+            Duration::from_secs(366 * 24 * 3600),
+        )?;
         if self.min_max_age > self.max_max_age {
             return Err(SettingsError::Invalid(
                 "jwks.min_max_age_ms must not exceed jwks.max_max_age_ms".into(),

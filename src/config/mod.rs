@@ -12,6 +12,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// `From<String>` and `From<&str>` for a newtype over a `String`.
+macro_rules! from_text {
+    ($newtype:ident) => {
+        impl From<String> for $newtype {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+
+        impl From<&str> for $newtype {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
 mod auth;
 
 pub use auth::{
@@ -154,17 +171,7 @@ impl std::fmt::Display for BrokerUrl {
     }
 }
 
-impl From<String> for BrokerUrl {
-    fn from(s: String) -> Self {
-        Self(s)
-    }
-}
-
-impl From<&str> for BrokerUrl {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
+from_text!(BrokerUrl);
 
 /// `url` with the password of its user info replaced by `***`.
 pub(crate) fn redact_url(url: &str) -> String {
@@ -420,19 +427,16 @@ impl Settings {
                 return bad(format!("limits.{name} must be at least 1"));
             }
         }
-        for (name, value) in [
-            ("auth_timeout_ms", l.auth_timeout),
-            ("write_timeout_ms", l.write_timeout),
-            ("handshake_timeout_ms", l.handshake_timeout),
-            ("ping_interval_ms", l.ping_interval),
-        ] {
-            if value < Duration::from_millis(10) || value > Duration::from_secs(24 * 3600) {
-                return bad(format!(
-                    "limits.{name} must be between 10 and 86400000 ms, found {}",
-                    value.as_millis()
-                ));
-            }
-        }
+        check_millis(
+            "limits",
+            &[
+                ("auth_timeout_ms", l.auth_timeout),
+                ("write_timeout_ms", l.write_timeout),
+                ("handshake_timeout_ms", l.handshake_timeout),
+                ("ping_interval_ms", l.ping_interval),
+            ],
+            Duration::from_secs(24 * 3600),
+        )?;
         if let Some(id) = &self.instance_id
             && !(crate::routing::is_name(id) && id.len() <= 64)
         {
@@ -451,14 +455,11 @@ impl Settings {
         if m.push_role.trim().is_empty() {
             return bad("mesh_api.push_role must not be empty".into());
         }
-        for (name, value) in [("gather_ms", m.gather), ("heartbeat_ms", m.heartbeat)] {
-            if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
-                return bad(format!(
-                    "mesh_api.{name} must be between 10 and 3600000 ms, found {}",
-                    value.as_millis()
-                ));
-            }
-        }
+        check_millis(
+            "mesh_api",
+            &[("gather_ms", m.gather), ("heartbeat_ms", m.heartbeat)],
+            Duration::from_secs(3600),
+        )?;
         if !self.ws_path.starts_with('/') {
             return bad(format!(
                 "ws_path must start with `/`, found `{}`",
@@ -478,6 +479,24 @@ impl Settings {
     pub fn is_memory_mesh(&self) -> bool {
         self.amqp_url.starts_with("memory://")
     }
+}
+
+/// Each of a section's durations is at least 10 ms and at most `max`.
+fn check_millis(
+    section: &str,
+    values: &[(&str, Duration)],
+    max: Duration,
+) -> Result<(), SettingsError> {
+    for (name, value) in values {
+        if *value < Duration::from_millis(10) || *value > max {
+            return Err(SettingsError::Invalid(format!(
+                "{section}.{name} must be between 10 and {} ms, found {}",
+                max.as_millis(),
+                value.as_millis()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The setting a `BFF_*` variable names and its value typed like that

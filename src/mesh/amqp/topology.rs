@@ -41,10 +41,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     let connection = Connection::connect(&c.url, properties)
         .await
         .map_err(|e| fail(c, "cannot connect", e))?;
-    let ch = connection
-        .create_channel()
-        .await
-        .map_err(|e| fail(c, "cannot open a channel", e))?;
+    let ch = open_channel(&connection, c).await?;
     declare_exchanges(&ch, c).await?;
     declare_service_queue(&ch, c).await?;
     declare_response_queue(&ch, c, &shared.response_queue).await?;
@@ -52,10 +49,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| fail(c, "cannot enable publisher confirms", e))?;
-    let consume = connection
-        .create_channel()
-        .await
-        .map_err(|e| fail(c, "cannot open a channel", e))?;
+    let consume = open_channel(&connection, c).await?;
     consume
         .basic_qos(c.prefetch, BasicQosOptions::default())
         .await
@@ -102,6 +96,13 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         lane: lane_io,
         requests,
     })
+}
+
+async fn open_channel(connection: &Connection, c: &AmqpConfig) -> Result<Channel, MeshError> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|e| fail(c, "cannot open a channel", e))
 }
 
 const DURABLE: ExchangeDeclareOptions = ExchangeDeclareOptions {
