@@ -272,7 +272,9 @@ fn the_runtime_package_holds_the_runtime_only() {
         "Cargo.toml",
         "src/lib.rs",
         "src/gateway.rs",
-        "src/mesh/amqp.rs",
+        "src/mesh/amqp/mod.rs",
+        "src/mesh/lane/assemble.rs",
+        "PROTOCOL.md",
         "README.md",
     ] {
         assert!(files.contains(&needed), "{needed} missing from:\n{list}");

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nuropb_bff::testing::{TestBff, TestClient};
 use nuropb_bff::Settings;
+use nuropb_bff::testing::{TestBff, TestClient};
 use serde_json::json;
 
 use {{crate_name}}::{auth, handler};
@@ -21,8 +21,8 @@ fn settings() -> Settings {
     let routes = crate_path("routes.toml").display().to_string();
     let mut env = vec![("BFF_ROUTES".to_owned(), routes)];
     env.extend(support::auth_env());
-    let (settings, warnings) = Settings::load(&crate_path("config/default.toml"), env)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (settings, warnings) =
+        Settings::load(&crate_path("config/default.toml"), env).unwrap_or_else(|e| panic!("{e}"));
     assert!(warnings.is_empty(), "{warnings:?}");
     settings
 }
