@@ -70,6 +70,6 @@ pub use session::{SessionCounts, Sessions};
 /// A call through the gateway allocates small values (frames, JSON values)
 /// that live for microseconds; with glibc's malloc, allocation was over a
 /// third of the gateway's user-space instructions per call
-/// (BENCHMARKS.md).
+/// (docs/perf-history.md).
 #[cfg(feature = "mimalloc")]
 pub use mimalloc::MiMalloc;

@@ -5,7 +5,7 @@
 //!
 //! lapin runs one I/O thread per connection, and every frame crosses between
 //! it and the runtime's workers through channels; most of what a request
-//! cost the gateway was those hand-offs (BENCHMARKS.md). On the lane a
+//! cost the gateway was those hand-offs (docs/perf-history.md). On the lane a
 //! request is encoded straight into a write buffer. When nothing else is
 //! queued or being written, the publishing task writes it to the socket
 //! itself (on plain TCP); otherwise the lane's task flushes the buffer, as
