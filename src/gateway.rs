@@ -171,6 +171,7 @@ impl GatewayBuilder {
                 config.instance_id = hub.instance_id().to_owned();
                 config.event_bindings = bindings;
                 config.control_exchange = Some(format!("nuropb-bff-{name}-control"));
+                config.max_message_bytes = settings.limits.max_mesh_message_bytes;
                 let mesh = AmqpMesh::connect(config, service).await.map_err(|source| {
                     RunError::Broker {
                         url: redact_url(&settings.amqp_url),
@@ -411,6 +412,8 @@ impl Gateway {
     pub fn is_ready(&self) -> bool {
         let ready = self.0.mesh.is_ready();
         self.metrics().set_mesh_ready(ready);
+        self.metrics()
+            .set_mesh_blocked(!ready && self.0.mesh.unready_reason().is_some());
         ready && self.hub().auth().ready() && !self.is_stopping()
     }
 

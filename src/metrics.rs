@@ -42,9 +42,11 @@ struct Inner {
     dead_closes: Counter,
     pushes_refused: Counter,
     refused_connections: Family<ReasonLabels, Counter>,
+    mesh_dropped: Family<ReasonLabels, Counter>,
     events_dropped: Counter,
     reconnects: Counter,
     mesh_ready: Gauge,
+    mesh_blocked: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,9 +76,11 @@ impl Metrics {
         let dead_closes = Counter::default();
         let pushes_refused = Counter::default();
         let refused_connections = Family::<ReasonLabels, Counter>::default();
+        let mesh_dropped = Family::<ReasonLabels, Counter>::default();
         let events_dropped = Counter::default();
         let reconnects = Counter::default();
         let mesh_ready = Gauge::default();
+        let mesh_blocked = Gauge::default();
         registry.register(
             "ws_connections",
             "WebSocket connections accepted",
@@ -124,6 +128,11 @@ impl Metrics {
             refused_connections.clone(),
         );
         registry.register(
+            "mesh_messages_dropped",
+            "Messages from the broker let go, by reason (too_large, undecodable, bad_field, unexpected)",
+            mesh_dropped.clone(),
+        );
+        registry.register(
             "mesh_events_dropped",
             "Mesh events dropped because the event queue was full",
             events_dropped.clone(),
@@ -137,6 +146,11 @@ impl Metrics {
             "mesh_ready",
             "1 while the broker connection is up",
             mesh_ready.clone(),
+        );
+        registry.register(
+            "mesh_blocked",
+            "1 while the broker blocks publishing (a memory or disk alarm)",
+            mesh_blocked.clone(),
         );
         let frames_in_request = frames_in
             .get_or_create(&KindLabels { kind: "request" })
@@ -162,9 +176,11 @@ impl Metrics {
             dead_closes,
             pushes_refused,
             refused_connections,
+            mesh_dropped,
             events_dropped,
             reconnects,
             mesh_ready,
+            mesh_blocked,
         }))
     }
 
@@ -234,6 +250,21 @@ impl Metrics {
                 counter.inc_by(total - seen);
             }
         }
+    }
+
+    /// Bring the dropped-message counters up to the mesh's counts.
+    pub(crate) fn set_mesh_dropped(&self, counts: &[(&'static str, u64)]) {
+        for &(reason, total) in counts {
+            let counter = self.0.mesh_dropped.get_or_create(&ReasonLabels { reason });
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        }
+    }
+
+    pub(crate) fn set_mesh_blocked(&self, blocked: bool) {
+        self.0.mesh_blocked.set(i64::from(blocked));
     }
 
     pub(crate) fn set_mesh_ready(&self, ready: bool) {

@@ -216,7 +216,11 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         )
             .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "mesh unavailable").into_response()
+        let why = gw
+            .mesh()
+            .unready_reason()
+            .unwrap_or_else(|| "mesh unavailable".into());
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
     }
 }
 
@@ -224,6 +228,7 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
     gw.is_ready();
     gw.metrics()
         .set_mesh_counts(gw.mesh().events_dropped(), gw.mesh().reconnects());
+    gw.metrics().set_mesh_dropped(&gw.mesh().messages_dropped());
     (
         [(
             header::CONTENT_TYPE,

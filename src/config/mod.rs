@@ -70,6 +70,11 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// Subscription patterns one socket may hold.
     pub max_subscriptions: usize,
+    /// The largest message body taken from the broker (a response, an
+    /// event, a control message): a larger one is let go as it arrives,
+    /// never buffered, counted in `bff_mesh_messages_dropped_total`, and
+    /// the broker link stays up.
+    pub max_mesh_message_bytes: usize,
 }
 
 impl Default for Limits {
@@ -86,6 +91,7 @@ impl Default for Limits {
             max_connections_per_user: 32,
             ping_interval: Duration::from_secs(25),
             max_subscriptions: 128,
+            max_mesh_message_bytes: 8 << 20,
         }
     }
 }
@@ -422,6 +428,7 @@ impl Settings {
             ("max_connections", l.max_connections),
             ("max_connections_per_user", l.max_connections_per_user),
             ("max_subscriptions", l.max_subscriptions),
+            ("max_mesh_message_bytes", l.max_mesh_message_bytes),
         ] {
             if value == 0 {
                 return bad(format!("limits.{name} must be at least 1"));

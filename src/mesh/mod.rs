@@ -115,6 +115,11 @@ pub enum MeshError {
     /// The broker connection is down or refused the message.
     #[error("service mesh unavailable: {0}")]
     Unavailable(String),
+    /// The broker is up but blocks publishing (a memory or disk alarm):
+    /// why, in the broker's words. Calls are refused at once until it
+    /// unblocks.
+    #[error("the broker is blocking publishes ({0}); calls are refused until it unblocks")]
+    Blocked(String),
     /// The service answered with an error: passed to the client unchanged.
     #[error("{}: {}", .0.error, .0.description.as_deref().unwrap_or(""))]
     Remote(ErrorBody),
@@ -127,7 +132,7 @@ impl MeshError {
         match self {
             MeshError::NotDelivered { .. } => Some(ErrorName::NuropbNotDeliveredError),
             MeshError::Timeout(_) => Some(ErrorName::Timeout),
-            MeshError::Unavailable(_) => Some(ErrorName::MeshUnavailable),
+            MeshError::Unavailable(_) | MeshError::Blocked(_) => Some(ErrorName::MeshUnavailable),
             MeshError::Remote(_) => None,
         }
     }
@@ -146,6 +151,12 @@ impl MeshError {
                 ErrorName::MeshUnavailable,
                 "the service mesh is not reachable; try again later",
             ),
+            // The broker's own reason ("low on memory"): it tells the
+            // client to wait rather than retry at once, and names nothing
+            // of the deployment.
+            MeshError::Blocked(_) => {
+                ErrorBody::gateway(ErrorName::MeshUnavailable, self.to_string())
+            }
             MeshError::Remote(body) => body.clone(),
         }
     }
@@ -182,6 +193,16 @@ pub trait Mesh: Send + Sync + fmt::Debug + 'static {
     fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>>;
     /// Whether calls can be made now (drives `/readyz`).
     fn is_ready(&self) -> bool;
+    /// Why the mesh is not ready, when it can say more than "down" (the
+    /// broker blocking publishes under a resource alarm): `/readyz` shows it.
+    fn unready_reason(&self) -> Option<String> {
+        None
+    }
+    /// Messages from the broker let go so far (too large, undecodable, a
+    /// field that cannot be echoed, out of place), by the metric's reason.
+    fn messages_dropped(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Mesh events dropped so far because the gateway could not keep up.
     fn events_dropped(&self) -> u64 {
         0

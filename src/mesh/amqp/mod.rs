@@ -33,6 +33,7 @@ use super::{
     redact_url,
 };
 use crate::protocol::{EventBody, MeshMessage, MessageType, RawJson, RequestBodyRef};
+use drops::Drops;
 use headers::{header_table, nuropb_headers};
 use supervisor::{deliver, supervise};
 use topology::establish;
@@ -73,6 +74,10 @@ pub struct AmqpConfig {
     /// Mesh events waiting for the handler; past it, events are dropped
     /// (and counted) rather than delaying responses or growing memory.
     pub event_queue: usize,
+    /// The largest message body taken from the broker (a response, an
+    /// event, a control message); a larger one is let go as it comes,
+    /// counted and never buffered, and the link stays up.
+    pub max_message_bytes: usize,
     pub connect_timeout: Duration,
     /// Longest pause between reconnect attempts (default 2 s). The pause
     /// doubles from 100 ms, with jitter, up to this: the link is back at
@@ -99,6 +104,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("response_prefetch", &self.response_prefetch)
             .field("event_prefetch", &self.event_prefetch)
             .field("event_queue", &self.event_queue)
+            .field("max_message_bytes", &self.max_message_bytes)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_backoff", &self.max_backoff)
             .finish()
@@ -121,6 +127,7 @@ impl AmqpConfig {
             response_prefetch: 1024,
             event_prefetch: 64,
             event_queue: 4096,
+            max_message_bytes: 8 << 20,
             connect_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(2),
         }
@@ -172,6 +179,8 @@ struct Shared {
     /// cannot crowd them out.
     control: mpsc::Sender<Value>,
     events_dropped: AtomicU64,
+    /// Messages let go, by why.
+    drops: Drops,
     /// Times the link was rebuilt.
     reconnects: AtomicU64,
     /// Wakes the supervisor to rebuild the link (a publish channel failed).
@@ -242,6 +251,7 @@ impl AmqpMesh {
             events,
             control,
             events_dropped: AtomicU64::new(0),
+            drops: Drops::default(),
             reconnects: AtomicU64::new(0),
             relink: tokio::sync::Notify::new(),
             shutdown: CancellationToken::new(),
@@ -326,10 +336,12 @@ impl AmqpMesh {
     }
 
     fn ready(&self) -> Result<(), MeshError> {
-        if self.shared.ready.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(MeshError::Unavailable("broker connection is down".into()))
+        if !self.shared.ready.load(Ordering::SeqCst) {
+            return Err(MeshError::Unavailable("broker connection is down".into()));
+        }
+        match self.shared.blocked() {
+            Some(why) => Err(MeshError::Blocked(why)),
+            None => Ok(()),
         }
     }
 }
@@ -374,19 +386,38 @@ impl Shared {
         unavailable(e)
     }
 
-    /// Ready: connected, and the publish channel can publish.
+    /// Why the broker blocks publishing (a memory or disk alarm), while it
+    /// blocks either connection: the lane's says why, lapin's only that it
+    /// does.
+    fn blocked(&self) -> Option<String> {
+        let link = self.link.read().unwrap_or_else(|p| p.into_inner());
+        let link = link.as_ref()?;
+        link.lane.blocked().or_else(|| {
+            link.connection
+                .status()
+                .blocked()
+                .then(|| "a resource alarm".to_owned())
+        })
+    }
+
+    /// Ready: connected, the publish channel can publish, and the broker
+    /// takes publishes.
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-            && self
-                .link
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .is_some_and(|l| {
-                    l.publish.status().connected()
-                        && l.lane.is_open()
-                        && l.connection.status().connected()
-                })
+        if !self.ready.load(Ordering::SeqCst) {
+            return false;
+        }
+        let linked = self
+            .link
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|l| {
+                l.publish.status().connected()
+                    && l.lane.is_open()
+                    && l.connection.status().connected()
+            });
+        // The link's lock is released before `blocked` takes it again.
+        linked && self.blocked().is_none()
     }
 }
 
@@ -601,8 +632,18 @@ impl Mesh for AmqpMesh {
         self.shared.is_ready()
     }
 
+    fn unready_reason(&self) -> Option<String> {
+        self.shared
+            .blocked()
+            .map(|why| MeshError::Blocked(why).to_string())
+    }
+
     fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    fn messages_dropped(&self) -> Vec<(&'static str, u64)> {
+        self.shared.drops.counts()
     }
 
     fn events_dropped(&self) -> u64 {
@@ -610,6 +651,7 @@ impl Mesh for AmqpMesh {
     }
 }
 
+mod drops;
 mod headers;
 mod service;
 mod supervisor;

@@ -9,10 +9,11 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Consumer};
 
+use super::drops::{DropReason, echoable};
 use super::headers::{decode_delivery, header_table};
 use super::{Shared, unavailable};
 use crate::mesh::MeshError;
-use crate::protocol::{MeshMessage, MessageType, RawJson, ResponseBody};
+use crate::protocol::{ErrorBody, ErrorName, MeshMessage, MessageType, RawJson, ResponseBody};
 
 pub(super) async fn consume_requests(shared: &Arc<Shared>, consumer: &mut Consumer) {
     while let Some(delivery) = consumer.next().await {
@@ -30,7 +31,8 @@ pub(super) async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
     let msg = match decode_delivery(&delivery) {
         Ok(m) => m,
         Err(why) => {
-            tracing::debug!(%why, "rejecting an undecodable service message");
+            let what = format!("on the service queue: {why}");
+            shared.drops.drop_message(DropReason::Undecodable, &what);
             let _ = delivery
                 .acker
                 .reject(BasicRejectOptions { requeue: false })
@@ -47,9 +49,31 @@ pub(super) async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
                 .map(|r| r.as_str().to_owned())
                 .unwrap_or_default();
             let correlation_id = req.correlation_id.clone();
-            let trace_id = req.trace_id.clone();
+            if !echoable(&correlation_id) {
+                // Its answer could not name it: nobody would take it.
+                let what = "a request whose correlation_id is not 1 to 255 visible characters";
+                shared.drops.drop_message(DropReason::BadField, what);
+                let _ = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+                return;
+            }
+            let bad_trace = req.trace_id.as_deref().is_some_and(|t| !echoable(t));
+            let trace_id = req.trace_id.clone().filter(|_| !bad_trace);
             let context = req.context.clone();
-            let outcome = shared.handler.handle_request(req.into()).await;
+            let outcome = if bad_trace {
+                shared.drops.drop_message(
+                    DropReason::BadField,
+                    "a request whose trace_id is not 1 to 255 visible characters (answered with an error)",
+                );
+                Err(ErrorBody::gateway(
+                    ErrorName::InvalidMessage,
+                    "trace_id must be 1 to 255 visible ASCII characters",
+                ))
+            } else {
+                shared.handler.handle_request(req.into()).await
+            };
             let (result, error) = match outcome {
                 Ok(v) => (RawJson::from(v), None),
                 Err(e) => (RawJson::null(), Some(e)),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::super::lane::Incoming;
+use super::drops::DropReason;
 use super::headers::decode_message;
 use super::service::consume_requests;
 use super::topology::{Consumers, establish};
@@ -91,6 +92,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
 /// control messages and events go to their queues, and a request nobody
 /// could take (AMQP NO_ROUTE) fails its call with `NotDelivered` at once.
 pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
+    let drop = |reason: DropReason, what: &str| shared.drops.drop_message(reason, what);
     match incoming {
         Incoming::Delivery {
             properties,
@@ -98,11 +100,14 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             event: true,
         } => match decode_message(&properties, body) {
             Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => tracing::debug!(
-                kind = other.message_type().as_str(),
-                "unexpected message on the event queue, dropped"
+            Ok(other) => drop(
+                DropReason::Unexpected,
+                &format!("a {} on the event queue", other.message_type().as_str()),
             ),
-            Err(why) => tracing::debug!(%why, "undecodable message on the event queue, dropped"),
+            Err(why) => drop(
+                DropReason::Undecodable,
+                &format!("on the event queue: {why}"),
+            ),
         },
         Incoming::Delivery {
             properties, body, ..
@@ -115,12 +120,25 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
                 }
             }
             Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => tracing::debug!(
-                kind = other.message_type().as_str(),
-                "unexpected message on the response queue, dropped"
+            Ok(other) => drop(
+                DropReason::Unexpected,
+                &format!("a {} on the response queue", other.message_type().as_str()),
             ),
-            Err(why) => tracing::debug!(%why, "undecodable message on the response queue, dropped"),
+            Err(why) => drop(
+                DropReason::Undecodable,
+                &format!("on the response queue: {why}"),
+            ),
         },
+        Incoming::TooLarge { event, size } => {
+            let queue = if event { "event" } else { "response" };
+            drop(
+                DropReason::TooLarge,
+                &format!(
+                    "a {size}-byte message on the {queue} queue, over limits.max_mesh_message_bytes ({})",
+                    shared.config.max_message_bytes
+                ),
+            );
+        }
         Incoming::Returned { properties } => {
             let waiter = properties
                 .correlation_id()

@@ -64,6 +64,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         name: &lane_name,
         queue: &shared.response_queue,
         prefetch: c.response_prefetch,
+        max_body: c.max_message_bytes as u64,
         events: (!c.event_bindings.is_empty()).then_some((event_queue.as_str(), c.event_prefetch)),
     })
     .await

@@ -142,6 +142,14 @@ pub(super) enum Assembled<'a> {
         header: &'a [u8],
         body: Body<'a>,
     },
+    /// A message whose header announced a body over the limit: its body
+    /// frames were counted and let go as they came, never gathered. A
+    /// delivery still has to be acknowledged.
+    TooLarge {
+        tag: Option<u64>,
+        event: bool,
+        size: u64,
+    },
 }
 
 /// A message whose content frames are still arriving.
@@ -154,6 +162,9 @@ struct Content {
     /// Its content header has come (its bytes are in `Assembler::header`).
     has_header: bool,
     size: u64,
+    /// Over the limit: its body is counted in `skipped`, not kept.
+    too_large: bool,
+    skipped: u64,
     body: Vec<u8>,
 }
 
@@ -167,7 +178,8 @@ pub(super) struct Assembler {
     header: Vec<u8>,
     /// Deliveries to this consumer tag are events.
     events_tag: &'static str,
-    /// The largest body taken; a larger one is refused from its header.
+    /// The largest body taken; a larger one is let go frame by frame, from
+    /// what its header announced, and reported as [`Assembled::TooLarge`].
     max_body: u64,
 }
 
@@ -201,12 +213,20 @@ impl Assembler {
         }
     }
 
+    /// Bytes of message content held now (the header and a gathered body).
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.header.capacity() + self.content.as_ref().map_or(0, |c| c.body.capacity())
+    }
+
     fn start(&mut self, tag: Option<u64>, event: bool) {
         self.content = Some(Content {
             tag,
             event,
             has_header: false,
             size: 0,
+            too_large: false,
+            skipped: 0,
             body: Vec::new(),
         });
     }
@@ -235,14 +255,15 @@ impl Assembler {
             return Err(LaneError::new("a content header without its method"));
         };
         let (size, _) = parse_header(payload)?;
-        if size > self.max_body {
-            return Err(LaneError::new(format!(
-                "the broker sent a {size}-byte message, over the {} taken",
-                self.max_body
-            )));
-        }
         content.size = size;
         content.has_header = true;
+        if size > self.max_body {
+            // Not an error: any peer can publish a large message, and the
+            // link is everyone's. Its frames pass, uncollected.
+            content.too_large = true;
+            self.content = Some(content);
+            return Ok(Assembled::Pending);
+        }
         self.header.clear();
         self.header.extend_from_slice(payload);
         if size == 0 {
@@ -261,9 +282,21 @@ impl Assembler {
         let Some(mut content) = self.content.take().filter(|c| c.has_header) else {
             return Err(LaneError::new("a content body without its header"));
         };
-        let have = content.body.len() as u64 + payload.len() as u64;
+        let have = content.body.len() as u64 + content.skipped + payload.len() as u64;
         if have > content.size {
             return Err(LaneError::new("a content body longer than its header said"));
+        }
+        if content.too_large {
+            content.skipped = have;
+            if have < content.size {
+                self.content = Some(content);
+                return Ok(Assembled::Pending);
+            }
+            return Ok(Assembled::TooLarge {
+                tag: content.tag,
+                event: content.event,
+                size: content.size,
+            });
         }
         if have < content.size {
             content.body.extend_from_slice(payload);
@@ -317,6 +350,9 @@ mod tests {
                 match assembler.frame(frame.kind, frame.channel, payload) {
                     Ok(Assembled::Pending) => {}
                     Ok(Assembled::Method(class)) => got.push((method_name(&class), Vec::new())),
+                    Ok(Assembled::TooLarge { size, .. }) => {
+                        got.push((format!("too large {size}"), Vec::new()))
+                    }
                     Ok(Assembled::Message {
                         tag, header, body, ..
                     }) => {
@@ -387,6 +423,44 @@ mod tests {
     }
 
     #[test]
+    fn a_message_over_the_limit_passes_uncollected_and_the_next_one_is_whole() {
+        let big: Vec<u8> = vec![b'0'; (1 << 16) + 10_000];
+        let mut bytes = deliver(1);
+        bytes.extend_from_slice(&header(big.len() as u64, "big"));
+        bytes.extend_from_slice(&body(&big));
+        bytes.extend_from_slice(&deliver(2));
+        bytes.extend_from_slice(&header(2, "next"));
+        bytes.extend_from_slice(&body(b"{}"));
+        let mut buf = FrameBuf::new();
+        buf.set_frame_max(4096);
+        let mut assembler = Assembler::new(EVENTS_TAG, 1 << 16);
+        buf.push(&bytes);
+        let mut made = Vec::new();
+        while let Some(frame) = buf.buffered().unwrap() {
+            let payload = buf.payload(frame);
+            match assembler.frame(frame.kind, frame.channel, payload).unwrap() {
+                Assembled::Pending => {}
+                Assembled::TooLarge { tag, size, .. } => {
+                    made.push(format!("too large {tag:?} {size}"))
+                }
+                Assembled::Message { tag, body, .. } => {
+                    made.push(format!("{tag:?} {}", body.as_slice().len()))
+                }
+                Assembled::Method(_) => made.push("method".into()),
+            }
+            // Nothing gathered for the large one: one header at most.
+            assert!(assembler.held() <= 4096, "{} held", assembler.held());
+        }
+        assert_eq!(
+            made,
+            [
+                format!("too large Some(1) {}", big.len()),
+                "Some(2) 2".into()
+            ]
+        );
+    }
+
+    #[test]
     fn the_assembler_refuses_frames_out_of_order_or_over_their_sizes() {
         let cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
             (vec![header(2, "x")], "without its method"),
@@ -395,10 +469,6 @@ mod tests {
             (
                 vec![deliver(1), header(1, "x"), body(b"{}")],
                 "longer than its header",
-            ),
-            (
-                vec![deliver(1), header(1 << 20, "x")],
-                "over the 65536 taken",
             ),
             (vec![vec![9, 0, 1, 0, 0, 0, 0, FRAME_END]], "unknown type 9"),
             (

@@ -164,11 +164,16 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
 }
 
 /// The client's properties: who it is, and that it wants a `basic.cancel`
-/// when its queue goes and a close frame (not a dropped socket) when its
-/// credentials are refused.
+/// when its queue goes, a close frame (not a dropped socket) when its
+/// credentials are refused, and `connection.blocked` when a resource alarm
+/// stops the broker taking publishes.
 fn client_properties(name: &str) -> FieldTable {
     let mut capabilities = FieldTable::default();
-    for cap in ["consumer_cancel_notify", "authentication_failure_close"] {
+    for cap in [
+        "consumer_cancel_notify",
+        "authentication_failure_close",
+        "connection.blocked",
+    ] {
         capabilities.insert(cap.into(), AMQPValue::Boolean(true));
     }
     let mut props = FieldTable::default();

@@ -54,9 +54,6 @@ use socket::{FrameReader, Writer};
 /// Encoded frames waiting to be written, at most: past it a publish is
 /// refused (the broker is not reading) instead of growing memory.
 const MAX_BACKLOG: usize = 16 << 20;
-/// The largest message body taken from the broker; a larger one ends the
-/// lane rather than being buffered.
-const MAX_BODY: u64 = 64 << 20;
 
 /// Why the lane could not start or had to end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +93,10 @@ struct Inner {
     wake: Notify,
     /// False once either task has ended: nothing more can be sent.
     open: AtomicBool,
+    /// Why the broker blocks this connection (a memory or disk alarm),
+    /// while it does: publishes are refused at once rather than queued
+    /// behind a socket the broker has stopped reading.
+    blocked: Mutex<Option<String>>,
     /// The negotiated frame size: bodies are cut to it.
     frame_max: usize,
 }
@@ -111,6 +112,9 @@ pub(super) enum Incoming<'a> {
     },
     /// A `mandatory` publish nobody could take (NO_ROUTE).
     Returned { properties: Received<'a> },
+    /// A message over the size the lane takes: let go as it came (and
+    /// acknowledged), never gathered.
+    TooLarge { event: bool, size: u64 },
 }
 
 /// The receiving half and the socket: run by the mesh's supervisor.
@@ -120,6 +124,7 @@ pub(super) struct LaneIo {
     writer: Writer,
     heartbeat: Option<Duration>,
     prefetch: u16,
+    max_body: u64,
 }
 
 impl std::fmt::Debug for LaneIo {
@@ -145,6 +150,9 @@ pub(super) struct LaneSpec<'a> {
     pub(super) queue: &'a str,
     /// Deliveries the broker may send before they are acknowledged.
     pub(super) prefetch: u16,
+    /// The largest message body taken; a larger one is let go as it comes
+    /// (`Incoming::TooLarge`), never buffered, and the lane carries on.
+    pub(super) max_body: u64,
     /// The instance's event queue and its prefetch, if it takes events.
     pub(super) events: Option<(&'a str, u16)>,
 }
@@ -164,6 +172,7 @@ impl Lane {
             direct: opened.direct,
             wake: Notify::new(),
             open: AtomicBool::new(true),
+            blocked: Mutex::new(None),
             frame_max: opened.frame_max,
         });
         let io = LaneIo {
@@ -172,6 +181,7 @@ impl Lane {
             writer: opened.writer,
             heartbeat: opened.heartbeat,
             prefetch: opened.ack_prefetch,
+            max_body: spec.max_body,
         };
         Ok((Lane { inner }, io))
     }
@@ -179,6 +189,11 @@ impl Lane {
     /// Whether the lane can still send.
     pub(super) fn is_open(&self) -> bool {
         self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Why the broker blocks publishing on this connection, while it does.
+    pub(super) fn blocked(&self) -> Option<String> {
+        lock(&self.inner.blocked).clone()
     }
 
     /// Queue a message for the broker; the writer sends it with whatever
@@ -194,6 +209,11 @@ impl Lane {
     ) -> Result<(), LaneError> {
         if !self.is_open() {
             return Err(LaneError::new("the request lane is closed"));
+        }
+        if let Some(why) = self.blocked() {
+            return Err(LaneError::new(format!(
+                "the broker is blocking publishes ({why})"
+            )));
         }
         check_short(exchange, "the exchange name")?;
         check_short(routing_key, "the routing key")?;
@@ -279,7 +299,7 @@ impl LaneIo {
     pub(super) async fn run(&mut self, on: &mut (dyn FnMut(Incoming<'_>) + Send)) -> LaneError {
         let inner = self.inner.clone();
         let outcome = tokio::select! {
-            r = read_loop(&inner, &mut self.frames, self.heartbeat, self.prefetch, on) => r,
+            r = read_loop(&inner, &mut self.frames, self.heartbeat, self.prefetch, self.max_body, on) => r,
             w = write_loop(&inner, &mut self.writer, self.heartbeat) => w,
         };
         inner.open.store(false, Ordering::Release);
@@ -353,9 +373,10 @@ async fn read_loop(
     frames: &mut FrameReader,
     heartbeat: Option<Duration>,
     prefetch: u16,
+    max_body: u64,
     on: &mut (dyn FnMut(Incoming<'_>) + Send),
 ) -> LaneError {
-    match read(inner, frames, heartbeat, prefetch, on).await {
+    match read(inner, frames, heartbeat, prefetch, max_body, on).await {
         Err(e) => e,
         Ok(never) => match never {},
     }
@@ -368,6 +389,7 @@ async fn read(
     frames: &mut FrameReader,
     heartbeat: Option<Duration>,
     prefetch: u16,
+    max_body: u64,
     on: &mut (dyn FnMut(Incoming<'_>) + Send),
 ) -> Result<Infallible, LaneError> {
     // Acknowledge once half the prefetch is taken: the broker never waits
@@ -375,7 +397,7 @@ async fn read(
     let ack_every = u64::from(prefetch / 2).max(1);
     let mut unacked = 0u64;
     let mut last_tag = 0u64;
-    let mut assembler = Assembler::new(EVENTS_TAG, MAX_BODY);
+    let mut assembler = Assembler::new(EVENTS_TAG, max_body);
     let silence = heartbeat.map(|h| h * 2);
     loop {
         while let Some(frame) = frames.buf.buffered()? {
@@ -383,6 +405,13 @@ async fn read(
             match assembler.frame(frame.kind, frame.channel, payload)? {
                 Assembled::Pending => {}
                 Assembled::Method(class) => on_method(inner, class)?,
+                Assembled::TooLarge { tag, event, size } => {
+                    on(Incoming::TooLarge { event, size });
+                    if let Some(tag) = tag {
+                        unacked += 1;
+                        last_tag = tag;
+                    }
+                }
                 Assembled::Message {
                     tag,
                     event,
@@ -435,6 +464,18 @@ fn on_method(inner: &Inner, class: AMQPClass) -> Result<(), LaneError> {
         }
         AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
             Err(closed_by_broker(&class).unwrap_or_else(|| LaneError::new("closed")))
+        }
+        AMQPClass::Connection(connection::AMQPMethod::Blocked(b)) => {
+            let why = b.reason.as_str().chars().take(200).collect::<String>();
+            tracing::warn!(reason = %why, "the broker blocks publishing (a resource alarm): calls are refused until it unblocks");
+            *lock(&inner.blocked) = Some(why);
+            Ok(())
+        }
+        AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => {
+            if lock(&inner.blocked).take().is_some() {
+                tracing::warn!("the broker unblocked publishing: calls flow again");
+            }
+            Ok(())
         }
         other => {
             tracing::debug!(method = %method_name(&other), "request lane: ignored a method from the broker");
