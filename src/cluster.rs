@@ -123,9 +123,10 @@ impl Cluster {
             user_sessions: users,
         };
         for m in live {
-            counts.instances += 1;
-            counts.sessions += m.sessions;
-            counts.user_sessions += m.users;
+            // Counts come from peers: summed without ever overflowing.
+            counts.instances = counts.instances.saturating_add(1);
+            counts.sessions = counts.sessions.saturating_add(m.sessions);
+            counts.user_sessions = counts.user_sessions.saturating_add(m.users);
         }
         counts
     }
@@ -196,6 +197,20 @@ mod tests {
         c.left("a");
         assert_eq!(c.others(t0), HashSet::from(["b".to_owned()]));
         assert!(c.others(t0 + Duration::from_secs(4)).is_empty(), "expired");
+    }
+
+    #[test]
+    fn counts_from_peers_saturate() {
+        let c = Cluster::new("me".into(), Duration::from_secs(1));
+        let t0 = Instant::now();
+        c.heard("a", u64::MAX, u64::MAX, t0);
+        c.heard("b", u64::MAX, 3, t0);
+        let counts = c.counts(5, 5, t0);
+        assert_eq!(
+            (counts.sessions, counts.user_sessions),
+            (u64::MAX, u64::MAX)
+        );
+        assert_eq!(counts.instances, 3);
     }
 
     #[test]

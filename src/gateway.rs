@@ -172,6 +172,12 @@ impl GatewayBuilder {
                 config.event_bindings = bindings;
                 config.control_exchange = Some(format!("nuropb-bff-{name}-control"));
                 config.max_message_bytes = settings.limits.max_mesh_message_bytes;
+                if !hub.seal().is_keyed() {
+                    tracing::info!(
+                        "no cluster_key: this instance works alone (a push reaches its own sockets \
+                         only); set BFF_CLUSTER_KEY, the same on every instance, to run several"
+                    );
+                }
                 let mesh = AmqpMesh::connect(config, service).await.map_err(|source| {
                     RunError::Broker {
                         url: redact_url(&settings.amqp_url),
@@ -339,16 +345,16 @@ async fn heartbeat(gateway: Gateway) {
             _ = gateway.stopping() => break,
             _ = every.tick() => {}
         }
-        if gateway.0.mesh.is_ready() {
-            let _ = gateway
-                .0
-                .mesh
-                .broadcast_control(mesh_api::presence(hub, me))
-                .await;
+        if gateway.0.mesh.is_ready()
+            && let Some(presence) = mesh_api::presence(hub, me)
+        {
+            let _ = gateway.0.mesh.broadcast_control(presence).await;
         }
     }
-    let bye = gateway.0.mesh.broadcast_control(mesh_api::leave(me));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bye).await;
+    if let Some(bye) = mesh_api::leave(hub, me) {
+        let bye = gateway.0.mesh.broadcast_control(bye);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bye).await;
+    }
     // The control pump is needed no more.
     gateway.0.background_stop.cancel();
 }

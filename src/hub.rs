@@ -10,6 +10,7 @@ use crate::config::{Limits, Settings};
 use crate::hooks::WsHandler;
 use crate::metrics::Metrics;
 use crate::routing::RouteTable;
+use crate::seal::Seal;
 use crate::session::Sessions;
 
 /// Cheap to clone; clones share everything.
@@ -25,6 +26,8 @@ struct Inner {
     handler: Arc<dyn WsHandler>,
     sessions: Sessions,
     metrics: Metrics,
+    /// Seals and opens control messages with the cluster key.
+    seal: Seal,
 }
 
 impl fmt::Debug for Hub {
@@ -52,7 +55,9 @@ impl Hub {
             .instance_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let seal = Seal::new(settings.cluster_key.clone());
         Self(Arc::new(Inner {
+            seal,
             instance_id,
             settings,
             routes,
@@ -97,6 +102,10 @@ impl Hub {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    pub(crate) fn seal(&self) -> &Seal {
+        &self.0.seal
     }
 
     /// The topic patterns the BFF must receive mesh events for.

@@ -26,6 +26,7 @@ mod outbox;
 mod protocol;
 mod routing;
 mod runner;
+mod seal;
 mod server;
 mod session;
 #[cfg(feature = "testing")]

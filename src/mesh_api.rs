@@ -27,6 +27,7 @@ use crate::mesh::{
 };
 use crate::protocol::{ErrorBody, ServerFrame, close};
 use crate::routing::Delivery;
+use crate::seal::Unsealed;
 
 /// A control message on its way out, and where to.
 #[derive(Debug)]
@@ -52,6 +53,7 @@ pub(crate) struct BffService {
     cluster: Arc<Cluster>,
     /// Control messages go out through the gateway, which owns the mesh.
     control: mpsc::Sender<ControlItem>,
+    unsealed: UnsealedLog,
 }
 
 impl BffService {
@@ -60,6 +62,7 @@ impl BffService {
             hub,
             cluster,
             control,
+            unsealed: UnsealedLog::default(),
         }
     }
 }
@@ -343,23 +346,29 @@ impl BffService {
             .unwrap_or_else(|_| Err(MeshError::Unavailable("gateway stopping".into())))
     }
 
-    /// Fan a push out to every instance and gather their counts.
-    async fn push_everywhere(&self, push: Push, token: Option<&str>) -> Value {
+    /// Fan a push out to every instance and gather their counts. The
+    /// caller's token was checked here; the others believe the seal, so
+    /// no token travels on the control exchange. Without a cluster key
+    /// this instance works alone.
+    async fn push_everywhere(&self, push: Push) -> Value {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let me = self.cluster.me().to_owned();
         let local_only = |n: u64| json!({push.counted(): n, "instances": 1});
-        let Some(mut acks) = self.cluster.gather(&id) else {
-            self.cluster.first_time(&id, Instant::now());
-            return local_only(self.apply(&push));
-        };
-        let body = json!({
+        let message = json!({
             "op": "push",
             "id": id,
             "origin": me,
-            "token": token,
             "method": push.method(),
             "params": push.params(),
         });
+        let sealed = match message {
+            Value::Object(m) => self.hub.seal().seal(m),
+            _ => None,
+        };
+        let (Some(body), Some(mut acks)) = (sealed, self.cluster.gather(&id)) else {
+            self.cluster.first_time(&id, Instant::now());
+            return local_only(self.apply(&push));
+        };
         let expected: HashSet<String> = {
             let mut others = self.cluster.others(Instant::now());
             others.insert(me);
@@ -379,7 +388,7 @@ impl BffService {
             match tokio::time::timeout_at(deadline, acks.recv()).await {
                 Ok(Some(ack)) => {
                     if answered.insert(ack.instance) {
-                        total += ack.count;
+                        total = total.saturating_add(ack.count);
                     }
                 }
                 Ok(None) | Err(_) => break,
@@ -404,17 +413,29 @@ impl BffService {
             self.hub.metrics().push_refused();
             return Err(refused);
         }
-        Ok(self.push_everywhere(push, token).await)
+        Ok(self.push_everywhere(push).await)
     }
 
-    /// A control message from an instance of this BFF (maybe this one).
-    async fn control(&self, body: Value) {
+    /// A control message from an instance of this BFF (maybe this one),
+    /// believed only when its seal is right (see `seal`).
+    async fn control(&self, sealed: Value) {
+        let body = match self.hub.seal().open(&sealed) {
+            Ok(body) => body,
+            Err(why) => {
+                self.hub.metrics().control_dropped(why.label());
+                self.unsealed.log(why);
+                return;
+            }
+        };
         let text = |k: &str| body.get(k).and_then(Value::as_str);
+        // Instance ids become routing keys (an ack goes to the origin's
+        // response queue): the form a setting's instance_id has.
+        let instance = |k: &str| text(k).filter(|i| i.len() <= 64 && crate::routing::is_name(i));
         let now = Instant::now();
         match text("op") {
             Some("push") => {
                 let (Some(id), Some(origin), Some(method)) =
-                    (text("id"), text("origin"), text("method"))
+                    (text("id"), instance("origin"), text("method"))
                 else {
                     return;
                 };
@@ -427,16 +448,15 @@ impl BffService {
                 if !self.cluster.first_time(id, now) {
                     return;
                 }
-                // Anyone who can reach the broker can send this: the
-                // caller's token is checked here again.
-                if let Err(e) = self.may_push(text("token")).await {
-                    self.hub.metrics().push_refused();
-                    tracing::debug!(why = ?e.description, "control push refused");
-                    return;
-                }
                 let count = self.apply(&push);
                 let ack =
                     json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": count});
+                let Some(ack) = ack
+                    .as_object()
+                    .and_then(|a| self.hub.seal().seal(a.clone()))
+                else {
+                    return;
+                };
                 if self
                     .send(ControlOut::To(origin.to_owned(), ack), false)
                     .await
@@ -448,7 +468,7 @@ impl BffService {
             Some("ack") => {
                 let (Some(id), Some(instance), Some(count)) = (
                     text("id"),
-                    text("instance"),
+                    instance("instance"),
                     body.get("count").and_then(Value::as_u64),
                 ) else {
                     return;
@@ -458,13 +478,13 @@ impl BffService {
             }
             Some("presence") => {
                 let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(0);
-                if let Some(instance) = text("instance").filter(|i| i.len() <= 64) {
+                if let Some(instance) = instance("instance") {
                     self.cluster
                         .heard(instance, count("sessions"), count("users"), now);
                 }
             }
             Some("leave") => {
-                if let Some(instance) = text("instance") {
+                if let Some(instance) = instance("instance") {
                     self.cluster.left(instance);
                 }
             }
@@ -503,15 +523,46 @@ impl BffService {
     }
 }
 
-/// This instance's heartbeat: alive, and its counts.
-pub(crate) fn presence(hub: &Hub, instance: &str) -> Value {
+/// This instance's heartbeat, sealed: alive, and its counts. `None`
+/// without a cluster key (an instance alone tells no one).
+pub(crate) fn presence(hub: &Hub, instance: &str) -> Option<Value> {
     let c = hub.sessions().counts();
-    json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users})
+    let message =
+        json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users});
+    hub.seal().seal(message.as_object()?.clone())
 }
 
-/// This instance is leaving.
-pub(crate) fn leave(instance: &str) -> Value {
-    json!({"op": "leave", "instance": instance})
+/// This instance is leaving, sealed.
+pub(crate) fn leave(hub: &Hub, instance: &str) -> Option<Value> {
+    let message = json!({"op": "leave", "instance": instance});
+    hub.seal().seal(message.as_object()?.clone())
+}
+
+/// Logs, at most once a minute, why control messages are not believed.
+#[derive(Debug, Default)]
+struct UnsealedLog {
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl UnsealedLog {
+    fn log(&self, why: Unsealed) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match why {
+            Unsealed::NoKey => tracing::warn!(
+                "a control message from another instance of this BFF was ignored: this instance has no \
+                 cluster_key; set BFF_CLUSTER_KEY (the same on every instance) for pushes to reach them all"
+            ),
+            other => tracing::warn!(
+                reason = other.label(),
+                "a control message was not believed (its seal is missing, wrong or stale): a peer \
+                 without the cluster key, or instances with different keys"
+            ),
+        }
+    }
 }
 
 impl MeshHandler for BffService {

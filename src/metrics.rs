@@ -252,6 +252,14 @@ impl Metrics {
         }
     }
 
+    /// A control message not believed (its seal missing, wrong or stale).
+    pub(crate) fn control_dropped(&self, reason: &'static str) {
+        self.0
+            .mesh_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     /// Bring the dropped-message counters up to the mesh's counts.
     pub(crate) fn set_mesh_dropped(&self, counts: &[(&'static str, u64)]) {
         for &(reason, total) in counts {

@@ -18,6 +18,8 @@ use nuropb_bff::{
 use serde_json::{Value, json};
 
 const INSTANCE_VAR: &str = "BFF_TEST_CLUSTER_INSTANCE";
+/// The key every instance of the test BFF seals its control messages with.
+const CLUSTER_KEY: &str = "the-test-cluster-key-of-at-least-32-bytes";
 
 /// One gateway instance, when this binary is started by [`Instance::start`]:
 /// prints `LISTEN <addr>`, serves until its stdin closes.
@@ -39,6 +41,7 @@ fn instance_process() {
         settings.auth = AuthMode::JwtHs256;
         settings.jwt_secret = Some(SECRET.into());
         settings.mesh_api.heartbeat = Duration::from_millis(300);
+        settings.cluster_key = Some(CLUSTER_KEY.into());
         settings.mesh_api.gather = Duration::from_secs(3);
         settings.limits.max_connections_per_user = 2_000;
         settings.shutdown_grace_ms = 3_000;
@@ -304,5 +307,142 @@ async fn a_broadcast_to_a_thousand_sockets_over_two_instances() {
     );
     assert_eq!(answer["delivered"], n);
     caller.close(Duration::from_secs(2)).await;
+    drop((a, b));
+}
+
+/// What a peer on the broker can do with the control exchange: read the
+/// pushes on it (they carry no token now), replay one as it is or with its
+/// id changed, and announce made-up instances with absurd counts. None of it
+/// pushes anything or changes what the instances count, and a push still
+/// answers without waiting for instances that do not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_replay_forge_or_inflate_control_messages() {
+    use lapin::options::{
+        BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+
+    let name = unique("sealed-bff");
+    let a = Instance::start(&name, &unique("a"));
+    let b = Instance::start(&name, &unique("b"));
+    until_instances_see_each_other(&name, 2).await;
+    let (mut ann_a, _) = connect(&a.url, &token("ann", &[], 300)).await;
+    let (mut ann_b, _) = connect(&b.url, &token("ann", &[], 300)).await;
+
+    // The peer listens on the control exchange.
+    let control = format!("nuropb-bff-{name}-control");
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let tap = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        tap.name().clone(),
+        control.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let push = push_token();
+    let r = py(
+        &name,
+        "send_to_users",
+        json!({"user_ids": ["ann"], "message": {"n": 1}, "topic": "note"}),
+        with_token(&push),
+    )
+    .await;
+    assert_eq!(r["result"], json!({"delivered": 2, "instances": 2}), "{r}");
+    expect_event(&mut ann_a, "note", &json!({"n": 1})).await;
+    expect_event(&mut ann_b, "note", &json!({"n": 1})).await;
+
+    // What the peer captured: the push, sealed, and no token in it.
+    let mut captured = None;
+    while let Some(m) = ch
+        .basic_get(tap.name().clone(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let text = String::from_utf8_lossy(&m.delivery.data).into_owned();
+        assert!(
+            !text.contains(&push),
+            "a caller token on the control exchange"
+        );
+        if text.contains(r#"\"op\":\"push\""#) {
+            captured = Some((m.delivery.data.clone(), m.delivery.properties.clone()));
+        }
+    }
+    let (data, properties) = captured.expect("the push crossed the control exchange");
+    let text = String::from_utf8_lossy(&data).into_owned();
+    let id_at = text.find(r#"\"id\":\""#).expect("an id") + r#"\"id\":\""#.len();
+    let id = &text[id_at..id_at + 32];
+    let changed = text.replacen(id, &"0".repeat(32), 1);
+
+    // Replayed as it is, then with its id changed, then a made-up
+    // instance with absurd counts, unsealed.
+    let mut envelope: Value = serde_json::from_slice(&data).unwrap();
+    envelope["event"] =
+        json!({"op": "presence", "instance": "ghost", "sessions": u64::MAX, "users": u64::MAX});
+    let forged_presence = envelope.to_string();
+    for body in [text.clone(), changed, forged_presence] {
+        ch.basic_publish(
+            control.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            properties.clone(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // Nothing reaches ann: the next frame either socket gets is the next
+    // real push.
+    let started = Instant::now();
+    let r = py(
+        &name,
+        "broadcast",
+        json!({"message": "real", "topic": "news"}),
+        with_token(&push),
+    )
+    .await;
+    assert_eq!(r["result"], json!({"delivered": 2, "instances": 2}), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the push waited for a made-up instance: {:?}",
+        started.elapsed()
+    );
+    expect_event(&mut ann_a, "news", &json!("real")).await;
+    expect_event(&mut ann_b, "news", &json!("real")).await;
+    let stats = py(&name, "stats", json!({}), json!({})).await;
+    assert_eq!(stats["result"]["cluster"]["instances"], 2, "{stats}");
+    assert_eq!(stats["result"]["cluster"]["sessions"], 2, "{stats}");
+    // Counted where they were refused.
+    let addr: std::net::SocketAddr = a.url["ws://".len()..a.url.len() - "/ws".len()]
+        .parse()
+        .unwrap();
+    let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"bff_mesh_messages_dropped_total{reason="bad_signature"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"bff_mesh_messages_dropped_total{reason="unsealed"} 1"#),
+        "{metrics}"
+    );
+    let _ = conn.close(200, "done".into()).await;
     drop((a, b));
 }

@@ -264,6 +264,11 @@ pub struct Settings {
     /// Distinguishes instances on the broker (a random id when unset).
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// The key the instances of this BFF seal their control messages with
+    /// (HMAC-SHA256): the same on every instance, at least 32 bytes. Without
+    /// it an instance works alone: pushes reach its own sockets only.
+    #[serde(default)]
+    pub cluster_key: Option<Secret>,
     #[serde(default = "d_grace")]
     pub shutdown_grace_ms: u64,
     #[serde(default)]
@@ -323,6 +328,7 @@ impl Settings {
             allowed_origins: vec!["http://localhost:3000".into()],
             log: d_log(),
             instance_id: None,
+            cluster_key: None,
             shutdown_grace_ms: d_grace(),
             limits: Limits::default(),
             mesh_api: MeshApi::default(),
@@ -341,6 +347,7 @@ impl Settings {
             jwt_issuer: Some(String::new()),
             jwt_audience: Some(String::new()),
             instance_id: Some("x".into()),
+            cluster_key: Some(Secret::default()),
             hello_call: Some("x.y".into()),
             ..Self::new("x")
         }
@@ -456,6 +463,16 @@ impl Settings {
         {
             return bad(format!(
                 "hello_call (BFF_HELLO_CALL) must be a routed `service.method`, found `{call}`"
+            ));
+        }
+        if let Some(key) = self.cluster_key.as_ref().filter(|k| !k.is_empty())
+            && key.len() < MIN_SECRET_BYTES
+            && !self.is_memory_mesh()
+        {
+            return bad(format!(
+                "cluster_key (BFF_CLUSTER_KEY) is {} bytes; at least {MIN_SECRET_BYTES} are needed \
+                 (make one with `openssl rand -base64 48`, the same for every instance)",
+                key.len()
             ));
         }
         let m = &self.mesh_api;
