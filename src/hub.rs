@@ -49,6 +49,7 @@ impl Hub {
         let metrics = Metrics::new();
         let event_roles = routes.events().iter().any(|r| !r.roles.is_empty());
         let sessions = Sessions::new(settings.limits.outbound_queue)
+            .with_queue_bytes(settings.limits.outbound_queue_bytes)
             .with_metrics(metrics.clone())
             .keeping_roles(event_roles);
         let instance_id = settings

@@ -1,5 +1,5 @@
-//! A session's outbound queue: bounded, plus the session's close signal and
-//! close reason, in one small allocation.
+//! A session's outbound queue: bounded in frames and in bytes, plus the
+//! session's close signal and close reason, in one small allocation.
 //!
 //! Why not `tokio::sync::mpsc` with a `CancellationToken`: a bounded tokio
 //! channel allocates its first block of 32 slots and two cache-padded halves
@@ -50,11 +50,16 @@ struct Shared {
     /// consumer waits).
     consumer: AtomicWaker,
     capacity: usize,
+    /// Bytes queued at most; one frame larger than this is still taken
+    /// into an empty queue, so no frame is undeliverable.
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Utf8Bytes>,
+    /// The bytes of `frames`.
+    bytes: usize,
     closed: Option<CloseReason>,
     /// A WebSocket ping is to be sent (a keepalive, not a queued frame).
     ping: bool,
@@ -70,6 +75,7 @@ pub(crate) enum Out {
 impl State {
     fn pop_front(&mut self) -> Option<Utf8Bytes> {
         let frame = self.frames.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(frame.len());
         if self.frames.is_empty() {
             // Idle again: give the queue's memory back (an idle socket
             // then holds none; the next frame allocates a few slots).
@@ -81,11 +87,19 @@ impl State {
 
 impl Outbox {
     /// An empty outbox holding at most `capacity` frames (at least one).
+    #[cfg(test)]
     pub(crate) fn new(capacity: usize) -> Self {
+        Self::with_bytes(capacity, usize::MAX)
+    }
+
+    /// An empty outbox holding at most `capacity` frames (at least one) and
+    /// `max_bytes` bytes (beyond one frame).
+    pub(crate) fn with_bytes(capacity: usize, max_bytes: usize) -> Self {
         Self(Arc::new(Shared {
             state: Mutex::new(State::default()),
             consumer: AtomicWaker::new(),
             capacity: capacity.max(1),
+            max_bytes,
         }))
     }
 
@@ -109,9 +123,12 @@ impl Outbox {
         if state.closed.is_some() {
             return Err((PushError::Closed, frame));
         }
-        if state.frames.len() >= self.0.capacity {
+        let over_bytes =
+            !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > self.0.max_bytes;
+        if state.frames.len() >= self.0.capacity || over_bytes {
             return Err((PushError::Full, frame));
         }
+        state.bytes += frame.len();
         state.frames.push_back(frame);
         Ok(())
     }
@@ -312,6 +329,25 @@ mod tests {
             o.lock().frames.capacity() <= 16,
             "{}",
             o.lock().frames.capacity()
+        );
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too() {
+        let o = Outbox::with_bytes(100, 10);
+        let frame = |n: usize| Utf8Bytes::from("x".repeat(n));
+        // One frame over the bound still goes into an empty queue.
+        assert_eq!(o.try_push(frame(20)), Ok(()));
+        assert_eq!(o.try_push(frame(1)), Err(PushError::Full));
+        assert_eq!(o.try_pop().map(|f| f.len()), Some(20));
+        assert_eq!(o.try_push(frame(6)), Ok(()));
+        assert_eq!(o.try_push(frame(4)), Ok(()));
+        assert_eq!(o.try_push(frame(1)), Err(PushError::Full), "11 bytes");
+        assert_eq!(o.try_pop().map(|f| f.len()), Some(6));
+        assert_eq!(
+            o.try_push(frame(6)),
+            Ok(()),
+            "the popped bytes are free again"
         );
     }
 }

@@ -269,6 +269,20 @@ async fn ws_upgrade(
         },
         None => None,
     };
+    // A socket that has not said who it is yet costs its buffers and a
+    // task for up to `auth_timeout`: their number is capped.
+    let auth_wait = if identity.is_none() && gw.hub().auth().anonymous("").is_none() {
+        match gw.sessions().wait_for_auth(gw.limits().max_unauthenticated) {
+            Some(wait) => Some(wait),
+            None => {
+                gw.metrics().connection_refused("unauthenticated");
+                let why = "too many sockets are waiting to authenticate; send the token with the upgrade or retry";
+                return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+            }
+        }
+    } else {
+        None
+    };
     let user = identity.as_ref().map(|i| i.user_id.as_str());
     let admission = match gw.sessions().admit(user, gw.caps()) {
         Ok(admission) => admission,
@@ -293,5 +307,7 @@ async fn ws_upgrade(
         .write_buffer_size(WRITE_COALESCE_BYTES)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| tasks.track_future(connection(gw, socket, identity, admission)))
+        .on_upgrade(move |socket| {
+            tasks.track_future(connection(gw, socket, identity, admission, auth_wait))
+        })
 }

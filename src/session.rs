@@ -14,6 +14,7 @@
 //! another client's delivery wait.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
@@ -111,6 +112,10 @@ impl Inner {
 pub struct Sessions {
     inner: Arc<Mutex<Inner>>,
     queue_capacity: usize,
+    /// Bytes each session's outbound queue holds at most.
+    queue_bytes: usize,
+    /// Sockets upgraded without a token, not authenticated yet.
+    waiting_for_auth: Arc<AtomicUsize>,
     metrics: Option<Metrics>,
     /// Whether sessions keep their roles here: only event rules with roles
     /// need them, and most BFFs have none (an idle socket's bytes count).
@@ -171,6 +176,18 @@ impl Drop for Admission {
     }
 }
 
+/// A socket's place among those waiting to authenticate: before it has, a
+/// socket costs its buffers and a task, and any client can open one, so
+/// their number is capped (`limits.max_unauthenticated`).
+#[derive(Debug)]
+pub(crate) struct AuthWait(Arc<AtomicUsize>);
+
+impl Drop for AuthWait {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Why a subscription change was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SubscribeError {
@@ -184,9 +201,28 @@ impl Sessions {
         Self {
             inner: Arc::default(),
             queue_capacity: queue_capacity.max(1),
+            queue_bytes: usize::MAX,
+            waiting_for_auth: Arc::default(),
             metrics: None,
             keep_roles: true,
         }
+    }
+
+    /// A place among the sockets waiting to authenticate, if fewer than
+    /// `cap` wait: held until the socket has authenticated or gone.
+    pub(crate) fn wait_for_auth(&self, cap: usize) -> Option<AuthWait> {
+        self.waiting_for_auth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(AuthWait(self.waiting_for_auth.clone()))
+    }
+
+    /// Bound each session's outbound queue in bytes as well.
+    pub(crate) fn with_queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes.max(1);
+        self
     }
 
     /// Keep sessions' roles for event delivery only when some event rule
@@ -258,7 +294,7 @@ impl Sessions {
         }
         inner.release(counted_as);
         admission.released = true;
-        let outbox = Outbox::new(self.queue_capacity);
+        let outbox = Outbox::with_bytes(self.queue_capacity, self.queue_bytes);
         let entry = Arc::new(Entry {
             user_id: info.user_id.clone(),
             outbox: outbox.clone(),
@@ -695,5 +731,17 @@ mod tests {
         let inner = s.lock();
         assert_eq!(inner.pending, 0);
         assert_eq!(inner.by_user["ann"].pending, 0);
+    }
+
+    #[test]
+    fn sockets_waiting_to_authenticate_are_capped() {
+        let s = Sessions::new(8);
+        let a = s.wait_for_auth(2).expect("first");
+        let b = s.wait_for_auth(2).expect("second");
+        assert!(s.wait_for_auth(2).is_none(), "over the cap");
+        drop(a);
+        let c = s.wait_for_auth(2).expect("a place freed");
+        drop((b, c));
+        assert_eq!(s.waiting_for_auth.load(Ordering::Acquire), 0);
     }
 }

@@ -28,7 +28,7 @@ use crate::mesh::BoxFuture;
 use crate::outbox::{Out, Outbox, PushError};
 use crate::protocol::SessionInfo;
 use crate::protocol::{ClientCall, ClientFrame, ErrorName, RawJson, ServerFrame, close};
-use crate::session::{Admission, Crowded, SessionGuard, SubscribeError};
+use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
 
 fn text(frame: &ServerFrame) -> Message {
     Message::Text(frame.to_json().into())
@@ -40,6 +40,10 @@ fn close(code: u16, reason: &str) -> Message {
         reason: reason.to_owned().into(),
     }))
 }
+
+/// The largest frame a socket may send before it has authenticated: a
+/// token's limit (the verifier refuses longer ones) and the frame around it.
+const MAX_FRAME_BEFORE_AUTH: usize = 16 * 1024 + 256;
 
 /// Wait for `{"type":"authenticate"}` as the first frame.
 async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identity> {
@@ -58,6 +62,23 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
         };
         let refuse = |desc: String| ServerFrame::error(ErrorName::Unauthorized, desc, None);
         match msg {
+            Some(Ok(Message::Text(t))) if t.len() > MAX_FRAME_BEFORE_AUTH => {
+                gw.metrics().frame_in("too_large");
+                let _ = socket
+                    .send(text(&ServerFrame::error(
+                        ErrorName::MessageTooLarge,
+                        format!("before authentication a frame is {MAX_FRAME_BEFORE_AUTH} bytes at most (the token limit)"),
+                        None,
+                    )))
+                    .await;
+                let _ = socket
+                    .send(close(
+                        close::TOO_BIG,
+                        "frame too large before authentication",
+                    ))
+                    .await;
+                return None;
+            }
             Some(Ok(Message::Text(t))) => match ClientFrame::decode(t.as_str()) {
                 Ok(ClientFrame::Authenticate(a)) => {
                     match gw.hub().auth().authenticate(&a.token).await {
@@ -100,8 +121,9 @@ pub(crate) fn connection(
     socket: WebSocket,
     identity: Option<Identity>,
     admission: Admission,
+    auth_wait: Option<AuthWait>,
 ) -> impl Future<Output = ()> + Send {
-    let setup = Box::pin(open(gw, socket, identity, admission));
+    let setup = Box::pin(open(gw, socket, identity, admission, auth_wait));
     async move {
         // let-else, not if-let: an if-let scrutinee's temporary would keep
         // a second `Live`-sized slot for the whole connection.
@@ -126,12 +148,15 @@ async fn open(
     mut socket: WebSocket,
     identity: Option<Identity>,
     admission: Admission,
+    auth_wait: Option<AuthWait>,
 ) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
         Some(id) => id,
         None => first_frame_auth(&gw, &mut socket).await?,
     };
+    // Authenticated: its place among the waiting is free.
+    drop(auth_wait);
     let Identity {
         user_id,
         username,

@@ -416,6 +416,49 @@ async fn a_socket_that_never_authenticates_is_closed_with_4003() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_authentication_a_socket_is_cheap_and_their_number_capped() {
+    let gw = echo_gateway(|s| s.limits.auth_timeout = Duration::from_secs(60)).await;
+    let url = gw.url();
+    // A frame over the token limit before authenticating: closed.
+    let mut big = TestClient::connect(&url, None).await.unwrap();
+    big.send_text(&format!(
+        r#"{{"type":"authenticate","payload":{{"token":"{}"}}}}"#,
+        "x".repeat(60 * 1024)
+    ))
+    .await
+    .unwrap();
+    let refused = big.recv().await.unwrap();
+    assert_eq!(refused["payload"]["error"], "MessageTooLarge", "{refused}");
+    assert_eq!(big.closed().await.unwrap(), Some(1009));
+
+    // `limits.max_unauthenticated` (1,000) sockets may wait; the next
+    // upgrade is refused before it happens.
+    let mut waiting = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        waiting.push(TestClient::connect(&url, None).await.unwrap());
+    }
+    let err = TestClient::connect(&url, None).await.unwrap_err();
+    assert!(err.contains("503"), "{err}");
+    // One authenticates: its place is free for the next.
+    let mut first = waiting.remove(0);
+    first
+        .send(json!({"type":"authenticate","payload":{"token": token("ann", &[], 300)}}))
+        .await
+        .unwrap();
+    assert_eq!(first.recv().await.unwrap()["payload"]["topic"], "hello");
+    let _next = TestClient::connect(&url, None).await.unwrap();
+    // A client with its token on the upgrade never waits: served at once.
+    echo_still_serving(&gw).await;
+    let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"bff_refused_connections_total{reason="unauthenticated"} 1"#),
+        "{metrics}"
+    );
+    drop(waiting);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_the_in_flight_limit_are_refused() {
     let scene = Scene::start(hs256(), |s| s.limits.max_in_flight = 2).await;
     let (mut c, _) = connect(&scene.gw.url(), &token("fay", &[], 300)).await;

@@ -46,6 +46,9 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Frames queued towards one slow client before it is disconnected.
     pub outbound_queue: usize,
+    /// Bytes queued towards one slow client before it is disconnected (one
+    /// frame larger than this still goes into an empty queue).
+    pub outbound_queue_bytes: usize,
     /// How long a connection without a handshake token has to authenticate.
     #[serde(rename = "auth_timeout_ms", with = "millis")]
     pub auth_timeout: Duration,
@@ -70,6 +73,9 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// Subscription patterns one socket may hold.
     pub max_subscriptions: usize,
+    /// Sockets waiting to authenticate (upgraded without a token, before
+    /// their `authenticate` frame); past it, HTTP 503 before the upgrade.
+    pub max_unauthenticated: usize,
     /// The largest message body taken from the broker (a response, an
     /// event, a control message): a larger one is let go as it arrives,
     /// never buffered, counted in `bff_mesh_messages_dropped_total`, and
@@ -83,6 +89,7 @@ impl Default for Limits {
             max_frame_bytes: 64 * 1024,
             max_in_flight: 64,
             outbound_queue: 256,
+            outbound_queue_bytes: 8 << 20,
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 2048,
@@ -91,6 +98,7 @@ impl Default for Limits {
             max_connections_per_user: 32,
             ping_interval: Duration::from_secs(25),
             max_subscriptions: 128,
+            max_unauthenticated: 1000,
             max_mesh_message_bytes: 8 << 20,
         }
     }
@@ -432,9 +440,11 @@ impl Settings {
             ("max_frame_bytes", l.max_frame_bytes),
             ("max_in_flight", l.max_in_flight),
             ("outbound_queue", l.outbound_queue),
+            ("outbound_queue_bytes", l.outbound_queue_bytes),
             ("max_connections", l.max_connections),
             ("max_connections_per_user", l.max_connections_per_user),
             ("max_subscriptions", l.max_subscriptions),
+            ("max_unauthenticated", l.max_unauthenticated),
             ("max_mesh_message_bytes", l.max_mesh_message_bytes),
         ] {
             if value == 0 {

@@ -20,6 +20,9 @@ pub mod close {
     /// A socket over a connection cap that could not be refused before the
     /// upgrade (it named its user only in its first frame).
     pub const POLICY: u16 = 1008;
+    /// A frame too large to take: before authentication, one over the
+    /// token limit (16 KiB).
+    pub const TOO_BIG: u16 = 1009;
     /// Two pings went unanswered: the peer is taken for dead.
     pub const NO_PONG: u16 = 1011;
     /// A service closed the session (`disconnect_users`).
@@ -32,10 +35,11 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
 
     /// Every code above by its name: what generated clients are given.
-    pub const ALL: [(&str, u16); 8] = [
+    pub const ALL: [(&str, u16); 9] = [
         ("NORMAL", NORMAL),
         ("GOING_AWAY", GOING_AWAY),
         ("POLICY", POLICY),
+        ("TOO_BIG", TOO_BIG),
         ("NO_PONG", NO_PONG),
         ("DISCONNECTED", DISCONNECTED),
         ("TOKEN_EXPIRED", TOKEN_EXPIRED),
