@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::AuthHook;
 use crate::auth::auth_from_settings;
 use crate::cluster::Cluster;
+use crate::config::ANY_AUDIENCE;
 use crate::config::{Limits, Settings};
 use crate::error::RunError;
 use crate::hooks::{DefaultHandler, WsHandler};
@@ -140,6 +141,11 @@ impl GatewayBuilder {
             Some(a) => a,
             None => auth_from_settings(&settings)?,
         };
+        if settings.jwt_audience.as_deref() == Some(ANY_AUDIENCE) {
+            tracing::warn!(
+                "jwt_audience is `*`: tokens the identity provider issued for any of its clients are accepted"
+            );
+        }
         let hub = Hub::new(settings, routes, auth, self.handler);
         let cluster = Arc::new(Cluster::new(
             hub.instance_id().to_owned(),

@@ -40,8 +40,8 @@ pub use auth::{
 };
 pub use cli::main;
 pub use config::{
-    AuthConfig, AuthMode, BrokerUrl, JwksSettings, JwtConfig, KeySource, Limits, MIN_SECRET_BYTES,
-    MeshApi, Secret, Settings, SettingsError,
+    ANY_AUDIENCE, AuthConfig, AuthMode, BrokerUrl, DEV_TOKEN_MARK, JwksSettings, JwtConfig,
+    KeySource, Limits, MIN_SECRET_BYTES, MeshApi, Secret, Settings, SettingsError,
 };
 pub use error::RunError;
 pub use frontend::{ServiceDescriptions, client_ts, describe_services};

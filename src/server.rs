@@ -169,9 +169,56 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
         .is_some_and(|rest| rest.eq_ignore_ascii_case(host))
 }
 
+/// Whether `host` (a request's `Host` header) names this machine: a
+/// loopback name or address, with or without a port.
+fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let name = match host.strip_prefix('[') {
+        // [::1]:8080
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// In development mode the console hands out a token: only to a page the
+/// developer's own browser asked for by a loopback name. A page on another
+/// site that rebinds its DNS name to 127.0.0.1 sends its own name as
+/// `Host`, and is refused.
+fn development_host_refused(gw: &Gateway, headers: &HeaderMap) -> Option<Response> {
+    if !gw.settings().is_memory_mesh() {
+        return None;
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    if loopback_host(host) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            "development mode answers /console only to a loopback Host (localhost, 127.0.0.1, [::1])",
+        )
+            .into_response(),
+    )
+}
+
 /// The console page; in development mode its token field holds a token
 /// for `dev-user` (HS256 only).
-async fn console(State(gw): State<Gateway>) -> Response {
+async fn console(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(refused) = development_host_refused(&gw, &headers) {
+        return refused;
+    }
     let settings = gw.settings();
     let token = crate::auth::dev_token(settings)
         .and_then(Result::ok)
@@ -193,7 +240,10 @@ async fn console(State(gw): State<Gateway>) -> Response {
 }
 
 /// The typed TypeScript client of this BFF's routing table.
-async fn client_ts(State(gw): State<Gateway>) -> Response {
+async fn client_ts(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(refused) = development_host_refused(&gw, &headers) {
+        return refused;
+    }
     let settings = gw.settings();
     let ts = crate::frontend::client_ts(
         &settings.mesh_service_name,
@@ -310,4 +360,35 @@ async fn ws_upgrade(
         .on_upgrade(move |socket| {
             tasks.track_future(connection(gw, socket, identity, admission, auth_wait))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_are_the_developers_own() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.9.9.9",
+            "[::1]:8080",
+            "app.localhost:3000",
+            "LOCALHOST.",
+        ] {
+            assert!(loopback_host(Some(host)), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.5:8080",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "",
+        ] {
+            assert!(!loopback_host(Some(host)), "{host}");
+        }
+        assert!(!loopback_host(None));
+    }
 }

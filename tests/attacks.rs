@@ -458,6 +458,34 @@ async fn before_authentication_a_socket_is_cheap_and_their_number_capped() {
     gw.stop().await;
 }
 
+/// The status a raw `GET path` with `host` as its `Host` header gets.
+async fn status_for_host(addr: std::net::SocketAddr, path: &str, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.lines().next().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_development_mode_the_console_answers_only_a_loopback_host() {
+    // Development mode (the in-process mesh): the console holds a token.
+    let gw = echo_gateway(|_| {}).await;
+    for host in ["localhost", "127.0.0.1:8080", "[::1]:8080"] {
+        let status = status_for_host(gw.addr, "/console", host).await;
+        assert!(status.contains(" 200 "), "{host}: {status}");
+    }
+    // A page whose name was rebound to 127.0.0.1 sends its own name.
+    for path in ["/console", "/client.ts"] {
+        let status = status_for_host(gw.addr, path, "evil.example").await;
+        assert!(status.contains(" 403 "), "{path}: {status}");
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_the_in_flight_limit_are_refused() {
     let scene = Scene::start(hs256(), |s| s.limits.max_in_flight = 2).await;

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use super::jwks::{Jwks, JwksProvider};
 use super::key::VerifyKey;
 use super::{AuthError, AuthHook, Identity};
-use crate::config::{JwksSettings, JwtConfig, KeySource};
+use crate::config::{DEV_TOKEN_MARK, JwksSettings, JwtConfig, KeySource};
 use crate::mesh::BoxFuture;
 
 /// A token longer than this is refused before any parsing: real ones are a
@@ -26,10 +26,11 @@ enum Keys {
     Jwks(Jwks),
 }
 
-/// Turns a verified token's claims into the identity a connection acts
-/// for (see [`JwtVerifier::map_claims`]).
+/// Turns the identity the settings read from a verified token (and the
+/// token's claims) into the one a connection acts for (see
+/// [`JwtVerifier::map_claims`]).
 pub type ClaimsMapper =
-    Arc<dyn Fn(&str, &Map<String, Value>) -> Result<Identity, AuthError> + Send + Sync>;
+    Arc<dyn Fn(Identity, &Map<String, Value>) -> Result<Identity, AuthError> + Send + Sync>;
 
 /// Verifies a token's signature, expiry, `nbf`, issuer and audience and
 /// returns its claims; as an [`AuthHook`], maps them to an [`Identity`]
@@ -56,8 +57,15 @@ pub type ClaimsMapper =
 #[derive(Clone)]
 pub struct JwtVerifier {
     keys: Keys,
-    /// Claims to identity, for the hook.
-    identity: ClaimsMapper,
+    /// The identity the settings read, changed by the BFF's own mapping.
+    identity: Option<ClaimsMapper>,
+    /// Where roles are read from (`roles_claim`).
+    roles_claim: Arc<str>,
+    /// Development mode: development tokens are taken.
+    development: bool,
+    /// Several identity providers: a user id is qualified by its issuer,
+    /// so two providers' `sub`s never name the same user.
+    qualify_issuer: bool,
     /// Everything but the algorithm (and, for JWKS, the issuer).
     validation: Validation,
     /// The settings' restriction (`jwt_algorithms`); empty: none.
@@ -139,10 +147,14 @@ impl JwtVerifier {
         audience: Option<&str>,
         options: &JwksSettings,
     ) -> Result<Self, AuthError> {
+        let qualify_issuer = providers.len() > 1;
         let jwks = Jwks::new(providers, options)?;
         Ok(Self {
             keys: Keys::Jwks(jwks),
-            identity: Arc::new(Identity::from_claims),
+            identity: None,
+            roles_claim: Arc::from("roles"),
+            development: false,
+            qualify_issuer,
             validation: validation(None, audience),
             allowed: Vec::new(),
         })
@@ -175,29 +187,36 @@ impl JwtVerifier {
                 Self::jwks(vec![provider], audience, options)?
             }
         };
-        Ok(verifier.with_algorithms(&config.algorithms))
+        Ok(verifier
+            .with_algorithms(&config.algorithms)
+            .with_roles_claim(&config.roles_claim)
+            .in_development(config.development))
     }
 
     fn fixed(key: VerifyKey, issuer: Option<&str>, audience: Option<&str>) -> Self {
         Self {
             keys: Keys::Fixed(Arc::new(key)),
-            identity: Arc::new(Identity::from_claims),
+            identity: None,
+            roles_claim: Arc::from("roles"),
+            development: false,
+            qualify_issuer: false,
             validation: validation(issuer, audience),
             allowed: Vec::new(),
         }
     }
 
-    /// Map a verified token's claims to the identity a connection acts for
-    /// with `identity` (a tenant claim into the user id, roles from a
-    /// custom claim, ...) instead of [`Identity::from_claims`]. The
-    /// verifier stays the hook: keys, readiness and refreshes unchanged.
+    /// Change the identity a verified token names before a connection acts
+    /// for it: `identity` gets what the settings read (`sub`, the user
+    /// name, the roles from `roles_claim`) and the token's claims, and
+    /// answers the identity to use (a tenant in the user id, roles from a
+    /// custom claim, a refusal). The verifier stays the hook: keys,
+    /// readiness and refreshes unchanged.
     ///
     /// ```
     /// use nuropb_bff::{AuthError, Identity, JwtVerifier};
     /// use serde_json::{Map, Value};
     ///
-    /// fn tenant_user(token: &str, claims: &Map<String, Value>) -> Result<Identity, AuthError> {
-    ///     let mut id = Identity::from_claims(token, claims)?;
+    /// fn tenant_user(mut id: Identity, claims: &Map<String, Value>) -> Result<Identity, AuthError> {
     ///     if let Some(tenant) = claims.get("tenant").and_then(Value::as_str) {
     ///         id.user_id = format!("{tenant}/{}", id.user_id);
     ///     }
@@ -210,12 +229,26 @@ impl JwtVerifier {
     /// ```
     pub fn map_claims(
         mut self,
-        identity: impl Fn(&str, &Map<String, Value>) -> Result<Identity, AuthError>
+        identity: impl Fn(Identity, &Map<String, Value>) -> Result<Identity, AuthError>
         + Send
         + Sync
         + 'static,
     ) -> Self {
-        self.identity = Arc::new(identity);
+        self.identity = Some(Arc::new(identity));
+        self
+    }
+
+    /// Read roles from `claim` (an array of strings, or a space-separated
+    /// string such as `scope`) instead of `roles`.
+    pub fn with_roles_claim(mut self, claim: &str) -> Self {
+        self.roles_claim = Arc::from(claim);
+        self
+    }
+
+    /// Development mode: take development tokens (which carry
+    /// `DEV_TOKEN_MARK`); outside it they are refused, whatever signed them.
+    pub fn in_development(mut self, development: bool) -> Self {
+        self.development = development;
         self
     }
 
@@ -274,18 +307,40 @@ impl JwtVerifier {
             )));
         }
         validation.algorithms = vec![alg];
-        decode::<Map<String, Value>>(token, &key.key, &validation)
+        let claims = decode::<Map<String, Value>>(token, &key.key, &validation)
             .map(|data| data.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
-            })
+            })?;
+        if !self.development && claims.contains_key(DEV_TOKEN_MARK) {
+            return Err(AuthError::Invalid(
+                "a development-mode token: refused outside development mode".into(),
+            ));
+        }
+        Ok(claims)
+    }
+
+    /// The identity a verified token names: the settings' reading, the
+    /// user id qualified by its issuer when several providers are trusted,
+    /// then the BFF's own mapping.
+    fn identity(&self, token: &str, claims: &Map<String, Value>) -> Result<Identity, AuthError> {
+        let mut id = Identity::from_claims_with(token, claims, &self.roles_claim)?;
+        if self.qualify_issuer
+            && let Some(iss) = claims.get("iss").and_then(Value::as_str)
+        {
+            id.user_id = format!("{iss}|{}", id.user_id);
+        }
+        match &self.identity {
+            Some(map) => map(id, claims),
+            None => Ok(id),
+        }
     }
 }
 
 impl AuthHook for JwtVerifier {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Identity, AuthError>> {
-        Box::pin(async move { (self.identity)(token, &self.verify(token).await?) })
+        Box::pin(async move { self.identity(token, &self.verify(token).await?) })
     }
 
     fn ready(&self) -> bool {

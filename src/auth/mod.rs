@@ -104,9 +104,21 @@ impl fmt::Debug for Identity {
 
 impl Identity {
     /// The contract's claim mapping: `sub` is the user id, `name` or
-    /// `preferred_username` the user name, `roles` (array) or `scope`
-    /// (space-separated) the roles, `exp` the expiry.
+    /// `preferred_username` the user name, `roles` (an array, or a
+    /// space-separated string) the roles, `exp` the expiry. `scope` is not
+    /// read: see [`Identity::from_claims_with`].
     pub fn from_claims(token: &str, claims: &Map<String, Value>) -> Result<Self, AuthError> {
+        Self::from_claims_with(token, claims, "roles")
+    }
+
+    /// [`Identity::from_claims`], the roles read from `roles_claim` (the
+    /// `roles_claim` setting: `scope` counts as roles only when it names
+    /// it).
+    pub fn from_claims_with(
+        token: &str,
+        claims: &Map<String, Value>,
+        roles_claim: &str,
+    ) -> Result<Self, AuthError> {
         let user_id = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(AuthError::Invalid("the token has no `sub` claim".into())),
@@ -116,13 +128,13 @@ impl Identity {
             .or_else(|| claims.get("preferred_username"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let roles = match (claims.get("roles"), claims.get("scope")) {
-            (Some(Value::Array(a)), _) => a
+        let roles = match claims.get(roles_claim) {
+            Some(Value::Array(a)) => a
                 .iter()
                 .filter_map(Value::as_str)
                 .map(str::to_owned)
                 .collect(),
-            (_, Some(Value::String(s))) => s.split_whitespace().map(str::to_owned).collect(),
+            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
             _ => Vec::new(),
         };
         Ok(Self {
@@ -238,6 +250,9 @@ pub(crate) fn hs256_dev_token(
     claims.insert("sub".into(), sub.into());
     claims.insert("name".into(), sub.into());
     claims.insert("exp".into(), (unix_now() + ttl_secs).into());
+    // Marked: a BFF outside development mode refuses it, even one that
+    // shares the secret.
+    claims.insert(crate::config::DEV_TOKEN_MARK.into(), true.into());
     if let Some(iss) = issuer {
         claims.insert("iss".into(), iss.into());
     }
@@ -313,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn a_dev_token_passes_the_matching_verifier_only() {
         let t = hs256_dev_token(b"k", "dev-user", 60, Some("me"), Some("app")).unwrap();
-        let ok = JwtVerifier::hs256(b"k", Some("me"), Some("app"));
+        let ok = JwtVerifier::hs256(b"k", Some("me"), Some("app")).in_development(true);
         assert_eq!(ok.authenticate(&t).await.unwrap().user_id, "dev-user");
         let other_secret = JwtVerifier::hs256(b"x", Some("me"), Some("app"));
         assert!(other_secret.authenticate(&t).await.is_err());
@@ -340,15 +355,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn scope_and_preferred_username_are_used_as_fallbacks() {
-        let auth = JwtVerifier::hs256(b"k", None, None);
+    async fn scope_counts_as_roles_only_when_the_settings_say_so() {
         let t = token(
             "k",
             json!({"sub":"u2","preferred_username":"bo","scope":"read write","exp":exp_in(60)}),
         );
-        let id = auth.authenticate(&t).await.unwrap();
+        let id = JwtVerifier::hs256(b"k", None, None)
+            .authenticate(&t)
+            .await
+            .unwrap();
         assert_eq!(id.username.as_deref(), Some("bo"));
+        assert!(id.roles.is_empty(), "{:?}", id.roles);
+        let id = JwtVerifier::hs256(b"k", None, None)
+            .with_roles_claim("scope")
+            .authenticate(&t)
+            .await
+            .unwrap();
         assert_eq!(id.roles, vec!["read", "write"]);
+    }
+
+    #[tokio::test]
+    async fn a_development_token_is_refused_outside_development_mode() {
+        let dev = hs256_dev_token(b"shared-secret", "dev-user", 60, None, None).unwrap();
+        let production = JwtVerifier::hs256(b"shared-secret", None, None);
+        let err = production.authenticate(&dev).await.unwrap_err();
+        assert!(err.to_string().contains("development"), "{err}");
+        let development = JwtVerifier::hs256(b"shared-secret", None, None).in_development(true);
+        assert_eq!(
+            development.authenticate(&dev).await.unwrap().user_id,
+            "dev-user"
+        );
     }
 
     #[tokio::test]

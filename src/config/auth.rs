@@ -156,7 +156,7 @@ pub enum AuthConfig {
     /// `auth = "none"`: every connection is its own anonymous user.
     None,
     /// JWTs, verified with `keys`.
-    Jwt(JwtConfig),
+    Jwt(Box<JwtConfig>),
 }
 
 /// A JWT verifier's settings, checked.
@@ -167,7 +167,21 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     /// The algorithms accepted; empty: every one the key's type allows.
     pub algorithms: Vec<Algorithm>,
+    /// The claim roles are read from: an array of strings, or a
+    /// space-separated string (`scope`).
+    pub roles_claim: String,
+    /// Development mode (the in-process mesh): the only place a
+    /// development token (`DEV_TOKEN_MARK`) is accepted.
+    pub development: bool,
 }
+
+/// The claim that marks a development-mode token: a BFF outside
+/// development mode refuses any token carrying it, even one signed with
+/// its own secret.
+pub const DEV_TOKEN_MARK: &str = "nuropb_bff_development";
+
+/// What `jwt_audience` says to accept tokens for any audience.
+pub const ANY_AUDIENCE: &str = "*";
 
 /// Where a verifier's keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +260,15 @@ impl Settings {
                 let Some(issuer) = issuer else {
                     return bad("auth is jwks but no issuer is set: set BFF_JWT_ISSUER (tokens must name it in `iss`; without BFF_JWKS_URL its OIDC discovery document names the key set)".into());
                 };
+                // An identity provider issues tokens for many clients:
+                // without an audience, a token for any of them would do.
+                if non_empty(&self.jwt_audience).is_none() && !self.is_memory_mesh() {
+                    return bad(format!(
+                        "auth is jwks but jwt_audience is not set: set BFF_JWT_AUDIENCE to the audience \
+                         the identity provider puts in this BFF's tokens (its client id), or to `{ANY_AUDIENCE}` \
+                         to accept tokens issued for any client of the provider"
+                    ));
+                }
                 KeySource::Jwks {
                     issuer,
                     jwks_url: non_empty(&self.jwks_url),
@@ -253,11 +276,17 @@ impl Settings {
                 }
             }
         };
-        Ok(AuthConfig::Jwt(JwtConfig {
+        let roles_claim = self.roles_claim.trim();
+        if roles_claim.is_empty() || roles_claim.len() > 128 {
+            return bad("roles_claim must name a claim (for example `roles`, or `scope`)".into());
+        }
+        Ok(AuthConfig::Jwt(Box::new(JwtConfig {
             keys,
-            audience: non_empty(&self.jwt_audience),
+            audience: non_empty(&self.jwt_audience).filter(|a| a != ANY_AUDIENCE),
             algorithms,
-        }))
+            roles_claim: roles_claim.to_owned(),
+            development: self.is_memory_mesh(),
+        })))
     }
 }
 
@@ -315,6 +344,32 @@ mod tests {
         s.auth = AuthMode::Jwks;
         let err = s.auth_config().unwrap_err().to_string();
         assert!(err.contains("BFF_JWT_ISSUER"), "{err}");
+        s.jwt_issuer = Some("https://idp.example".into());
+        assert!(
+            s.auth_config().is_ok(),
+            "development mode needs no audience"
+        );
+        s.amqp_url = "amqp://127.0.0.1".into();
+        let err = s.auth_config().unwrap_err().to_string();
+        assert!(err.contains("BFF_JWT_AUDIENCE"), "{err}");
+        s.jwt_audience = Some("*".into());
+        let Ok(AuthConfig::Jwt(jwt)) = s.auth_config() else {
+            panic!("`*` accepts any audience")
+        };
+        assert_eq!(jwt.audience, None);
+        s.jwt_audience = Some("shop".into());
+        s.roles_claim = "scope".into();
+        let Ok(AuthConfig::Jwt(jwt)) = s.auth_config() else {
+            panic!("an audience")
+        };
+        assert_eq!(
+            (jwt.audience.as_deref(), jwt.roles_claim.as_str()),
+            (Some("shop"), "scope")
+        );
+        s.roles_claim = " ".into();
+        assert!(s.auth_config().is_err());
+        let mut s = Settings::new("bff");
+        s.auth = AuthMode::Jwks;
         s.jwt_issuer = Some("https://idp.example".into());
         s.jwks.min_max_age = Duration::from_secs(10);
         s.jwks.max_max_age = Duration::from_secs(5);

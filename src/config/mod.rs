@@ -32,7 +32,8 @@ macro_rules! from_text {
 mod auth;
 
 pub use auth::{
-    AuthConfig, AuthMode, JwksSettings, JwtConfig, KeySource, MIN_SECRET_BYTES, Secret,
+    ANY_AUDIENCE, AuthConfig, AuthMode, DEV_TOKEN_MARK, JwksSettings, JwtConfig, KeySource,
+    MIN_SECRET_BYTES, Secret,
 };
 
 /// Per-connection limits. The defaults suit a browser frontend; every one is
@@ -262,6 +263,11 @@ pub struct Settings {
     /// widens this.
     #[serde(default)]
     pub jwt_algorithms: Vec<String>,
+    /// The claim a token's roles are read from: an array of strings, or a
+    /// space-separated string. `scope` counts as roles only when this says
+    /// so (`roles_claim = "scope"`).
+    #[serde(default = "d_roles_claim")]
+    pub roles_claim: String,
     #[serde(default)]
     pub jwks: JwksSettings,
     /// Browser origins allowed to open a socket; `*` allows any.
@@ -296,6 +302,9 @@ pub struct Settings {
 
 fn d_grace() -> u64 {
     10_000
+}
+fn d_roles_claim() -> String {
+    "roles".into()
 }
 fn d_log() -> String {
     "info".into()
@@ -332,6 +341,7 @@ impl Settings {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_algorithms: Vec::new(),
+            roles_claim: d_roles_claim(),
             jwks: JwksSettings::default(),
             allowed_origins: vec!["http://localhost:3000".into()],
             log: d_log(),
@@ -672,6 +682,7 @@ allowed_origins = ["http://localhost:3000"]
             &jwks,
             env(&[
                 ("BFF_JWT_ISSUER", "https://idp.example.com"),
+                ("BFF_JWT_AUDIENCE", "shop"),
                 ("BFF_JWKS__MIN_REFRESH_MS", "1500"),
                 ("BFF_JWT_ALGORITHMS", "ES256, RS256"),
             ]),
@@ -682,12 +693,17 @@ allowed_origins = ["http://localhost:3000"]
         assert_eq!(s.jwks.min_refresh, Duration::from_millis(1500));
         assert_eq!(s.jwt_algorithms, ["ES256", "RS256"]);
         let issuer = ("BFF_JWT_ISSUER", "https://idp.example.com");
+        let err = Settings::parse("d.toml", &jwks, env(&[issuer])).unwrap_err();
+        assert!(err.to_string().contains("BFF_JWT_AUDIENCE"), "{err}");
+        let issuer = ("BFF_JWT_AUDIENCE", "*");
+        let issuer_too = ("BFF_JWT_ISSUER", "https://idp.example.com");
         for (var, value, named) in [
             ("BFF_JWT_ALGORITHMS", "none", "jwt_algorithms"),
             ("BFF_JWKS__FETCH_TIMEOUT_MS", "0", "fetch_timeout_ms"),
             ("BFF_JWKS__MIN_MAX_AGE_MS", "999999999", "min_max_age_ms"),
         ] {
-            let err = Settings::parse("d.toml", &jwks, env(&[issuer, (var, value)])).unwrap_err();
+            let err = Settings::parse("d.toml", &jwks, env(&[issuer, issuer_too, (var, value)]))
+                .unwrap_err();
             assert!(err.to_string().contains(named), "{var}: {err}");
         }
     }

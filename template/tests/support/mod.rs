@@ -78,14 +78,17 @@ pub fn auth_env() -> Vec<(String, String)> {
     ]
 }
 
+/// The audience config/default.toml names.
+const AUDIENCE: &str = "{{project-name}}";
+
 pub fn token(sub: &str) -> Option<String> {
-    Some(idp().token(sub, &[], 300))
+    Some(idp().key().token(sub, &[], 300, Some(&idp().issuer), Some(AUDIENCE)))
 }
 
 /// Signed by another key under the provider's `kid`.
 pub fn forged_token(sub: &str) -> Option<String> {
     let other = TestKey::generate(JwtAlgorithm::ES256).with_kid(idp().key().kid());
-    Some(other.token(sub, &[], 300, Some(&idp().issuer), None))
+    Some(other.token(sub, &[], 300, Some(&idp().issuer), Some(AUDIENCE)))
 }
 {%- else %}
 
