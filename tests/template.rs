@@ -794,12 +794,14 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
     assert!(log.contains("stopped"), "{log}");
     drop(p);
 
-    // Development mode: explicit, loud, and served by echo stubs.
+    // Development mode: explicit, loud, and served by echo stubs; it takes
+    // the short secret README's first command gives it (`--dev` is settled
+    // before the settings are checked).
     let mut p = BffProcess::spawn(
         &bin,
         &crate_dir,
         &["--dev"],
-        &[("BFF_JWT_SECRET", secret), ("BFF_LISTEN", "127.0.0.1:0")],
+        &[("BFF_JWT_SECRET", "dev-secret"), ("BFF_LISTEN", "127.0.0.1:0")],
     );
     let addr = p.serving_addr();
     p.wait_for(
