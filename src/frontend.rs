@@ -449,7 +449,7 @@ pub(crate) fn server_frame_samples() -> Vec<String> {
     [
         ServerFrame::Event {
             topic: "orders.created".into(),
-            event: json!({"id": 1, "tags": ["x"], "nested": {"ok": true}}),
+            event: json!({"id": 1, "tags": ["x"], "nested": {"ok": true}}).into(),
         },
         ServerFrame::Response {
             trace_id: "t1".into(),

@@ -17,7 +17,7 @@ use crate::protocol::{ClientCall, ErrorBody, Params, RawJson};
 /// BFF overrides only what it needs.
 ///
 /// ```
-/// use nuropb_bff::{Call, SessionInfo, WsHandler};
+/// use nuropb_bff::{Call, RawJson, SessionInfo, WsHandler};
 /// use serde_json::Value;
 ///
 /// #[derive(Debug)]
@@ -31,12 +31,12 @@ use crate::protocol::{ClientCall, ErrorBody, Params, RawJson};
 ///     }
 ///
 ///     // Internal events never reach a browser.
-///     fn on_event(&self, topic: &str, event: Value) -> Option<Value> {
+///     fn on_event(&self, topic: &str, event: RawJson) -> Option<RawJson> {
 ///         (!topic.starts_with("internal.")).then_some(event)
 ///     }
 /// }
 ///
-/// assert!(Handler.on_event("internal.audit", Value::Null).is_none());
+/// assert!(Handler.on_event("internal.audit", RawJson::null()).is_none());
 /// ```
 pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
     /// The `hello` event sent once a connection is authenticated.
@@ -84,7 +84,10 @@ pub trait WsHandler: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Change or drop (`None`) a mesh event before it is pushed to clients.
-    fn on_event(&self, topic: &str, event: Value) -> Option<Value> {
+    /// The event is the JSON text it arrived in, passed on unparsed unless
+    /// a hook reads it ([`RawJson::to_value`], then
+    /// [`RawJson::from_value`]).
+    fn on_event(&self, topic: &str, event: RawJson) -> Option<RawJson> {
         let _ = topic;
         Some(event)
     }

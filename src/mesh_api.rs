@@ -25,7 +25,7 @@ use crate::hub::Hub;
 use crate::mesh::{
     BoxFuture, IncomingEvent, IncomingRequest, MeshError, MeshHandler, unknown_method,
 };
-use crate::protocol::{ErrorBody, ServerFrame, close};
+use crate::protocol::{ErrorBody, RawJson, ServerFrame, close};
 use crate::routing::Delivery;
 use crate::seal::Unsealed;
 
@@ -182,7 +182,7 @@ const METHODS: &[MethodDoc] = &[
     },
 ];
 
-fn event_frame(topic: &str, event: Value) -> Utf8Bytes {
+fn event_frame(topic: &str, event: RawJson) -> Utf8Bytes {
     ServerFrame::Event {
         topic: topic.to_owned(),
         event,
@@ -317,8 +317,10 @@ impl BffService {
                 users,
                 topic,
                 message,
-            } => sessions.send_to_users(users, event_frame(topic, message.clone())),
-            Push::All { topic, message } => sessions.broadcast(event_frame(topic, message.clone())),
+            } => sessions.send_to_users(users, event_frame(topic, RawJson::from_value(message))),
+            Push::All { topic, message } => {
+                sessions.broadcast(event_frame(topic, RawJson::from_value(message)))
+            }
             Push::Disconnect { users } => {
                 sessions.close_users(users, close::DISCONNECTED, "disconnected by the server")
             }

@@ -213,7 +213,7 @@ async fn open(
     }
     let hello = ServerFrame::Event {
         topic: "hello".into(),
-        event,
+        event: event.into(),
     };
     let _ = outbox.try_push(hello.to_json().into());
 

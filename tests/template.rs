@@ -801,7 +801,10 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
         &bin,
         &crate_dir,
         &["--dev"],
-        &[("BFF_JWT_SECRET", "dev-secret"), ("BFF_LISTEN", "127.0.0.1:0")],
+        &[
+            ("BFF_JWT_SECRET", "dev-secret"),
+            ("BFF_LISTEN", "127.0.0.1:0"),
+        ],
     );
     let addr = p.serving_addr();
     p.wait_for(

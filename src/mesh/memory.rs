@@ -143,7 +143,7 @@ impl Mesh for MemoryMesh {
                 r.handler
                     .handle_event(IncomingEvent {
                         topic: event.topic.clone(),
-                        event: event.event.clone(),
+                        event: crate::protocol::RawJson::from_value(&event.event),
                         target: event.target.clone(),
                         trace_id: event.trace_id.clone(),
                     })

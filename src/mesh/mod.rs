@@ -72,11 +72,12 @@ pub struct IncomingRequest {
     pub trace_id: Option<String>,
 }
 
-/// An event from the mesh.
+/// An event from the mesh. Its payload is the JSON text it arrived in
+/// ([`RawJson::to_value`] parses it for whoever needs a tree).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IncomingEvent {
     pub topic: String,
-    pub event: Value,
+    pub event: RawJson,
     pub target: Option<Vec<String>>,
     pub trace_id: Option<String>,
 }

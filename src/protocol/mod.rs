@@ -242,7 +242,8 @@ pub struct SessionInfo {
 pub(crate) enum ServerFrame {
     Event {
         topic: String,
-        event: Value,
+        #[ts(as = "Value")]
+        event: RawJson,
     },
     Response {
         trace_id: String,

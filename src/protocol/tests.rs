@@ -237,7 +237,7 @@ fn a_bad_frame_keeps_its_trace_id() {
 fn server_frames_have_the_contract_shapes() {
     let hello = ServerFrame::Event {
         topic: "hello".into(),
-        event: json!({"session_id":"s","user_id":"u","username":"n"}),
+        event: json!({"session_id":"s","user_id":"u","username":"n"}).into(),
     };
     assert_eq!(
         serde_json::to_value(&hello).unwrap(),
@@ -420,7 +420,7 @@ fn received_responses_and_events_are_read_for_what_the_gateway_uses() {
     let Ok(MeshMessage::Event(ev)) = MeshMessage::decode_as(MessageType::Event, event) else {
         panic!("an event's context is not read")
     };
-    assert_eq!((ev.topic.as_str(), &ev.event), ("t", &serde_json::json!(2)));
+    assert_eq!((ev.topic.as_str(), ev.event.get()), ("t", "2"));
     assert!(ev.context.is_empty());
     // The outcome itself is still checked.
     let bad = br#"{"tag": "response", "correlation_id": "c", "error": "not an object"}"#;

@@ -528,7 +528,7 @@ impl AmqpMesh {
             context: event.context,
             trace_id: event.trace_id.clone(),
             topic: event.topic,
-            event: event.event,
+            event: RawJson::from(event.event),
             target: event.target,
         });
         let payload = serde_json::to_vec(&body).map_err(unavailable)?;

@@ -114,7 +114,14 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
         } => match decode_message(&properties, body) {
             Ok(MeshMessage::Response(resp)) => complete(shared, resp),
             Ok(MeshMessage::Event(ev)) if ev.topic == CONTROL_TOPIC => {
-                if shared.control.try_send(ev.event).is_err() {
+                let Ok(control) = ev.event.to_value() else {
+                    drop(
+                        DropReason::Undecodable,
+                        "a control message that is not JSON a map can hold",
+                    );
+                    return;
+                };
+                if shared.control.try_send(control).is_err() {
                     shared.events_dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!("control message dropped: the control queue is full");
                 }

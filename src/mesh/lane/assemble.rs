@@ -2,9 +2,10 @@
 //! into frames, refusing a frame over the negotiated size from its first 7
 //! bytes, before any of it is buffered. [`Assembler`] puts a message's
 //! method, content header and body frames back together, checking their
-//! order, channel and sizes: a body is grown as its frames come, never
-//! reserved from what a header claims. Both are plain state machines that
-//! the tests feed bytes; the lane's read loop feeds them the socket.
+//! order, channel and sizes: a body over the limit is let go frame by
+//! frame, and one within it is gathered into one allocation of its size.
+//! Both are plain state machines that the tests feed bytes; the lane's read
+//! loop feeds them the socket.
 
 use amq_protocol::protocol::{AMQPClass, basic};
 
@@ -299,6 +300,14 @@ impl Assembler {
             });
         }
         if have < content.size {
+            if content.body.is_empty() {
+                // Gathered in one allocation of the announced size, which
+                // is within the limit: no doubling while it grows, so a
+                // message costs its size here, not twice that.
+                content
+                    .body
+                    .reserve_exact(usize::try_from(content.size).unwrap_or(0));
+            }
             content.body.extend_from_slice(payload);
             self.content = Some(content);
             return Ok(Assembled::Pending);
