@@ -121,8 +121,10 @@ async fn events_over_the_limit_are_let_go_without_buffering_and_the_link_stays_u
         "{published}"
     );
     peer(&["event", &big, "numbers", "40"]);
+    peer(&["event", &format!("{svc}.forged"), "badtopic", "0"]);
     peer(&["event", &format!("{svc}.small"), "small", "0"]);
-    // The small one arrives, after the two large ones were let go.
+    // The small one arrives, after the two large ones and the one whose
+    // topic would forge a log line were let go.
     let frame = match c.recv().await {
         Ok(frame) => frame,
         Err(e) => {
@@ -137,6 +139,11 @@ async fn events_over_the_limit_are_let_go_without_buffering_and_the_link_stays_u
     assert!(growth < 256 * 1024, "{growth} KiB");
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
     assert_eq!(dropped(&metrics, "too_large"), 2, "{metrics}");
+    assert_eq!(
+        dropped(&metrics, "bad_field"),
+        1,
+        "the forged topic: {metrics}"
+    );
     still_serving(&gw, &svc).await;
     gw.stop().await;
 

@@ -2,7 +2,7 @@
 publishes with pika, outside any nuropb library, what a well-behaved
 service never would. Usage:
 
-    peer.py URL event TOPIC KIND MIB      # KIND: string | numbers | small
+    peer.py URL event TOPIC KIND MIB      # KIND: string | numbers | small | badtopic
     peer.py URL request SERVICE CORRELATION_BYTES TRACE_BYTES
 
 `request` waits up to 3 s for an answer on a queue of its own and prints
@@ -28,15 +28,18 @@ def connect(url):
 
 def big_event(topic, kind, mib):
     size = mib << 20
-    if kind == "small":
+    if kind in ("small", "badtopic"):
         payload = b'{"n": 1}'
     elif kind == "string":
         payload = b'"' + b"x" * (size - 2) + b'"'
     else:
         # Small numbers: a JSON array of zeros, about `size` bytes.
         payload = b"[" + b"0," * (size // 2 - 1) + b"0]"
+    # `badtopic`: the body names a topic other than its routing key, one
+    # that would forge a line in a log.
+    body_topic = topic + "\nFORGED log line" if kind == "badtopic" else topic
     head = json.dumps(
-        {"tag": "event", "correlation_id": uuid.uuid4().hex, "topic": topic, "context": {}, "target": [], "trace_id": None}
+        {"tag": "event", "correlation_id": uuid.uuid4().hex, "topic": body_topic, "context": {}, "target": [], "trace_id": None}
     ).encode()
     # {"tag":..., ..., "event": <payload>}
     return head[:-1] + b', "event": ' + payload + b"}"

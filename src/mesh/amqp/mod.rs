@@ -374,7 +374,15 @@ impl Shared {
     }
 
     /// Queue a mesh event for the handler; with no room, drop and count it.
+    /// Its topic and trace id, which end up in frames, metrics and log
+    /// lines, are checked first: an event that fails is dropped and counted.
     fn hand_off_event(&self, event: EventBody) {
+        let trace_ok = event.trace_id.as_deref().is_none_or(drops::echoable);
+        if !drops::echoable(&event.topic) || !trace_ok {
+            let what = "an event whose topic or trace_id is not 1 to 255 visible characters";
+            self.drops.drop_message(drops::DropReason::BadField, what);
+            return;
+        }
         if self.events.try_send(event.into()).is_err() {
             self.events_dropped.fetch_add(1, Ordering::Relaxed);
         }
