@@ -724,33 +724,48 @@ topic = "news.*"
         assert!(e.message.contains("`service.method` or `service.*`"), "{e}");
         assert!(e.to_string().starts_with("r.toml:2:8: "), "{e}");
 
-        let e = err("[[route]]\ncall = \"a.b\"\ncolour = 1\n");
-        assert_eq!(e.line, 3);
-        assert!(e.message.contains("unknown field `colour`"), "{e}");
-
-        let e = err("[[route]]\ncall = \"a.*\"\nexpose_as = \"b.c\"\n");
-        assert_eq!(e.line, 3);
-        assert!(e.message.contains("`name.*`"), "{e}");
-
-        let e = err("[[route]]\ncall = \"a.b\"\ntimeout_ms = 0\n");
-        assert!(e.message.contains("timeout_ms"), "{e}");
-
-        let e = err("[[route]]\ncall = \"a.b\"\n[[route]]\ncall = \"a.b\"\n");
-        assert_eq!(e.line, 4);
-        assert!(e.message.contains("routed twice"), "{e}");
-
-        let e = err("[[event]]\ntopic = \"a..b\"\n");
-        assert_eq!(e.line, 2);
-        assert!(e.message.contains("`topic`"), "{e}");
-
-        let e = err("[[event]]\ntopic = \"a\"\ndeliver = \"some\"\n");
-        assert!(e.message.contains("unknown variant"), "{e}");
-
-        let e = err("[[route]\n");
-        assert_eq!(e.line, 1);
-
-        let e = err("[[route]]\nexpose_as = \"a.b\"\n");
-        assert!(e.message.contains("missing field `call`"), "{e}");
+        // What breaks a rule, the line it names, and what the message says.
+        let cases: [(&str, Option<usize>, &str); 8] = [
+            (
+                "[[route]]\ncall = \"a.b\"\ncolour = 1\n",
+                Some(3),
+                "unknown field `colour`",
+            ),
+            (
+                "[[route]]\ncall = \"a.*\"\nexpose_as = \"b.c\"\n",
+                Some(3),
+                "`name.*`",
+            ),
+            (
+                "[[route]]\ncall = \"a.b\"\ntimeout_ms = 0\n",
+                None,
+                "timeout_ms",
+            ),
+            (
+                "[[route]]\ncall = \"a.b\"\n[[route]]\ncall = \"a.b\"\n",
+                Some(4),
+                "routed twice",
+            ),
+            ("[[event]]\ntopic = \"a..b\"\n", Some(2), "`topic`"),
+            (
+                "[[event]]\ntopic = \"a\"\ndeliver = \"some\"\n",
+                None,
+                "unknown variant",
+            ),
+            ("[[route]\n", Some(1), ""),
+            (
+                "[[route]]\nexpose_as = \"a.b\"\n",
+                None,
+                "missing field `call`",
+            ),
+        ];
+        for (text, line, says) in cases {
+            let e = err(text);
+            if let Some(line) = line {
+                assert_eq!(e.line, line, "{text:?}: {e}");
+            }
+            assert!(e.message.contains(says), "{text:?}: {e}");
+        }
     }
 
     #[test]

@@ -481,18 +481,27 @@ impl TestClient {
         }
     }
 
+    /// The next message off the socket within 10 seconds (`None` once the
+    /// socket has ended); `waiting_for` names what did not come in time.
+    async fn next_within(
+        &mut self,
+        waiting_for: &str,
+    ) -> Result<Option<Result<Message, String>>, String> {
+        let next = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+            .await
+            .map_err(|_| format!("{waiting_for} within 10 s"))?;
+        Ok(next.map(|m| m.map_err(|e| e.to_string())))
+    }
+
     /// The next text frame as it came, unparsed (within 10 seconds);
     /// `None` once the socket is closed.
     pub async fn next_text(&mut self) -> Result<Option<String>, String> {
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .map_err(|_| "no frame within 10 s".to_owned())?;
-            match msg {
+            match self.next_within("no frame").await? {
                 Some(Ok(Message::Text(t))) => return Ok(Some(t.as_str().to_owned())),
                 Some(Ok(Message::Close(_))) | None => return Ok(None),
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(e),
             }
         }
     }
@@ -501,10 +510,7 @@ impl TestClient {
     /// other frames; its close code, or `None` if the socket just ended.
     pub async fn closed(&mut self) -> Result<Option<u16>, String> {
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .map_err(|_| "socket not closed within 10 s".to_owned())?;
-            match msg {
+            match self.next_within("socket not closed").await? {
                 Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Ok(None),

@@ -450,8 +450,12 @@ async fn before_authentication_a_socket_is_cheap_and_their_number_capped() {
     // A client with its token on the upgrade never waits: served at once.
     echo_still_serving(&gw).await;
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
-    assert!(
-        metrics.contains(r#"bff_refused_connections_total{reason="unauthenticated"} 1"#),
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"bff_refused_connections_total{reason="unauthenticated"}"#
+        ),
+        1,
         "{metrics}"
     );
     drop(waiting);
@@ -584,12 +588,20 @@ async fn connection_caps_refuse_before_the_upgrade() {
     }
     echo_still_serving(&gw).await;
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
-    assert!(
-        metrics.contains(r#"bff_refused_connections_total{reason="max_connections"} 1"#),
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"bff_refused_connections_total{reason="max_connections"}"#
+        ),
+        1,
         "{metrics}"
     );
-    assert!(
-        metrics.contains(r#"bff_refused_connections_total{reason="per_user"} 2"#),
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"bff_refused_connections_total{reason="per_user"}"#
+        ),
+        2,
         "{metrics}"
     );
     gw.stop().await;

@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,34 +71,20 @@ struct Instance {
 impl Instance {
     fn start(name: &str, instance: &str) -> Self {
         let spec = json!({"name": name, "instance": instance}).to_string();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "instance_process",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(INSTANCE_VAR, spec)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start an instance");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // The test harness may have written `test ... ` before it.
-                if let Some((_, addr)) = line.split_once("LISTEN ") {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "instance_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(INSTANCE_VAR, spec);
+        // The test harness may have written `test ... ` before the line.
+        let (child, addr) = spawn_until_line(cmd, "an instance", |line| {
+            line.split_once("LISTEN ")
+                .map(|(_, addr)| addr.trim().to_owned())
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the instance did not start listening");
         Self {
             child,
             url: format!("ws://{addr}/ws"),
@@ -143,6 +129,30 @@ async fn expect_event(c: &mut TestClient, topic: &str, event: &Value) {
     );
 }
 
+/// Two instances of BFF `name` that see each other, and user ann on each.
+async fn two_instances_with_ann(name: &str) -> (Instance, Instance, TestClient, TestClient) {
+    let a = Instance::start(name, &unique("a"));
+    let b = Instance::start(name, &unique("b"));
+    until_instances_see_each_other(name, 2).await;
+    let (ann_a, _) = connect(&a.url, &token("ann", &[], 300)).await;
+    let (ann_b, _) = connect(&b.url, &token("ann", &[], 300)).await;
+    (a, b, ann_a, ann_b)
+}
+
+/// `send_to_users` ann, with the push token: both her sockets get it.
+async fn push_to_ann(name: &str, ann_a: &mut TestClient, ann_b: &mut TestClient) {
+    let r = py(
+        name,
+        "send_to_users",
+        json!({"user_ids": ["ann"], "message": {"n": 1}, "topic": "note"}),
+        with_token(&push_token()),
+    )
+    .await;
+    assert_eq!(r["result"], json!({"delivered": 2, "instances": 2}), "{r}");
+    expect_event(ann_a, "note", &json!({"n": 1})).await;
+    expect_event(ann_b, "note", &json!({"n": 1})).await;
+}
+
 /// Wait until every instance has heard every other's heartbeat.
 async fn until_instances_see_each_other(name: &str, n: u64) {
     let what = format!("{n} instances to see each other");
@@ -156,25 +166,10 @@ async fn until_instances_see_each_other(name: &str, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_reach_every_instance_and_need_a_service_token() {
     let name = unique("cluster-bff");
-    let a = Instance::start(&name, &unique("a"));
-    let b = Instance::start(&name, &unique("b"));
-    until_instances_see_each_other(&name, 2).await;
-
-    let (mut ann_a, _) = connect(&a.url, &token("ann", &[], 300)).await;
-    let (mut ann_b, _) = connect(&b.url, &token("ann", &[], 300)).await;
+    let (a, b, mut ann_a, mut ann_b) = two_instances_with_ann(&name).await;
     let (mut bob_a, _) = connect(&a.url, &token("bob", &[], 300)).await;
-
     let push = push_token();
-    let r = py(
-        &name,
-        "send_to_users",
-        json!({"user_ids": ["ann"], "message": {"n": 1}, "topic": "note"}),
-        with_token(&push),
-    )
-    .await;
-    assert_eq!(r["result"], json!({"delivered": 2, "instances": 2}), "{r}");
-    expect_event(&mut ann_a, "note", &json!({"n": 1})).await;
-    expect_event(&mut ann_b, "note", &json!({"n": 1})).await;
+    push_to_ann(&name, &mut ann_a, &mut ann_b).await;
 
     // No token, a token without the role, an expired one, a forged one:
     // refused, and no socket on either instance sees anything.
@@ -323,11 +318,7 @@ async fn a_peer_cannot_replay_forge_or_inflate_control_messages() {
     use lapin::types::FieldTable;
 
     let name = unique("sealed-bff");
-    let a = Instance::start(&name, &unique("a"));
-    let b = Instance::start(&name, &unique("b"));
-    until_instances_see_each_other(&name, 2).await;
-    let (mut ann_a, _) = connect(&a.url, &token("ann", &[], 300)).await;
-    let (mut ann_b, _) = connect(&b.url, &token("ann", &[], 300)).await;
+    let (a, b, mut ann_a, mut ann_b) = two_instances_with_ann(&name).await;
 
     // The peer listens on the control exchange.
     let control = format!("nuropb-bff-{name}-control");
@@ -357,16 +348,7 @@ async fn a_peer_cannot_replay_forge_or_inflate_control_messages() {
     .unwrap();
 
     let push = push_token();
-    let r = py(
-        &name,
-        "send_to_users",
-        json!({"user_ids": ["ann"], "message": {"n": 1}, "topic": "note"}),
-        with_token(&push),
-    )
-    .await;
-    assert_eq!(r["result"], json!({"delivered": 2, "instances": 2}), "{r}");
-    expect_event(&mut ann_a, "note", &json!({"n": 1})).await;
-    expect_event(&mut ann_b, "note", &json!({"n": 1})).await;
+    push_to_ann(&name, &mut ann_a, &mut ann_b).await;
 
     // What the peer captured: the push, sealed, and no token in it.
     let mut captured = None;
@@ -435,12 +417,20 @@ async fn a_peer_cannot_replay_forge_or_inflate_control_messages() {
         .parse()
         .unwrap();
     let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
-    assert!(
-        metrics.contains(r#"bff_mesh_messages_dropped_total{reason="bad_signature"} 1"#),
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"bff_mesh_messages_dropped_total{reason="bad_signature"}"#
+        ),
+        1,
         "{metrics}"
     );
-    assert!(
-        metrics.contains(r#"bff_mesh_messages_dropped_total{reason="unsealed"} 1"#),
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"bff_mesh_messages_dropped_total{reason="unsealed"}"#
+        ),
+        1,
         "{metrics}"
     );
     let _ = conn.close(200, "done".into()).await;

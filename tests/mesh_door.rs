@@ -32,14 +32,12 @@ fn peer(args: &[&str]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
 }
 
-/// A labelled counter in `/metrics` text (0 when absent).
+/// `bff_mesh_messages_dropped_total` for `reason`.
 fn dropped(metrics: &str, reason: &str) -> u64 {
-    let name = format!("bff_mesh_messages_dropped_total{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    metric(
+        metrics,
+        &format!("bff_mesh_messages_dropped_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// This process's resident memory and its peak, in KiB.

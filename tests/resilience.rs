@@ -183,9 +183,12 @@ async fn the_link_heals_after_the_broker_closes_its_publish_channel() {
     let svc = unique("echo");
     let service = slow_service(&svc).await;
     let bff = unique("heal-bff");
+    // Keyed, as a BFF of several instances is: its heartbeats go out on
+    // the control exchange.
     let gw = gateway_for(&svc, "", |s| {
         s.mesh_service_name = bff.clone();
         s.mesh_api.heartbeat = Duration::from_millis(200);
+        s.cluster_key = Some("a-test-cluster-key-of-at-least-32-bytes".into());
     })
     .await;
     readyz_becomes(gw.addr, 200, Duration::from_secs(5)).await;

@@ -69,6 +69,17 @@ impl MemoryMesh {
         mesh
     }
 
+    /// The registered services `which` picks, out of the lock.
+    fn registered(&self, which: impl Fn(&Registered) -> bool) -> Vec<Arc<Registered>> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| which(r))
+            .cloned()
+            .collect()
+    }
+
     fn get(&self, name: &str) -> Option<Arc<Registered>> {
         self.services
             .read()
@@ -131,14 +142,8 @@ impl Mesh for MemoryMesh {
 
     fn publish_event(&self, event: OutgoingEvent) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
-            let receivers: Vec<Arc<Registered>> = self
-                .services
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .filter(|r| r.bindings.iter().any(|b| topic::matches(b, &event.topic)))
-                .cloned()
-                .collect();
+            let receivers =
+                self.registered(|r| r.bindings.iter().any(|b| topic::matches(b, &event.topic)));
             for r in receivers {
                 r.handler
                     .handle_event(IncomingEvent {
@@ -161,13 +166,7 @@ impl Mesh for MemoryMesh {
     /// registered handler (only BFFs act on it).
     fn broadcast_control(&self, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
-            let all: Vec<Arc<Registered>> = self
-                .services
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .cloned()
-                .collect();
+            let all = self.registered(|_| true);
             for r in all {
                 r.handler.handle_control(body.clone()).await;
             }

@@ -159,27 +159,43 @@ impl Drop for PyService {
 }
 
 pub fn start_python_service(name: &str) -> PyService {
-    let mut child = Command::new(nuropb_python())
-        .arg(script("service.py"))
-        .arg(amqp_url())
-        .arg(name)
+    let mut cmd = Command::new(nuropb_python());
+    cmd.arg(script("service.py")).arg(amqp_url()).arg(name);
+    let (child, line) = spawn_until_line(cmd, "the Python service", |line| Some(line.to_owned()));
+    assert_eq!(line.trim(), "READY", "Python service said {line:?}");
+    PyService(child)
+}
+
+/// Start `cmd` with its stdin held open (it runs until that closes) and
+/// wait, up to 60 s, for the first line of its stdout that `wanted` takes;
+/// the child and what `wanted` made of that line. The rest of its stdout
+/// is read and let go, so it never blocks on a full pipe.
+pub fn spawn_until_line<T: Send + 'static>(
+    mut cmd: Command,
+    what: &str,
+    wanted: impl Fn(&str) -> Option<T> + Send + 'static,
+) -> (Child, T) {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start the Python service");
-    let stdout = child.stdout.take().unwrap();
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let stdout = child.stdout.take().expect("a piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(found) = tx.as_ref().and_then(|_| wanted(&line)) {
+                let _ = tx.take().map(|tx| tx.send(found));
+            }
+        }
     });
-    let line = rx
+    let found = rx
         .recv_timeout(Duration::from_secs(60))
-        .expect("the Python service did not get ready within 60 s");
-    assert_eq!(line.trim(), "READY", "Python service said {line:?}");
-    PyService(child)
+        .unwrap_or_else(|_| panic!("{what} did not get ready within 60 s"));
+    (child, found)
 }
 
 pub fn python_client(service: &str, method: &str, params: Value) -> Value {
@@ -258,11 +274,11 @@ pub async fn drain_answers(c: &mut TestClient, service: &str, in_flight: usize, 
     }
 }
 
-/// The value of an unlabelled counter or gauge in `/metrics` text (0 when
-/// absent).
-pub fn metric(text: &str, name: &str) -> u64 {
+/// The value of a series in `/metrics` text, named with its labels as
+/// the text writes them (`bff_x_total{reason="y"}`); 0 when absent.
+pub fn metric(text: &str, series: &str) -> u64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }

@@ -100,14 +100,7 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             event: true,
         } => match decode_message(&properties, body) {
             Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => drop(
-                DropReason::Unexpected,
-                &format!("a {} on the event queue", other.message_type().as_str()),
-            ),
-            Err(why) => drop(
-                DropReason::Undecodable,
-                &format!("on the event queue: {why}"),
-            ),
+            other => out_of_place(shared, "event", other),
         },
         Incoming::Delivery {
             properties, body, ..
@@ -127,14 +120,7 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
                 }
             }
             Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            Ok(other) => drop(
-                DropReason::Unexpected,
-                &format!("a {} on the response queue", other.message_type().as_str()),
-            ),
-            Err(why) => drop(
-                DropReason::Undecodable,
-                &format!("on the response queue: {why}"),
-            ),
+            other => out_of_place(shared, "response", other),
         },
         Incoming::TooLarge { event, size } => {
             let queue = if event { "event" } else { "response" };
@@ -159,6 +145,22 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             }
         }
     }
+}
+
+/// A message that does not belong on `queue` (or is no NuroPb message):
+/// dropped and counted.
+fn out_of_place(shared: &Shared, queue: &str, decoded: Result<MeshMessage, String>) {
+    let (reason, what) = match decoded {
+        Ok(other) => (
+            DropReason::Unexpected,
+            format!("a {} on the {queue} queue", other.message_type().as_str()),
+        ),
+        Err(why) => (
+            DropReason::Undecodable,
+            format!("on the {queue} queue: {why}"),
+        ),
+    };
+    shared.drops.drop_message(reason, &what);
 }
 
 /// How long a closing lane waits for the broker's answer to its goodbye.

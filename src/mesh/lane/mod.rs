@@ -122,6 +122,13 @@ pub(super) struct LaneIo {
     inner: Arc<Inner>,
     frames: FrameReader,
     writer: Writer,
+    reading: Reading,
+}
+
+/// How the lane reads: silence it takes for a lost broker, how often it
+/// acknowledges, and the largest message it gathers.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
     heartbeat: Option<Duration>,
     prefetch: u16,
     max_body: u64,
@@ -130,8 +137,7 @@ pub(super) struct LaneIo {
 impl std::fmt::Debug for LaneIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LaneIo")
-            .field("heartbeat", &self.heartbeat)
-            .field("prefetch", &self.prefetch)
+            .field("reading", &self.reading)
             .finish_non_exhaustive()
     }
 }
@@ -179,9 +185,11 @@ impl Lane {
             inner: inner.clone(),
             frames: opened.frames,
             writer: opened.writer,
-            heartbeat: opened.heartbeat,
-            prefetch: opened.ack_prefetch,
-            max_body: spec.max_body,
+            reading: Reading {
+                heartbeat: opened.heartbeat,
+                prefetch: opened.ack_prefetch,
+                max_body: spec.max_body,
+            },
         };
         Ok((Lane { inner }, io))
     }
@@ -299,8 +307,8 @@ impl LaneIo {
     pub(super) async fn run(&mut self, on: &mut (dyn FnMut(Incoming<'_>) + Send)) -> LaneError {
         let inner = self.inner.clone();
         let outcome = tokio::select! {
-            r = read_loop(&inner, &mut self.frames, self.heartbeat, self.prefetch, self.max_body, on) => r,
-            w = write_loop(&inner, &mut self.writer, self.heartbeat) => w,
+            r = read_loop(&inner, &mut self.frames, self.reading, on) => r,
+            w = write_loop(&inner, &mut self.writer, self.reading.heartbeat) => w,
         };
         inner.open.store(false, Ordering::Release);
         outcome
@@ -371,12 +379,10 @@ async fn write_loop(inner: &Inner, writer: &mut Writer, heartbeat: Option<Durati
 async fn read_loop(
     inner: &Inner,
     frames: &mut FrameReader,
-    heartbeat: Option<Duration>,
-    prefetch: u16,
-    max_body: u64,
+    reading: Reading,
     on: &mut (dyn FnMut(Incoming<'_>) + Send),
 ) -> LaneError {
-    match read(inner, frames, heartbeat, prefetch, max_body, on).await {
+    match read(inner, frames, reading, on).await {
         Err(e) => e,
         Ok(never) => match never {},
     }
@@ -387,11 +393,14 @@ async fn read_loop(
 async fn read(
     inner: &Inner,
     frames: &mut FrameReader,
-    heartbeat: Option<Duration>,
-    prefetch: u16,
-    max_body: u64,
+    reading: Reading,
     on: &mut (dyn FnMut(Incoming<'_>) + Send),
 ) -> Result<Infallible, LaneError> {
+    let Reading {
+        heartbeat,
+        prefetch,
+        max_body,
+    } = reading;
     // Acknowledge once half the prefetch is taken: the broker never waits
     // on an ack, and an ack rides along with the next requests.
     let ack_every = u64::from(prefetch / 2).max(1);

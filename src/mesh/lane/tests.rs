@@ -587,7 +587,12 @@ async fn read_all(bytes: Vec<u8>, prefetch: u16) -> (Vec<(String, Vec<u8>)>, Lan
             Vec::new(),
         )),
     };
-    let why = read_loop(&inner, &mut frames, None, prefetch, 1 << 16, &mut on).await;
+    let reading = Reading {
+        heartbeat: None,
+        prefetch,
+        max_body: 1 << 16,
+    };
+    let why = read_loop(&inner, &mut frames, reading, &mut on).await;
     let queued = std::mem::take(&mut *lock(&inner.out));
     (got, why, queued)
 }
