@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// `From<String>` and `From<&str>` for a newtype over a `String`.
+/// `From<String>`, `From<&str>` and `From<&String>` for a newtype over a
+/// `String`.
 macro_rules! from_text {
     ($newtype:ident) => {
         impl From<String> for $newtype {
@@ -24,6 +25,12 @@ macro_rules! from_text {
         impl From<&str> for $newtype {
             fn from(s: &str) -> Self {
                 Self(s.to_owned())
+            }
+        }
+
+        impl From<&String> for $newtype {
+            fn from(s: &String) -> Self {
+                Self(s.clone())
             }
         }
     };

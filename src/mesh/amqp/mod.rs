@@ -32,6 +32,7 @@ use super::{
     BoxFuture, CONTROL_TOPIC, Call, IncomingEvent, Mesh, MeshError, MeshHandler, OutgoingEvent,
     redact_url,
 };
+use crate::config::BrokerUrl;
 use crate::protocol::{EventBody, MeshMessage, MessageType, RawJson, RequestBodyRef};
 use drops::Drops;
 use headers::{header_table, nuropb_headers};
@@ -39,9 +40,10 @@ use supervisor::{deliver, supervise};
 use topology::establish;
 
 /// Where and as whom to join the mesh.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
-    pub url: String,
+    /// The broker; its `Debug` hides the password.
+    pub url: BrokerUrl,
     /// This peer's service name: its service queue is `nuropb-{name}-sq`.
     pub service_name: String,
     /// Distinguishes instances: the response queue is `nuropb-{name}-{instance}-rq`.
@@ -87,32 +89,8 @@ pub struct AmqpConfig {
     pub max_backoff: Duration,
 }
 
-impl std::fmt::Debug for AmqpConfig {
-    // The URL carries the broker password: masked.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &redact_url(&self.url))
-            .field("service_name", &self.service_name)
-            .field("instance_id", &self.instance_id)
-            .field("rpc_exchange", &self.rpc_exchange)
-            .field("events_exchange", &self.events_exchange)
-            .field("dl_exchange", &self.dl_exchange)
-            .field("event_bindings", &self.event_bindings)
-            .field("control_exchange", &self.control_exchange)
-            .field("transient", &self.transient)
-            .field("prefetch", &self.prefetch)
-            .field("response_prefetch", &self.response_prefetch)
-            .field("event_prefetch", &self.event_prefetch)
-            .field("event_queue", &self.event_queue)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_backoff", &self.max_backoff)
-            .finish()
-    }
-}
-
 impl AmqpConfig {
-    pub fn new(url: impl Into<String>, service_name: impl Into<String>) -> Self {
+    pub fn new(url: impl Into<BrokerUrl>, service_name: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             service_name: service_name.into(),

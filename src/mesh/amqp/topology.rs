@@ -38,7 +38,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     let c = &shared.config;
     let properties =
         ConnectionProperties::default().with_connection_name(c.connection_name().into());
-    let connection = Connection::connect(&c.url, properties)
+    let connection = Connection::connect(c.url.as_str(), properties)
         .await
         .map_err(|e| fail(c, "cannot connect", e))?;
     let ch = open_channel(&connection, c).await?;
