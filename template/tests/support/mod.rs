@@ -82,7 +82,8 @@ pub fn auth_env() -> Vec<(String, String)> {
 const AUDIENCE: &str = "{{project-name}}";
 
 pub fn token(sub: &str) -> Option<String> {
-    Some(idp().key().token(sub, &[], 300, Some(&idp().issuer), Some(AUDIENCE)))
+    let (key, issuer) = (idp().key(), &idp().issuer);
+    Some(key.token(sub, &[], 300, Some(issuer), Some(AUDIENCE)))
 }
 
 /// Signed by another key under the provider's `kid`.
