@@ -83,11 +83,7 @@ fn cargo(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(what: &str, out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = printed(out);
     assert!(
         out.status.success(),
         "{what} failed ({}):\n{}",
@@ -405,6 +401,15 @@ fn default_answers_from_a_git_clone_build_and_pass_their_ci() {
     }
 }
 
+/// What a command printed, its standard output then its errors.
+fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn tempdir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("bff-gen-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d).unwrap();
@@ -537,11 +542,7 @@ fn invalid_answers_are_refused_naming_the_key() {
     for (key, value, named) in cases {
         let root = tempdir();
         let out = generate(&root, "bad-bff", &[(key, value)]);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = printed(&out);
         assert!(!out.status.success(), "{key}={value} was accepted:\n{text}");
         assert!(
             text.contains(named),
@@ -634,11 +635,7 @@ fn answers_that_disagree_are_reported_by_the_runtime_in_the_crates_own_test() {
     for (name, answers, message) in cases {
         let d = generate_crate(name, answers);
         let out = cargo(&d, &["test", "--test", "bff", "the_routing_table_is_valid"]);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = printed(&out);
         assert!(!out.status.success(), "{name}: its test passed:\n{text}");
         assert!(
             text.contains(message),
