@@ -185,8 +185,15 @@ async fn a_request_whose_ids_cannot_be_echoed_is_refused_not_sent_malformed() {
     let refused = peer(&["request", &bff, "0", "300"]);
     assert_eq!(refused["error"]["error"], "InvalidMessage", "{refused}");
     assert!(refused["trace_id"].is_null(), "{refused}");
+    // A 70 MiB request to the BFF's own service: let go as it arrives, on
+    // the service lane, unanswered; the next is served.
+    let big = peer(&["request", &bff, "0", "0", "70"]);
+    assert_eq!(big, Value::Null, "answered: {big}");
+    let ok = peer(&["request", &bff, "0", "0"]);
+    assert!(ok["result"].is_object(), "{ok}");
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
     assert_eq!(dropped(&metrics, "bad_field"), 2, "{metrics}");
+    assert_eq!(dropped(&metrics, "too_large"), 1, "{metrics}");
     still_serving(&gw, &svc).await;
     gw.stop().await;
     service.close(Duration::from_secs(2)).await;

@@ -3,7 +3,7 @@ publishes with pika, outside any nuropb library, what a well-behaved
 service never would. Usage:
 
     peer.py URL event TOPIC KIND MIB      # KIND: string | numbers | small | badtopic
-    peer.py URL request SERVICE CORRELATION_BYTES TRACE_BYTES
+    peer.py URL request SERVICE CORRELATION_BYTES TRACE_BYTES [PAD_MIB]
 
 `request` waits up to 3 s for an answer on a queue of its own and prints
 it as JSON (or `null`).
@@ -60,6 +60,7 @@ def main():
         print(json.dumps({"published": len(body)}))
     elif what == "request":
         service, cid_bytes, trace_bytes = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        pad_mib = int(sys.argv[6]) if len(sys.argv) > 6 else 0
         reply = ch.queue_declare("", exclusive=True).method.queue
         correlation_id = "c" * cid_bytes if cid_bytes else uuid.uuid4().hex
         trace_id = "t" * trace_bytes if trace_bytes else uuid.uuid4().hex
@@ -71,7 +72,7 @@ def main():
                 "trace_id": trace_id,
                 "service": service,
                 "method": "stats",
-                "params": {},
+                "params": {"pad": "x" * (pad_mib << 20)} if pad_mib else {},
                 "reply_to": reply,
             }
         ).encode()

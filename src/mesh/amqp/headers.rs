@@ -2,10 +2,6 @@
 //! (protocol, type, version, trace id), and the check of a received
 //! message's headers before its body is decoded.
 
-use std::borrow::Cow;
-
-use lapin::BasicProperties;
-use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::super::lane::Received;
@@ -36,38 +32,9 @@ pub(super) fn header_table(kind: MessageType, trace_id: Option<&str>) -> FieldTa
     h
 }
 
-/// Where a received message's NuroPb headers are read: lapin's properties
-/// (the service queue) or the lane's, read in place.
-pub(super) trait NuropbHeaders {
-    /// A string header's value; `None` when absent or not a string.
-    fn header(&self, key: &str) -> Option<Cow<'_, str>>;
-}
-
-impl NuropbHeaders for BasicProperties {
-    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
-        match self.headers().as_ref()?.inner().get(key)? {
-            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes())),
-            AMQPValue::ShortString(s) => Some(Cow::Borrowed(s.as_str())),
-            _ => None,
-        }
-    }
-}
-
-impl NuropbHeaders for Received<'_> {
-    fn header(&self, key: &str) -> Option<Cow<'_, str>> {
-        Received::header(self, key)
-    }
-}
-
-/// Check the nuropb headers and decode the body; why not, if not.
-pub(super) fn decode_delivery(delivery: &Delivery) -> Result<MeshMessage, String> {
-    decode_message(&delivery.properties, &delivery.data)
-}
-
-pub(super) fn decode_message(
-    props: &impl NuropbHeaders,
-    data: &[u8],
-) -> Result<MeshMessage, String> {
+/// Check a received message's NuroPb headers (read in place by the lane)
+/// and decode its body; why not, if not.
+pub(super) fn decode_message(props: &Received<'_>, data: &[u8]) -> Result<MeshMessage, String> {
     let protocol = props.header("nuropb_protocol");
     if protocol.as_deref() != Some(NUROPB_PROTOCOL_VERSION) {
         return Err(format!("unsupported nuropb_protocol {protocol:?}"));

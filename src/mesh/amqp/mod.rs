@@ -1,15 +1,17 @@
 //! The mesh on RabbitMQ through lapin, wire-compatible with nuropb 0.1.8.
 //!
-//! Two connections. lapin's declares the topology, publishes (in confirm
-//! mode, so a mandatory publish nobody can take comes back as NO_ROUTE at
-//! once) commands, events, control messages and responses, and consumes
-//! the service queue. The request lane ([`super::lane`]) carries what is
-//! per request or per event: RPC requests out; the instance's response
-//! queue and its event queue in, each with a consumer and prefetch of its
-//! own. A supervisor task owns the consumers and
-//! the lane, and rebuilds both connections with backoff when anything
-//! fails; calls in flight then fail with `MeshUnavailable` rather than
-//! waiting out their timeouts.
+//! Three connections. lapin's declares the topology and publishes (in
+//! confirm mode, so a mandatory publish nobody can take comes back as
+//! NO_ROUTE at once) commands, events, control messages and responses. The
+//! request lane ([`super::lane`]) carries what is per request or per
+//! event: RPC requests out; the instance's response queue and its event
+//! queue in, each with a consumer and prefetch of its own. The service lane
+//! takes the requests other services send the BFF itself, each
+//! acknowledged once served. Everything received passes a lane, so every
+//! message from the broker is bounded in size before anything parses it.
+//! A supervisor task owns the lanes and watches lapin's connection, and
+//! rebuilds all three with backoff when anything fails; calls in flight
+//! then fail with `MeshUnavailable` rather than waiting out their timeouts.
 //!
 //! Events for clients are bound to the per-instance event queue, so every
 //! gateway instance sees every event and can reach its own sockets.
@@ -175,6 +177,8 @@ struct Link {
     /// Requests, without confirms (the response is the confirmation); an
     /// unroutable one comes back on the lane as a basic.return.
     lane: Lane,
+    /// Requests to the BFF's own service in, their acks out.
+    service: Lane,
 }
 
 /// The mesh over RabbitMQ. Cheap to clone.
@@ -400,6 +404,7 @@ impl Shared {
             .is_some_and(|l| {
                 l.publish.status().connected()
                     && l.lane.is_open()
+                    && l.service.is_open()
                     && l.connection.status().connected()
             });
         // The link's lock is released before `blocked` takes it again.

@@ -1,63 +1,83 @@
 //! The BFF's own service queue: requests, commands and events other
-//! services send the BFF, each served in a task of its own (as many as the
-//! prefetch lets in), answered on the caller's reply queue.
+//! services send the BFF, taken on a lane of their own (bounded in size
+//! before anything is parsed, like the other lane), each served in a task
+//! of its own (as many as the prefetch lets in) and acknowledged once
+//! served; answers go to the caller's reply queue.
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
-use lapin::{BasicProperties, Consumer};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
 
+use super::super::lane::{Incoming, Lane};
 use super::drops::{DropReason, echoable};
-use super::headers::{decode_delivery, header_table};
+use super::headers::{decode_message, header_table};
 use super::{Shared, unavailable};
 use crate::mesh::MeshError;
 use crate::protocol::{ErrorBody, ErrorName, MeshMessage, MessageType, RawJson, ResponseBody};
 
-pub(super) async fn consume_requests(shared: &Arc<Shared>, consumer: &mut Consumer) {
-    while let Some(delivery) = consumer.next().await {
-        let Ok(delivery) = delivery else { return };
-        let shared2 = shared.clone();
-        // The broker delivers at most `prefetch` unacked messages, which
-        // bounds these tasks.
-        shared
-            .tasks
-            .spawn(async move { serve_delivery(&shared2, delivery).await });
+/// What arrived on the service lane. A request, command or event is served
+/// in a task of its own (as many as the prefetch lets in: each is
+/// acknowledged once served); one the BFF cannot read is refused, and the
+/// broker dead-letters it.
+pub(super) fn take_request(shared: &Arc<Shared>, lane: &Lane, incoming: Incoming<'_>) {
+    match incoming {
+        Incoming::Delivery {
+            properties,
+            body,
+            tag,
+            ..
+        } => {
+            let msg = match decode_message(&properties, body) {
+                Ok(msg) => msg,
+                Err(why) => {
+                    let what = format!("on the service queue: {why}");
+                    shared.drops.drop_message(DropReason::Undecodable, &what);
+                    let _ = lane.reject(tag);
+                    return;
+                }
+            };
+            let reply_to = properties.reply_to().unwrap_or_default().to_owned();
+            let (served, lane) = (shared.clone(), lane.clone());
+            shared.tasks.spawn(async move {
+                let done = match serve(&served, msg, &reply_to).await {
+                    Served::Done => lane.ack(tag),
+                    Served::Refused => lane.reject(tag),
+                };
+                if let Err(e) = done {
+                    // The lane ended: the broker hands the message to
+                    // the next consumer.
+                    tracing::debug!(error = %e, "a served request could not be acknowledged");
+                }
+            });
+        }
+        Incoming::TooLarge { size, .. } => shared.drops.drop_message(
+            DropReason::TooLarge,
+            &format!(
+                "a {size}-byte message on the service queue, over limits.max_mesh_message_bytes ({})",
+                shared.config.max_message_bytes
+            ),
+        ),
+        Incoming::Returned { .. } => {}
     }
 }
 
-pub(super) async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
-    let msg = match decode_delivery(&delivery) {
-        Ok(m) => m,
-        Err(why) => {
-            let what = format!("on the service queue: {why}");
-            shared.drops.drop_message(DropReason::Undecodable, &what);
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
-            return;
-        }
-    };
+/// What became of a message on the service queue.
+enum Served {
+    Done,
+    /// Refused unanswered (its answer could not name it).
+    Refused,
+}
+
+async fn serve(shared: &Arc<Shared>, msg: MeshMessage, reply_to: &str) -> Served {
     match msg {
         MeshMessage::Request(req) => {
-            let reply_to = delivery
-                .properties
-                .reply_to()
-                .as_ref()
-                .map(|r| r.as_str().to_owned())
-                .unwrap_or_default();
             let correlation_id = req.correlation_id.clone();
             if !echoable(&correlation_id) {
                 // Its answer could not name it: nobody would take it.
                 let what = "a request whose correlation_id is not 1 to 255 visible characters";
                 shared.drops.drop_message(DropReason::BadField, what);
-                let _ = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
-                return;
+                return Served::Refused;
             }
             let bad_trace = req.trace_id.as_deref().is_some_and(|t| !echoable(t));
             let trace_id = req.trace_id.clone().filter(|_| !bad_trace);
@@ -91,7 +111,7 @@ pub(super) async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
                 tracing::debug!("request without reply_to, answered nowhere");
             } else if let Err(e) = publish_response(
                 shared,
-                &reply_to,
+                reply_to,
                 &correlation_id,
                 trace_id.as_deref(),
                 &body,
@@ -111,7 +131,7 @@ pub(super) async fn serve_delivery(shared: &Arc<Shared>, delivery: Delivery) {
             tracing::debug!("a response on the service queue, dropped");
         }
     }
-    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    Served::Done
 }
 
 pub(super) async fn publish_response(

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::super::lane::Incoming;
 use super::drops::DropReason;
 use super::headers::decode_message;
-use super::service::consume_requests;
-use super::topology::{Consumers, establish};
+use super::service::take_request;
+use super::topology::{Consumers, LinkEvents, establish};
 use super::{Shared, lock};
 use crate::mesh::{BoxFuture, CONTROL_TOPIC, MeshError, MeshHandler, redact_url};
 use crate::protocol::{MeshMessage, ResponseBody};
@@ -29,14 +30,26 @@ use crate::protocol::{MeshMessage, ResponseBody};
 pub(super) async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
     loop {
         let mut dispatch = |incoming: Incoming<'_>| take_from_lane(&shared, incoming);
+        let service_lane = consumers.service_lane.clone();
+        let mut serve = |incoming: Incoming<'_>| take_request(&shared, &service_lane, incoming);
         let why = tokio::select! {
             _ = shared.shutdown.cancelled() => None,
             e = consumers.lane.run(&mut dispatch) => Some(format!("the request lane ended: {e}")),
-            _ = consume_requests(&shared, &mut consumers.requests) => Some("the service-queue consumer ended".into()),
+            e = consumers.service.run(&mut serve) => Some(format!("the service lane ended: {e}")),
+            why = link_failed(&mut consumers.link_events) => Some(why),
             _ = shared.relink.notified() => Some("the publish channel failed".into()),
         };
         let Some(why) = why else {
             consumers.lane.close(LANE_GOODBYE).await;
+            // Requests being served are acknowledged on the service lane:
+            // it runs (taking nothing new) until they are done.
+            shared.tasks.close();
+            let mut hold = |_: Incoming<'_>| {};
+            tokio::select! {
+                _ = consumers.service.run(&mut hold) => {}
+                _ = shared.tasks.wait() => {}
+            }
+            consumers.service.close(LANE_GOODBYE).await;
             return;
         };
         shared.ready.store(false, Ordering::SeqCst);
@@ -46,9 +59,10 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut consumers: Consumers) {
             let _ = tx.send(Err(MeshError::Unavailable("broker connection lost".into())));
         }
         tracing::warn!(url = %redact_url(&shared.config.url), %why, "lost the broker link; rebuilding the connection");
-        // The old lane goes first: its exclusive consumer of the response
+        // The old lanes go first: the exclusive consumer of the response
         // queue would refuse the new one.
         consumers.lane.close(LANE_GOODBYE).await;
+        consumers.service.close(LANE_GOODBYE).await;
         drop(consumers);
         let old = shared
             .link
@@ -98,6 +112,7 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             properties,
             body,
             event: true,
+            ..
         } => match decode_message(&properties, body) {
             Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
             other => out_of_place(shared, "event", other),
@@ -145,6 +160,17 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             }
         }
     }
+}
+
+/// Why lapin's connection (publishing) failed, once it does: nothing else
+/// reads from it, so its events are what tells.
+async fn link_failed(events: &mut LinkEvents) -> String {
+    while let Some(event) = events.next().await {
+        if let lapin::Event::Error(e) = event {
+            return format!("the broker connection failed: {e}");
+        }
+    }
+    "the broker connection ended".into()
 }
 
 /// A message that does not belong on `queue` (or is no NuroPb message):

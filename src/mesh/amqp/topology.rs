@@ -8,15 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::super::lane::{Lane, LaneIo, LaneSpec};
 use super::{AmqpConfig, Link, Shared};
 use crate::mesh::{MeshError, redact_url};
+
+/// lapin's connection events, for the supervisor to watch.
+pub(super) type LinkEvents =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = lapin::Event> + Send>>;
 
 pub(super) struct Consumers {
     /// The request lane's reading half: responses, control messages and
@@ -24,7 +27,12 @@ pub(super) struct Consumers {
     /// consumer with a small prefetch of its own, so a burst of events
     /// never has more than that in front of a response).
     pub(super) lane: LaneIo,
-    pub(super) requests: Consumer,
+    /// The service lane's reading half: requests to the BFF's own service,
+    /// and its sending half, which acknowledges them once served.
+    pub(super) service: LaneIo,
+    pub(super) service_lane: Lane,
+    /// lapin's connection-level events: its errors end the link.
+    pub(super) link_events: LinkEvents,
 }
 
 /// Why a step of the link's set-up failed, naming the broker.
@@ -41,6 +49,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     let connection = Connection::connect(c.url.as_str(), properties)
         .await
         .map_err(|e| fail(c, "cannot connect", e))?;
+    let link_events: LinkEvents = Box::pin(connection.events_listener());
     let ch = open_channel(&connection, c).await?;
     declare_exchanges(&ch, c).await?;
     declare_service_queue(&ch, c).await?;
@@ -49,11 +58,6 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| fail(c, "cannot enable publisher confirms", e))?;
-    let consume = open_channel(&connection, c).await?;
-    consume
-        .basic_qos(c.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| fail(c, "cannot set prefetch", e))?;
     // Responses and control messages, on the lane, acknowledged in
     // batches: the broker holds back what is past the prefetch, so a burst
     // never piles up in this process.
@@ -65,26 +69,37 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         queue: &shared.response_queue,
         prefetch: c.response_prefetch,
         max_body: c.max_message_bytes as u64,
+        ack_by_caller: false,
         events: (!c.event_bindings.is_empty()).then_some((event_queue.as_str(), c.event_prefetch)),
     })
     .await
     .map_err(|e| {
         MeshError::Unavailable(format!("the request lane on {}: {e}", redact_url(&c.url)))
     })?;
+    // Requests to the BFF's own service, on a lane of their own: each is
+    // acknowledged once it is handled (the prefetch bounds those being
+    // handled), and one over the size limit is let go as it comes, as on
+    // the other lane. Not exclusive: the instances share the queue.
     let service_queue = c.service_queue();
-    let requests = consume
-        .basic_consume(
-            service_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(c, "cannot consume the service queue", e))?;
+    let service_name = format!("{} service", c.connection_name());
+    let (service, service_io) = Lane::connect(LaneSpec {
+        url: &c.url,
+        name: &service_name,
+        queue: &service_queue,
+        prefetch: c.prefetch,
+        max_body: c.max_message_bytes as u64,
+        ack_by_caller: true,
+        events: None,
+    })
+    .await
+    .map_err(|e| {
+        MeshError::Unavailable(format!("the service lane on {}: {e}", redact_url(&c.url)))
+    })?;
     *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
         connection,
         publish: ch,
         lane,
+        service: service.clone(),
     });
     shared.ready.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -95,7 +110,9 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     );
     Ok(Consumers {
         lane: lane_io,
-        requests,
+        service: service_io,
+        service_lane: service,
+        link_events,
     })
 }
 

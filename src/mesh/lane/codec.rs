@@ -28,6 +28,7 @@ pub(super) const BASIC_CLASS: u16 = 60;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Received<'a> {
     correlation_id: Option<&'a [u8]>,
+    reply_to: Option<&'a [u8]>,
     /// The header table's entries (after its size).
     headers: &'a [u8],
 }
@@ -36,6 +37,11 @@ impl<'a> Received<'a> {
     /// The correlation id, if it has one in UTF-8.
     pub(crate) fn correlation_id(&self) -> Option<&'a str> {
         std::str::from_utf8(self.correlation_id?).ok()
+    }
+
+    /// The queue an answer goes to, if it names one in UTF-8.
+    pub(crate) fn reply_to(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.reply_to?).ok()
     }
 
     /// A string header's value (a long string; bytes that are not UTF-8
@@ -147,6 +153,7 @@ pub(super) fn parse_header(payload: &[u8]) -> Result<(u64, Received<'_>), LaneEr
     }
     let mut received = Received {
         correlation_id: None,
+        reply_to: None,
         headers: &[],
     };
     for bit in (2..=15).rev() {
@@ -162,9 +169,10 @@ pub(super) fn parse_header(payload: &[u8]) -> Result<(u64, Received<'_>), LaneEr
             // delivery-mode, priority
             12 | 11 => c.u8().map(drop),
             10 => c.short().map(|id| received.correlation_id = Some(id)),
+            9 => c.short().map(|to| received.reply_to = Some(to)),
             // timestamp
             6 => c.u64().map(drop),
-            // content-type, content-encoding, reply-to, expiration,
+            // content-type, content-encoding, expiration,
             // message-id, type, user-id, app-id, cluster-id
             _ => c.short().map(drop),
         };

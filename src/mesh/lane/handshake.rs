@@ -133,7 +133,9 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
             consumer_tag: tag.into(),
             no_local: false,
             no_ack: false,
-            exclusive: true,
+            // The instance's own queues are its alone; a queue its
+            // instances share (the service queue) is not.
+            exclusive: !spec.ack_by_caller,
             nowait: false,
             arguments: FieldTable::default(),
         });

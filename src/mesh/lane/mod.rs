@@ -109,6 +109,9 @@ pub(super) enum Incoming<'a> {
         properties: Received<'a>,
         body: &'a [u8],
         event: bool,
+        /// Its delivery tag, for a lane whose caller acknowledges
+        /// ([`LaneSpec::ack_by_caller`]).
+        tag: u64,
     },
     /// A `mandatory` publish nobody could take (NO_ROUTE).
     Returned { properties: Received<'a> },
@@ -132,6 +135,7 @@ struct Reading {
     heartbeat: Option<Duration>,
     prefetch: u16,
     max_body: u64,
+    ack_by_caller: bool,
 }
 
 impl std::fmt::Debug for LaneIo {
@@ -159,6 +163,10 @@ pub(super) struct LaneSpec<'a> {
     /// The largest message body taken; a larger one is let go as it comes
     /// (`Incoming::TooLarge`), never buffered, and the lane carries on.
     pub(super) max_body: u64,
+    /// The caller acknowledges each delivery once it has handled it
+    /// ([`Lane::ack`]), so the prefetch bounds the deliveries being
+    /// handled; otherwise the lane acknowledges in batches as they arrive.
+    pub(super) ack_by_caller: bool,
     /// The instance's event queue and its prefetch, if it takes events.
     pub(super) events: Option<(&'a str, u16)>,
 }
@@ -189,6 +197,7 @@ impl Lane {
                 heartbeat: opened.heartbeat,
                 prefetch: opened.ack_prefetch,
                 max_body: spec.max_body,
+                ack_by_caller: spec.ack_by_caller,
             },
         };
         Ok((Lane { inner }, io))
@@ -197,6 +206,23 @@ impl Lane {
     /// Whether the lane can still send.
     pub(super) fn is_open(&self) -> bool {
         self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Acknowledge delivery `tag`, once handled (a lane whose caller
+    /// acknowledges). A lane that has ended cannot: the broker gives the
+    /// delivery to the next consumer.
+    pub(super) fn ack(&self, tag: u64) -> Result<(), LaneError> {
+        self.inner.ack(tag)
+    }
+
+    /// Refuse delivery `tag` without requeueing it: the broker
+    /// dead-letters it.
+    pub(super) fn reject(&self, tag: u64) -> Result<(), LaneError> {
+        let reject = basic::AMQPMethod::Reject(basic::Reject {
+            delivery_tag: tag,
+            requeue: false,
+        });
+        self.inner.queue_method(CHANNEL, AMQPClass::Basic(reject))
     }
 
     /// Why the broker blocks publishing on this connection, while it does.
@@ -253,6 +279,15 @@ impl Lane {
 }
 
 impl Inner {
+    /// Acknowledge one delivery.
+    fn ack(&self, tag: u64) -> Result<(), LaneError> {
+        let ack = basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple: false,
+        });
+        self.queue_method(CHANNEL, AMQPClass::Basic(ack))
+    }
+
     /// Queue one method frame.
     fn queue_method(&self, channel: u16, class: AMQPClass) -> Result<(), LaneError> {
         let frame = method_frame(channel, class)?;
@@ -400,6 +435,7 @@ async fn read(
         heartbeat,
         prefetch,
         max_body,
+        ack_by_caller,
     } = reading;
     // Acknowledge once half the prefetch is taken: the broker never waits
     // on an ack, and an ack rides along with the next requests.
@@ -416,9 +452,13 @@ async fn read(
                 Assembled::Method(class) => on_method(inner, class)?,
                 Assembled::TooLarge { tag, event, size } => {
                     on(Incoming::TooLarge { event, size });
-                    if let Some(tag) = tag {
-                        unacked += 1;
-                        last_tag = tag;
+                    match tag {
+                        Some(tag) if ack_by_caller => inner.ack(tag)?,
+                        Some(tag) => {
+                            unacked += 1;
+                            last_tag = tag;
+                        }
+                        None => {}
                     }
                 }
                 Assembled::Message {
@@ -436,9 +476,12 @@ async fn read(
                                 properties,
                                 body: body.as_slice(),
                                 event,
+                                tag,
                             });
-                            unacked += 1;
-                            last_tag = tag;
+                            if !ack_by_caller {
+                                unacked += 1;
+                                last_tag = tag;
+                            }
                         }
                         None => on(Incoming::Returned { properties }),
                     }

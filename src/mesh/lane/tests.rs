@@ -560,6 +560,7 @@ async fn read_all(bytes: Vec<u8>, prefetch: u16) -> (Vec<(String, Vec<u8>)>, Lan
             properties,
             body,
             event,
+            ..
         } => got.push((
             format!(
                 "{}{}",
@@ -591,6 +592,7 @@ async fn read_all(bytes: Vec<u8>, prefetch: u16) -> (Vec<(String, Vec<u8>)>, Lan
         heartbeat: None,
         prefetch,
         max_body: 1 << 16,
+        ack_by_caller: false,
     };
     let why = read_loop(&inner, &mut frames, reading, &mut on).await;
     let queued = std::mem::take(&mut *lock(&inner.out));
