@@ -8,6 +8,7 @@
 //! adds a test gateway and a WebSocket client.
 
 mod auth;
+mod budget;
 mod calls;
 mod cli;
 mod cluster;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{Extension, Query, State, WebSocketUpgrade};
 use axum::http::Request;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,9 +23,10 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::auth::handshake_token;
+use crate::budget::{BEFORE_AUTH, Budgeted, ReadBudget};
 use crate::gateway::Gateway;
 use crate::session::Crowded;
-use crate::ws::connection;
+use crate::ws::{Unauthenticated, connection};
 
 /// Hard cap on a frame tungstenite will read at all: a frame above
 /// `max_frame_bytes` but below this gets a `MessageTooLarge` error frame and
@@ -142,7 +143,14 @@ async fn accept_loop(gw: Gateway, listener: TcpListener, app: Router, connection
 }
 
 async fn serve_connection(gw: Gateway, tcp: TcpStream, app: Router) {
-    let service = service_fn(move |req: Request<Incoming>| app.clone().oneshot(req.map(Body::new)));
+    // Unlimited until a socket upgrades without a token (see `budget`).
+    let budget = ReadBudget::unlimited();
+    let tcp = Budgeted::new(tcp, budget.clone());
+    let service = service_fn(move |req: Request<Incoming>| {
+        let mut req = req.map(Body::new);
+        req.extensions_mut().insert(budget.clone());
+        app.clone().oneshot(req)
+    });
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(gw.limits().handshake_timeout);
@@ -293,6 +301,7 @@ async fn ws_upgrade(
     State(gw): State<Gateway>,
     headers: HeaderMap,
     Query(query): Query<WsQuery>,
+    budget: Option<Extension<ReadBudget>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if gw.is_stopping() {
@@ -321,9 +330,12 @@ async fn ws_upgrade(
     };
     // A socket that has not said who it is yet costs its buffers and a
     // task for up to `auth_timeout`: their number is capped.
-    let auth_wait = if identity.is_none() && gw.hub().auth().anonymous("").is_none() {
+    let unauthenticated = if identity.is_none() && gw.hub().auth().anonymous("").is_none() {
         match gw.sessions().wait_for_auth(gw.limits().max_unauthenticated) {
-            Some(wait) => Some(wait),
+            Some(wait) => Some(Unauthenticated {
+                wait,
+                budget: budget.map(|Extension(b)| b),
+            }),
             None => {
                 gw.metrics().connection_refused("unauthenticated");
                 let why = "too many sockets are waiting to authenticate; send the token with the upgrade or retry";
@@ -352,13 +364,17 @@ async fn ws_upgrade(
         limits.read_buffer_bytes,
         limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR),
     );
+    // What it may send before it authenticates, from the upgrade on.
+    if let Some(budget) = unauthenticated.as_ref().and_then(|u| u.budget.as_ref()) {
+        budget.arm(BEFORE_AUTH);
+    }
     let tasks = gw.tasks().clone();
     ws.read_buffer_size(read_buffer)
         .write_buffer_size(WRITE_COALESCE_BYTES)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {
-            tasks.track_future(connection(gw, socket, identity, admission, auth_wait))
+            tasks.track_future(connection(gw, socket, identity, admission, unauthenticated))
         })
 }
 

@@ -21,6 +21,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 
 use crate::auth::{Identity, unix_now};
+use crate::budget::ReadBudget;
 use crate::calls::{Answer, Caller};
 use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::gateway::{CallGuard, Gateway};
@@ -39,6 +40,24 @@ fn close(code: u16, reason: &str) -> Message {
         code,
         reason: reason.to_owned().into(),
     }))
+}
+
+/// A socket upgraded without a token, until it authenticates: its place
+/// among those waiting (`limits.max_unauthenticated`) and its read budget
+/// (what it may send meanwhile, in all).
+#[derive(Debug)]
+pub(crate) struct Unauthenticated {
+    pub(crate) wait: AuthWait,
+    pub(crate) budget: Option<ReadBudget>,
+}
+
+impl Unauthenticated {
+    fn authenticated(self) {
+        if let Some(budget) = &self.budget {
+            budget.lift();
+        }
+        drop(self.wait);
+    }
 }
 
 /// The largest frame a socket may send before it has authenticated: a
@@ -121,9 +140,9 @@ pub(crate) fn connection(
     socket: WebSocket,
     identity: Option<Identity>,
     admission: Admission,
-    auth_wait: Option<AuthWait>,
+    unauthenticated: Option<Unauthenticated>,
 ) -> impl Future<Output = ()> + Send {
-    let setup = Box::pin(open(gw, socket, identity, admission, auth_wait));
+    let setup = Box::pin(open(gw, socket, identity, admission, unauthenticated));
     async move {
         // let-else, not if-let: an if-let scrutinee's temporary would keep
         // a second `Live`-sized slot for the whole connection.
@@ -148,15 +167,18 @@ async fn open(
     mut socket: WebSocket,
     identity: Option<Identity>,
     admission: Admission,
-    auth_wait: Option<AuthWait>,
+    unauthenticated: Option<Unauthenticated>,
 ) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
         Some(id) => id,
         None => first_frame_auth(&gw, &mut socket).await?,
     };
-    // Authenticated: its place among the waiting is free.
-    drop(auth_wait);
+    // Authenticated: its place among the waiting is free, and it may send
+    // what its limits allow.
+    if let Some(unauthenticated) = unauthenticated {
+        unauthenticated.authenticated();
+    }
     let Identity {
         user_id,
         username,

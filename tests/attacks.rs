@@ -475,6 +475,40 @@ async fn status_for_host(addr: std::net::SocketAddr, path: &str, host: &str) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_announced_before_authentication_and_held_back_costs_little() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = echo_gateway(|s| s.limits.auth_timeout = Duration::from_secs(60)).await;
+    // A WebSocket upgrade by hand, without a token.
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let upgrade = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 1024];
+    let n = tcp.read(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // A text frame announcing 200 KiB (masked, as a client's must be);
+    // 100 KiB of it sent, then nothing.
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&(200u64 * 1024).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend(std::iter::repeat_n(b'x', 100 * 1024));
+    let started = Instant::now();
+    let _ = tcp.write_all(&frame).await;
+    // The server does not hold it until the auth timeout: the socket ends.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "still held after 5 s");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    echo_still_serving(&gw).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_development_mode_the_console_answers_only_a_loopback_host() {
     // Development mode (the in-process mesh): the console holds a token.
     let gw = echo_gateway(|_| {}).await;
