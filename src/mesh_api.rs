@@ -423,6 +423,12 @@ impl BffService {
     async fn control(&self, sealed: Value) {
         let body = match self.hub.seal().open(&sealed) {
             Ok(body) => body,
+            // Its own unsealed heartbeat, come back: nothing to say.
+            Err(Unsealed::NoKey)
+                if sealed.get("instance").and_then(Value::as_str) == Some(self.cluster.me()) =>
+            {
+                return;
+            }
             Err(why) => {
                 self.hub.metrics().control_dropped(why.label());
                 self.unsealed.log(why);
@@ -525,12 +531,17 @@ impl BffService {
     }
 }
 
-/// This instance's heartbeat, sealed: alive, and its counts. `None`
-/// without a cluster key (an instance alone tells no one).
+/// This instance's heartbeat, sealed: alive, and its counts. Without a
+/// cluster key, only that it exists, unsealed: nothing believes it, but
+/// another instance without a key says in its log that they run side by
+/// side, each alone.
 pub(crate) fn presence(hub: &Hub, instance: &str) -> Option<Value> {
     let c = hub.sessions().counts();
     let message =
         json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users});
+    if !hub.seal().is_keyed() {
+        return Some(json!({"op": "presence", "instance": instance}));
+    }
     hub.seal().seal(message.as_object()?.clone())
 }
 
@@ -555,8 +566,9 @@ impl UnsealedLog {
         *last = Some(Instant::now());
         match why {
             Unsealed::NoKey => tracing::warn!(
-                "a control message from another instance of this BFF was ignored: this instance has no \
-                 cluster_key; set BFF_CLUSTER_KEY (the same on every instance) for pushes to reach them all"
+                "another instance of this BFF is on the broker, and this one has no cluster_key: each \
+                 works alone (a push reaches only the sockets of the instance that took it); set \
+                 BFF_CLUSTER_KEY, the same on every instance"
             ),
             other => tracing::warn!(
                 reason = other.label(),

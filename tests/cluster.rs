@@ -378,7 +378,10 @@ async fn a_peer_cannot_replay_forge_or_inflate_control_messages() {
     envelope["event"] =
         json!({"op": "presence", "instance": "ghost", "sessions": u64::MAX, "users": u64::MAX});
     let forged_presence = envelope.to_string();
-    for body in [text.clone(), changed, forged_presence] {
+    // And an ack for a push that could be waiting, counting everything.
+    envelope["event"] = json!({"op": "ack", "id": id, "instance": "ghost", "count": u64::MAX});
+    let forged_ack = envelope.to_string();
+    for body in [text.clone(), changed, forged_presence, forged_ack] {
         ch.basic_publish(
             control.as_str().into(),
             "".into(),
@@ -430,7 +433,7 @@ async fn a_peer_cannot_replay_forge_or_inflate_control_messages() {
             &metrics,
             r#"bff_mesh_messages_dropped_total{reason="unsealed"}"#
         ),
-        1,
+        2,
         "{metrics}"
     );
     let _ = conn.close(200, "done".into()).await;
