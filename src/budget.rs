@@ -17,9 +17,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a socket waiting to authenticate may send, in all: an
-/// `authenticate` frame (16 KiB of token and its envelope) several times
-/// over, and pings.
-pub(crate) const BEFORE_AUTH: usize = 64 * 1024;
+/// `authenticate` frame (16 KiB of token and its envelope), a read's
+/// worth beyond it, and pings. A frame announced larger than the token
+/// limit and held back costs at most this.
+pub(crate) const BEFORE_AUTH: usize = 20 * 1024;
 
 /// A connection's read budget; clones share it. Unlimited unless armed.
 #[derive(Debug, Clone)]

@@ -419,17 +419,25 @@ async fn a_socket_that_never_authenticates_is_closed_with_4003() {
 async fn before_authentication_a_socket_is_cheap_and_their_number_capped() {
     let gw = echo_gateway(|s| s.limits.auth_timeout = Duration::from_secs(60)).await;
     let url = gw.url();
-    // A frame over the token limit before authenticating: closed.
+    // A frame over the token limit before authenticating: closed, with
+    // why (18 KiB: over the limit, within what may be read before).
+    let token_frame = |n: usize| {
+        format!(
+            r#"{{"type":"authenticate","payload":{{"token":"{}"}}}}"#,
+            "x".repeat(n)
+        )
+    };
     let mut big = TestClient::connect(&url, None).await.unwrap();
-    big.send_text(&format!(
-        r#"{{"type":"authenticate","payload":{{"token":"{}"}}}}"#,
-        "x".repeat(60 * 1024)
-    ))
-    .await
-    .unwrap();
+    big.send_text(&token_frame(18 * 1024)).await.unwrap();
     let refused = big.recv().await.unwrap();
     assert_eq!(refused["payload"]["error"], "MessageTooLarge", "{refused}");
     assert_eq!(big.closed().await.unwrap(), Some(1009));
+    // 60 KiB: the socket ends as the bytes arrive, past 20 KiB.
+    let mut bigger = TestClient::connect(&url, None).await.unwrap();
+    let started = Instant::now();
+    let _ = bigger.send_text(&token_frame(60 * 1024)).await;
+    assert!(bigger.recv().await.is_err(), "answered as if taken");
+    assert!(started.elapsed() < Duration::from_secs(5));
 
     // `limits.max_unauthenticated` (1,000) sockets may wait; the next
     // upgrade is refused before it happens.
