@@ -26,6 +26,7 @@ const AMQP_URL_VAR: &str = "BFF_AMQP_URL";
 enum Command {
     Serve { dev: bool },
     ClientTs { out: Option<PathBuf>, live: bool },
+    RoutesCheck { file: Option<PathBuf>, live: bool },
     Help,
     Version,
 }
@@ -48,6 +49,25 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         }
         return Ok(Command::ClientTs { out, live });
     }
+    if args.peek().is_some_and(|a| a == "routes") {
+        args.next();
+        if args.next().as_deref() != Some("check") {
+            return Err("`routes` takes `check [FILE] [--live]`".into());
+        }
+        let (mut file, mut live) = (None, false);
+        for arg in args {
+            match arg.as_str() {
+                "--live" => live = true,
+                "-h" | "--help" => return Ok(Command::Help),
+                other if other.starts_with('-') => {
+                    return Err(format!("unknown argument `{other}` for routes check"));
+                }
+                other if file.is_none() => file = Some(PathBuf::from(other)),
+                other => return Err(format!("routes check takes one file, not also `{other}`")),
+            }
+        }
+        return Ok(Command::RoutesCheck { file, live });
+    }
     let mut dev = false;
     for arg in args {
         match arg.as_str() {
@@ -66,6 +86,7 @@ fn usage(name: &str) -> String {
 
 usage: {name} [--dev]
        {name} client-ts [--out FILE] [--live]
+       {name} routes check [FILE] [--live]
 
   --dev          development mode: no broker (in-process echo services for the
                  routed calls) and a token for user dev-user in the log;
@@ -73,6 +94,10 @@ usage: {name} [--dev]
   client-ts      write the typed TypeScript client of the routing table (to
                  stdout, or FILE); --live asks each routed service on the
                  broker for its nuropb_describe to type the parameters
+  routes check   check the routing file (FILE, or the settings' one) as
+                 start-up would, without starting: exit 1 with the same
+                 message; --live also asks each routed service for its
+                 nuropb_describe and names routes to methods it lacks
   -h, --help     this text
   -V, --version  the version
 
@@ -115,6 +140,7 @@ pub fn main(
         }
         Command::Serve { dev } => dev,
         Command::ClientTs { out, live } => return client_ts(name, out, live),
+        Command::RoutesCheck { file, live } => return routes_check(name, file, live),
     };
     // `--dev` is the in-process mesh, whatever BFF_AMQP_URL says: settled
     // before the settings are checked, since what they allow depends on it
@@ -252,18 +278,95 @@ fn config_file() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
 }
 
-/// `client-ts`: render the client from the settings' routing file (and the
-/// services' descriptions with `live`), to `out` or stdout.
-fn client_ts(name: &str, out: Option<PathBuf>, live: bool) -> ExitCode {
-    // The client needs no credentials: load the settings as if the BFF
-    // took no tokens, so a missing secret is no reason to stop.
+/// The routed services' `nuropb_describe` answers, asked on the broker;
+/// what could not be described is said on stderr. `None` when the broker
+/// cannot be reached (said too).
+fn describe(
+    name: &str,
+    settings: &Settings,
+    routes: &crate::routing::RouteTable,
+) -> Option<crate::frontend::ServiceDescriptions> {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return None;
+        }
+    };
+    match runtime.block_on(crate::frontend::describe_services(settings, routes)) {
+        Ok((d, notes)) => {
+            for note in notes {
+                eprintln!("{name}: {note}");
+            }
+            Some(d)
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            None
+        }
+    }
+}
+
+/// The settings as a tool reads them: no credentials needed, as if the
+/// BFF took no tokens, so a missing secret is no reason to stop.
+fn tool_settings(name: &str) -> Option<Settings> {
     let env = std::env::vars().chain([("BFF_AUTH".to_owned(), "none".to_owned())]);
-    let settings = match Settings::load(&config_file(), env) {
-        Ok((s, _)) => s,
+    match Settings::load(&config_file(), env) {
+        Ok((s, _)) => Some(s),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            None
+        }
+    }
+}
+
+/// `routes check`: the routing file (`file`, or the settings' own) checked
+/// as start-up checks it, with its messages, and with `live` against what
+/// the routed services describe. Exit 1 on any finding.
+fn routes_check(name: &str, file: Option<PathBuf>, live: bool) -> ExitCode {
+    let Some(mut settings) = tool_settings(name) else {
+        return ExitCode::FAILURE;
+    };
+    if let Some(file) = file {
+        settings.routes = file;
+    }
+    let routes = match crate::gateway::load_routes(&settings) {
+        Ok(routes) => routes,
         Err(e) => {
             eprintln!("{name}: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    if live {
+        let Some(described) = describe(name, &settings, &routes) else {
+            return ExitCode::FAILURE;
+        };
+        let missing = described.missing_methods(&routes);
+        for finding in &missing {
+            eprintln!("{name}: {}: {finding}", settings.routes.display());
+        }
+        if !missing.is_empty() {
+            return ExitCode::FAILURE;
+        }
+    }
+    println!(
+        "{}: valid ({} routes, {} event rules, {} composed routes)",
+        settings.routes.display(),
+        routes.routes().len(),
+        routes.events().len(),
+        routes.composed_routes().len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `client-ts`: render the client from the settings' routing file (and the
+/// services' descriptions with `live`), to `out` or stdout.
+fn client_ts(name: &str, out: Option<PathBuf>, live: bool) -> ExitCode {
+    let Some(settings) = tool_settings(name) else {
+        return ExitCode::FAILURE;
     };
     let routes = match crate::routing::RouteTable::load(&settings.routes) {
         Ok(r) => r,
@@ -273,27 +376,9 @@ fn client_ts(name: &str, out: Option<PathBuf>, live: bool) -> ExitCode {
         }
     };
     let described = if live {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("{name}: cannot start the async runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match runtime.block_on(crate::frontend::describe_services(&settings, &routes)) {
-            Ok((d, notes)) => {
-                for note in notes {
-                    eprintln!("{name}: {note}");
-                }
-                d
-            }
-            Err(e) => {
-                eprintln!("{name}: {e}");
-                return ExitCode::FAILURE;
-            }
+        match describe(name, &settings, &routes) {
+            Some(d) => d,
+            None => return ExitCode::FAILURE,
         }
     } else {
         crate::frontend::ServiceDescriptions::new()
@@ -353,6 +438,23 @@ mod tests {
             })
         );
         assert!(args(&["client-ts", "--out"]).is_err());
+        assert_eq!(
+            args(&["routes", "check"]),
+            Ok(Command::RoutesCheck {
+                file: None,
+                live: false
+            })
+        );
+        assert_eq!(
+            args(&["routes", "check", "--live", "new.toml"]),
+            Ok(Command::RoutesCheck {
+                file: Some("new.toml".into()),
+                live: true
+            })
+        );
+        assert!(args(&["routes"]).is_err());
+        assert!(args(&["routes", "check", "a.toml", "b.toml"]).is_err());
+        assert!(args(&["routes", "check", "--dev"]).is_err());
         assert!(args(&["client-ts", "--dev"]).is_err());
         assert_eq!(args(&["-V"]), Ok(Command::Version));
         let e = args(&["--deV"]).unwrap_err();

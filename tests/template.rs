@@ -677,6 +677,26 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
     );
     drop(p);
 
+    // `routes check`: the routing file checked as start-up checks it,
+    // without starting; a bad one fails with the same message.
+    let mut p = BffProcess::spawn(&bin, &crate_dir, &["routes", "check"], &[]);
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("routes.toml: valid (2 routes"), "{log}");
+    drop(p);
+    let bad = crate_dir.join("bad-routes.toml");
+    std::fs::write(&bad, "[[route]]\ncall = \"orders\"\n").unwrap();
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &["routes", "check", bad.to_str().unwrap()],
+        &[],
+    );
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("bad-routes.toml:2:8"), "{log}");
+    drop(p);
+
     // A guessable secret outside development mode: refused at start.
     let mut p = BffProcess::spawn(&bin, &crate_dir, &[], &[("BFF_JWT_SECRET", "e2e-secret")]);
     let (status, log) = p.exit(Duration::from_secs(60));
@@ -719,6 +739,25 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
 
     // Against the local RabbitMQ and a real nuropb service.
     let _service = common::start_python_service(&py);
+    // `routes check --live` against the real service: its routes exist; a
+    // route to a method it lacks is named.
+    let live = crate_dir.join("live-routes.toml");
+    std::fs::write(
+        &live,
+        format!("[[route]]\ncall = \"{py}.hello\"\n\n[[route]]\ncall = \"{py}.no_such_method\"\n"),
+    )
+    .unwrap();
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &["routes", "check", "--live", live.to_str().unwrap()],
+        &[("BFF_AMQP_URL", &common::amqp_url())],
+    );
+    let (status, log) = p.exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains(&format!("`{py}.no_such_method`")), "{log}");
+    assert!(!log.contains(&format!("`{py}.hello`")), "{log}");
+    drop(p);
     let mut p = BffProcess::spawn(
         &bin,
         &crate_dir,
