@@ -420,43 +420,53 @@ mod tests {
 
     #[test]
     fn the_command_line() {
-        assert_eq!(args(&[]), Ok(Command::Serve { dev: false }));
-        assert_eq!(args(&["--dev"]), Ok(Command::Serve { dev: true }));
-        assert_eq!(args(&["--dev", "--help"]), Ok(Command::Help));
-        assert_eq!(
-            args(&["client-ts"]),
-            Ok(Command::ClientTs {
-                out: None,
-                live: false
-            })
-        );
-        assert_eq!(
-            args(&["client-ts", "--live", "--out", "c.ts"]),
-            Ok(Command::ClientTs {
-                out: Some("c.ts".into()),
-                live: true
-            })
-        );
-        assert!(args(&["client-ts", "--out"]).is_err());
-        assert_eq!(
-            args(&["routes", "check"]),
-            Ok(Command::RoutesCheck {
-                file: None,
-                live: false
-            })
-        );
-        assert_eq!(
-            args(&["routes", "check", "--live", "new.toml"]),
-            Ok(Command::RoutesCheck {
-                file: Some("new.toml".into()),
-                live: true
-            })
-        );
-        assert!(args(&["routes"]).is_err());
-        assert!(args(&["routes", "check", "a.toml", "b.toml"]).is_err());
-        assert!(args(&["routes", "check", "--dev"]).is_err());
-        assert!(args(&["client-ts", "--dev"]).is_err());
-        assert_eq!(args(&["-V"]), Ok(Command::Version));
+        let file = |f: &str| Some(PathBuf::from(f));
+        let taken = [
+            (&[][..], Command::Serve { dev: false }),
+            (&["--dev"], Command::Serve { dev: true }),
+            (&["--dev", "--help"], Command::Help),
+            (&["-V"], Command::Version),
+            (
+                &["client-ts"],
+                Command::ClientTs {
+                    out: None,
+                    live: false,
+                },
+            ),
+            (
+                &["client-ts", "--live", "--out", "c.ts"],
+                Command::ClientTs {
+                    out: file("c.ts"),
+                    live: true,
+                },
+            ),
+            (
+                &["routes", "check"],
+                Command::RoutesCheck {
+                    file: None,
+                    live: false,
+                },
+            ),
+            (
+                &["routes", "check", "--live", "new.toml"],
+                Command::RoutesCheck {
+                    file: file("new.toml"),
+                    live: true,
+                },
+            ),
+        ];
+        for (given, command) in taken {
+            assert_eq!(args(given), Ok(command), "{given:?}");
+        }
+        for refused in [
+            &["client-ts", "--out"][..],
+            &["client-ts", "--dev"],
+            &["routes"],
+            &["routes", "check", "a.toml", "b.toml"],
+            &["routes", "check", "--dev"],
+        ] {
+            assert!(args(refused).is_err(), "{refused:?}");
+        }
         let e = args(&["--deV"]).unwrap_err();
         assert!(e.contains("--deV"), "{e}");
         assert!(usage("my-bff").contains("BFF_CONFIG"));
