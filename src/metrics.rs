@@ -60,6 +60,14 @@ impl Default for Metrics {
     }
 }
 
+/// Bring a counter the mesh keeps its own count of up to that count.
+fn catch_up(counter: &Counter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
+}
+
 impl Metrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("bff");
@@ -241,15 +249,8 @@ impl Metrics {
 
     /// Bring the counters the mesh keeps itself up to its counts.
     pub(crate) fn set_mesh_counts(&self, events_dropped: u64, reconnects: u64) {
-        for (counter, total) in [
-            (&self.0.events_dropped, events_dropped),
-            (&self.0.reconnects, reconnects),
-        ] {
-            let seen = counter.get();
-            if total > seen {
-                counter.inc_by(total - seen);
-            }
-        }
+        catch_up(&self.0.events_dropped, events_dropped);
+        catch_up(&self.0.reconnects, reconnects);
     }
 
     /// A control message not believed (its seal missing, wrong or stale).
@@ -263,11 +264,10 @@ impl Metrics {
     /// Bring the dropped-message counters up to the mesh's counts.
     pub(crate) fn set_mesh_dropped(&self, counts: &[(&'static str, u64)]) {
         for &(reason, total) in counts {
-            let counter = self.0.mesh_dropped.get_or_create(&ReasonLabels { reason });
-            let seen = counter.get();
-            if total > seen {
-                counter.inc_by(total - seen);
-            }
+            catch_up(
+                &self.0.mesh_dropped.get_or_create(&ReasonLabels { reason }),
+                total,
+            );
         }
     }
 
