@@ -363,11 +363,10 @@ impl BffService {
             "method": push.method(),
             "params": push.params(),
         });
-        let sealed = match message {
-            Value::Object(m) => self.hub.seal().seal(m),
-            _ => None,
-        };
-        let (Some(body), Some(mut acks)) = (sealed, self.cluster.gather(&id)) else {
+        let sealed = self.hub.seal().seal(message);
+        // Gathered only for a push that goes out: a keyless one does not.
+        let acks = sealed.as_ref().and_then(|_| self.cluster.gather(&id));
+        let (Some(body), Some(mut acks)) = (sealed, acks) else {
             self.cluster.first_time(&id, Instant::now());
             return local_only(self.apply(&push));
         };
@@ -459,10 +458,7 @@ impl BffService {
                 let count = self.apply(&push);
                 let ack =
                     json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": count});
-                let Some(ack) = ack
-                    .as_object()
-                    .and_then(|a| self.hub.seal().seal(a.clone()))
-                else {
+                let Some(ack) = self.hub.seal().seal(ack) else {
                     return;
                 };
                 if self
@@ -536,19 +532,19 @@ impl BffService {
 /// another instance without a key says in its log that they run side by
 /// side, each alone.
 pub(crate) fn presence(hub: &Hub, instance: &str) -> Option<Value> {
-    let c = hub.sessions().counts();
-    let message =
-        json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users});
     if !hub.seal().is_keyed() {
         return Some(json!({"op": "presence", "instance": instance}));
     }
-    hub.seal().seal(message.as_object()?.clone())
+    let c = hub.sessions().counts();
+    hub.seal().seal(
+        json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users}),
+    )
 }
 
 /// This instance is leaving, sealed.
 pub(crate) fn leave(hub: &Hub, instance: &str) -> Option<Value> {
-    let message = json!({"op": "leave", "instance": instance});
-    hub.seal().seal(message.as_object()?.clone())
+    hub.seal()
+        .seal(json!({"op": "leave", "instance": instance}))
 }
 
 /// Logs, at most once a minute, why control messages are not believed.

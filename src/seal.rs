@@ -91,12 +91,15 @@ impl Seal {
     }
 
     /// `message` (an object) stamped with the time and sealed; `None`
-    /// without a key.
-    pub(crate) fn seal(&self, message: Map<String, Value>) -> Option<Value> {
+    /// without a key (or for anything but an object).
+    pub(crate) fn seal(&self, message: Value) -> Option<Value> {
         self.seal_at(message, now_ms())
     }
 
-    fn seal_at(&self, mut message: Map<String, Value>, at_ms: u64) -> Option<Value> {
+    fn seal_at(&self, message: Value, at_ms: u64) -> Option<Value> {
+        let Value::Object(mut message) = message else {
+            return None;
+        };
         let mut mac = self.mac()?;
         message.insert("ts".into(), at_ms.into());
         let text = Value::Object(message).to_string();
@@ -166,13 +169,8 @@ mod tests {
         Seal::new(Some("a-cluster-key-of-at-least-32-bytes".into()))
     }
 
-    fn push() -> Map<String, Value> {
-        let Value::Object(m) =
-            json!({"op": "push", "id": "p1", "origin": "a", "method": "broadcast"})
-        else {
-            unreachable!()
-        };
-        m
+    fn push() -> Value {
+        json!({"op": "push", "id": "p1", "origin": "a", "method": "broadcast"})
     }
 
     #[test]
@@ -205,6 +203,7 @@ mod tests {
             Err(Unsealed::NoKey)
         );
         assert_eq!(Seal::new(None).seal(push()), None);
+        assert_eq!(s.seal(json!(["not", "an", "object"])), None);
         for bad in [
             json!({"op": "push", "id": "p1"}),
             json!({"sealed": text, "sig": "zz"}),
