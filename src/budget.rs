@@ -41,17 +41,18 @@ impl ReadBudget {
         self.0.store(usize::MAX, Ordering::Release);
     }
 
-    /// Count `n` bytes read.
+    /// What is left: `usize::MAX` when unlimited.
+    fn left(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Count `n` bytes read (while armed).
     fn spend(&self, n: usize) {
         let _ = self
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
                 (left != usize::MAX).then(|| left.saturating_sub(n))
             });
-    }
-
-    fn spent(&self) -> bool {
-        self.0.load(Ordering::Acquire) == 0
     }
 }
 
@@ -74,11 +75,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Budgeted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.budget.spent() {
+        let left = self.budget.left();
+        if left == 0 {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "more sent before authenticating than a token needs",
             )));
+        }
+        if left == usize::MAX {
+            // Unlimited (every authenticated socket): nothing to count.
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.inner).poll_read(cx, buf);
