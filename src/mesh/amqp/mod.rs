@@ -300,31 +300,43 @@ impl AmqpMesh {
         self.shared.ready.store(false, Ordering::SeqCst);
     }
 
+    /// The publish channel for a client's command or event: refused at
+    /// once while the broker blocks publishing.
     fn publish_channel(&self) -> Result<Channel, MeshError> {
         self.ready()?;
+        if let Some(why) = self.shared.blocked() {
+            return Err(MeshError::Blocked(why));
+        }
         self.shared.publish_channel()
     }
 
-    /// The request lane, while the mesh is ready.
+    /// The request lane, while the mesh is ready and the broker takes
+    /// publishes.
     fn lane(&self) -> Result<Lane, MeshError> {
         self.ready()?;
-        self.shared
-            .link
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|l| l.lane.clone())
-            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))
+        self.shared.with_unblocked_link(|l| l.lane.clone())
     }
 
     fn ready(&self) -> Result<(), MeshError> {
-        if !self.shared.ready.load(Ordering::SeqCst) {
-            return Err(MeshError::Unavailable("broker connection is down".into()));
+        if self.shared.ready.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(MeshError::Unavailable("broker connection is down".into()))
         }
-        match self.shared.blocked() {
-            Some(why) => Err(MeshError::Blocked(why)),
-            None => Ok(()),
-        }
+    }
+}
+
+impl Link {
+    /// Why the broker blocks publishing (a memory or disk alarm), while it
+    /// blocks either connection: the lane's says why, lapin's only that it
+    /// does.
+    fn blocked(&self) -> Option<String> {
+        self.lane.blocked().or_else(|| {
+            self.connection
+                .status()
+                .blocked()
+                .then(|| "a resource alarm".to_owned())
+        })
     }
 }
 
@@ -376,18 +388,23 @@ impl Shared {
         unavailable(e)
     }
 
-    /// Why the broker blocks publishing (a memory or disk alarm), while it
-    /// blocks either connection: the lane's says why, lapin's only that it
-    /// does.
+    /// `take` from the current link, when there is one and the broker
+    /// takes publishes on it: one look at the link per call.
+    fn with_unblocked_link<T>(&self, take: impl FnOnce(&Link) -> T) -> Result<T, MeshError> {
+        let link = self.link.read().unwrap_or_else(|p| p.into_inner());
+        let link = link
+            .as_ref()
+            .ok_or_else(|| MeshError::Unavailable("broker connection is down".into()))?;
+        match link.blocked() {
+            Some(why) => Err(MeshError::Blocked(why)),
+            None => Ok(take(link)),
+        }
+    }
+
+    /// Why the broker blocks publishing, while it does.
     fn blocked(&self) -> Option<String> {
         let link = self.link.read().unwrap_or_else(|p| p.into_inner());
-        let link = link.as_ref()?;
-        link.lane.blocked().or_else(|| {
-            link.connection
-                .status()
-                .blocked()
-                .then(|| "a resource alarm".to_owned())
-        })
+        link.as_ref()?.blocked()
     }
 
     /// Ready: connected, the publish channel can publish, and the broker
@@ -396,8 +413,7 @@ impl Shared {
         if !self.ready.load(Ordering::SeqCst) {
             return false;
         }
-        let linked = self
-            .link
+        self.link
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
@@ -406,9 +422,8 @@ impl Shared {
                     && l.lane.is_open()
                     && l.service.is_open()
                     && l.connection.status().connected()
-            });
-        // The link's lock is released before `blocked` takes it again.
-        linked && self.blocked().is_none()
+                    && l.blocked().is_none()
+            })
     }
 }
 
