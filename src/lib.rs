@@ -32,6 +32,7 @@ mod server;
 mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod throttle;
 mod topic;
 mod ws;
 

@@ -28,6 +28,7 @@ use crate::mesh::{
 use crate::protocol::{ErrorBody, RawJson, ServerFrame, close};
 use crate::routing::Delivery;
 use crate::seal::Unsealed;
+use crate::throttle::Throttle;
 
 /// A control message on its way out, and where to.
 #[derive(Debug)]
@@ -548,18 +549,20 @@ pub(crate) fn leave(hub: &Hub, instance: &str) -> Option<Value> {
 }
 
 /// Logs, at most once a minute, why control messages are not believed.
-#[derive(Debug, Default)]
-struct UnsealedLog {
-    last: std::sync::Mutex<Option<Instant>>,
+#[derive(Debug)]
+struct UnsealedLog(Throttle);
+
+impl Default for UnsealedLog {
+    fn default() -> Self {
+        Self(Throttle::every(60))
+    }
 }
 
 impl UnsealedLog {
     fn log(&self, why: Unsealed) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60)) {
+        if !self.0.ready() {
             return;
         }
-        *last = Some(Instant::now());
         match why {
             Unsealed::NoKey => tracing::warn!(
                 "another instance of this BFF is on the broker, and this one has no cluster_key: each \

@@ -5,7 +5,8 @@
 //! and logged at most once a second, so a flood cannot fill the log either.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::throttle::Throttle;
 
 /// Why a message was dropped: the metric's `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,28 +40,27 @@ impl DropReason {
     }
 }
 
-/// The counts, and when the last drop was logged.
-#[derive(Debug, Default)]
+/// The counts, and the throttle of the log line.
+#[derive(Debug)]
 pub(crate) struct Drops {
     counts: [AtomicU64; 4],
-    /// Unix second of the last line logged.
-    logged_at: AtomicU64,
+    logged: Throttle,
+}
+
+impl Default for Drops {
+    fn default() -> Self {
+        Self {
+            counts: Default::default(),
+            logged: Throttle::every(1),
+        }
+    }
 }
 
 impl Drops {
     /// Count a drop; log it unless a drop was logged this second already.
     pub(crate) fn drop_message(&self, reason: DropReason, what: &str) {
         self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.logged_at.load(Ordering::Relaxed);
-        if now > last
-            && self
-                .logged_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.logged.ready() {
             tracing::warn!(
                 reason = reason.label(),
                 "dropped a message from the broker: {what} (at most one such line a second; bff_mesh_messages_dropped_total counts them all)"
