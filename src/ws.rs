@@ -27,8 +27,9 @@ use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::gateway::{CallGuard, Gateway};
 use crate::mesh::BoxFuture;
 use crate::outbox::{Out, Outbox, PushError};
-use crate::protocol::SessionInfo;
-use crate::protocol::{ClientCall, ClientFrame, ErrorName, RawJson, ServerFrame, close};
+use crate::protocol::{
+    ClientCall, ClientFrame, ErrorName, RawJson, ServerFrame, SessionInfo, close,
+};
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
 
 fn text(frame: &ServerFrame) -> Message {
