@@ -20,7 +20,7 @@ use crate::hooks::{LocalCall, MeshClient, WsHandler};
 use crate::hub::Hub;
 use crate::mesh::{self, BoxFuture, Call, Mesh, MeshError};
 use crate::protocol::{ClientCall, ErrorBody, Params, RawJson, SessionInfo};
-use crate::routing::{DEFAULT_TIMEOUT, Part};
+use crate::routing::{DEFAULT_TIMEOUT, Part, RouteTable};
 
 /// Who calls, with what: the session and the shared state its calls are
 /// planned against.
@@ -68,8 +68,10 @@ impl Caller<'_> {
     /// The one sequence of every routed call: may the session call
     /// `service.method` now (routes, roles, rate), under which context,
     /// as which mesh call; then the handler's `on_request`.
+    #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
+        routes: &RouteTable,
         rates: &mut Rates,
         now: Instant,
         service: &str,
@@ -77,8 +79,7 @@ impl Caller<'_> {
         params: impl FnOnce() -> Params,
         trace_id: &str,
     ) -> Result<Call, Refusal> {
-        let allowed =
-            dispatch::authorize(self.hub.routes(), self.session, rates, now, service, method)?;
+        let allowed = dispatch::authorize(routes, self.session, rates, now, service, method)?;
         let context = self.context.render(self.session, trace_id);
         let mut call = allowed.call(params(), context, trace_id);
         self.hub.handler().on_request(self.session, &mut call);
@@ -112,18 +113,26 @@ impl Caller<'_> {
             }
         }
         let now = Instant::now();
-        if !command
-            && let Some((index, composed)) = self.hub.routes().composed(&call.service, &call.method)
-        {
-            dispatch::authorize_composed(composed, index, self.session, rates, now)?;
+        // One table for the whole plan, however many calls it makes.
+        let routes = self.hub.routes();
+        if !command && let Some((index, composed)) = routes.composed(&call.service, &call.method) {
+            dispatch::authorize_composed(&routes, composed, index, self.session, rates, now)?;
             // Each part under the rules of the call it makes.
             let calls = composed
                 .parts
                 .iter()
                 .map(|part| {
                     let params = || compose::part_params(part, self.session, &call.params).into();
-                    self.prepare(rates, now, &part.service, &part.method, params, trace_id)
-                        .map_err(|refusal| Failure::from(refusal).to_client())
+                    self.prepare(
+                        &routes,
+                        rates,
+                        now,
+                        &part.service,
+                        &part.method,
+                        params,
+                        trace_id,
+                    )
+                    .map_err(|refusal| Failure::from(refusal).to_client())
                 })
                 .collect();
             return Ok(Plan::Composed {
@@ -137,7 +146,7 @@ impl Caller<'_> {
             params,
             ..
         } = call;
-        let call = self.prepare(rates, now, &service, &method, || params, trace_id)?;
+        let call = self.prepare(&routes, rates, now, &service, &method, || params, trace_id)?;
         Ok(if command {
             Plan::Command(call)
         } else {
@@ -153,6 +162,7 @@ impl Caller<'_> {
         let trace_id = uuid::Uuid::new_v4().simple().to_string();
         let call = self
             .prepare(
+                &self.hub.routes(),
                 &mut Rates::default(),
                 Instant::now(),
                 service,

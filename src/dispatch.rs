@@ -162,13 +162,23 @@ impl Allowed<'_> {
 
 /// Per-route request counts of one connection in the current one-second
 /// window. Only routes with a `rate_per_sec` take an entry, so its size is
-/// bounded by the routing table.
+/// bounded by the routing table. Counted per route index of one table: a
+/// reloaded table starts them again.
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
     windows: HashMap<usize, (Instant, u32)>,
+    generation: u64,
 }
 
 impl Rates {
+    /// Count against `routes` from now on.
+    fn follow(&mut self, routes: &RouteTable) {
+        if self.generation != routes.generation() {
+            self.generation = routes.generation();
+            self.windows.clear();
+        }
+    }
+
     /// Count a call at `now`; false once the route's limit is used up.
     fn admit(&mut self, route_index: usize, limit: u32, now: Instant) -> bool {
         let (start, count) = self.windows.entry(route_index).or_insert((now, 0));
@@ -205,6 +215,7 @@ pub(crate) fn authorize<'a>(
             roles: route.roles.clone(),
         });
     }
+    rates.follow(routes);
     if let Some(per_sec) = route.rate_per_sec
         && !rates.admit(resolved.route_index, per_sec, now)
     {
@@ -225,6 +236,7 @@ pub(crate) fn authorize<'a>(
 /// Its own roles and rate apply; each of its parts is then authorised like
 /// any call.
 pub(crate) fn authorize_composed(
+    routes: &RouteTable,
     composed: &Composed,
     index: usize,
     session: &SessionInfo,
@@ -238,6 +250,7 @@ pub(crate) fn authorize_composed(
             roles: composed.roles.clone(),
         });
     }
+    rates.follow(routes);
     if let Some(per_sec) = composed.rate_per_sec
         && !rates.admit(usize::MAX - index, per_sec, now)
     {

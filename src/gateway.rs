@@ -62,8 +62,9 @@ pub struct Gateway(Arc<Inner>);
 struct Inner {
     hub: Hub,
     mesh: Arc<dyn Mesh>,
-    /// Set when the gateway joined a broker: closed on shutdown.
-    amqp: Option<AmqpMesh>,
+    /// The mesh as what it is: a broker link (closed on shutdown) or the
+    /// in-process mesh; a reloaded routing table rebinds its events.
+    joined: Joined,
     /// Cancelled when the drain begins: not ready, no new sockets or calls.
     shutdown: CancellationToken,
     /// Cancelled to cut the drain short (a second SIGTERM).
@@ -87,6 +88,18 @@ impl fmt::Debug for Gateway {
             .field("mesh", &self.0.mesh)
             .finish_non_exhaustive()
     }
+}
+
+/// The mesh a gateway joined, as what it is.
+#[derive(Debug, Clone)]
+pub(crate) enum Joined {
+    Broker(AmqpMesh),
+    /// The in-process mesh; `stubs` when its services are development
+    /// mode's echo stubs (a reloaded table's new services get one too).
+    Memory {
+        mesh: MemoryMesh,
+        stubs: bool,
+    },
 }
 
 /// Builds a [`Gateway`] from [`Settings`]; what is not given comes from the
@@ -162,15 +175,23 @@ impl GatewayBuilder {
                 "mesh_api.open is set: any program that reaches the broker may push to every user and disconnect anyone"
             );
         }
-        let (mesh, amqp): (Arc<dyn Mesh>, Option<AmqpMesh>) = match self.memory {
+        let (mesh, joined): (Arc<dyn Mesh>, Joined) = match self.memory {
             Some(mesh) => {
                 mesh.add_service(name, service, bindings);
-                (Arc::new(mesh), None)
+                let joined = Joined::Memory {
+                    mesh: mesh.clone(),
+                    stubs: false,
+                };
+                (Arc::new(mesh), joined)
             }
             None if settings.is_memory_mesh() => {
-                let mesh = MemoryMesh::with_echo_stubs(hub.routes());
+                let mesh = MemoryMesh::with_echo_stubs(&hub.routes());
                 mesh.add_service(name, service, bindings);
-                (Arc::new(mesh), None)
+                let joined = Joined::Memory {
+                    mesh: mesh.clone(),
+                    stubs: true,
+                };
+                (Arc::new(mesh), joined)
             }
             None => {
                 let mut config = AmqpConfig::new(settings.amqp_url.as_str(), name.clone());
@@ -190,13 +211,13 @@ impl GatewayBuilder {
                         source,
                     }
                 })?;
-                (Arc::new(mesh.clone()), Some(mesh))
+                (Arc::new(mesh.clone()), Joined::Broker(mesh))
             }
         };
         let gateway = Gateway(Arc::new(Inner {
             hub,
             mesh,
-            amqp,
+            joined,
             shutdown: CancellationToken::new(),
             hurry: CancellationToken::new(),
             closed: CancellationToken::new(),
@@ -411,13 +432,18 @@ impl Gateway {
         self.0.hub.sessions()
     }
 
-    pub fn routes(&self) -> &RouteTable {
-        self.0.hub.routes()
+    /// The routing table in use now (a reload replaces it).
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.0.hub.routes_full()
     }
 
     /// The mesh the gateway joined.
     pub fn mesh(&self) -> &Arc<dyn Mesh> {
         &self.0.mesh
+    }
+
+    pub(crate) fn joined(&self) -> &Joined {
+        &self.0.joined
     }
 
     /// Whether the mesh can take calls and the gateway is not stopping.
@@ -511,7 +537,7 @@ impl Gateway {
             self.0.background_stop.cancel();
             self.0.background.wait().await;
         }
-        if let Some(amqp) = &self.0.amqp {
+        if let Joined::Broker(amqp) = &self.0.joined {
             amqp.close(grace).await;
         }
     }

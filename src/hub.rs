@@ -1,9 +1,15 @@
 //! The hub: what every connection and the BFF's own mesh service share,
 //! built before the mesh is joined (settings, routing table, hooks, the
 //! session registry, metrics). It knows nothing of sockets or the broker.
+//!
+//! The routing table is the one thing in it that changes while the BFF
+//! runs (a reload swaps it whole): whoever decides by it takes the table
+//! once and decides by that one, so a call never sees two tables.
 
 use std::fmt;
 use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
 
 use crate::auth::AuthHook;
 use crate::config::{Limits, Settings};
@@ -21,13 +27,15 @@ struct Inner {
     settings: Settings,
     /// This instance among the BFF's instances on the broker.
     instance_id: String,
-    routes: RouteTable,
+    routes: ArcSwap<RouteTable>,
     auth: Arc<dyn AuthHook>,
     handler: Arc<dyn WsHandler>,
     sessions: Sessions,
     metrics: Metrics,
     /// Seals and opens control messages with the cluster key.
     seal: Seal,
+    /// Held while a new routing table is put in place: one at a time.
+    replacing_routes: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Hub {
@@ -47,11 +55,9 @@ impl Hub {
         handler: Arc<dyn WsHandler>,
     ) -> Self {
         let metrics = Metrics::new();
-        let event_roles = routes.events().iter().any(|r| !r.roles.is_empty());
         let sessions = Sessions::new(settings.limits.outbound_queue)
             .with_queue_bytes(settings.limits.outbound_queue_bytes)
-            .with_metrics(metrics.clone())
-            .keeping_roles(event_roles);
+            .with_metrics(metrics.clone());
         let instance_id = settings
             .instance_id
             .clone()
@@ -59,9 +65,10 @@ impl Hub {
         let seal = Seal::new(settings.cluster_key.clone());
         Self(Arc::new(Inner {
             seal,
+            replacing_routes: tokio::sync::Mutex::new(()),
             instance_id,
             settings,
-            routes,
+            routes: ArcSwap::from_pointee(routes),
             auth,
             handler,
             sessions,
@@ -85,8 +92,29 @@ impl Hub {
         &self.0.settings.mesh_service_name
     }
 
-    pub(crate) fn routes(&self) -> &RouteTable {
-        &self.0.routes
+    /// The routing table now: one atomic load, held only while a decision
+    /// is made (a reload does not wait for it).
+    pub(crate) fn routes(&self) -> Guard<Arc<RouteTable>> {
+        self.0.routes.load()
+    }
+
+    /// The routing table now, to keep.
+    pub(crate) fn routes_full(&self) -> Arc<RouteTable> {
+        self.0.routes.load_full()
+    }
+
+    /// Held while a new routing table is read, checked and put in place,
+    /// so two reloads never interleave.
+    pub(crate) async fn replacing_routes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.replacing_routes.lock().await
+    }
+
+    /// Put `routes` in the place of the table in use, which is returned:
+    /// every decision from now on is made by the new one.
+    pub(crate) fn replace_routes(&self, mut routes: RouteTable) -> Arc<RouteTable> {
+        let old = self.0.routes.load_full();
+        routes.set_generation(old.generation().wrapping_add(1));
+        self.0.routes.swap(Arc::new(routes))
     }
 
     pub(crate) fn auth(&self) -> &dyn AuthHook {
@@ -111,8 +139,7 @@ impl Hub {
 
     /// The topic patterns the BFF must receive mesh events for.
     pub(crate) fn event_bindings(&self) -> Vec<String> {
-        self.0
-            .routes
+        self.routes()
             .events()
             .iter()
             .map(|r| r.pattern.clone())

@@ -25,6 +25,7 @@ mod mesh_api;
 mod metrics;
 mod outbox;
 mod protocol;
+mod reload;
 mod routing;
 mod runner;
 mod seal;
@@ -56,8 +57,9 @@ pub use mesh::{
     Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
 };
 pub use protocol::{ClientCall, ErrorBody, ErrorName, Params, RawJson, SessionInfo, close};
+pub use reload::reload_routes;
 pub use routing::{
-    Composed, Delivery, EventRule, Part, PartParams, Route, RouteTable, RoutesError,
+    Composed, Delivery, EventRule, Part, PartParams, Route, RouteTable, RoutesError, TableChanges,
 };
 pub use runner::{log_filter, run};
 pub use session::{SessionCounts, Sessions};

@@ -500,7 +500,8 @@ impl BffService {
     /// Push a mesh event to the sessions its rule names.
     fn fan_out(&self, event: IncomingEvent) {
         let hub = &self.hub;
-        let Some(rule) = hub.routes().event_rule(&event.topic) else {
+        let routes = hub.routes();
+        let Some(rule) = routes.event_rule(&event.topic) else {
             tracing::debug!(topic = %event.topic, "mesh event matches no event rule, dropped");
             return;
         };

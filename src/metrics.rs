@@ -47,6 +47,12 @@ struct Inner {
     reconnects: Counter,
     mesh_ready: Gauge,
     mesh_blocked: Gauge,
+    routes_reloads: Family<ResultLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabels {
+    pub(crate) result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +95,7 @@ impl Metrics {
         let reconnects = Counter::default();
         let mesh_ready = Gauge::default();
         let mesh_blocked = Gauge::default();
+        let routes_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "ws_connections",
             "WebSocket connections accepted",
@@ -160,6 +167,11 @@ impl Metrics {
             "1 while the broker blocks publishing (a memory or disk alarm)",
             mesh_blocked.clone(),
         );
+        registry.register(
+            "routes_reload",
+            "Routing-file reloads, by result (ok, error: the old table kept serving)",
+            routes_reloads.clone(),
+        );
         let frames_in_request = frames_in
             .get_or_create(&KindLabels { kind: "request" })
             .clone();
@@ -189,6 +201,7 @@ impl Metrics {
             reconnects,
             mesh_ready,
             mesh_blocked,
+            routes_reloads,
         }))
     }
 
@@ -275,6 +288,14 @@ impl Metrics {
         self.0.mesh_blocked.set(i64::from(blocked));
     }
 
+    /// A routing-file reload: `ok` or `error`.
+    pub(crate) fn routes_reloaded(&self, result: &'static str) {
+        self.0
+            .routes_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     pub(crate) fn set_mesh_ready(&self, ready: bool) {
         self.0.mesh_ready.set(i64::from(ready));
     }
@@ -315,6 +336,12 @@ mod tests {
         );
         assert!(
             text.contains(r#"bff_requests_total{outcome="RouteNotFound"} 1"#),
+            "{text}"
+        );
+        m.routes_reloaded("error");
+        let text = m.encode();
+        assert!(
+            text.contains(r#"bff_routes_reload_total{result="error"} 1"#),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));

@@ -33,7 +33,8 @@ fn log_dev_token(settings: &Settings) {
 }
 
 /// Load the routing table, join the mesh (or the in-process development
-/// mesh for `memory://`), serve until `shutdown` resolves, drain (calls in
+/// mesh for `memory://`), serve until `shutdown` resolves (reloading the
+/// routing table on SIGHUP and when its file changes), drain (calls in
 /// flight are answered, up to `shutdown_grace_ms`, or until `hurry`
 /// resolves), then close sessions and leave the mesh.
 pub async fn run(
@@ -79,7 +80,13 @@ pub async fn run(
             gateway.hurry();
         })
     };
+    // The routing file, taken again on SIGHUP and when it changes, while
+    // the gateway serves.
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let watching = tokio::spawn(crate::reload::watch(gateway.clone(), stop_watching.clone()));
     let served = gateway.serve(listener, shutdown).await;
+    stop_watching.cancel();
+    let _ = watching.await;
     hurrying.abort();
     tracing::info!("stopped");
     served.map_err(RunError::Serve)

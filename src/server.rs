@@ -234,7 +234,7 @@ async fn console(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
     let html = crate::frontend::console_html(
         &settings.mesh_service_name,
         &settings.ws_path,
-        gw.routes(),
+        &gw.routes(),
         &token,
     );
     (
@@ -256,7 +256,7 @@ async fn client_ts(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
     let ts = crate::frontend::client_ts(
         &settings.mesh_service_name,
         &settings.ws_path,
-        gw.routes(),
+        &gw.routes(),
         &crate::frontend::ServiceDescriptions::new(),
     );
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], ts).into_response()

@@ -31,11 +31,12 @@ struct Entry {
     state: Mutex<EntryState>,
 }
 
-/// What changes over a session's life: its roles (re-authentication) and
-/// its subscriptions.
-#[derive(Debug, Default)]
+/// What changes over a session's life: who it is (re-authentication
+/// changes its roles) and its subscriptions.
+#[derive(Debug)]
 struct EntryState {
-    roles: Vec<String>,
+    /// The connection's own, shared: the registry copies nothing of it.
+    info: Arc<SessionInfo>,
     /// Sorted, without duplicates; at most the subscription cap.
     topics: Vec<Box<str>>,
 }
@@ -117,9 +118,6 @@ pub struct Sessions {
     /// Sockets upgraded without a token, not authenticated yet.
     waiting_for_auth: Arc<AtomicUsize>,
     metrics: Option<Metrics>,
-    /// Whether sessions keep their roles here: only event rules with roles
-    /// need them, and most BFFs have none (an idle socket's bytes count).
-    keep_roles: bool,
 }
 
 /// Unregisters its session when dropped, so no path out of a connection
@@ -204,7 +202,6 @@ impl Sessions {
             queue_bytes: usize::MAX,
             waiting_for_auth: Arc::default(),
             metrics: None,
-            keep_roles: true,
         }
     }
 
@@ -223,21 +220,6 @@ impl Sessions {
     pub(crate) fn with_queue_bytes(mut self, bytes: usize) -> Self {
         self.queue_bytes = bytes.max(1);
         self
-    }
-
-    /// Keep sessions' roles for event delivery only when some event rule
-    /// has roles.
-    pub(crate) fn keeping_roles(mut self, keep: bool) -> Self {
-        self.keep_roles = keep;
-        self
-    }
-
-    fn roles_to_keep(&self, roles: &[String]) -> Vec<String> {
-        if self.keep_roles {
-            roles.to_vec()
-        } else {
-            Vec::new()
-        }
     }
 
     /// Count slow-consumer closes in these metrics.
@@ -278,7 +260,7 @@ impl Sessions {
     pub(crate) fn register(
         &self,
         mut admission: Admission,
-        info: &SessionInfo,
+        info: &Arc<SessionInfo>,
         caps: Caps,
     ) -> Result<(SessionGuard, Outbox), Crowded> {
         let mut inner = self.lock();
@@ -299,7 +281,7 @@ impl Sessions {
             user_id: info.user_id.clone(),
             outbox: outbox.clone(),
             state: Mutex::new(EntryState {
-                roles: self.roles_to_keep(&info.roles),
+                info: Arc::clone(info),
                 topics: Vec::new(),
             }),
         });
@@ -402,7 +384,8 @@ impl Sessions {
             .iter()
             .filter(|e| {
                 let state = e.state();
-                let allowed = roles.is_empty() || roles.iter().any(|r| state.roles.contains(r));
+                let allowed =
+                    roles.is_empty() || roles.iter().any(|r| state.info.roles.contains(r));
                 allowed && (!subscribers || state.topics.iter().any(|p| topic::matches(p, topic)))
             })
             .filter(|e| e.push(&frame, self.metrics.as_ref()))
@@ -449,21 +432,75 @@ impl Sessions {
         .unwrap_or_default()
     }
 
-    /// Replace a session's roles (re-authentication) and keep only the
-    /// subscriptions `still_allowed` under the new roles.
-    pub(crate) fn set_roles(
+    /// Replace who a session is (re-authentication: new roles) and keep
+    /// only the subscriptions `still_allowed` under the new roles: the ones
+    /// dropped.
+    pub(crate) fn set_info(
+        &self,
+        info: &Arc<SessionInfo>,
+        still_allowed: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let entry = self.lock().sessions.get(&info.session_id).cloned();
+        let Some(entry) = entry else {
+            return Vec::new();
+        };
+        entry.state().info = Arc::clone(info);
+        self.prune(&info.session_id, &entry, |_, t| still_allowed(t))
+    }
+
+    /// Keep, in every session, only the subscriptions `allowed` (given the
+    /// session's roles) still lets through: a new routing table. Each
+    /// session that lost some, with what it lost.
+    pub(crate) fn retain_subscriptions(
+        &self,
+        allowed: impl Fn(&[String], &str) -> bool,
+    ) -> Vec<(String, Vec<String>)> {
+        let subscribed: Vec<(String, Arc<Entry>)> = self
+            .lock()
+            .subscribed
+            .iter()
+            .map(|(id, e)| (id.clone(), Arc::clone(e)))
+            .collect();
+        subscribed
+            .into_iter()
+            .filter_map(|(id, entry)| {
+                let dropped = self.prune(&id, &entry, &allowed);
+                (!dropped.is_empty()).then_some((id, dropped))
+            })
+            .collect()
+    }
+
+    /// Drop the subscriptions of one session that `allowed` refuses; the
+    /// ones dropped, in order.
+    fn prune(
         &self,
         session_id: &str,
-        roles: &[String],
-        still_allowed: impl Fn(&str) -> bool,
-    ) {
-        let _ = self.update_topics(session_id, |set| {
-            set.retain(|t| still_allowed(t));
-            Ok(())
-        });
-        if let Some(e) = self.lock().sessions.get(session_id) {
-            e.state().roles = self.roles_to_keep(roles);
+        entry: &Arc<Entry>,
+        allowed: impl Fn(&[String], &str) -> bool,
+    ) -> Vec<String> {
+        // The registry's lock first, then the session's, as everywhere.
+        let mut inner = self.lock();
+        if !inner
+            .sessions
+            .get(session_id)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            return Vec::new();
         }
+        let mut state = entry.state();
+        let info = Arc::clone(&state.info);
+        let mut dropped = Vec::new();
+        state.topics.retain(|t| {
+            let keep = allowed(&info.roles, t);
+            if !keep {
+                dropped.push(t.to_string());
+            }
+            keep
+        });
+        if state.topics.is_empty() {
+            inner.subscribed.remove(session_id);
+        }
+        dropped
     }
 
     fn update_topics(
@@ -542,13 +579,17 @@ mod tests {
         per_user: 10,
     };
 
-    fn info(sid: &str, uid: &str) -> SessionInfo {
-        SessionInfo {
+    fn info_with(sid: &str, uid: &str, roles: &[&str]) -> Arc<SessionInfo> {
+        Arc::new(SessionInfo {
             session_id: sid.into(),
             user_id: uid.into(),
             username: None,
-            roles: vec![],
-        }
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        })
+    }
+
+    fn info(sid: &str, uid: &str) -> Arc<SessionInfo> {
+        info_with(sid, uid, &[])
     }
 
     fn add(s: &Sessions, sid: &str, uid: &str) -> (SessionGuard, Outbox) {
@@ -698,9 +739,13 @@ mod tests {
         assert_eq!(s.deliver_event("x", None, false, &admins, "1".into()), 0);
         s.subscribe("s1", &["secret.#".into(), "news.#".into()], 8)
             .unwrap();
-        s.set_roles("s1", &admins, |_| true);
+        assert!(
+            s.set_info(&info_with("s1", "u", &["admin"]), |_| true)
+                .is_empty()
+        );
         assert_eq!(s.deliver_event("x", None, false, &admins, "2".into()), 1);
-        s.set_roles("s1", &[], |t| t != "secret.#");
+        let dropped = s.set_info(&info("s1", "u"), |t| t != "secret.#");
+        assert_eq!(dropped, vec!["secret.#"]);
         assert_eq!(s.topics("s1"), vec!["news.#"]);
         assert_eq!(s.deliver_event("x", None, false, &admins, "3".into()), 0);
         assert_eq!(drain(&c), vec!["2"]);

@@ -28,7 +28,8 @@ use crate::gateway::{CallGuard, Gateway};
 use crate::mesh::BoxFuture;
 use crate::outbox::{Out, Outbox, PushError};
 use crate::protocol::{
-    ClientCall, ClientFrame, ErrorName, RawJson, ServerFrame, SessionInfo, close,
+    ClientCall, ClientFrame, ErrorName, NARROWED_BY_RELOAD, RawJson, ServerFrame, SessionInfo,
+    close,
 };
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
 
@@ -187,12 +188,12 @@ async fn open(
         token,
         expires_at,
     } = identity;
-    let info = SessionInfo {
+    let info = Arc::new(SessionInfo {
         session_id,
         user_id,
         username,
         roles,
-    };
+    });
     let (guard, outbox) = match gw.sessions().register(admission, &info, gw.caps()) {
         Ok(registered) => registered,
         Err(Crowded::User(limit) | Crowded::Total(limit)) => {
@@ -216,7 +217,6 @@ async fn open(
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
     let (sink, stream) = socket.split();
-    let info = Arc::new(info);
     let context = SessionContext::new(token.as_deref());
     let mut event = gw.hub().handler().hello(&info);
     if let Some(call) = gw.settings().hello_call.as_deref() {
@@ -640,17 +640,24 @@ impl Connection {
     async fn reauthenticate(&mut self, token: &str) -> bool {
         match self.gw.hub().auth().authenticate(token).await {
             Ok(id) if id.user_id == self.info.user_id => {
-                let routes = self.gw.routes();
-                self.gw
-                    .sessions()
-                    .set_roles(&self.info.session_id, &id.roles, |t| {
-                        dispatch::authorize_subscription(routes, &id.roles, t).is_ok()
-                    });
                 let info = Arc::make_mut(&mut self.info);
                 info.roles = id.roles;
                 info.username = id.username;
                 self.context = SessionContext::new(id.token.as_deref());
                 self.expires_at = id.expires_at;
+                let routes = self.gw.hub().routes();
+                let dropped = self.gw.sessions().set_info(&self.info, |t| {
+                    dispatch::authorize_subscription(&routes, &self.info.roles, t).is_ok()
+                });
+                drop(routes);
+                if !dropped.is_empty() {
+                    self.reply(ServerFrame::Unsubscribed {
+                        topics: dropped,
+                        reason: "the roles of the new token do not allow these subscriptions"
+                            .into(),
+                    })
+                    .await;
+                }
                 true
             }
             Ok(_) => {
@@ -683,12 +690,13 @@ impl Connection {
     /// none.
     async fn subscribe(&mut self, topics: Vec<String>) {
         let limit = self.gw.limits().max_subscriptions;
+        let routes = self.gw.hub().routes_full();
         let checked = if topics.len() > limit {
             Err(Refusal::TooManySubscriptions { limit })
         } else {
-            topics.iter().try_for_each(|t| {
-                dispatch::authorize_subscription(self.gw.routes(), &self.info.roles, t)
-            })
+            topics
+                .iter()
+                .try_for_each(|t| dispatch::authorize_subscription(&routes, &self.info.roles, t))
         };
         let checked = checked.and_then(|()| {
             self.gw
@@ -701,6 +709,22 @@ impl Connection {
             Err(refusal) => ServerFrame::error(refusal.name(), refusal.description(), None),
         };
         self.reply(frame).await;
+        // A reload between the check and the subscription: the new table's
+        // pass over the sessions may have come before these topics did.
+        let now = self.gw.hub().routes();
+        if now.generation() != routes.generation() {
+            let dropped = self.gw.sessions().set_info(&self.info, |t| {
+                dispatch::authorize_subscription(&now, &self.info.roles, t).is_ok()
+            });
+            drop(now);
+            if !dropped.is_empty() {
+                self.reply(ServerFrame::Unsubscribed {
+                    topics: dropped,
+                    reason: NARROWED_BY_RELOAD.into(),
+                })
+                .await;
+            }
+        }
     }
 
     async fn unsubscribe(&mut self, topics: Vec<String>) {

@@ -228,6 +228,7 @@ export class BffClient implements Caller {
   private subscriptions = new Map<string, Set<(e: MeshEvent) => void>>();
   private listeners = new Set<(e: MeshEvent) => void>();
   private stateListeners = new Set<(state: "open" | "closed", code?: number) => void>();
+  private unsubscribedListeners = new Set<(topics: string[], reason: string) => void>();
   private closedByUser = false;
   private attempt = 0;
   private renewTimer: ReturnType<typeof setTimeout> | undefined;
@@ -278,6 +279,17 @@ export class BffClient implements Caller {
   onEvent(listener: (e: MeshEvent) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);
+  }
+
+  /**
+   * Be told when the gateway drops subscriptions on its own (a reloaded
+   * routing table or a new token's roles no longer allow them): the topics
+   * and why. Their handlers get nothing more, and a reconnect does not
+   * subscribe them again.
+   */
+  onUnsubscribed(listener: (topics: string[], reason: string) => void): () => void {
+    this.unsubscribedListeners.add(listener);
+    return () => this.unsubscribedListeners.delete(listener);
   }
 
   /** A routed call: resolves with its result, rejects with a BffError. */
@@ -520,6 +532,12 @@ export class BffClient implements Caller {
       }
       case "subscribed": {
         this.subscribeWaiters.shift()?.resolve();
+        return;
+      }
+      case "unsubscribed": {
+        const { topics, reason } = frame.payload;
+        for (const t of topics) this.subscriptions.delete(t);
+        this.unsubscribedListeners.forEach((l) => l(topics, reason));
         return;
       }
       case "error": {

@@ -59,14 +59,37 @@ impl MemoryMesh {
     /// mode serves.
     pub fn with_echo_stubs(routes: &RouteTable) -> Self {
         let mesh = Self::new();
-        for route in routes.routes() {
-            mesh.add_service(
-                route.service.clone(),
-                Arc::new(EchoService::new(route.service.clone())),
-                Vec::new(),
-            );
-        }
+        mesh.add_echo_stubs(routes);
         mesh
+    }
+
+    /// An echo stub for each service the routing table names that has
+    /// none yet (a reloaded table in development mode).
+    pub fn add_echo_stubs(&self, routes: &RouteTable) {
+        for route in routes.routes() {
+            if !self.read().contains_key(&route.service) {
+                self.add_service(
+                    route.service.clone(),
+                    Arc::new(EchoService::new(route.service.clone())),
+                    Vec::new(),
+                );
+            }
+        }
+    }
+
+    /// Give a registered service other event bindings; false if there is
+    /// no such service.
+    pub fn set_event_bindings(&self, name: &str, event_bindings: Vec<String>) -> bool {
+        let mut services = self.write();
+        let Some(old) = services.get(name) else {
+            return false;
+        };
+        let reg = Arc::new(Registered {
+            handler: Arc::clone(&old.handler),
+            bindings: event_bindings,
+        });
+        services.insert(name.to_owned(), reg);
+        true
     }
 
     /// The registered services `which` picks, out of the lock.
@@ -86,6 +109,10 @@ impl MemoryMesh {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Registered>>> {
+        self.services.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Registered>>> {

@@ -261,6 +261,12 @@ pub(crate) enum ServerFrame {
     Subscribed {
         topics: Vec<String>,
     },
+    /// Subscriptions the gateway dropped on its own, and why: a reloaded
+    /// routing table or the roles of a new token no longer allow them.
+    Unsubscribed {
+        topics: Vec<String>,
+        reason: String,
+    },
     Error {
         error: String,
         description: String,
@@ -269,6 +275,10 @@ pub(crate) enum ServerFrame {
         trace_id: Option<String>,
     },
 }
+
+/// The `reason` of an `unsubscribed` frame after a reload.
+pub(crate) const NARROWED_BY_RELOAD: &str =
+    "the routing table was reloaded and no longer allows these subscriptions";
 
 impl ServerFrame {
     pub(crate) fn error(

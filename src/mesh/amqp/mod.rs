@@ -53,7 +53,8 @@ pub struct AmqpConfig {
     pub rpc_exchange: String,
     pub events_exchange: String,
     pub dl_exchange: String,
-    /// Topic patterns of the events this instance receives.
+    /// Topic patterns of the events this instance receives at first
+    /// ([`AmqpMesh::set_event_bindings`] changes them).
     pub event_bindings: Vec<String>,
     /// A fanout exchange for control messages between the instances of one
     /// BFF, bound to each instance's response queue; `None` for peers that
@@ -131,6 +132,13 @@ impl AmqpConfig {
         format!("nuropb-{}-{}-rq", self.service_name, instance_id)
     }
 
+    /// Whether this peer has an event queue: one with event bindings, and
+    /// a BFF (which has a control exchange) always, for a reloaded routing
+    /// table to bind.
+    pub(crate) fn has_event_queue(&self) -> bool {
+        !self.event_bindings.is_empty() || self.control_exchange.is_some()
+    }
+
     /// The name the broker shows for this instance's connection (management
     /// UI, `rabbitmqctl list_connections client_properties`).
     pub fn connection_name(&self) -> String {
@@ -163,6 +171,8 @@ struct Shared {
     drops: Drops,
     /// Times the link was rebuilt.
     reconnects: AtomicU64,
+    /// The event queue's bindings: wanted, and on the live link.
+    bindings: tokio::sync::Mutex<bindings::EventBindings>,
     /// Wakes the supervisor to rebuild the link (a publish channel failed).
     relink: tokio::sync::Notify,
     shutdown: CancellationToken,
@@ -236,6 +246,10 @@ impl AmqpMesh {
             drops: Drops::default(),
             reconnects: AtomicU64::new(0),
             relink: tokio::sync::Notify::new(),
+            bindings: tokio::sync::Mutex::new(bindings::EventBindings {
+                wanted: config.event_bindings.clone(),
+                bound: Vec::new(),
+            }),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             config,
@@ -268,6 +282,14 @@ impl AmqpMesh {
 
     pub fn config(&self) -> &AmqpConfig {
         &self.shared.config
+    }
+
+    /// Bind the event queue to `topics` instead (a reloaded routing table):
+    /// new topics are bound before old ones are unbound, and those in both
+    /// are left alone. Without a link now, the next one is declared so;
+    /// an error leaves the wanted set in place for the rebuilt link.
+    pub async fn set_event_bindings(&self, topics: Vec<String>) -> Result<(), MeshError> {
+        bindings::set(&self.shared, topics).await
     }
 
     /// Requests published and not yet answered, timed out or given up.
@@ -657,6 +679,7 @@ impl Mesh for AmqpMesh {
     }
 }
 
+mod bindings;
 mod drops;
 mod headers;
 mod service;

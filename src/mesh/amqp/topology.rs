@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::super::lane::{Lane, LaneIo, LaneSpec};
-use super::{AmqpConfig, Link, Shared};
+use super::{AmqpConfig, Link, Shared, bindings};
 use crate::mesh::{MeshError, redact_url};
 
 /// lapin's connection events, for the supervisor to watch.
@@ -36,7 +36,7 @@ pub(super) struct Consumers {
 }
 
 /// Why a step of the link's set-up failed, naming the broker.
-fn fail(c: &AmqpConfig, what: &str, e: lapin::Error) -> MeshError {
+pub(super) fn fail(c: &AmqpConfig, what: &str, e: lapin::Error) -> MeshError {
     MeshError::Unavailable(format!("{what} on {}: {e}", redact_url(&c.url)))
 }
 
@@ -54,7 +54,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     declare_exchanges(&ch, c).await?;
     declare_service_queue(&ch, c).await?;
     declare_response_queue(&ch, c, &shared.response_queue).await?;
-    declare_event_queue(&ch, c).await?;
+    declare_event_queue(&ch, shared).await?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| fail(c, "cannot enable publisher confirms", e))?;
@@ -70,7 +70,9 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         prefetch: c.response_prefetch,
         max_body: c.max_message_bytes as u64,
         ack_by_caller: false,
-        events: (!c.event_bindings.is_empty()).then_some((event_queue.as_str(), c.event_prefetch)),
+        events: c
+            .has_event_queue()
+            .then_some((event_queue.as_str(), c.event_prefetch)),
     })
     .await
     .map_err(|e| {
@@ -101,6 +103,8 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         lane,
         service: service.clone(),
     });
+    // A reload that came while the link was being built.
+    bindings::reconcile(shared).await?;
     shared.ready.store(true, Ordering::SeqCst);
     tracing::info!(
         url = %redact_url(&c.url),
@@ -218,11 +222,14 @@ async fn declare_response_queue(
 }
 
 /// The instance's event queue, bound to the events exchange with each
-/// event rule's topic (none without rules).
-async fn declare_event_queue(ch: &Channel, c: &AmqpConfig) -> Result<(), MeshError> {
-    if c.event_bindings.is_empty() {
+/// event rule's topic: what the routing table in use wants (a BFF declares
+/// it without rules too, for a reload to bind; another peer only with).
+async fn declare_event_queue(ch: &Channel, shared: &Arc<Shared>) -> Result<(), MeshError> {
+    let c = &shared.config;
+    if !c.has_event_queue() {
         return Ok(());
     }
+    let mut bindings = shared.bindings.lock().await;
     let eq: ShortString = c.event_queue_name().as_str().into();
     // The broker keeps at most `event_queue` events for this instance and
     // drops the oldest past that: memory stays bounded on both sides under
@@ -243,7 +250,8 @@ async fn declare_event_queue(ch: &Channel, c: &AmqpConfig) -> Result<(), MeshErr
     )
     .await
     .map_err(|e| fail(c, "cannot declare the event queue", e))?;
-    for topic in &c.event_bindings {
+    bindings.bound.clear();
+    for topic in bindings.wanted.clone() {
         ch.queue_bind(
             eq.clone(),
             c.events_exchange.as_str().into(),
@@ -253,6 +261,7 @@ async fn declare_event_queue(ch: &Channel, c: &AmqpConfig) -> Result<(), MeshErr
         )
         .await
         .map_err(|e| fail(c, &format!("cannot bind events `{topic}`"), e))?;
+        bindings.bound.push(topic);
     }
     Ok(())
 }

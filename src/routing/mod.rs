@@ -12,6 +12,10 @@ use toml::Spanned;
 
 use crate::topic::{self, validate_pattern};
 
+mod changes;
+
+pub use changes::TableChanges;
+
 /// Timeout of a route that names none and whose file sets no default.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -137,6 +141,10 @@ pub struct RouteTable {
     wildcard: HashMap<String, usize>,
     events: Vec<EventRule>,
     composed: Vec<Composed>,
+    /// Which table this is in a gateway's life (0 at start, one more at
+    /// each reload): what is counted per route index, such as rates,
+    /// starts again when it changes.
+    generation: u64,
 }
 
 /// A composed route: one name a client calls that gathers several routed
@@ -530,6 +538,14 @@ impl RouteTable {
             service: &route.service,
             method: route.method.as_deref().unwrap_or(method),
         })
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     pub fn routes(&self) -> &[Route] {
