@@ -124,12 +124,14 @@ enum Cause {
     Look,
 }
 
-/// Reload on SIGHUP and whenever the routing file's bytes change, until
-/// `stop`. Every error is logged and counted, none ends the watch.
+/// Reload on SIGHUP and (with `watch_routes`) whenever the routing file's
+/// bytes change, until `stop`. Every error is logged and counted, none
+/// ends the watch.
 pub(crate) async fn watch(gateway: Gateway, stop: CancellationToken) {
     let path = gateway.settings().routes.clone();
+    let on_change = gateway.settings().watch_routes;
     let (tx, mut events) = mpsc::channel::<()>(1);
-    let mut dirs = Dirs::new(tx);
+    let mut dirs = Dirs::new(tx, on_change);
     dirs.follow(&path);
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -145,6 +147,7 @@ pub(crate) async fn watch(gateway: Gateway, stop: CancellationToken) {
     });
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
+    let mut poll = on_change.then_some(poll);
     // What the table in use was read from (near enough: the bytes at the
     // watch's start).
     let mut seen = read(&path).await;
@@ -156,7 +159,7 @@ pub(crate) async fn watch(gateway: Gateway, stop: CancellationToken) {
                 settle(&mut events).await;
                 Cause::Look
             }
-            _ = poll.tick() => Cause::Look,
+            _ = tick(&mut poll) => Cause::Look,
         };
         // A symlink swapped: the file now lives elsewhere.
         dirs.follow(&path);
@@ -176,6 +179,15 @@ pub(crate) async fn watch(gateway: Gateway, stop: CancellationToken) {
                 "the routing file was not reloaded; the table in use keeps serving"
             );
         }
+    }
+}
+
+async fn tick(poll: &mut Option<tokio::time::Interval>) {
+    match poll {
+        Some(p) => {
+            p.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -214,7 +226,14 @@ struct Dirs {
 }
 
 impl Dirs {
-    fn new(events: mpsc::Sender<()>) -> Self {
+    /// Directories watched when `on` (else none: SIGHUP only).
+    fn new(events: mpsc::Sender<()>, on: bool) -> Self {
+        if !on {
+            return Self {
+                watcher: None,
+                watched: BTreeSet::new(),
+            };
+        }
         // Called on notify's thread: a full channel already says "look".
         let handler = move |event: notify::Result<notify::Event>| {
             if event.is_ok() {

@@ -867,3 +867,232 @@ fn a_generated_bff_process_serves_a_real_nuropb_service_over_rabbitmq() {
     let (status, log) = p.exit(Duration::from_secs(30));
     assert!(status.success(), "{log}");
 }
+
+/// Write one version of a routing file the way a Kubernetes ConfigMap
+/// volume holds it: `dir/..{version}/routes.toml`.
+fn configmap_version(dir: &Path, version: &str, routes: &str) {
+    let v = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&v).unwrap();
+    std::fs::write(v.join("routes.toml"), routes).unwrap();
+}
+
+/// Point `dir/..data` at a version atomically, as the kubelet does: a new
+/// symlink renamed over the old one.
+fn configmap_swap(dir: &Path, version: &str) {
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+/// Call until the answer is no longer `RouteNotFound` (or `within` ends):
+/// the answer and how long it took.
+async fn until_routed(
+    c: &mut TestClient,
+    service: &str,
+    method: &str,
+    within: Duration,
+) -> (Value, Duration) {
+    let started = Instant::now();
+    loop {
+        let r = c.request(service, method, json!({})).await.unwrap();
+        if r["error"]["error"] != "RouteNotFound" {
+            return (r, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < within,
+            "{service}.{method} still not routed after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn reloads(addr: std::net::SocketAddr, result: &str) -> u64 {
+    let text = http_get(addr, "/metrics").await.unwrap().1;
+    common::metric(
+        &text,
+        &format!("bff_routes_reload_total{{result=\"{result}\"}}"),
+    )
+}
+
+#[test]
+fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
+    let py = common::unique("rl-svc");
+    let mesh_name = common::unique("rl-bff");
+    let root = common::unique("rl");
+    let crate_dir = generate_crate(
+        "reload-bff",
+        &[
+            ("routes", &format!("{py}.hello")),
+            ("mesh_service_name", &mesh_name),
+        ],
+    );
+    ok("cargo build", &cargo(&crate_dir, &["build"]));
+    let bin = shared_target().join("debug").join("reload-bff");
+    let _service = common::start_python_service(&py);
+    let secret = "a-reload-test-secret-of-32-bytes-or-more";
+    let token = hs256_token(secret, "alice", &["user"], 600);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let routes = |methods: &[&str], topics: &[&str]| -> String {
+        let mut text: String = methods
+            .iter()
+            .map(|m| format!("[[route]]\ncall = \"{py}.{m}\"\n\n"))
+            .collect();
+        for t in topics {
+            text.push_str(&format!("[[event]]\ntopic = \"{root}.{t}.#\"\n\n"));
+        }
+        text
+    };
+
+    // The routing file as a ConfigMap volume holds it.
+    let conf = crate_dir.join("conf");
+    configmap_version(&conf, "v1", &routes(&["hello", "nap"], &["news", "audit"]));
+    configmap_swap(&conf, "v1");
+    std::os::unix::fs::symlink("..data/routes.toml", conf.join("routes.toml")).unwrap();
+    let routes_path = conf.join("routes.toml");
+    let env = |watch: &'static str| {
+        vec![
+            ("BFF_JWT_SECRET", secret.to_owned()),
+            ("BFF_AMQP_URL", common::amqp_url()),
+            ("BFF_LISTEN", "127.0.0.1:0".to_owned()),
+            ("BFF_ROUTES", routes_path.display().to_string()),
+            ("BFF_HELLO_CALL", format!("{py}.hello")),
+            ("BFF_WATCH_ROUTES", watch.to_owned()),
+        ]
+    };
+    let spawn = |env: &[(&str, String)]| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        BffProcess::spawn(&bin, &crate_dir, &[], &env)
+    };
+
+    // SIGHUP, with the watch off: the file is read only when told.
+    let mut p = spawn(&env("false"));
+    let addr = p.serving_addr();
+    let url = format!("ws://{addr}/ws");
+    let (news, audit) = (format!("{root}.news.#"), format!("{root}.audit.#"));
+    let mut c = rt.block_on(async {
+        let mut c = TestClient::connect(&url, Some(&token)).await.unwrap();
+        let hello = c.recv().await.unwrap();
+        assert_eq!(hello["payload"]["event"]["data"], "hello alice", "{hello}");
+        c.send(json!({"type":"subscribe","payload":{"topics":[news, audit]}}))
+            .await
+            .unwrap();
+        assert_eq!(c.recv().await.unwrap()["type"], "subscribed");
+        let r = c.request(&py, "whoami", json!({})).await.unwrap();
+        assert_eq!(r["error"]["error"], "RouteNotFound", "{r}");
+        // A call in flight across the reload.
+        c.send(json!({"type":"request","payload":{"service":py,"method":"nap","params":{"ms":1500},"trace_id":"across"}}))
+            .await
+            .unwrap();
+        c
+    });
+    configmap_version(
+        &conf,
+        "v1",
+        &routes(&["hello", "nap", "whoami"], &["news", "audit"]),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(async {
+        let r = c.request(&py, "whoami", json!({})).await.unwrap();
+        assert_eq!(r["error"]["error"], "RouteNotFound", "not watched: {r}");
+    });
+    p.signal("HUP");
+    let took = rt.block_on(async {
+        let (r, took) = until_routed(&mut c, &py, "whoami", Duration::from_secs(10)).await;
+        assert_eq!(r["result"]["user_id"], "alice", "{r}");
+        // The nap started under the old table answers.
+        loop {
+            let f = c.recv().await.unwrap();
+            if f["payload"]["trace_id"] == "across" {
+                assert_eq!(f["payload"]["result"], 1500, "{f}");
+                break;
+            }
+        }
+        took
+    });
+    println!("a new route answered {took:?} after SIGHUP");
+    // A narrowed event rule: the subscription goes, saying why.
+    configmap_version(&conf, "v1", &routes(&["hello", "nap", "whoami"], &["news"]));
+    p.signal("HUP");
+    rt.block_on(async {
+        loop {
+            let f = c.recv().await.unwrap();
+            if f["type"] == "unsubscribed" {
+                assert_eq!(f["payload"]["topics"], json!([audit]), "{f}");
+                break;
+            }
+        }
+        // A removed route: RouteNotFound on the next call.
+        configmap_version(&conf, "v1", &routes(&["hello", "whoami"], &["news"]));
+    });
+    p.signal("HUP");
+    rt.block_on(async {
+        let started = Instant::now();
+        loop {
+            let r = c.request(&py, "nap", json!({"ms": 1})).await.unwrap();
+            if r["error"]["error"] == "RouteNotFound" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{r}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(reloads(addr, "ok").await, 3);
+    });
+    // A syntax error, then a table that leaves hello_call unrouted: each
+    // counted, logged with the start-up message, and the old table serves.
+    configmap_version(&conf, "v1", "[[route]\n");
+    p.signal("HUP");
+    p.wait_for("routes.toml:1:", Duration::from_secs(10));
+    configmap_version(&conf, "v1", &routes(&["whoami"], &["news"]));
+    p.signal("HUP");
+    p.wait_for("hello_call", Duration::from_secs(10));
+    rt.block_on(async {
+        assert_eq!(reloads(addr, "error").await, 2);
+        assert_eq!(reloads(addr, "ok").await, 3);
+        let r = c
+            .request(&py, "hello", json!({"name": "still"}))
+            .await
+            .unwrap();
+        assert_eq!(r["result"], "hello still", "{r}");
+        assert_eq!(http_get(addr, "/readyz").await.unwrap().0, 200);
+    });
+    let log = p.log_now();
+    assert!(
+        log.contains("routing table reloaded") && log.contains("added: route"),
+        "what changed is logged:\n{log}"
+    );
+    p.terminate();
+    assert_eq!(rt.block_on(c.closed()).unwrap(), Some(1001));
+    let (status, log) = p.exit(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+
+    // Watched (the default): a plain write of the file, then a ConfigMap
+    // symlink swap.
+    configmap_version(&conf, "v1", &routes(&["hello"], &["news"]));
+    let mut p = spawn(&env("true"));
+    let addr = p.serving_addr();
+    let url = format!("ws://{addr}/ws");
+    let (write_took, swap_took) = rt.block_on(async {
+        let mut c = TestClient::connect(&url, Some(&token)).await.unwrap();
+        c.recv().await.unwrap();
+        std::fs::write(&routes_path, routes(&["hello", "add"], &["news"])).unwrap();
+        let (_, write_took) = until_routed(&mut c, &py, "add", Duration::from_secs(10)).await;
+        configmap_version(&conf, "v2", &routes(&["hello", "add", "boom"], &["news"]));
+        configmap_swap(&conf, "v2");
+        let (r, swap_took) = until_routed(&mut c, &py, "boom", Duration::from_secs(10)).await;
+        assert_eq!(r["error"]["error"], "NuropbException", "{r}");
+        let r = c
+            .request(&py, "add", json!({"a": 2, "b": 3}))
+            .await
+            .unwrap();
+        assert_eq!(r["result"], 5, "the same socket throughout: {r}");
+        assert_eq!(reloads(addr, "ok").await, 2);
+        (write_took, swap_took)
+    });
+    println!(
+        "a new route answered {write_took:?} after a file write, {swap_took:?} after a symlink swap"
+    );
+    p.terminate();
+    let (status, log) = p.exit(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+}

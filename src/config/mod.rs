@@ -250,8 +250,14 @@ pub struct Settings {
     pub listen: String,
     /// Broker URL; `memory://` runs on in-process echo services.
     pub amqp_url: BrokerUrl,
-    /// Path of the routing file.
+    /// Path of the routing file. It is read again on SIGHUP and, with
+    /// `watch_routes`, when it changes; no other setting is.
     pub routes: PathBuf,
+    /// Reload the routing file when it changes on disk (its directory is
+    /// watched, so a ConfigMap's symlink swap is seen); false: on SIGHUP
+    /// only.
+    #[serde(default = "d_true")]
+    pub watch_routes: bool,
     /// The WebSocket endpoint path.
     pub ws_path: String,
     pub auth: AuthMode,
@@ -307,6 +313,9 @@ pub struct Settings {
     pub hello_call: Option<String>,
 }
 
+fn d_true() -> bool {
+    true
+}
 fn d_grace() -> u64 {
     10_000
 }
@@ -340,6 +349,7 @@ impl Settings {
             listen: "127.0.0.1:0".into(),
             amqp_url: "memory://".into(),
             routes: PathBuf::from("routes.toml"),
+            watch_routes: true,
             ws_path: "/ws".into(),
             auth: AuthMode::None,
             jwt_secret: None,

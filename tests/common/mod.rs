@@ -377,12 +377,25 @@ impl BffProcess {
     }
 
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Send the process a signal (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status()
             .expect("run kill");
         assert!(status.success());
+    }
+
+    /// The log so far (lines read without waiting).
+    pub fn log_now(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+        self.log.join("\n")
     }
 }
 
