@@ -946,7 +946,11 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
 
     // The routing file as a ConfigMap volume holds it.
     let conf = crate_dir.join("conf");
-    configmap_version(&conf, "v1", &routes(&["hello", "nap"], &["news", "audit"]));
+    configmap_version(
+        &conf,
+        "v1",
+        &routes(&["exact", "hello", "nap"], &["news", "audit"]),
+    );
     configmap_swap(&conf, "v1");
     std::os::unix::fs::symlink("..data/routes.toml", conf.join("routes.toml")).unwrap();
     let routes_path = conf.join("routes.toml");
@@ -956,7 +960,7 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
             ("BFF_AMQP_URL", common::amqp_url()),
             ("BFF_LISTEN", "127.0.0.1:0".to_owned()),
             ("BFF_ROUTES", routes_path.display().to_string()),
-            ("BFF_HELLO_CALL", format!("{py}.hello")),
+            ("BFF_HELLO_CALL", format!("{py}.exact")),
             ("BFF_WATCH_ROUTES", watch.to_owned()),
         ]
     };
@@ -973,7 +977,7 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
     let mut c = rt.block_on(async {
         let mut c = TestClient::connect(&url, Some(&token)).await.unwrap();
         let hello = c.recv().await.unwrap();
-        assert_eq!(hello["payload"]["event"]["data"], "hello alice", "{hello}");
+        assert_eq!(hello["payload"]["event"]["data"]["b"], 1, "{hello}");
         c.send(json!({"type":"subscribe","payload":{"topics":[news, audit]}}))
             .await
             .unwrap();
@@ -989,7 +993,7 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
     configmap_version(
         &conf,
         "v1",
-        &routes(&["hello", "nap", "whoami"], &["news", "audit"]),
+        &routes(&["exact", "hello", "nap", "whoami"], &["news", "audit"]),
     );
     std::thread::sleep(Duration::from_millis(300));
     rt.block_on(async {
@@ -1012,7 +1016,11 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
     });
     println!("a new route answered {took:?} after SIGHUP");
     // A narrowed event rule: the subscription goes, saying why.
-    configmap_version(&conf, "v1", &routes(&["hello", "nap", "whoami"], &["news"]));
+    configmap_version(
+        &conf,
+        "v1",
+        &routes(&["exact", "hello", "nap", "whoami"], &["news"]),
+    );
     p.signal("HUP");
     rt.block_on(async {
         loop {
@@ -1023,7 +1031,11 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
             }
         }
         // A removed route: RouteNotFound on the next call.
-        configmap_version(&conf, "v1", &routes(&["hello", "whoami"], &["news"]));
+        configmap_version(
+            &conf,
+            "v1",
+            &routes(&["exact", "hello", "whoami"], &["news"]),
+        );
     });
     p.signal("HUP");
     rt.block_on(async {
@@ -1043,9 +1055,9 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
     configmap_version(&conf, "v1", "[[route]\n");
     p.signal("HUP");
     p.wait_for("routes.toml:1:", Duration::from_secs(10));
-    configmap_version(&conf, "v1", &routes(&["whoami"], &["news"]));
+    configmap_version(&conf, "v1", &routes(&["hello", "whoami"], &["news"]));
     p.signal("HUP");
-    p.wait_for("hello_call", Duration::from_secs(10));
+    p.wait_for("hello_call (BFF_HELLO_CALL)", Duration::from_secs(10));
     rt.block_on(async {
         assert_eq!(reloads(addr, "error").await, 2);
         assert_eq!(reloads(addr, "ok").await, 3);
@@ -1068,16 +1080,20 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
 
     // Watched (the default): a plain write of the file, then a ConfigMap
     // symlink swap.
-    configmap_version(&conf, "v1", &routes(&["hello"], &["news"]));
+    configmap_version(&conf, "v1", &routes(&["exact", "hello"], &["news"]));
     let mut p = spawn(&env("true"));
     let addr = p.serving_addr();
     let url = format!("ws://{addr}/ws");
     let (write_took, swap_took) = rt.block_on(async {
         let mut c = TestClient::connect(&url, Some(&token)).await.unwrap();
         c.recv().await.unwrap();
-        std::fs::write(&routes_path, routes(&["hello", "add"], &["news"])).unwrap();
+        std::fs::write(&routes_path, routes(&["exact", "hello", "add"], &["news"])).unwrap();
         let (_, write_took) = until_routed(&mut c, &py, "add", Duration::from_secs(10)).await;
-        configmap_version(&conf, "v2", &routes(&["hello", "add", "boom"], &["news"]));
+        configmap_version(
+            &conf,
+            "v2",
+            &routes(&["exact", "hello", "add", "boom"], &["news"]),
+        );
         configmap_swap(&conf, "v2");
         let (r, swap_took) = until_routed(&mut c, &py, "boom", Duration::from_secs(10)).await;
         assert_eq!(r["error"]["error"], "NuropbException", "{r}");
