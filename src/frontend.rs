@@ -470,6 +470,7 @@ pub(crate) fn server_frame_samples() -> Vec<String> {
         ServerFrame::Event {
             topic: "orders.created".into(),
             event: json!({"id": 1, "tags": ["x"], "nested": {"ok": true}}).into(),
+            position: Some(41),
         },
         ServerFrame::Response {
             trace_id: "t1".into(),
@@ -492,6 +493,15 @@ pub(crate) fn server_frame_samples() -> Vec<String> {
         },
         ServerFrame::Subscribed {
             topics: vec!["orders.#".into()],
+            recovered: None,
+        },
+        ServerFrame::Subscribed {
+            topics: vec!["orders.#".into()],
+            recovered: Some(true),
+        },
+        ServerFrame::Unsubscribed {
+            topics: vec!["audit.#".into()],
+            reason: "the routing table was reloaded".into(),
         },
         ServerFrame::error(ErrorName::RouteNotFound, "no route", Some("t4".into())),
         ServerFrame::error(ErrorName::Forbidden, "not yours", None),

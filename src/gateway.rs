@@ -19,7 +19,9 @@ use crate::config::{Limits, Settings};
 use crate::error::RunError;
 use crate::hooks::{DefaultHandler, WsHandler};
 use crate::hub::Hub;
-use crate::mesh::{AmqpConfig, AmqpMesh, MemoryMesh, Mesh, MeshHandler, redact_url};
+use crate::mesh::{
+    AmqpConfig, AmqpMesh, EventLogConfig, MemoryMesh, Mesh, MeshHandler, redact_url,
+};
 use crate::mesh_api::{self, BffService, CONTROL_OUTBOX, ControlItem, ControlOut};
 use crate::metrics::Metrics;
 use crate::protocol::close;
@@ -89,6 +91,11 @@ impl fmt::Debug for Gateway {
             .finish_non_exhaustive()
     }
 }
+
+/// How far back an instance that starts reads the event log, to fill its
+/// window: a client whose instance went away in a deploy resumes on this
+/// one from memory.
+const LOG_PREFILL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The mesh a gateway joined, as what it is.
 #[derive(Debug, Clone)]
@@ -178,6 +185,7 @@ impl GatewayBuilder {
         let (mesh, joined): (Arc<dyn Mesh>, Joined) = match self.memory {
             Some(mesh) => {
                 mesh.add_service(name, service, bindings);
+                hub.log().live_from_empty(mesh.log_next());
                 let joined = Joined::Memory {
                     mesh: mesh.clone(),
                     stubs: false,
@@ -187,6 +195,7 @@ impl GatewayBuilder {
             None if settings.is_memory_mesh() => {
                 let mesh = MemoryMesh::with_echo_stubs(&hub.routes());
                 mesh.add_service(name, service, bindings);
+                hub.log().live_from_empty(mesh.log_next());
                 let joined = Joined::Memory {
                     mesh: mesh.clone(),
                     stubs: true,
@@ -197,6 +206,14 @@ impl GatewayBuilder {
                 let mut config = AmqpConfig::new(settings.amqp_url.as_str(), name.clone());
                 config.instance_id = hub.instance_id().to_owned();
                 config.event_bindings = bindings;
+                let events = &settings.events;
+                config.event_log = Some(EventLogConfig {
+                    queue: format!("nuropb-bff-{name}-events"),
+                    max_age: std::time::Duration::from_secs(events.history_max_age_s),
+                    max_bytes: events.history_max_bytes,
+                    prefill: LOG_PREFILL
+                        .min(std::time::Duration::from_secs(events.history_max_age_s)),
+                });
                 config.control_exchange = Some(format!("nuropb-bff-{name}-control"));
                 config.max_message_bytes = settings.limits.max_mesh_message_bytes;
                 if !hub.seal().is_keyed() {

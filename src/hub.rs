@@ -13,6 +13,7 @@ use arc_swap::{ArcSwap, Guard};
 
 use crate::auth::AuthHook;
 use crate::config::{Limits, Settings};
+use crate::history::Window;
 use crate::hooks::WsHandler;
 use crate::metrics::Metrics;
 use crate::routing::RouteTable;
@@ -34,6 +35,11 @@ struct Inner {
     metrics: Metrics,
     /// Seals and opens control messages with the cluster key.
     seal: Seal,
+    /// The window of the event log this instance keeps; its lock orders
+    /// live delivery against a resume's switch from replay to live.
+    log: std::sync::Mutex<Window>,
+    /// Resumes reading the broker's log at once.
+    log_reads: tokio::sync::Semaphore,
     /// Held while a new routing table is put in place: one at a time.
     replacing_routes: tokio::sync::Mutex<()>,
 }
@@ -63,7 +69,12 @@ impl Hub {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let seal = Seal::new(settings.cluster_key.clone());
+        let events = &settings.events;
+        let log = std::sync::Mutex::new(Window::new(events.window_events, events.window_bytes));
+        let log_reads = tokio::sync::Semaphore::new(events.max_log_reads);
         Self(Arc::new(Inner {
+            log,
+            log_reads,
             seal,
             replacing_routes: tokio::sync::Mutex::new(()),
             instance_id,
@@ -131,6 +142,16 @@ impl Hub {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// The window of the event log, locked.
+    pub(crate) fn log(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.0.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place among the resumes reading the broker's log.
+    pub(crate) fn log_reads(&self) -> &tokio::sync::Semaphore {
+        &self.0.log_reads
     }
 
     pub(crate) fn seal(&self) -> &Seal {

@@ -18,6 +18,7 @@ mod dispatch;
 mod error;
 mod frontend;
 mod gateway;
+mod history;
 mod hooks;
 mod hub;
 mod mesh;
@@ -25,6 +26,7 @@ mod mesh_api;
 mod metrics;
 mod outbox;
 mod protocol;
+mod recovery;
 mod reload;
 mod routing;
 mod runner;
@@ -43,7 +45,7 @@ pub use auth::{
 };
 pub use cli::main;
 pub use config::{
-    ANY_AUDIENCE, AuthConfig, AuthMode, BrokerUrl, DEV_TOKEN_MARK, JwksSettings, JwtConfig,
+    ANY_AUDIENCE, AuthConfig, AuthMode, BrokerUrl, DEV_TOKEN_MARK, Events, JwksSettings, JwtConfig,
     KeySource, Limits, MIN_SECRET_BYTES, MeshApi, Secret, Settings, SettingsError,
 };
 pub use error::RunError;
@@ -53,8 +55,8 @@ pub use hooks::{DefaultHandler, LocalCall, MeshClient, WsHandler};
 /// The signing algorithms of [`JwtVerifier::with_algorithms`].
 pub use jsonwebtoken::Algorithm as JwtAlgorithm;
 pub use mesh::{
-    AmqpConfig, AmqpMesh, BoxFuture, Call, EchoService, IncomingEvent, IncomingRequest, MemoryMesh,
-    Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
+    AmqpConfig, AmqpMesh, BoxFuture, BoxStream, Call, EchoService, EventLogConfig, IncomingEvent,
+    IncomingRequest, LogRead, MemoryMesh, Mesh, MeshError, MeshHandler, OutgoingEvent, StubService,
 };
 pub use protocol::{ClientCall, ErrorBody, ErrorName, Params, RawJson, SessionInfo, close};
 pub use reload::reload_routes;

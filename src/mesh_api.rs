@@ -21,11 +21,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::bearer_token;
 use crate::cluster::{Ack, Cluster};
+use crate::history;
 use crate::hub::Hub;
 use crate::mesh::{
     BoxFuture, IncomingEvent, IncomingRequest, MeshError, MeshHandler, unknown_method,
 };
 use crate::protocol::{ErrorBody, RawJson, ServerFrame, close};
+use crate::recovery;
 use crate::routing::Delivery;
 use crate::seal::Unsealed;
 use crate::throttle::Throttle;
@@ -183,10 +185,11 @@ const METHODS: &[MethodDoc] = &[
     },
 ];
 
-fn event_frame(topic: &str, event: RawJson) -> Utf8Bytes {
+pub(crate) fn event_frame(topic: &str, event: RawJson, position: Option<u64>) -> Utf8Bytes {
     ServerFrame::Event {
         topic: topic.to_owned(),
         event,
+        position,
     }
     .to_json()
     .into()
@@ -318,9 +321,12 @@ impl BffService {
                 users,
                 topic,
                 message,
-            } => sessions.send_to_users(users, event_frame(topic, RawJson::from_value(message))),
+            } => sessions.send_to_users(
+                users,
+                event_frame(topic, RawJson::from_value(message), None),
+            ),
             Push::All { topic, message } => {
-                sessions.broadcast(event_frame(topic, RawJson::from_value(message)))
+                sessions.broadcast(event_frame(topic, RawJson::from_value(message), None))
             }
             Push::Disconnect { users } => {
                 sessions.close_users(users, close::DISCONNECTED, "disconnected by the server")
@@ -497,7 +503,10 @@ impl BffService {
         }
     }
 
-    /// Push a mesh event to the sessions its rule names.
+    /// Push a mesh event to the sessions its rule names, and keep it in
+    /// the window of the event log (history read at start only goes
+    /// there). The window's lock is held while it is pushed, so a resume
+    /// switching from replay to live sees each event once.
     fn fan_out(&self, event: IncomingEvent) {
         let hub = &self.hub;
         let routes = hub.routes();
@@ -505,27 +514,40 @@ impl BffService {
             tracing::debug!(topic = %event.topic, "mesh event matches no event rule, dropped");
             return;
         };
-        let Some(payload) = hub.handler().on_event(&event.topic, event.event) else {
+        let (live, position) = (event.live, event.position);
+        let Some(entry) = recovery::entry_of(hub, &routes, event) else {
             return;
         };
-        let frame = event_frame(&event.topic, payload);
+        let mut log = hub.log();
+        if position.is_some() && !log.push(entry.clone()) {
+            return;
+        }
+        if !live {
+            return;
+        }
+        let history::Entry {
+            topic,
+            target,
+            frame,
+            ..
+        } = entry;
+        let topic = &*topic;
         let sessions = hub.sessions();
-        // An event that names its audience reaches only that audience,
-        // whatever the rule's mode: rules narrow, never widen.
-        let target = event.target.as_deref().filter(|t| !t.is_empty());
-        let topic = event.topic.as_str();
+        let target = target.as_deref();
+        let at = position;
         let n = match rule.delivery {
-            Delivery::All => sessions.deliver_event(topic, target, false, &rule.roles, frame),
+            Delivery::All => sessions.deliver_event(topic, target, false, &rule.roles, frame, at),
             Delivery::Target => match target {
-                Some(_) => sessions.deliver_event(topic, target, false, &rule.roles, frame),
+                Some(_) => sessions.deliver_event(topic, target, false, &rule.roles, frame, at),
                 None => 0,
             },
             Delivery::Subscribers => {
-                sessions.deliver_event(topic, target, true, &rule.roles, frame)
+                sessions.deliver_event(topic, target, true, &rule.roles, frame, at)
             }
         };
+        drop(log);
         hub.metrics().pushed("event", n);
-        tracing::debug!(topic = %event.topic, delivery = %rule.delivery, sessions = n, "mesh event pushed");
+        tracing::debug!(topic, delivery = %rule.delivery, sessions = n, "mesh event pushed");
     }
 }
 
@@ -591,5 +613,18 @@ impl MeshHandler for BffService {
     fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
         self.fan_out(event);
         Box::pin(async {})
+    }
+
+    fn handle_log_live(&self, position: u64) -> BoxFuture<'_, ()> {
+        self.hub.log().go_live(position);
+        tracing::info!(
+            position,
+            "the event log is read up to this instance's start"
+        );
+        Box::pin(async {})
+    }
+
+    fn log_gap(&self, position: u64) {
+        self.hub.log().gap(position);
     }
 }

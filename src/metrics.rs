@@ -48,6 +48,7 @@ struct Inner {
     mesh_ready: Gauge,
     mesh_blocked: Gauge,
     routes_reloads: Family<ResultLabels, Counter>,
+    resumes: Family<ResultLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +97,7 @@ impl Metrics {
         let mesh_ready = Gauge::default();
         let mesh_blocked = Gauge::default();
         let routes_reloads = Family::<ResultLabels, Counter>::default();
+        let resumes = Family::<ResultLabels, Counter>::default();
         registry.register(
             "ws_connections",
             "WebSocket connections accepted",
@@ -172,6 +174,11 @@ impl Metrics {
             "Routing-file reloads, by result (ok, error: the old table kept serving)",
             routes_reloads.clone(),
         );
+        registry.register(
+            "resumes",
+            "Subscriptions resumed with `since`, by result (recovered, refetch)",
+            resumes.clone(),
+        );
         let frames_in_request = frames_in
             .get_or_create(&KindLabels { kind: "request" })
             .clone();
@@ -202,6 +209,7 @@ impl Metrics {
             mesh_ready,
             mesh_blocked,
             routes_reloads,
+            resumes,
         }))
     }
 
@@ -294,6 +302,11 @@ impl Metrics {
             .routes_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// A resume: `recovered` or `refetch`.
+    pub(crate) fn resumed(&self, result: &'static str) {
+        self.0.resumes.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub(crate) fn set_mesh_ready(&self, ready: bool) {

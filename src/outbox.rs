@@ -114,6 +114,14 @@ impl Outbox {
         Ok(())
     }
 
+    /// [`Outbox::try_push`] from another task that keeps a refused frame to
+    /// try again (a replay at the reader's pace).
+    pub(crate) fn try_push_keep(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
+        self.try_push_own(frame)?;
+        self.0.consumer.wake();
+        Ok(())
+    }
+
     /// Queue a frame from the consumer's own task, which looks at the queue
     /// before it waits again: no wake-up. (A task that wakes itself is
     /// requeued behind the others, and the runtime wakes an idle worker

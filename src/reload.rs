@@ -124,60 +124,90 @@ enum Cause {
     Look,
 }
 
-/// Reload on SIGHUP and (with `watch_routes`) whenever the routing file's
-/// bytes change, until `stop`. Every error is logged and counted, none
-/// ends the watch.
-pub(crate) async fn watch(gateway: Gateway, stop: CancellationToken) {
-    let path = gateway.settings().routes.clone();
-    let on_change = gateway.settings().watch_routes;
-    let (tx, mut events) = mpsc::channel::<()>(1);
-    let mut dirs = Dirs::new(tx, on_change);
-    dirs.follow(&path);
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; the routing file is reloaded when it changes only");
-            None
-        }
-    };
-    let mut poll = tokio::time::interval(if dirs.watching() {
-        POLL
-    } else {
-        POLL_UNWATCHED
-    });
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    poll.tick().await;
-    let mut poll = on_change.then_some(poll);
-    // What the table in use was read from (near enough: the bytes at the
-    // watch's start).
-    let mut seen = read(&path).await;
-    loop {
-        let cause = tokio::select! {
-            _ = stop.cancelled() => return,
-            Some(()) = recv_signal(&mut hangup) => Cause::Signal,
-            Some(()) = events.recv() => {
-                settle(&mut events).await;
-                Cause::Look
-            }
-            _ = tick(&mut poll) => Cause::Look,
-        };
-        // A symlink swapped: the file now lives elsewhere.
+/// What watches the routing file: set up before the gateway serves, so a
+/// change made as soon as it serves is seen.
+pub(crate) struct Watch {
+    gateway: Gateway,
+    path: std::path::PathBuf,
+    dirs: Dirs,
+    events: mpsc::Receiver<()>,
+    hangup: Option<tokio::signal::unix::Signal>,
+    poll: Option<tokio::time::Interval>,
+    seen: Result<Vec<u8>, std::io::ErrorKind>,
+}
+
+impl Watch {
+    /// Listen for SIGHUP, watch the file's directories (with
+    /// `watch_routes`), and read the file as it is now.
+    pub(crate) fn start(gateway: Gateway) -> Self {
+        let path = gateway.settings().routes.clone();
+        let on_change = gateway.settings().watch_routes;
+        let (tx, events) = mpsc::channel::<()>(1);
+        let mut dirs = Dirs::new(tx, on_change);
         dirs.follow(&path);
-        let now = read(&path).await;
-        if cause == Cause::Look && now == seen {
-            continue;
-        }
-        seen = now;
-        let why = match cause {
-            Cause::Signal => "SIGHUP",
-            Cause::Look => "the file changed",
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the routing file is reloaded when it changes only");
+                None
+            }
         };
-        if let Err(e) = reload_routes(&gateway).await {
-            tracing::error!(
-                error = %e,
-                cause = why,
-                "the routing file was not reloaded; the table in use keeps serving"
-            );
+        let every = if dirs.watching() {
+            POLL
+        } else {
+            POLL_UNWATCHED
+        };
+        let poll = on_change.then(|| {
+            let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            poll
+        });
+        // What the table in use was read from (near enough: the bytes as
+        // the gateway starts serving).
+        let seen = std::fs::read(&path).map_err(|e| e.kind());
+        Self {
+            gateway,
+            path,
+            dirs,
+            events,
+            hangup,
+            poll,
+            seen,
+        }
+    }
+
+    /// Reload on SIGHUP and (with `watch_routes`) whenever the routing
+    /// file's bytes change, until `stop`. Every error is logged and
+    /// counted, none ends the watch.
+    pub(crate) async fn run(mut self, stop: CancellationToken) {
+        loop {
+            let cause = tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = recv_signal(&mut self.hangup) => Cause::Signal,
+                Some(()) = self.events.recv() => {
+                    settle(&mut self.events).await;
+                    Cause::Look
+                }
+                _ = tick(&mut self.poll) => Cause::Look,
+            };
+            // A symlink swapped: the file now lives elsewhere.
+            self.dirs.follow(&self.path);
+            let now = read(&self.path).await;
+            if cause == Cause::Look && now == self.seen {
+                continue;
+            }
+            self.seen = now;
+            let why = match cause {
+                Cause::Signal => "SIGHUP",
+                Cause::Look => "the file changed",
+            };
+            if let Err(e) = reload_routes(&self.gateway).await {
+                tracing::error!(
+                    error = %e,
+                    cause = why,
+                    "the routing file was not reloaded; the table in use keeps serving"
+                );
+            }
         }
     }
 }

@@ -63,6 +63,9 @@ pub async fn run(
         file = %gateway.settings().routes.display(),
         "routing table loaded"
     );
+    // Watching starts before serving: a change made as soon as the BFF
+    // serves is seen.
+    let watch = crate::reload::Watch::start(gateway.clone());
     let listener = gateway.bind().await?;
     let addr = listener
         .local_addr()
@@ -83,7 +86,7 @@ pub async fn run(
     // The routing file, taken again on SIGHUP and when it changes, while
     // the gateway serves.
     let stop_watching = tokio_util::sync::CancellationToken::new();
-    let watching = tokio::spawn(crate::reload::watch(gateway.clone(), stop_watching.clone()));
+    let watching = tokio::spawn(watch.run(stop_watching.clone()));
     let served = gateway.serve(listener, shutdown).await;
     stop_watching.cancel();
     let _ = watching.await;

@@ -37,6 +37,12 @@ struct Entry {
 struct EntryState {
     /// The connection's own, shared: the registry copies nothing of it.
     info: Arc<SessionInfo>,
+    /// Events at or before this log position are not sent (the client has
+    /// them: it resumed after it).
+    seen_through: Option<u64>,
+    /// While a resume replays: live events wait here, in order, to follow
+    /// the replay.
+    held: Option<Box<Held>>,
     /// Sorted, without duplicates; at most the subscription cap.
     topics: Vec<Box<str>>,
 }
@@ -69,6 +75,13 @@ impl Entry {
             Err(PushError::Closed) => false,
         }
     }
+}
+
+/// Live events held back while a resume replays what came before them.
+#[derive(Debug, Default)]
+struct Held {
+    frames: Vec<Utf8Bytes>,
+    bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -282,6 +295,8 @@ impl Sessions {
             outbox: outbox.clone(),
             state: Mutex::new(EntryState {
                 info: Arc::clone(info),
+                seen_through: None,
+                held: None,
                 topics: Vec::new(),
             }),
         });
@@ -366,7 +381,9 @@ impl Sessions {
     /// Push a mesh event: to the sessions of `target` users when the event
     /// names any (else to all), only to those subscribed to a pattern
     /// matching `topic` when `subscribers`, and only to sessions holding
-    /// one of `roles` (when there are any).
+    /// one of `roles` (when there are any). `position` is its place in the
+    /// event log: a session that has it already is skipped, one that is
+    /// resuming holds it until its replay is done.
     pub(crate) fn deliver_event(
         &self,
         topic: &str,
@@ -374,22 +391,119 @@ impl Sessions {
         subscribers: bool,
         roles: &[String],
         frame: Utf8Bytes,
+        position: Option<u64>,
     ) -> usize {
         let candidates: Vec<Arc<Entry>> = match target {
             Some(users) => self.of_users(users),
             None if subscribers => self.lock().subscribed.values().cloned().collect(),
             None => self.lock().sessions.values().cloned().collect(),
         };
-        candidates
-            .iter()
-            .filter(|e| {
-                let state = e.state();
-                let allowed =
-                    roles.is_empty() || roles.iter().any(|r| state.info.roles.contains(r));
-                allowed && (!subscribers || state.topics.iter().any(|p| topic::matches(p, topic)))
-            })
-            .filter(|e| e.push(&frame, self.metrics.as_ref()))
-            .count()
+        let mut sent = 0;
+        for e in &candidates {
+            let mut state = e.state();
+            let allowed = roles.is_empty() || roles.iter().any(|r| state.info.roles.contains(r));
+            if !allowed || (subscribers && !state.topics.iter().any(|p| topic::matches(p, topic))) {
+                continue;
+            }
+            if let (Some(p), Some(seen)) = (position, state.seen_through)
+                && p <= seen
+            {
+                continue;
+            }
+            if let Some(held) = state.held.as_mut() {
+                held.bytes += frame.len();
+                held.frames.push(frame.clone());
+                if held.bytes > self.queue_bytes || held.frames.len() > self.queue_capacity * 4 {
+                    state.held = None;
+                    drop(state);
+                    e.close(close::SLOW_CONSUMER, "outbound queue full");
+                    if let Some(m) = &self.metrics {
+                        m.slow_consumer_closed();
+                    }
+                    continue;
+                }
+                sent += 1;
+                continue;
+            }
+            drop(state);
+            if e.push(&frame, self.metrics.as_ref()) {
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// Start a resume: live events for the session are held back from now
+    /// on (until [`Sessions::release`]), and none at or before
+    /// `seen_through` is sent. False if the session is gone or already
+    /// resuming.
+    pub(crate) fn hold(&self, session_id: &str, seen_through: u64) -> bool {
+        let entry = self.lock().sessions.get(session_id).cloned();
+        let Some(entry) = entry else {
+            return false;
+        };
+        let mut state = entry.state();
+        if state.held.is_some() {
+            return false;
+        }
+        state.held = Some(Box::default());
+        state.seen_through = Some(
+            state
+                .seen_through
+                .map_or(seen_through, |s| s.max(seen_through)),
+        );
+        true
+    }
+
+    /// End a resume: the live events held back are queued, in order, after
+    /// what the replay queued (a full queue closes the session, as any).
+    pub(crate) fn release(&self, session_id: &str) {
+        let entry = self.lock().sessions.get(session_id).cloned();
+        let Some(entry) = entry else {
+            return;
+        };
+        // Under the session's lock: a live event that comes meanwhile
+        // waits for it, and so follows the held ones.
+        let mut state = entry.state();
+        let held = state.held.take();
+        for frame in held.map(|h| h.frames).unwrap_or_default() {
+            if !entry.push(&frame, self.metrics.as_ref()) {
+                break;
+            }
+        }
+    }
+
+    /// Queue one frame of a replay for a session, waiting (up to `patience`
+    /// without progress) while its queue is full: a replay goes at the
+    /// reader's pace. False if the session is gone, closed, or read nothing
+    /// for that long (it is then closed as a slow consumer).
+    pub(crate) async fn push_paced(
+        &self,
+        session_id: &str,
+        frame: Utf8Bytes,
+        patience: std::time::Duration,
+    ) -> bool {
+        let entry = self.lock().sessions.get(session_id).cloned();
+        let Some(entry) = entry else {
+            return false;
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut frame = frame;
+        loop {
+            match entry.outbox.try_push_keep(frame) {
+                Ok(()) => return true,
+                Err((PushError::Full, back)) => frame = back,
+                Err((PushError::Closed, _)) => return false,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                entry.close(close::SLOW_CONSUMER, "outbound queue full");
+                if let Some(m) = &self.metrics {
+                    m.slow_consumer_closed();
+                }
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// A session's subscriptions now, sorted.
@@ -687,7 +801,7 @@ mod tests {
             s.subscribe("s1", &["orders.*".into(), "news.#".into()], 3),
             Ok(vec!["news.#".to_owned(), "orders.*".to_owned()])
         );
-        let deliver = |t: &str, f: &str| s.deliver_event(t, None, true, &[], f.into());
+        let deliver = |t: &str, f: &str| s.deliver_event(t, None, true, &[], f.into(), None);
         assert_eq!(deliver("orders.created", "o"), 1);
         assert_eq!(
             s.subscribe("s1", &["a".into(), "b".into()], 3),
@@ -720,11 +834,11 @@ mod tests {
         s.subscribe("sb", &["orders.#".into()], 8).unwrap();
         let to_bob = ["bob".to_owned()];
         assert_eq!(
-            s.deliver_event("orders.x", Some(&to_bob), true, &[], "t".into()),
+            s.deliver_event("orders.x", Some(&to_bob), true, &[], "t".into(), None),
             1
         );
         assert_eq!(
-            s.deliver_event("orders.x", Some(&to_bob), false, &[], "u".into()),
+            s.deliver_event("orders.x", Some(&to_bob), false, &[], "u".into(), None),
             1
         );
         assert!(drain(&ann).is_empty());
@@ -736,18 +850,27 @@ mod tests {
         let s = Sessions::new(8);
         let (_g, c) = add(&s, "s1", "u");
         let admins = ["admin".to_owned()];
-        assert_eq!(s.deliver_event("x", None, false, &admins, "1".into()), 0);
+        assert_eq!(
+            s.deliver_event("x", None, false, &admins, "1".into(), None),
+            0
+        );
         s.subscribe("s1", &["secret.#".into(), "news.#".into()], 8)
             .unwrap();
         assert!(
             s.set_info(&info_with("s1", "u", &["admin"]), |_| true)
                 .is_empty()
         );
-        assert_eq!(s.deliver_event("x", None, false, &admins, "2".into()), 1);
+        assert_eq!(
+            s.deliver_event("x", None, false, &admins, "2".into(), None),
+            1
+        );
         let dropped = s.set_info(&info("s1", "u"), |t| t != "secret.#");
         assert_eq!(dropped, vec!["secret.#"]);
         assert_eq!(s.topics("s1"), vec!["news.#"]);
-        assert_eq!(s.deliver_event("x", None, false, &admins, "3".into()), 0);
+        assert_eq!(
+            s.deliver_event("x", None, false, &admins, "3".into(), None),
+            0
+        );
         assert_eq!(drain(&c), vec!["2"]);
     }
 

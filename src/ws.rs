@@ -31,6 +31,7 @@ use crate::protocol::{
     ClientCall, ClientFrame, ErrorName, NARROWED_BY_RELOAD, RawJson, ServerFrame, SessionInfo,
     close,
 };
+use crate::recovery;
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
 
 fn text(frame: &ServerFrame) -> Message {
@@ -237,6 +238,7 @@ async fn open(
     let hello = ServerFrame::Event {
         topic: "hello".into(),
         event: event.into(),
+        position: None,
     };
     let _ = outbox.try_push(hello.to_json().into());
 
@@ -528,7 +530,7 @@ impl Connection {
                 }
                 Ok(ClientFrame::Subscribe(t)) => {
                     self.gw.metrics().frame_in("subscribe");
-                    Box::pin(self.subscribe(t.topics)).await;
+                    Box::pin(self.subscribe(t.topics, t.since)).await;
                 }
                 Ok(ClientFrame::Unsubscribe(t)) => {
                     self.gw.metrics().frame_in("unsubscribe");
@@ -687,8 +689,8 @@ impl Connection {
     }
 
     /// Subscribe to all of `topics` or (refused, with the first reason) to
-    /// none.
-    async fn subscribe(&mut self, topics: Vec<String>) {
+    /// none; with `since`, resume after that log position (`recovery`).
+    async fn subscribe(&mut self, topics: Vec<String>, since: Option<u64>) {
         let limit = self.gw.limits().max_subscriptions;
         let routes = self.gw.hub().routes_full();
         let checked = if topics.len() > limit {
@@ -698,6 +700,23 @@ impl Connection {
                 .iter()
                 .try_for_each(|t| dispatch::authorize_subscription(&routes, &self.info.roles, t))
         };
+        if let Some(since) = since {
+            if let Err(refusal) = checked {
+                let frame = ServerFrame::error(refusal.name(), refusal.description(), None);
+                self.reply(frame).await;
+                return;
+            }
+            match recovery::begin(self.gw.hub(), &self.info, &topics, since) {
+                Ok(resume) => {
+                    let hub = self.gw.hub().clone();
+                    let mesh = self.gw.mesh().clone();
+                    let info = self.info.clone();
+                    self.gw.tasks().spawn(resume.finish(hub, mesh, info));
+                }
+                Err(frame) => self.reply(*frame).await,
+            }
+            return;
+        }
         let checked = checked.and_then(|()| {
             self.gw
                 .sessions()
@@ -705,7 +724,10 @@ impl Connection {
                 .map_err(|SubscribeError::TooMany(limit)| Refusal::TooManySubscriptions { limit })
         });
         let frame = match checked {
-            Ok(now) => ServerFrame::Subscribed { topics: now },
+            Ok(now) => ServerFrame::Subscribed {
+                topics: now,
+                recovered: None,
+            },
             Err(refusal) => ServerFrame::error(refusal.name(), refusal.description(), None),
         };
         self.reply(frame).await;
@@ -732,7 +754,11 @@ impl Connection {
             .gw
             .sessions()
             .unsubscribe(&self.info.session_id, &topics);
-        self.reply(ServerFrame::Subscribed { topics: now }).await;
+        self.reply(ServerFrame::Subscribed {
+            topics: now,
+            recovered: None,
+        })
+        .await;
     }
 
     /// Start a request or command. A refusal (not routed, forbidden, rate

@@ -37,6 +37,9 @@ macro_rules! from_text {
 }
 
 mod auth;
+mod events;
+
+pub use events::Events;
 
 pub use auth::{
     ANY_AUDIENCE, AuthConfig, AuthMode, DEV_TOKEN_MARK, JwksSettings, JwtConfig, KeySource,
@@ -302,6 +305,9 @@ pub struct Settings {
     pub limits: Limits,
     #[serde(default)]
     pub mesh_api: MeshApi,
+    /// The event log, each instance's window of it, and resumes.
+    #[serde(default)]
+    pub events: Events,
     /// Serve `GET /console` (a page to try calls) and `GET /client.ts` (the
     /// typed client) outside development mode too, where they are always on.
     #[serde(default)]
@@ -367,6 +373,7 @@ impl Settings {
             shutdown_grace_ms: d_grace(),
             limits: Limits::default(),
             mesh_api: MeshApi::default(),
+            events: Events::default(),
             hello_call: None,
             console: false,
         }
@@ -521,6 +528,7 @@ impl Settings {
             &[("gather_ms", m.gather), ("heartbeat_ms", m.heartbeat)],
             Duration::from_secs(3600),
         )?;
+        self.events.validate()?;
         if !self.ws_path.starts_with('/') {
             return bad(format!(
                 "ws_path must start with `/`, found `{}`",

@@ -28,6 +28,38 @@ struct Registered {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryMesh {
     services: Arc<RwLock<HashMap<String, Arc<Registered>>>>,
+    log: Arc<std::sync::Mutex<MemoryLog>>,
+}
+
+/// Events the in-process mesh keeps, as a broker's event log would: each
+/// with its position, the oldest let go past [`MEMORY_LOG_EVENTS`] or
+/// [`MEMORY_LOG_BYTES`].
+#[derive(Debug, Default)]
+struct MemoryLog {
+    next: u64,
+    events: std::collections::VecDeque<IncomingEvent>,
+    bytes: usize,
+}
+
+/// Events the in-process log keeps at most.
+pub(crate) const MEMORY_LOG_EVENTS: usize = 10_000;
+/// Payload bytes the in-process log keeps at most.
+const MEMORY_LOG_BYTES: usize = 16 << 20;
+
+impl MemoryLog {
+    fn append(&mut self, mut event: IncomingEvent) -> IncomingEvent {
+        event.position = Some(self.next);
+        self.next += 1;
+        self.bytes += event.event.get().len();
+        self.events.push_back(event.clone());
+        while self.events.len() > MEMORY_LOG_EVENTS || self.bytes > MEMORY_LOG_BYTES {
+            match self.events.pop_front() {
+                Some(old) => self.bytes -= old.event.get().len(),
+                None => break,
+            }
+        }
+        event
+    }
 }
 
 impl MemoryMesh {
@@ -48,6 +80,12 @@ impl MemoryMesh {
             bindings: event_bindings,
         });
         self.write().insert(name.into(), reg);
+    }
+
+    /// The position the next event published here will take: everything
+    /// before it is in the in-process log (as far as it keeps).
+    pub fn log_next(&self) -> u64 {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).next
     }
 
     pub fn remove_service(&self, name: &str) {
@@ -171,15 +209,23 @@ impl Mesh for MemoryMesh {
         Box::pin(async move {
             let receivers =
                 self.registered(|r| r.bindings.iter().any(|b| topic::matches(b, &event.topic)));
-            for r in receivers {
-                r.handler
-                    .handle_event(IncomingEvent {
+            if receivers.is_empty() {
+                return Ok(());
+            }
+            let incoming =
+                self.log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .append(IncomingEvent {
                         topic: event.topic.clone(),
                         event: crate::protocol::RawJson::from_value(&event.event),
                         target: event.target.clone(),
                         trace_id: event.trace_id.clone(),
-                    })
-                    .await;
+                        position: None,
+                        live: true,
+                    });
+            for r in receivers {
+                r.handler.handle_event(incoming.clone()).await;
             }
             Ok(())
         })
@@ -187,6 +233,23 @@ impl Mesh for MemoryMesh {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn read_log(
+        &self,
+        from: u64,
+        until: u64,
+    ) -> super::BoxStream<'_, Result<super::LogRead, MeshError>> {
+        let events: Vec<Result<super::LogRead, MeshError>> = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .events
+            .iter()
+            .filter(|e| e.position.is_some_and(|p| p >= from && p <= until))
+            .map(|e| Ok(super::LogRead::Event(e.clone())))
+            .collect();
+        Box::pin(futures_util::stream::iter(events))
     }
 
     /// One process is one instance: a control message goes to every

@@ -15,7 +15,7 @@ mod amqp;
 mod lane;
 mod memory;
 
-pub use amqp::{AmqpConfig, AmqpMesh};
+pub use amqp::{AmqpConfig, AmqpMesh, EventLogConfig};
 pub use memory::{EchoService, MemoryMesh, StubService};
 
 pub(crate) use crate::config::redact_url;
@@ -80,7 +80,16 @@ pub struct IncomingEvent {
     pub event: RawJson,
     pub target: Option<Vec<String>>,
     pub trace_id: Option<String>,
+    /// Its place in the BFF's event log (the same on every instance), when
+    /// it came through one.
+    pub position: Option<u64>,
+    /// False for an event read to fill the log's window at start (raised
+    /// before this instance was there: history, not news).
+    pub live: bool,
 }
+
+/// A stream of items, boxed (what [`Mesh::read_log`] returns).
+pub type BoxStream<'a, T> = Pin<Box<dyn futures_util::Stream<Item = T> + Send + 'a>>;
 
 impl From<crate::protocol::RequestBody> for IncomingRequest {
     fn from(r: crate::protocol::RequestBody) -> Self {
@@ -100,8 +109,20 @@ impl From<crate::protocol::EventBody> for IncomingEvent {
             event: e.event,
             target: e.target,
             trace_id: e.trace_id,
+            position: None,
+            live: true,
         }
     }
+}
+
+/// What reading the event log from a position gives, one at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogRead {
+    /// An event, with its position.
+    Event(IncomingEvent),
+    /// A position that holds no event for the gateway (another instance's
+    /// marker, a message that was dropped): read past.
+    Skipped(u64),
 }
 
 /// Why a mesh call did not produce a result. `Clone` so one failure (a lost
@@ -212,6 +233,14 @@ pub trait Mesh: Send + Sync + fmt::Debug + 'static {
     fn reconnects(&self) -> u64 {
         0
     }
+    /// Read the event log from position `from` through `until`, in order.
+    /// The first item is at `from` unless the log no longer keeps it (then
+    /// it starts later: the caller sees the gap). A mesh without a log
+    /// yields nothing.
+    fn read_log(&self, from: u64, until: u64) -> BoxStream<'_, Result<LogRead, MeshError>> {
+        let _ = (from, until);
+        Box::pin(futures_util::stream::empty())
+    }
     /// Send a control message to every instance of this BFF, this one
     /// included ([`MeshHandler::handle_control`] receives it).
     fn broadcast_control(&self, body: Value) -> BoxFuture<'_, Result<(), MeshError>> {
@@ -238,6 +267,19 @@ pub trait MeshHandler: Send + Sync + fmt::Debug + 'static {
     fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
         let _ = event;
         Box::pin(async {})
+    }
+    /// The event log is read up to `position`, where this instance's news
+    /// begins (the events before it were history). In order with
+    /// [`handle_event`](Self::handle_event). The default ignores it.
+    fn handle_log_live(&self, position: u64) -> BoxFuture<'_, ()> {
+        let _ = position;
+        Box::pin(async {})
+    }
+    /// Events of the log at or before `position` were lost on their way to
+    /// the handler (its queue was full): a window of the log must not
+    /// claim to hold them. Called as it happens, not in order with events.
+    fn log_gap(&self, position: u64) {
+        let _ = position;
     }
     /// A control message from an instance of the same BFF. The default
     /// drops it.

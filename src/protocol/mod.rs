@@ -138,6 +138,11 @@ pub struct ClientCall {
 #[derive(Debug, Clone, PartialEq, Deserialize, TS)]
 pub(crate) struct Topics {
     pub topics: Vec<String>,
+    /// On `subscribe`: resume after this position of the event log (the
+    /// last one the client saw), the missed events first.
+    #[serde(default)]
+    #[ts(optional, type = "number")]
+    pub since: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, TS)]
@@ -244,6 +249,11 @@ pub(crate) enum ServerFrame {
         topic: String,
         #[ts(as = "Value")]
         event: RawJson,
+        /// Its place in the BFF's event log (events the routing file's
+        /// rules deliver); what `since` resumes after.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional, type = "number")]
+        position: Option<u64>,
     },
     Response {
         trace_id: String,
@@ -260,6 +270,11 @@ pub(crate) enum ServerFrame {
     },
     Subscribed {
         topics: Vec<String>,
+        /// Answering a `subscribe` with `since`: whether the events missed
+        /// follow (true) or the client must refetch (false).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[ts(optional)]
+        recovered: Option<bool>,
     },
     /// Subscriptions the gateway dropped on its own, and why: a reloaded
     /// routing table or the roles of a new token no longer allow them.

@@ -238,6 +238,7 @@ fn server_frames_have_the_contract_shapes() {
     let hello = ServerFrame::Event {
         topic: "hello".into(),
         event: json!({"session_id":"s","user_id":"u","username":"n"}).into(),
+        position: None,
     };
     assert_eq!(
         serde_json::to_value(&hello).unwrap(),

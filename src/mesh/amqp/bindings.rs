@@ -13,8 +13,8 @@ use std::sync::Arc;
 use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 
-use super::Shared;
 use super::topology::fail;
+use super::{AmqpConfig, Shared};
 use crate::mesh::MeshError;
 
 /// The event topics this instance binds.
@@ -49,6 +49,79 @@ pub(super) fn changes(bound: &[String], wanted: &[String]) -> (Vec<String>, Vec<
 pub(super) async fn set(shared: &Arc<Shared>, wanted: Vec<String>) -> Result<(), MeshError> {
     shared.bindings.lock().await.wanted = wanted;
     reconcile(shared).await
+}
+
+/// The ledger of a shared event log: a one-message queue beside it that
+/// holds the topics last bound (the broker cannot be asked for a queue's
+/// bindings over AMQP), so bindings no routing table wants any more are
+/// found and removed. Read without taking the message away.
+pub(super) async fn ledger(ch: &lapin::Channel, c: &AmqpConfig) -> Result<Vec<String>, MeshError> {
+    let queue = ledger_queue(c);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| fail(c, "cannot declare the event log's ledger", e))?;
+    let got = ch
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .map_err(|e| fail(c, "cannot read the event log's ledger", e))?;
+    let Some(message) = got else {
+        return Ok(Vec::new());
+    };
+    let topics: Vec<String> = serde_json::from_slice::<Vec<String>>(&message.delivery.data)
+        .unwrap_or_default()
+        .into_iter()
+        // What a peer could have written is only ever unbound, and only
+        // when no rule wants it: a name, not a payload.
+        .filter(|t| t.len() <= 255)
+        .take(10_000)
+        .collect();
+    message
+        .delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: true })
+        .await
+        .map_err(|e| fail(c, "cannot read the event log's ledger", e))?;
+    Ok(topics)
+}
+
+/// Write the topics bound now into the ledger (the one message it keeps).
+pub(super) async fn write_ledger(
+    ch: &lapin::Channel,
+    c: &AmqpConfig,
+    bound: &[String],
+) -> Result<(), MeshError> {
+    if c.event_log.is_none() {
+        return Ok(());
+    }
+    let body = serde_json::to_vec(bound).unwrap_or_default();
+    ch.basic_publish(
+        "".into(),
+        ledger_queue(c).as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        &body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .map_err(|e| fail(c, "cannot write the event log's ledger", e))?
+    .await
+    .map_err(|e| fail(c, "cannot write the event log's ledger", e))?;
+    Ok(())
+}
+
+fn ledger_queue(c: &AmqpConfig) -> String {
+    format!("{}-bindings", c.event_queue_name())
 }
 
 /// Bind what is wanted and not bound, then unbind what is bound and no
@@ -93,7 +166,7 @@ pub(super) async fn reconcile(shared: &Arc<Shared>) -> Result<(), MeshError> {
         .map_err(|e| fail(c, &format!("cannot unbind events `{topic}`"), e))?;
         b.bound.retain(|t| *t != topic);
     }
-    Ok(())
+    write_ledger(&ch, c, &b.bound).await
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use crate::config::BrokerUrl;
 use crate::protocol::{EventBody, MeshMessage, MessageType, RawJson, RequestBodyRef};
 use drops::Drops;
 use headers::{header_table, nuropb_headers};
+pub use log::EventLogConfig;
 use supervisor::{deliver, supervise};
 use topology::establish;
 
@@ -53,6 +54,10 @@ pub struct AmqpConfig {
     pub rpc_exchange: String,
     pub events_exchange: String,
     pub dl_exchange: String,
+    /// The BFF's event log: when set, events are read from this stream,
+    /// which every instance shares, instead of a queue of the instance's
+    /// own, and each carries its position.
+    pub event_log: Option<EventLogConfig>,
     /// Topic patterns of the events this instance receives at first
     /// ([`AmqpMesh::set_event_bindings`] changes them).
     pub event_bindings: Vec<String>,
@@ -102,6 +107,7 @@ impl AmqpConfig {
             events_exchange: "nuropb-events-exchange".into(),
             dl_exchange: "nuropb-dl-exchange".into(),
             event_bindings: Vec::new(),
+            event_log: None,
             control_exchange: None,
             transient: false,
             prefetch: 64,
@@ -122,9 +128,13 @@ impl AmqpConfig {
         self.response_queue_of(&self.instance_id)
     }
 
-    /// This instance's event queue: `nuropb-{name}-{instance}-eq`.
+    /// The queue events come from: the event log when there is one, else
+    /// this instance's own `nuropb-{name}-{instance}-eq`.
     pub fn event_queue_name(&self) -> String {
-        format!("nuropb-{}-{}-eq", self.service_name, self.instance_id)
+        match &self.event_log {
+            Some(log) => log.queue.clone(),
+            None => format!("nuropb-{}-{}-eq", self.service_name, self.instance_id),
+        }
     }
 
     /// The response queue of another instance of the same service.
@@ -149,6 +159,21 @@ impl AmqpConfig {
 /// Control messages waiting for the handler.
 const CONTROL_QUEUE: usize = 1024;
 
+/// What the event queue carries to the handler, in the log's order.
+#[derive(Debug)]
+enum LogItem {
+    Event(IncomingEvent),
+    /// News begins after this position.
+    Live(u64),
+}
+
+fn handle_log_item(handler: &dyn MeshHandler, item: LogItem) -> BoxFuture<'_, ()> {
+    match item {
+        LogItem::Event(e) => handler.handle_event(e),
+        LogItem::Live(p) => handler.handle_log_live(p),
+    }
+}
+
 type Pending = Mutex<HashMap<String, oneshot::Sender<Result<RawJson, MeshError>>>>;
 
 #[derive(Debug)]
@@ -162,7 +187,9 @@ struct Shared {
     /// Events from the lane, on their way to the handler: off the loop
     /// that completes responses, so handling a burst of events never
     /// delays one. Bounded; what does not fit is dropped and counted.
-    events: mpsc::Sender<IncomingEvent>,
+    events: mpsc::Sender<LogItem>,
+    /// Where this instance is in the event log, when there is one.
+    log: Option<log::LogState>,
     /// Control messages between instances: their own queue, so events
     /// cannot crowd them out.
     control: mpsc::Sender<Value>,
@@ -242,6 +269,7 @@ impl AmqpMesh {
             handler,
             events,
             control,
+            log: config.event_log.as_ref().map(|_| log::LogState::default()),
             events_dropped: AtomicU64::new(0),
             drops: Drops::default(),
             reconnects: AtomicU64::new(0),
@@ -254,11 +282,9 @@ impl AmqpMesh {
             tasks: TaskTracker::new(),
             config,
         });
-        shared.tasks.spawn(deliver(
-            shared.clone(),
-            events_rx,
-            <dyn MeshHandler>::handle_event,
-        ));
+        shared
+            .tasks
+            .spawn(deliver(shared.clone(), events_rx, handle_log_item));
         shared.tasks.spawn(deliver(
             shared.clone(),
             control_rx,
@@ -389,18 +415,47 @@ impl Shared {
         }
     }
 
-    /// Queue a mesh event for the handler; with no room, drop and count it.
-    /// Its topic and trace id, which end up in frames, metrics and log
-    /// lines, are checked first: an event that fails is dropped and counted.
-    fn hand_off_event(&self, event: EventBody) {
+    /// Queue a mesh event for the handler; with no room, drop and count it
+    /// (and tell the handler its log position is a gap). Its topic and
+    /// trace id, which end up in frames, metrics and log lines, are
+    /// checked first: an event that fails is dropped and counted.
+    fn hand_off_event(&self, event: EventBody, position: Option<u64>, live: bool) {
         let trace_ok = event.trace_id.as_deref().is_none_or(drops::echoable);
         if !drops::echoable(&event.topic) || !trace_ok {
             let what = "an event whose topic or trace_id is not 1 to 255 visible characters";
             self.drops.drop_message(drops::DropReason::BadField, what);
             return;
         }
-        if self.events.try_send(event.into()).is_err() {
-            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        let mut event = IncomingEvent::from(event);
+        event.position = position;
+        event.live = live;
+        self.hand_off(LogItem::Event(event), position);
+    }
+
+    /// Queue an item of the event queue; a marker that found it full is
+    /// sent first with the next item that fits.
+    fn hand_off(&self, item: LogItem, position: Option<u64>) {
+        if let Some(state) = &self.log {
+            let pending = lock(&state.pending_live).take();
+            if let Some(p) = pending
+                && self.events.try_send(LogItem::Live(p)).is_err()
+            {
+                *lock(&state.pending_live) = Some(p);
+            }
+        }
+        match self.events.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(LogItem::Live(p))) => {
+                if let Some(state) = &self.log {
+                    *lock(&state.pending_live) = Some(p);
+                }
+            }
+            Err(_) => {
+                self.events_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = position {
+                    self.handler.log_gap(p);
+                }
+            }
         }
     }
 
@@ -674,6 +729,14 @@ impl Mesh for AmqpMesh {
         self.shared.drops.counts()
     }
 
+    fn read_log(
+        &self,
+        from: u64,
+        until: u64,
+    ) -> super::BoxStream<'_, Result<super::LogRead, MeshError>> {
+        log::read(&self.shared, from, until)
+    }
+
     fn events_dropped(&self) -> u64 {
         self.shared.events_dropped.load(Ordering::Relaxed)
     }
@@ -682,6 +745,7 @@ impl Mesh for AmqpMesh {
 mod bindings;
 mod drops;
 mod headers;
+mod log;
 mod service;
 mod supervisor;
 mod topology;

@@ -15,7 +15,7 @@ use super::drops::DropReason;
 use super::headers::decode_message;
 use super::service::take_request;
 use super::topology::{Consumers, LinkEvents, establish};
-use super::{Shared, lock};
+use super::{LogItem, Shared, lock, log};
 use crate::mesh::{BoxFuture, CONTROL_TOPIC, MeshError, MeshHandler, redact_url};
 use crate::protocol::{MeshMessage, ResponseBody};
 
@@ -113,10 +113,23 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
             body,
             event: true,
             ..
-        } => match decode_message(&properties, body) {
-            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
-            other => out_of_place(shared, "event", other),
-        },
+        } => {
+            let (position, live) = match &shared.log {
+                None => (None, true),
+                Some(state) => match log::on_delivery(state, &properties) {
+                    log::Live::Marker(p) => {
+                        shared.hand_off(LogItem::Live(p), Some(p));
+                        return;
+                    }
+                    log::Live::Skip => return,
+                    log::Live::Event { position, live } => (position, live),
+                },
+            };
+            match decode_message(&properties, body) {
+                Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev, position, live),
+                other => out_of_place(shared, "event", other),
+            }
+        }
         Incoming::Delivery {
             properties, body, ..
         } => match decode_message(&properties, body) {
@@ -134,7 +147,7 @@ pub(super) fn take_from_lane(shared: &Shared, incoming: Incoming<'_>) {
                     tracing::warn!("control message dropped: the control queue is full");
                 }
             }
-            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev),
+            Ok(MeshMessage::Event(ev)) => shared.hand_off_event(ev, None, true),
             other => out_of_place(shared, "response", other),
         },
         Incoming::TooLarge { event, size } => {

@@ -13,8 +13,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::super::lane::{Lane, LaneIo, LaneSpec};
-use super::{AmqpConfig, Link, Shared, bindings};
+use super::super::lane::{EventsSpec, Lane, LaneIo, LaneSpec};
+use super::{AmqpConfig, Link, Shared, bindings, log};
 use crate::mesh::{MeshError, redact_url};
 
 /// lapin's connection events, for the supervisor to watch.
@@ -50,10 +50,15 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         .await
         .map_err(|e| fail(c, "cannot connect", e))?;
     let link_events: LinkEvents = Box::pin(connection.events_listener());
-    let ch = open_channel(&connection, c).await?;
+    let mut ch = open_channel(&connection, c).await?;
     declare_exchanges(&ch, c).await?;
     declare_service_queue(&ch, c).await?;
     declare_response_queue(&ch, c, &shared.response_queue).await?;
+    if let Some(log) = &c.event_log
+        && let Some(replaced) = log::declare(&connection, &ch, c, log).await?
+    {
+        ch = replaced;
+    }
     declare_event_queue(&ch, shared).await?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -63,16 +68,22 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     // never piles up in this process.
     let lane_name = format!("{} requests", c.connection_name());
     let event_queue = c.event_queue_name();
+    let from = match (&c.event_log, &shared.log) {
+        (Some(log), Some(state)) => Some(state.start(log.prefill)),
+        _ => None,
+    };
     let (lane, lane_io) = Lane::connect(LaneSpec {
         url: &c.url,
         name: &lane_name,
-        queue: &shared.response_queue,
+        queue: Some(&shared.response_queue),
         prefetch: c.response_prefetch,
         max_body: c.max_message_bytes as u64,
         ack_by_caller: false,
-        events: c
-            .has_event_queue()
-            .then_some((event_queue.as_str(), c.event_prefetch)),
+        events: c.has_event_queue().then_some(EventsSpec {
+            queue: &event_queue,
+            prefetch: c.event_prefetch,
+            from,
+        }),
     })
     .await
     .map_err(|e| {
@@ -87,7 +98,7 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     let (service, service_io) = Lane::connect(LaneSpec {
         url: &c.url,
         name: &service_name,
-        queue: &service_queue,
+        queue: Some(&service_queue),
         prefetch: c.prefetch,
         max_body: c.max_message_bytes as u64,
         ack_by_caller: true,
@@ -99,12 +110,14 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     })?;
     *shared.link.write().unwrap_or_else(|p| p.into_inner()) = Some(Link {
         connection,
-        publish: ch,
+        publish: ch.clone(),
         lane,
         service: service.clone(),
     });
     // A reload that came while the link was being built.
     bindings::reconcile(shared).await?;
+    // The first time the log is read: where news begins.
+    log::write_marker(shared, &ch).await?;
     shared.ready.store(true, Ordering::SeqCst);
     tracing::info!(
         url = %redact_url(&c.url),
@@ -239,17 +252,30 @@ async fn declare_event_queue(ch: &Channel, shared: &Arc<Shared>) -> Result<(), M
         "x-max-length".into(),
         AMQPValue::LongLongInt(i64::try_from(c.event_queue).unwrap_or(i64::MAX)),
     );
-    ch.queue_declare(
-        eq.clone(),
-        QueueDeclareOptions {
-            durable: false,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await
-    .map_err(|e| fail(c, "cannot declare the event queue", e))?;
+    // The event log is declared already, and shared: what the last
+    // instance bound (its ledger) is what may be stale.
+    bindings.bound = if c.event_log.is_some() {
+        bindings::ledger(ch, c).await?
+    } else {
+        ch.queue_declare(
+            eq.clone(),
+            QueueDeclareOptions {
+                durable: false,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| fail(c, "cannot declare the event queue", e))?;
+        Vec::new()
+    };
+    let stale: Vec<String> = bindings
+        .bound
+        .iter()
+        .filter(|t| !bindings.wanted.contains(t))
+        .cloned()
+        .collect();
     bindings.bound.clear();
     for topic in bindings.wanted.clone() {
         ch.queue_bind(
@@ -263,5 +289,15 @@ async fn declare_event_queue(ch: &Channel, shared: &Arc<Shared>) -> Result<(), M
         .map_err(|e| fail(c, &format!("cannot bind events `{topic}`"), e))?;
         bindings.bound.push(topic);
     }
-    Ok(())
+    for topic in stale {
+        ch.queue_unbind(
+            eq.clone(),
+            c.events_exchange.as_str().into(),
+            topic.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(c, &format!("cannot unbind events `{topic}`"), e))?;
+    }
+    bindings::write_ledger(ch, c, &bindings.bound).await
 }

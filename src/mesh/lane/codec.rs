@@ -44,6 +44,29 @@ impl<'a> Received<'a> {
         std::str::from_utf8(self.reply_to?).ok()
     }
 
+    /// An integer header's value (signed or unsigned, 8 to 64 bits; a
+    /// stream's `x-stream-offset`); `None` when absent, of another type or
+    /// negative.
+    pub(crate) fn int_header(&self, name: &str) -> Option<u64> {
+        for entry in table_entries(self.headers) {
+            let (key, kind, value) = entry?;
+            if key != name.as_bytes() {
+                continue;
+            }
+            let be = |v: &[u8]| v.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b));
+            return match kind {
+                b'l' | b'I' | b's' | b'b' => {
+                    // Two's complement: negative when the top bit is set.
+                    let negative = value.first().is_some_and(|b| b & 0x80 != 0);
+                    (!negative).then(|| be(value))
+                }
+                b'L' | b'i' | b'u' | b'B' => Some(be(value)),
+                _ => None,
+            };
+        }
+        None
+    }
+
     /// A string header's value (a long string; bytes that are not UTF-8
     /// replaced); `None` when absent or of another type.
     pub(crate) fn header(&self, name: &str) -> Option<std::borrow::Cow<'a, str>> {

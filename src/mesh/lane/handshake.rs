@@ -15,7 +15,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use super::assemble::DEFAULT_FRAME_MAX;
 use super::codec::{CHANNEL, method_frame, short, unexpected};
 use super::socket::{FrameReader, Writer, open_socket};
-use super::{EVENTS_TAG, LaneError, LaneSpec, RESPONSES_TAG};
+use super::{EVENTS_TAG, LaneError, LaneSpec, RESPONSES_TAG, StreamOffset};
 
 /// The heartbeat asked for unless the URL says, in seconds.
 const DEFAULT_HEARTBEAT: u16 = 30;
@@ -110,11 +110,19 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
     )
     .await?;
     // The prefetch set before each consume is that consumer's own.
-    let mut consumers = vec![(spec.queue, spec.prefetch.max(2), RESPONSES_TAG)];
-    if let Some((queue, prefetch)) = spec.events {
-        consumers.push((queue, prefetch.max(2), EVENTS_TAG));
+    let mut consumers = Vec::new();
+    if let Some(queue) = spec.queue {
+        consumers.push((queue, spec.prefetch.max(2), RESPONSES_TAG, None));
     }
-    for &(queue, prefetch, tag) in &consumers {
+    if let Some(events) = spec.events {
+        consumers.push((
+            events.queue,
+            events.prefetch.max(2),
+            EVENTS_TAG,
+            events.from,
+        ));
+    }
+    for &(queue, prefetch, tag, from) in &consumers {
         let qos = basic::AMQPMethod::Qos(basic::Qos {
             prefetch_count: prefetch,
             global: false,
@@ -128,16 +136,24 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
             |a| matches!(a, AMQPClass::Basic(basic::AMQPMethod::QosOk(_))),
         )
         .await?;
+        let mut arguments = FieldTable::default();
+        if let Some(from) = from {
+            let offset = match from {
+                StreamOffset::At(n) => AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
+                StreamOffset::Since(secs) => AMQPValue::Timestamp(secs),
+            };
+            arguments.insert("x-stream-offset".into(), offset);
+        }
         let consume = basic::AMQPMethod::Consume(basic::Consume {
             queue: short(queue, "the queue name")?,
             consumer_tag: tag.into(),
             no_local: false,
             no_ack: false,
             // The instance's own queues are its alone; a queue its
-            // instances share (the service queue) is not.
-            exclusive: !spec.ack_by_caller,
+            // instances share (the service queue, the event stream) is not.
+            exclusive: !spec.ack_by_caller && from.is_none(),
             nowait: false,
-            arguments: FieldTable::default(),
+            arguments,
         });
         let wanted = "basic.consume-ok";
         ask(
@@ -149,6 +165,16 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
             |a| matches!(a, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))),
         )
         .await?;
+    }
+    // What came while the consumers were set up goes back to its queue,
+    // to come again now that the lane reads.
+    for tag in std::mem::take(&mut frames.early) {
+        let nack = basic::AMQPMethod::Nack(basic::Nack {
+            delivery_tag: tag,
+            multiple: false,
+            requeue: true,
+        });
+        send(&mut writer, CHANNEL, AMQPClass::Basic(nack)).await?;
     }
     // Acks are per channel: one for all every half of the smaller
     // prefetch, so neither consumer ever waits on one.

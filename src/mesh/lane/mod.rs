@@ -156,8 +156,8 @@ pub(super) struct LaneSpec<'a> {
     pub(super) url: &'a str,
     /// Shown by the broker for the connection.
     pub(super) name: &'a str,
-    /// The queue to consume (the instance's response queue).
-    pub(super) queue: &'a str,
+    /// The queue to consume (the instance's response queue), if any.
+    pub(super) queue: Option<&'a str>,
     /// Deliveries the broker may send before they are acknowledged.
     pub(super) prefetch: u16,
     /// The largest message body taken; a larger one is let go as it comes
@@ -167,8 +167,27 @@ pub(super) struct LaneSpec<'a> {
     /// ([`Lane::ack`]), so the prefetch bounds the deliveries being
     /// handled; otherwise the lane acknowledges in batches as they arrive.
     pub(super) ack_by_caller: bool,
-    /// The instance's event queue and its prefetch, if it takes events.
-    pub(super) events: Option<(&'a str, u16)>,
+    /// The queue events come from, if the lane takes events.
+    pub(super) events: Option<EventsSpec<'a>>,
+}
+
+/// Where a lane takes events from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct EventsSpec<'a> {
+    pub(super) queue: &'a str,
+    pub(super) prefetch: u16,
+    /// For a stream: where to start reading (the consumer is then not
+    /// exclusive: every instance reads the same stream).
+    pub(super) from: Option<StreamOffset>,
+}
+
+/// A position in a stream to read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamOffset {
+    /// This offset.
+    At(u64),
+    /// The first chunk written at or after this Unix time, in seconds.
+    Since(u64),
 }
 
 /// The consumer tags the lane asks for: which queue a delivery came from.

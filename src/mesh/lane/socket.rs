@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amq_protocol::protocol::AMQPClass;
+use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::uri::{AMQPScheme, AMQPUri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
@@ -14,7 +14,9 @@ use tokio::net::tcp::OwnedWriteHalf;
 
 use super::LaneError;
 use super::assemble::FrameBuf;
-use super::codec::{FRAME_HEARTBEAT, FRAME_METHOD, closed_by_broker, decode_method};
+use super::codec::{
+    FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, closed_by_broker, decode_method,
+};
 
 pub(super) type Reader = Pin<Box<dyn AsyncRead + Send>>;
 pub(super) type Writer = Pin<Box<dyn AsyncWrite + Send>>;
@@ -106,6 +108,10 @@ pub(super) fn tls_connector() -> Result<tokio_rustls::TlsConnector, LaneError> {
 pub(super) struct FrameReader {
     io: Reader,
     pub(super) buf: FrameBuf,
+    /// Deliveries that came during the handshake (a consumer already set
+    /// up receives while the next one is asked for): skipped, their tags
+    /// kept to be handed back to the broker.
+    pub(super) early: Vec<u64>,
 }
 
 impl FrameReader {
@@ -113,6 +119,7 @@ impl FrameReader {
         Self {
             io,
             buf: FrameBuf::new(),
+            early: Vec::new(),
         }
     }
 
@@ -140,6 +147,8 @@ impl FrameReader {
             while let Some(frame) = self.buf.buffered()? {
                 match frame.kind {
                     FRAME_HEARTBEAT => continue,
+                    // The content of an early delivery.
+                    FRAME_HEADER | FRAME_BODY if !self.early.is_empty() => continue,
                     FRAME_METHOD => {}
                     other => {
                         return Err(LaneError::new(format!(
@@ -150,6 +159,10 @@ impl FrameReader {
                 let class = decode_method(self.buf.payload(frame))?;
                 if let Some(why) = closed_by_broker(&class) {
                     return Err(why);
+                }
+                if let AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) = &class {
+                    self.early.push(d.delivery_tag);
+                    continue;
                 }
                 return Ok((frame.channel, class));
             }

@@ -138,6 +138,7 @@ fn full_header(body_size: u64) -> Vec<u8> {
         "z_bytes".into(),
         AMQPValue::LongString(vec![0xff, b'a'].into()),
     );
+    headers.insert("x-stream-offset".into(), AMQPValue::LongLongInt(1 << 40));
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_content_encoding("identity".into())
@@ -178,6 +179,12 @@ fn a_content_header_is_read_in_place_as_lapins_codec_wrote_it() {
     assert_eq!(p.header("h00"), None);
     assert_eq!(p.header("deep"), None);
     assert_eq!(p.header("absent"), None);
+    // Integers: a stream's offset; signed ones only when not negative.
+    assert_eq!(p.int_header("x-stream-offset"), Some(1 << 40));
+    let ints: Vec<Option<u64>> = (1..=7).map(|i| p.int_header(&format!("h{i:02}"))).collect();
+    assert_eq!(ints, [None, Some(1), None, Some(2), None, Some(3), None]);
+    assert_eq!(p.int_header("h12"), None, "a timestamp is no integer");
+    assert_eq!(p.int_header("nuropb_type"), None);
     // Only the correlation id and the headers: nothing else set.
     let bare = {
         let header = AMQPContentHeader {
