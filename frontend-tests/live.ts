@@ -130,7 +130,9 @@ const reopened = new Promise<void>((resolve) => {
     if (s === "open" && closed) resolve();
   });
 });
+const resumed = new Promise<boolean>((resolve) => bff.onResume(resolve));
 const callsBefore = tokenCalls;
+const seenBefore = events.length;
 console.log("READY restart");
 await waitFor("GO restarted");
 await within(15000, reopened, "the reconnect");
@@ -138,6 +140,17 @@ if (tokenCalls <= callsBefore) fail("the token getter was not asked again");
 const again = await bff.api["greeter"]["hello"]<string>({ name: "again" });
 if (again !== "hello again") fail(`after restart: ${again}`);
 step("reconnected");
+// The three events raised while the BFF was down come back, in order,
+// from its event log: the resume was recovered.
+if (!(await within(10000, resumed, "the resume"))) fail("the resume was not recovered");
+const missedEvents = async () => {
+  while (events.length < seenBefore + 3) await within(10000, new Promise<void>((r) => (arrived = r)), "the missed events");
+  return events.slice(seenBefore).map((e) => (e.event as { n?: number } | null)?.n);
+};
+const missed = await missedEvents();
+if (JSON.stringify(missed) !== "[100,101,102]") fail(`missed events ${JSON.stringify(missed)}`);
+if (!events.slice(seenBefore).every((e) => typeof e.position === "number")) fail("events without positions");
+step("missed events recovered");
 // Give the re-subscription a moment to land, then ask for an event.
 await new Promise((r) => setTimeout(r, 300));
 console.log("READY publish");

@@ -112,6 +112,8 @@ export function createApi(c: Caller): Api {
 export interface MeshEvent {
   topic: string;
   event: JsonValue;
+  /** Its place in the BFF's event log (events its rules deliver). */
+  position?: number;
 }
 
 export interface Hello {
@@ -229,6 +231,11 @@ export class BffClient implements Caller {
   private listeners = new Set<(e: MeshEvent) => void>();
   private stateListeners = new Set<(state: "open" | "closed", code?: number) => void>();
   private unsubscribedListeners = new Set<(topics: string[], reason: string) => void>();
+  private resumeListeners = new Set<(recovered: boolean) => void>();
+  /** The last log position each subscription saw. */
+  private positions = new Map<string, number>();
+  /** The last log position any event listener saw. */
+  private lastPosition: number | undefined;
   private closedByUser = false;
   private attempt = 0;
   private renewTimer: ReturnType<typeof setTimeout> | undefined;
@@ -279,6 +286,17 @@ export class BffClient implements Caller {
   onEvent(listener: (e: MeshEvent) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);
+  }
+
+  /**
+   * Be told how each reconnect resumed: `true` when every event missed
+   * while away was replayed (in order, before the live ones), `false` when
+   * the gateway could not (too many, or too old): refetch what the screen
+   * shows.
+   */
+  onResume(listener: (recovered: boolean) => void): () => void {
+    this.resumeListeners.add(listener);
+    return () => this.resumeListeners.delete(listener);
   }
 
   /**
@@ -359,11 +377,12 @@ export class BffClient implements Caller {
     });
   }
 
-  private sendSubscription(kind: "subscribe" | "unsubscribe", topics: string[]): Promise<void> {
+  private sendSubscription(kind: "subscribe" | "unsubscribe", topics: string[], since?: number): Promise<void> {
     if (!this.isOpen()) return Promise.resolve(); // sent again on (re)connect
     return new Promise<void>((resolve, reject) => {
       this.subscribeWaiters.push({ resolve, reject });
-      this.send({ type: kind, payload: { topics } });
+      const payload = since === undefined ? { topics } : { topics, since };
+      this.send({ type: kind, payload });
     });
   }
 
@@ -482,10 +501,16 @@ export class BffClient implements Caller {
     }, inMs);
   }
 
+  /** After a (re)connect: the subscriptions again, resumed after the
+   * oldest position any of them (or any event listener) saw. */
   private resubscribe(): void {
     const topics = [...this.subscriptions.keys()];
-    if (topics.length > 0) {
-      this.sendSubscription("subscribe", topics).catch(() => undefined);
+    const seen = [...topics.map((t) => this.positions.get(t)), this.lastPosition].filter(
+      (p): p is number => p !== undefined,
+    );
+    const since = seen.length > 0 ? Math.min(...seen) : undefined;
+    if (topics.length > 0 || since !== undefined) {
+      this.sendSubscription("subscribe", topics, since).catch(() => undefined);
     }
   }
 
@@ -532,11 +557,16 @@ export class BffClient implements Caller {
       }
       case "subscribed": {
         this.subscribeWaiters.shift()?.resolve();
+        const recovered = frame.payload.recovered;
+        if (recovered !== undefined) this.resumeListeners.forEach((l) => l(recovered));
         return;
       }
       case "unsubscribed": {
         const { topics, reason } = frame.payload;
-        for (const t of topics) this.subscriptions.delete(t);
+        for (const t of topics) {
+          this.subscriptions.delete(t);
+          this.positions.delete(t);
+        }
         this.unsubscribedListeners.forEach((l) => l(topics, reason));
         return;
       }
@@ -559,9 +589,22 @@ export class BffClient implements Caller {
         return;
       }
       case "event": {
-        const e: MeshEvent = { topic: frame.payload.topic, event: frame.payload.event };
+        const position = frame.payload.position;
+        const e: MeshEvent = { topic: frame.payload.topic, event: frame.payload.event, position };
         for (const [pattern, handlers] of this.subscriptions) {
-          if (topicMatches(pattern, e.topic)) handlers.forEach((h) => h(e));
+          if (!topicMatches(pattern, e.topic)) continue;
+          // A resume replays from the oldest position of all: each
+          // subscription gets only what it has not seen.
+          if (position !== undefined) {
+            const seen = this.positions.get(pattern);
+            if (seen !== undefined && position <= seen) continue;
+            this.positions.set(pattern, position);
+          }
+          handlers.forEach((h) => h(e));
+        }
+        if (position !== undefined) {
+          if (this.lastPosition !== undefined && position <= this.lastPosition) return;
+          this.lastPosition = position;
         }
         this.listeners.forEach((l) => l(e));
         return;

@@ -300,7 +300,13 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
             "READY restart" => {
                 // Stop the BFF and, after a while with nobody on the port
                 // (reconnect attempts fail meanwhile), start another on it.
-                bff.take().unwrap().stop().await;
+                // Events raised meanwhile wait in the BFF's event log.
+                let stopped = bff.take().unwrap();
+                let name = stopped.gateway.settings().mesh_service_name.clone();
+                stopped.stop().await;
+                for n in 100..103 {
+                    publish(&publisher, &format!("{topic}.created"), n).await;
+                }
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let listen = addr.to_string();
                 bff = Some(
@@ -308,7 +314,10 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
                         &table,
                         auth.clone(),
                         Arc::new(DefaultHandler),
-                        move |s| s.listen = listen,
+                        move |s| {
+                            s.listen = listen;
+                            s.mesh_service_name = name;
+                        },
                         MeshSetup::Broker,
                     )
                     .await,
@@ -327,6 +336,7 @@ async fn the_typescript_client_compiles_strict_and_drives_a_live_bff() {
         "STEP event arrived",
         "STEP tokens renewed before expiry",
         "STEP reconnected",
+        "STEP missed events recovered",
         "STEP subscription resumed",
     ] {
         assert!(seen.iter().any(|l| l == step), "{step} missing: {seen:?}");

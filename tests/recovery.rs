@@ -222,3 +222,94 @@ async fn on_the_broker_a_resume_older_than_the_window_reads_the_stream() {
     a.stop().await;
     b.stop().await;
 }
+
+/// After a deploy every client of an instance comes back at once: 2,000
+/// sockets leave instance A and resume on B while events keep flowing;
+/// each gets every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_resumes_every_socket_exactly() {
+    const SOCKETS: usize = 2_000;
+    const BEFORE: u64 = 20;
+    const DURING: u64 = 100;
+    let root = unique("rc");
+    let (a, b, publisher) = two_instances(&root, |s| s.limits.max_connections = 10_000).await;
+    let news = format!("{root}.news.#");
+    let topic = format!("{root}.news.flash");
+    // Each socket a user of its own (a user may hold 32 at most).
+    let tokens: Vec<String> = (0..SOCKETS)
+        .map(|i| token(&format!("user-{i}"), &[], 600))
+        .collect();
+    // Everyone on A, subscribed, up to date.
+    let mut clients = Vec::with_capacity(SOCKETS);
+    for chunk in 0..SOCKETS / 100 {
+        let tokens = &tokens[chunk * 100..(chunk + 1) * 100];
+        let joined = futures_util::future::join_all(tokens.iter().map(|t| async {
+            let (mut c, _) = common::connect(&a.url(), t).await;
+            c.send(json!({"type":"subscribe","payload":{"topics":[news]}}))
+                .await
+                .unwrap();
+            assert_eq!(c.recv().await.unwrap()["type"], "subscribed");
+            c
+        }))
+        .await;
+        clients.extend(joined);
+    }
+    for n in 0..BEFORE {
+        publisher
+            .publish_event(event(&topic, n, None))
+            .await
+            .unwrap();
+    }
+    let lasts = futures_util::future::join_all(
+        clients
+            .iter_mut()
+            .map(|c| async { events(c, BEFORE as usize).await.last().unwrap().1 }),
+    )
+    .await;
+    assert!(
+        lasts.windows(2).all(|w| w[0] == w[1]),
+        "one position for one event"
+    );
+    let last = lasts[0];
+    // A goes (its sockets close), events keep coming, everyone resumes on B.
+    let publishing = {
+        let publisher = publisher.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for n in BEFORE..BEFORE + DURING {
+                publisher
+                    .publish_event(event(&topic, n, None))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    a.stop().await;
+    drop(clients);
+    let started = Instant::now();
+    let b_url = b.url();
+    let resumed = futures_util::future::join_all(tokens.iter().map(|t| {
+        let (url, t, news) = (b_url.clone(), t.clone(), news.clone());
+        tokio::spawn(async move {
+            let (mut c, _) = common::connect(&url, &t).await;
+            let answer = resume(&mut c, &[&news], last).await;
+            assert_eq!(answer["payload"]["recovered"], true, "{answer}");
+            let got = events(&mut c, DURING as usize).await;
+            let ns: Vec<u64> = got.iter().map(|e| e.0).collect();
+            assert_eq!(ns, (BEFORE..BEFORE + DURING).collect::<Vec<_>>());
+            c
+        })
+    }))
+    .await;
+    let caught_up = started.elapsed();
+    publishing.await.unwrap();
+    let mut clients: Vec<TestClient> = resumed.into_iter().map(|r| r.unwrap()).collect();
+    // Nothing more, nothing twice.
+    let extra = tokio::time::timeout(Duration::from_millis(300), clients[0].recv()).await;
+    assert!(extra.is_err(), "{extra:?}");
+    println!("{SOCKETS} sockets resumed and caught up on {DURING} events in {caught_up:?}");
+    drop(clients);
+    publisher.close(Duration::from_secs(5)).await;
+    b.stop().await;
+}

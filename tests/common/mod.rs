@@ -74,6 +74,9 @@ pub async fn start(
     settings.shutdown_grace_ms = 5_000;
     if let MeshSetup::Broker = mesh {
         settings.amqp_url = amqp_url().into();
+        // A BFF of its own on the shared broker: its own event log and
+        // bindings (a test that wants instances of one BFF names it).
+        settings.mesh_service_name = unique("test-bff");
     }
     configure(&mut settings);
     let mut builder = Gateway::builder(settings)

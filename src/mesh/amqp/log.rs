@@ -64,6 +64,9 @@ pub(super) struct LogState {
     /// A marker that found the event queue full, handed over with the
     /// next item that fits.
     pub(super) pending_live: std::sync::Mutex<Option<u64>>,
+    /// The link was built once: a rebuilt one leaves the log's bindings
+    /// as they are but for this instance's own.
+    established: AtomicBool,
 }
 
 impl LogState {
@@ -83,6 +86,11 @@ impl LogState {
 
     pub(super) fn is_live(&self) -> bool {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// True the first time only: the link is being built at start-up.
+    pub(super) fn first_establish(&self) -> bool {
+        !self.established.swap(true, Ordering::AcqRel)
     }
 }
 

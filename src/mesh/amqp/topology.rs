@@ -253,9 +253,12 @@ async fn declare_event_queue(ch: &Channel, shared: &Arc<Shared>) -> Result<(), M
         AMQPValue::LongLongInt(i64::try_from(c.event_queue).unwrap_or(i64::MAX)),
     );
     // The event log is declared already, and shared: what the last
-    // instance bound (its ledger) is what may be stale.
+    // instance bound (its ledger) is what may be stale, at start-up (a
+    // rebuilt link of an older instance must not undo a newer one's).
+    let first = shared.log.as_ref().is_some_and(|s| s.first_establish());
     bindings.bound = if c.event_log.is_some() {
-        bindings::ledger(ch, c).await?
+        let ledger = bindings::ledger(ch, c).await?;
+        if first { ledger } else { Vec::new() }
     } else {
         ch.queue_declare(
             eq.clone(),
