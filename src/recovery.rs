@@ -208,6 +208,18 @@ impl Resume {
             }
             open = sessions.push_paced(&self.session_id, frame, PATIENCE).await;
         }
+        // The live events held meanwhile, at the same pace, until few are
+        // left; the last ones go as the hold ends (under the session's
+        // lock, so a live event that comes now follows them).
+        while open {
+            let held = sessions.take_held(&self.session_id);
+            if held.is_empty() {
+                break;
+            }
+            for frame in held {
+                open = open && sessions.push_paced(&self.session_id, frame, PATIENCE).await;
+            }
+        }
         sessions.release(&self.session_id);
     }
 

@@ -455,6 +455,23 @@ impl Sessions {
         true
     }
 
+    /// The live events held back so far, taken out (the session stays
+    /// held): a replay queues them at the reader's pace before it ends.
+    pub(crate) fn take_held(&self, session_id: &str) -> Vec<Utf8Bytes> {
+        let entry = self.lock().sessions.get(session_id).cloned();
+        let Some(entry) = entry else {
+            return Vec::new();
+        };
+        let mut state = entry.state();
+        match state.held.as_mut() {
+            Some(held) => {
+                held.bytes = 0;
+                std::mem::take(&mut held.frames)
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// End a resume: the live events held back are queued, in order, after
     /// what the replay queued (a full queue closes the session, as any).
     pub(crate) fn release(&self, session_id: &str) {
@@ -687,6 +704,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const CAPS: Caps = Caps {
         total: 100,
@@ -872,6 +890,67 @@ mod tests {
             0
         );
         assert_eq!(drain(&c), vec!["2"]);
+    }
+
+    #[tokio::test]
+    async fn a_resume_holds_live_events_back_and_never_repeats_one() {
+        let s = Sessions::new(8);
+        let (_g, out) = add(&s, "s1", "u");
+        s.subscribe("s1", &["news.#".into()], 8).unwrap();
+        let deliver = |p: u64| {
+            let frame = format!("live {p}");
+            s.deliver_event("news.x", None, true, &[], frame.into(), Some(p))
+        };
+        assert!(s.hold("s1", 10));
+        assert!(!s.hold("s1", 10), "one resume at a time");
+        // At or before the replay's end: the replay has it.
+        assert_eq!(deliver(9), 0);
+        assert_eq!(deliver(10), 0);
+        // After it: held, not queued yet.
+        assert_eq!(deliver(11), 1);
+        assert!(drain(&out).is_empty());
+        for p in [7, 8] {
+            let frame = format!("replay {p}");
+            assert!(
+                s.push_paced("s1", frame.into(), Duration::from_secs(1))
+                    .await
+            );
+        }
+        assert_eq!(s.take_held("s1"), vec![Utf8Bytes::from("live 11")]);
+        assert_eq!(deliver(12), 1);
+        s.release("s1");
+        assert_eq!(deliver(13), 1);
+        assert_eq!(deliver(10), 0, "still not what the replay covered");
+        assert_eq!(
+            drain(&out),
+            vec!["replay 7", "replay 8", "live 12", "live 13"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replay_nobody_reads_closes_the_session() {
+        let s = Sessions::new(2);
+        let (_g, out) = add(&s, "s1", "u");
+        assert!(
+            s.push_paced("s1", "1".into(), Duration::from_millis(50))
+                .await
+        );
+        assert!(
+            s.push_paced("s1", "2".into(), Duration::from_millis(50))
+                .await
+        );
+        assert!(
+            !s.push_paced("s1", "3".into(), Duration::from_millis(50))
+                .await
+        );
+        assert_eq!(
+            out.close_reason().map(|r| r.code),
+            Some(close::SLOW_CONSUMER)
+        );
+        assert!(
+            !s.push_paced("gone", "x".into(), Duration::from_millis(50))
+                .await
+        );
     }
 
     #[test]
