@@ -384,6 +384,19 @@ async fn the_console_page_works_in_a_headless_browser() {
     let (status, ts) = common::http_get(bff.addr, "/client.ts").await.unwrap();
     assert_eq!(status, 200);
     assert!(ts.contains("export class BffClient"), "{ts}");
+    // The typed client as a browser runs it: compiled to a module.
+    std::fs::write(dir.join("client.ts"), &ts).unwrap();
+    tsc(
+        &dir,
+        json!({
+            "compilerOptions": {
+                "strict": true, "target": "es2022", "module": "es2022",
+                "moduleResolution": "bundler", "lib": ["es2022", "dom"], "types": [],
+                "outDir": "out", "rootDir": "."
+            },
+            "files": ["client.ts"]
+        }),
+    );
 
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/frontend-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -393,9 +406,19 @@ async fn the_console_page_works_in_a_headless_browser() {
     cmd.arg(kit().join("console.mjs"))
         .env("BFF_CONSOLE_URL", format!("http://{}/console", bff.addr))
         .env("BFF_SCREENSHOT", &screenshot)
+        .env("BFF_CLIENT_JS", dir.join("out/client.js"))
+        .env("BFF_WS_URL", format!("ws://{}/ws", bff.addr))
         .env("CHROMIUM", &chromium)
         .current_dir(kit());
     let mut script = Script::spawn(cmd);
+    let news = |n: u32| OutgoingEvent {
+        topic: "news.client".into(),
+        event: json!({"n": n}),
+        context: Map::new(),
+        target: None,
+        trace_id: None,
+    };
+    let mut next_news = 1;
     loop {
         let request = tokio::task::block_in_place(|| script.next_request(Duration::from_secs(60)));
         match request.as_str() {
@@ -412,12 +435,34 @@ async fn the_console_page_works_in_a_headless_browser() {
                     .unwrap();
                 script.go("published");
             }
+            "READY news" => {
+                let n = next_news;
+                next_news += 1;
+                bff.mesh.publish_event(news(n)).await.unwrap();
+                script.go("published");
+            }
+            "READY drop" => {
+                // Every socket drops (a phone in a tunnel); three events
+                // come while the client is away.
+                bff.gateway.sessions().close_all(1011, "dropped");
+                for _ in 0..3 {
+                    let n = next_news;
+                    next_news += 1;
+                    bff.mesh.publish_event(news(n)).await.unwrap();
+                }
+                script.go("dropped");
+            }
             "DONE" => break,
             other => panic!("unexpected {other}"),
         }
     }
     let seen = tokio::task::block_in_place(|| script.finish());
-    for step in ["STEP connected", "STEP response", "STEP event"] {
+    for step in [
+        "STEP connected",
+        "STEP response",
+        "STEP event",
+        "STEP the client resumed in the browser",
+    ] {
         assert!(seen.iter().any(|l| l == step), "{step} missing: {seen:?}");
     }
     let png = std::fs::read(&screenshot).expect("a screenshot");
