@@ -743,6 +743,8 @@ allowed_origins = ["http://localhost:3000"]
                 ("BFF_LIMITS__MAX_FRAME_BYTES", "1000"),
                 ("BFF_LIMITS__AUTH_TIMEOUT_MS", "250"),
                 ("BFF_SHUTDOWN_GRACE_MS", "7"),
+                ("BFF_EVENTS__RECOVER_MAX", "50"),
+                ("BFF_WATCH_ROUTES", "false"),
                 ("BFF_LIMITS__NOPE", "1"),
                 ("BFF_CONFIG", "elsewhere.toml"),
             ]),
@@ -756,6 +758,12 @@ allowed_origins = ["http://localhost:3000"]
         assert_eq!(s.limits.max_frame_bytes, 1000);
         assert_eq!(s.limits.auth_timeout, Duration::from_millis(250));
         assert_eq!(s.shutdown_grace_ms, 7);
+        assert_eq!(s.events.recover_max, 50);
+        assert!(!s.watch_routes);
+        assert_eq!(
+            s.events.history_max_age_s, 300,
+            "the rest keep their defaults"
+        );
         assert_eq!(
             warnings,
             vec!["unknown environment variable BFF_LIMITS__NOPE ignored"]
@@ -795,6 +803,13 @@ allowed_origins = ["http://localhost:3000"]
         assert!(e.to_string().contains("line 1"), "{e}");
         let e = Settings::parse("d.toml", &format!("{BASE}\ncolour = 1\n"), env(&[])).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+        let e = Settings::parse(
+            "d.toml",
+            &format!("{BASE}\n[events]\nwindow_events = 0\n"),
+            env(&[("BFF_JWT_SECRET", K)]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("events.window_events"), "{e}");
         let e = Settings::parse(
             "d.toml",
             &format!("{BASE}\n[limits]\nmax_in_flight = 0\n"),
