@@ -26,11 +26,16 @@ struct Member {
     users: u64,
 }
 
-/// What one instance reported for a push.
+/// Sessions kept per other instance, at most.
+pub(crate) const MAX_ROSTER: usize = 1_000_000;
+
+/// What one instance reported for a push (or a presence query: its
+/// sessions of each user asked about).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ack {
     pub(crate) instance: String,
     pub(crate) count: u64,
+    pub(crate) users: Vec<(String, u64)>,
 }
 
 /// Counts over the live instances, this one included.
@@ -48,6 +53,10 @@ pub(crate) struct Cluster {
     /// An instance not heard from for this long is taken for gone.
     expiry: Duration,
     members: Mutex<HashMap<String, Member>>,
+    /// The sessions each other instance holds (session id to user id), as
+    /// its heartbeats tell them: what to say `disconnected` for when it is
+    /// lost.
+    rosters: Mutex<HashMap<String, HashMap<String, String>>>,
     seen: Mutex<Seen>,
     gathers: Mutex<HashMap<String, mpsc::Sender<Ack>>>,
 }
@@ -68,6 +77,7 @@ impl Cluster {
             me,
             expiry: heartbeat * 3,
             members: Mutex::default(),
+            rosters: Mutex::default(),
             seen: Mutex::default(),
             gathers: Mutex::default(),
         }
@@ -78,28 +88,103 @@ impl Cluster {
     }
 
     /// A heartbeat from `instance` (ours are ignored: we count ourselves).
-    pub(crate) fn heard(&self, instance: &str, sessions: u64, users: u64, now: Instant) {
+    /// True when it is one not heard before.
+    pub(crate) fn heard(&self, instance: &str, sessions: u64, users: u64, now: Instant) -> bool {
         if instance == self.me {
-            return;
+            return false;
         }
         let mut members = lock(&self.members);
         members.retain(|_, m| now.saturating_duration_since(m.seen) < self.expiry);
         if members.len() >= MAX_MEMBERS && !members.contains_key(instance) {
-            return;
+            return false;
         }
-        members.insert(
-            instance.to_owned(),
-            Member {
-                seen: now,
-                sessions,
-                users,
-            },
-        );
+        members
+            .insert(
+                instance.to_owned(),
+                Member {
+                    seen: now,
+                    sessions,
+                    users,
+                },
+            )
+            .is_none()
     }
 
-    /// `instance` said it is leaving.
+    /// `instance` said it is leaving (its sessions closed themselves).
     pub(crate) fn left(&self, instance: &str) {
         lock(&self.members).remove(instance);
+        lock(&self.rosters).remove(instance);
+    }
+
+    /// What `instance`'s heartbeat says of its sessions: all of them
+    /// (`full`), or those opened and closed since its last one. At most
+    /// [`MAX_ROSTER`] are kept per instance.
+    pub(crate) fn roster(
+        &self,
+        instance: &str,
+        full: bool,
+        opened: Vec<(String, String)>,
+        closed: Vec<String>,
+    ) {
+        if instance == self.me || !lock(&self.members).contains_key(instance) {
+            return;
+        }
+        let mut rosters = lock(&self.rosters);
+        let roster = rosters.entry(instance.to_owned()).or_default();
+        if full {
+            roster.clear();
+        }
+        for sid in closed {
+            roster.remove(&sid);
+        }
+        for (sid, uid) in opened {
+            if roster.len() >= MAX_ROSTER {
+                break;
+            }
+            roster.insert(sid, uid);
+        }
+    }
+
+    /// Instances not heard from for `after`, taken out: each with the
+    /// sessions it held (session id, user id), sorted.
+    pub(crate) fn lost(
+        &self,
+        now: Instant,
+        after: Duration,
+    ) -> Vec<(String, Vec<(String, String)>)> {
+        let gone: Vec<String> = {
+            let mut members = lock(&self.members);
+            let gone: Vec<String> = members
+                .iter()
+                .filter(|(_, m)| now.saturating_duration_since(m.seen) >= after)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &gone {
+                members.remove(id);
+            }
+            gone
+        };
+        let mut rosters = lock(&self.rosters);
+        let mut out: Vec<(String, Vec<(String, String)>)> = gone
+            .into_iter()
+            .map(|id| {
+                let mut sessions: Vec<(String, String)> = rosters
+                    .remove(&id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                sessions.sort();
+                (id, sessions)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether this instance comes first (by id) among the live ones: the
+    /// one that speaks for a lost instance, so it is said once.
+    pub(crate) fn speaks_for_the_lost(&self, now: Instant) -> bool {
+        self.others(now).iter().all(|o| self.me < *o)
     }
 
     /// The other instances alive now.
@@ -227,6 +312,37 @@ mod tests {
         assert!(lock(&c.seen).ids.len() <= MAX_SEEN + 1);
     }
 
+    #[test]
+    fn a_lost_instance_takes_its_sessions_with_it_and_one_instance_says_so() {
+        let c = Cluster::new("b".into(), Duration::from_secs(1));
+        let t0 = Instant::now();
+        c.heard("a", 2, 1, t0);
+        c.heard("c", 0, 0, t0);
+        let s = |sid: &str, uid: &str| (sid.to_owned(), uid.to_owned());
+        c.roster("a", true, vec![s("s1", "alice"), s("s2", "alice")], vec![]);
+        c.roster("a", false, vec![s("s3", "bob")], vec!["s2".into()]);
+        c.roster("unknown", true, vec![s("x", "y")], vec![]);
+        assert!(!c.speaks_for_the_lost(t0), "a comes first");
+        // c keeps beating, a does not.
+        let t1 = t0 + Duration::from_millis(1500);
+        c.heard("c", 0, 0, t1);
+        assert!(c.lost(t1, Duration::from_secs(2)).is_empty());
+        let t2 = t0 + Duration::from_millis(2100);
+        let lost = c.lost(t2, Duration::from_secs(2));
+        assert_eq!(
+            lost,
+            vec![("a".to_owned(), vec![s("s1", "alice"), s("s3", "bob")])]
+        );
+        assert!(c.speaks_for_the_lost(t2), "b before c");
+        assert!(c.lost(t2, Duration::from_secs(2)).is_empty(), "said once");
+        // One that leaves is not lost.
+        c.left("c");
+        assert!(
+            c.lost(t2 + Duration::from_secs(9), Duration::from_secs(2))
+                .is_empty()
+        );
+    }
+
     #[tokio::test]
     async fn acks_reach_the_waiting_push_only() {
         let c = Cluster::new("me".into(), Duration::from_secs(1));
@@ -234,6 +350,7 @@ mod tests {
         let ack = |i: &str| Ack {
             instance: i.into(),
             count: 2,
+            users: vec![],
         };
         c.acked("p", ack("a"));
         c.acked("other", ack("b"));

@@ -64,6 +64,8 @@ pub struct Gateway(Arc<Inner>);
 struct Inner {
     hub: Hub,
     mesh: Arc<dyn Mesh>,
+    /// What this instance knows of the others.
+    cluster: Arc<Cluster>,
     /// The mesh as what it is: a broker link (closed on shutdown) or the
     /// in-process mesh; a reloaded routing table rebinds its events.
     joined: Joined,
@@ -173,7 +175,7 @@ impl GatewayBuilder {
         ));
         let (control, control_rx) = mpsc::channel(CONTROL_OUTBOX);
         let service: Arc<dyn MeshHandler> =
-            Arc::new(BffService::new(hub.clone(), cluster, control));
+            Arc::new(BffService::new(hub.clone(), cluster.clone(), control));
         let name = hub.service_name().to_owned();
         let bindings = hub.event_bindings();
         let settings = hub.settings();
@@ -234,6 +236,7 @@ impl GatewayBuilder {
         let gateway = Gateway(Arc::new(Inner {
             hub,
             mesh,
+            cluster,
             joined,
             shutdown: CancellationToken::new(),
             hurry: CancellationToken::new(),
@@ -250,6 +253,17 @@ impl GatewayBuilder {
             g.background_stop.clone(),
         ));
         g.background.spawn(heartbeat(gateway.clone()));
+        if let Some(queue) = g.hub.take_lifecycle_queue() {
+            // Until the sessions are closed (their `disconnected` events
+            // are queued by then), then what is left, briefly.
+            g.background.spawn(crate::lifecycle::pump(
+                g.mesh.clone(),
+                queue,
+                g.hub.metrics().clone(),
+                g.hub.sessions().clone(),
+                g.closed.clone(),
+            ));
+        }
         if let Some(work) = g.hub.auth().maintain() {
             let stop = g.background_stop.clone();
             g.background.spawn(async move {
@@ -382,17 +396,24 @@ async fn pump_control(
 async fn heartbeat(gateway: Gateway) {
     let hub = gateway.hub();
     let me = hub.instance_id();
-    let mut every = tokio::time::interval(hub.settings().mesh_api.heartbeat);
+    let beat = hub.settings().mesh_api.heartbeat;
+    let mut every = tokio::time::interval(beat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An instance silent for two heartbeats is lost (killed, not drained):
+    // looked for four times a heartbeat.
+    let mut look = tokio::time::interval(beat / 4);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = gateway.stopping() => break,
-            _ = every.tick() => {}
-        }
-        if gateway.0.mesh.is_ready()
-            && let Some(presence) = mesh_api::presence(hub, me)
-        {
-            let _ = gateway.0.mesh.broadcast_control(presence).await;
+            _ = every.tick() => {
+                if gateway.0.mesh.is_ready()
+                    && let Some(presence) = mesh_api::presence(hub, me)
+                {
+                    let _ = gateway.0.mesh.broadcast_control(presence).await;
+                }
+            }
+            _ = look.tick() => lost_instances(&gateway, beat * 2),
         }
     }
     if let Some(bye) = mesh_api::leave(hub, me) {
@@ -401,6 +422,33 @@ async fn heartbeat(gateway: Gateway) {
     }
     // The control pump is needed no more.
     gateway.0.background_stop.cancel();
+}
+
+/// Instances not heard from for `after`: forgotten, and (by the first of
+/// the live instances, so it is said once) each of their sessions said
+/// `disconnected` with why `instance_lost`.
+fn lost_instances(gateway: &Gateway, after: std::time::Duration) {
+    let now = std::time::Instant::now();
+    let lost = gateway.0.cluster.lost(now, after);
+    if lost.is_empty() {
+        return;
+    }
+    let speak = gateway.0.cluster.speaks_for_the_lost(now);
+    for (instance, sessions) in lost {
+        tracing::warn!(
+            %instance,
+            sessions = sessions.len(),
+            "an instance of this BFF went silent without leaving; its sessions are taken for gone"
+        );
+        if speak {
+            for (session_id, user_id) in &sessions {
+                gateway
+                    .hub()
+                    .lifecycle()
+                    .lost(user_id, session_id, &instance);
+            }
+        }
+    }
 }
 
 impl Gateway {

@@ -15,10 +15,54 @@ use crate::auth::AuthHook;
 use crate::config::{Limits, Settings};
 use crate::history::Window;
 use crate::hooks::WsHandler;
+use crate::lifecycle::Lifecycle;
+use crate::mesh::OutgoingEvent;
 use crate::metrics::Metrics;
 use crate::routing::RouteTable;
 use crate::seal::Seal;
 use crate::session::Sessions;
+
+/// Every this many heartbeats, one tells all of an instance's sessions.
+const FULL_ROSTER_EVERY: u32 = 12;
+
+/// Changes past this many between two heartbeats: the next tells all.
+const MAX_ROSTER_CHANGES: usize = 50_000;
+
+/// This instance's session changes since its last heartbeat.
+#[derive(Debug, Default)]
+struct RosterOut {
+    opened: Vec<(String, String)>,
+    closed: Vec<String>,
+    full_next: bool,
+    beats: u32,
+}
+
+impl RosterOut {
+    fn note(&mut self, opened: Option<(&str, &str)>, closed: Option<&str>) {
+        if self.full_next {
+            return;
+        }
+        if let Some((sid, uid)) = opened {
+            self.opened.push((sid.to_owned(), uid.to_owned()));
+        }
+        if let Some(sid) = closed {
+            self.closed.push(sid.to_owned());
+        }
+        if self.opened.len() + self.closed.len() > MAX_ROSTER_CHANGES {
+            self.opened.clear();
+            self.closed.clear();
+            self.full_next = true;
+        }
+    }
+}
+
+/// What a heartbeat says of the instance's sessions.
+#[derive(Debug)]
+pub(crate) struct RosterNews {
+    pub(crate) full: bool,
+    pub(crate) opened: Vec<(String, String)>,
+    pub(crate) closed: Vec<String>,
+}
 
 /// Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -40,6 +84,14 @@ struct Inner {
     log: std::sync::Mutex<Window>,
     /// Resumes reading the broker's log at once.
     log_reads: tokio::sync::Semaphore,
+    /// Lifecycle events out, and their queue's other end until the
+    /// gateway takes it to publish.
+    lifecycle: Lifecycle,
+    lifecycle_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<OutgoingEvent>>>,
+    /// Sessions opened and closed since the last heartbeat, for the other
+    /// instances to know what this one holds (lifecycle events with a
+    /// cluster key only).
+    roster: std::sync::Mutex<RosterOut>,
     /// Held while a new routing table is put in place: one at a time.
     replacing_routes: tokio::sync::Mutex<()>,
 }
@@ -69,10 +121,19 @@ impl Hub {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let seal = Seal::new(settings.cluster_key.clone());
+        let (lifecycle, lifecycle_queue) = Lifecycle::new(
+            settings.lifecycle_events,
+            &settings.mesh_service_name,
+            &instance_id,
+            metrics.clone(),
+        );
         let events = &settings.events;
         let log = std::sync::Mutex::new(Window::new(events.window_events, events.window_bytes));
         let log_reads = tokio::sync::Semaphore::new(events.max_log_reads);
         Self(Arc::new(Inner {
+            lifecycle,
+            lifecycle_queue: std::sync::Mutex::new(lifecycle_queue),
+            roster: std::sync::Mutex::default(),
             log,
             log_reads,
             seal,
@@ -142,6 +203,76 @@ impl Hub {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.0.lifecycle
+    }
+
+    /// The lifecycle events' queue, once, for the task that publishes them.
+    pub(crate) fn take_lifecycle_queue(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<OutgoingEvent>> {
+        self.0
+            .lifecycle_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Whether this instance tells the others its sessions (so that they
+    /// can say `disconnected` for them if it is lost).
+    fn keeps_roster(&self) -> bool {
+        self.0.settings.lifecycle_events && self.0.seal.is_keyed()
+    }
+
+    pub(crate) fn session_opened(&self, session_id: &str, user_id: &str) {
+        if self.keeps_roster() {
+            self.roster().note(Some((session_id, user_id)), None);
+        }
+    }
+
+    pub(crate) fn session_closed(&self, session_id: &str) {
+        if self.keeps_roster() {
+            self.roster().note(None, Some(session_id));
+        }
+    }
+
+    /// The next heartbeat's news of this instance's sessions: all of them,
+    /// or what changed since the last one; `None` when it keeps no roster.
+    pub(crate) fn roster_news(&self) -> Option<RosterNews> {
+        if !self.keeps_roster() {
+            return None;
+        }
+        let mut roster = self.roster();
+        roster.beats = roster.beats.wrapping_add(1);
+        let full = roster.full_next || roster.beats % FULL_ROSTER_EVERY == 1;
+        roster.full_next = false;
+        let opened = std::mem::take(&mut roster.opened);
+        let closed = std::mem::take(&mut roster.closed);
+        drop(roster);
+        Some(if full {
+            RosterNews {
+                full: true,
+                opened: self.0.sessions.all(),
+                closed: Vec::new(),
+            }
+        } else {
+            RosterNews {
+                full: false,
+                opened,
+                closed,
+            }
+        })
+    }
+
+    /// A new instance was heard: the next heartbeat tells all.
+    pub(crate) fn roster_in_full_next(&self) {
+        self.roster().full_next = true;
+    }
+
+    fn roster(&self) -> std::sync::MutexGuard<'_, RosterOut> {
+        self.0.roster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The window of the event log, locked.

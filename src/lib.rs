@@ -21,6 +21,7 @@ mod gateway;
 mod history;
 mod hooks;
 mod hub;
+mod lifecycle;
 mod mesh;
 mod mesh_api;
 mod metrics;

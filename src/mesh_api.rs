@@ -183,6 +183,11 @@ const METHODS: &[MethodDoc] = &[
         description: "Connection counts of this instance and of the live instances it knows",
         params: &[],
     },
+    MethodDoc {
+        name: "presence",
+        description: "For each user, the sessions open on every instance and on how many instances (at most 1000 users); needs the presence or push role",
+        params: &[("user_ids", "list", None)],
+    },
 ];
 
 pub(crate) fn event_frame(topic: &str, event: RawJson, position: Option<u64>) -> Utf8Bytes {
@@ -193,6 +198,29 @@ pub(crate) fn event_frame(topic: &str, event: RawJson, position: Option<u64>) ->
     }
     .to_json()
     .into()
+}
+
+/// Users one `presence` call may ask about.
+const MAX_PRESENCE_USERS: usize = 1000;
+
+/// The users of a `presence` call: at most [`MAX_PRESENCE_USERS`] ids of
+/// at most 255 bytes each.
+fn presence_users(params: &Map<String, Value>) -> Result<Vec<String>, ErrorBody> {
+    let users = string_list(params, "user_ids")?;
+    if users.len() > MAX_PRESENCE_USERS {
+        return Err(invalid(format!(
+            "`user_ids` holds {} ids; at most {MAX_PRESENCE_USERS} may be asked at once",
+            users.len()
+        )));
+    }
+    if users.iter().any(|u| u.is_empty() || u.len() > 255) {
+        return Err(invalid("each user id must be 1 to 255 bytes".into()));
+    }
+    let mut seen = HashSet::new();
+    Ok(users
+        .into_iter()
+        .filter(|u| seen.insert(u.clone()))
+        .collect())
 }
 
 fn invalid(message: String) -> ErrorBody {
@@ -259,8 +287,9 @@ impl BffService {
             } else {
                 format!(
                     "send_to_users, broadcast and disconnect_users need context.Authorization: \
-                     a JWT this BFF accepts whose roles include `{}`",
-                    self.hub.settings().mesh_api.push_role
+                     a JWT this BFF accepts whose roles include `{}`; presence, `{}` or that one",
+                    self.hub.settings().mesh_api.push_role,
+                    self.hub.settings().mesh_api.presence_role
                 )
             },
             "encrypted_methods": false,
@@ -287,14 +316,26 @@ impl BffService {
 
     /// May the holder of `token` push? (Always, with `mesh_api.open`.)
     async fn may_push(&self, token: Option<&str>) -> Result<(), ErrorBody> {
+        let role = self.hub.settings().mesh_api.push_role.clone();
+        self.may(token, "a push", &[role]).await
+    }
+
+    /// May the holder of `token` do `what`: a token this BFF accepts with
+    /// one of `roles`? (Always, with `mesh_api.open`.)
+    async fn may(
+        &self,
+        token: Option<&str>,
+        what: &str,
+        roles: &[String],
+    ) -> Result<(), ErrorBody> {
         let api = &self.hub.settings().mesh_api;
         if api.open {
             return Ok(());
         }
         let Some(token) = token else {
-            return Err(not_authorized(
-                "a push needs a caller token in context.Authorization",
-            ));
+            return Err(not_authorized(&format!(
+                "{what} needs a caller token in context.Authorization"
+            )));
         };
         let identity = self
             .hub
@@ -302,14 +343,76 @@ impl BffService {
             .authenticate(token)
             .await
             .map_err(|e| not_authorized(&format!("the caller token was refused: {e}")))?;
-        if identity.roles.contains(&api.push_role) {
+        if roles.iter().any(|r| identity.roles.contains(r)) {
             Ok(())
         } else {
             Err(not_authorized(&format!(
                 "the caller token lacks the role `{}`",
-                api.push_role
+                roles.join("` or `")
             )))
         }
+    }
+
+    /// This instance's sessions of each of `users`.
+    fn local_presence(&self, users: &[String]) -> Vec<(String, u64)> {
+        let sessions = self.hub.sessions();
+        users
+            .iter()
+            .map(|u| (u.clone(), sessions.sessions_of(u).len() as u64))
+            .collect()
+    }
+
+    /// For each of `users`, the sessions open on every instance of this
+    /// BFF and on how many instances, gathered as a push's counts are.
+    async fn presence_everywhere(&self, users: Vec<String>) -> Value {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let me = self.cluster.me().to_owned();
+        let mut totals: std::collections::HashMap<&str, (u64, u64)> =
+            users.iter().map(|u| (u.as_str(), (0, 0))).collect();
+        let mut add = |counts: &[(String, u64)]| {
+            for (u, n) in counts {
+                if let Some(t) = totals.get_mut(u.as_str())
+                    && *n > 0
+                {
+                    t.0 = t.0.saturating_add(*n);
+                    t.1 += 1;
+                }
+            }
+        };
+        add(&self.local_presence(&users));
+        let query = json!({"op": "presence_query", "id": id, "origin": me, "user_ids": users});
+        let sealed = self.hub.seal().seal(query);
+        let acks = sealed.as_ref().and_then(|_| self.cluster.gather(&id));
+        if let (Some(body), Some(mut acks)) = (sealed, acks) {
+            let expected = self.cluster.others(Instant::now());
+            if self.send(ControlOut::All(body), true).await.is_ok() {
+                let deadline = tokio::time::Instant::now() + self.hub.settings().mesh_api.gather;
+                let mut answered = HashSet::new();
+                while !expected.is_subset(&answered) {
+                    match tokio::time::timeout_at(deadline, acks.recv()).await {
+                        Ok(Some(ack)) if ack.instance != me => {
+                            if answered.insert(ack.instance) {
+                                add(&ack.users);
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+            self.cluster.done(&id);
+        }
+        let out: Map<String, Value> = users
+            .iter()
+            .map(|u| {
+                let (sessions, instances) = totals.get(u.as_str()).copied().unwrap_or((0, 0));
+                (
+                    u.clone(),
+                    json!({"sessions": sessions, "instances": instances}),
+                )
+            })
+            .collect();
+        Value::Object(out)
     }
 
     /// Apply a push to this instance's sockets; how many it reached.
@@ -411,6 +514,17 @@ impl BffService {
         match method {
             "nuropb_describe" => return Ok(self.describe()),
             "stats" => return Ok(self.stats()),
+            "presence" => {
+                let users = presence_users(&request.params)?;
+                let api = &self.hub.settings().mesh_api;
+                let roles = [api.presence_role.clone(), api.push_role.clone()];
+                let token = caller_token(&request.context);
+                if let Err(refused) = self.may(token, "presence", &roles).await {
+                    self.hub.metrics().push_refused();
+                    return Err(refused);
+                }
+                return Ok(self.presence_everywhere(users).await);
+            }
             _ => {}
         }
         let Some(push) = Push::parse(method, &request.params)? else {
@@ -485,13 +599,90 @@ impl BffService {
                     return;
                 };
                 let instance = instance.to_owned();
-                self.cluster.acked(id, Ack { instance, count });
+                // A presence answer: sessions by user (the origin keeps
+                // only the users it asked about).
+                let users = body
+                    .get("users")
+                    .and_then(Value::as_object)
+                    .map(|m| {
+                        m.iter()
+                            .take(MAX_PRESENCE_USERS)
+                            .filter_map(|(u, n)| Some((u.clone(), n.as_u64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.cluster.acked(
+                    id,
+                    Ack {
+                        instance,
+                        count,
+                        users,
+                    },
+                );
+            }
+            Some("presence_query") => {
+                let (Some(id), Some(origin)) = (text("id"), instance("origin")) else {
+                    return;
+                };
+                if origin == self.cluster.me() {
+                    return;
+                }
+                let Ok(users) = presence_users(&body) else {
+                    return;
+                };
+                let counts = self.local_presence(&users);
+                let total: u64 = counts.iter().map(|c| c.1).sum();
+                let users: Map<String, Value> =
+                    counts.into_iter().map(|(u, n)| (u, json!(n))).collect();
+                let ack = json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": total, "users": users});
+                if let Some(ack) = self.hub.seal().seal(ack)
+                    && self
+                        .send(ControlOut::To(origin.to_owned(), ack), false)
+                        .await
+                        .is_err()
+                {
+                    tracing::debug!("presence answer dropped: control outbox full");
+                }
             }
             Some("presence") => {
                 let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(0);
                 if let Some(instance) = instance("instance") {
-                    self.cluster
-                        .heard(instance, count("sessions"), count("users"), now);
+                    if self
+                        .cluster
+                        .heard(instance, count("sessions"), count("users"), now)
+                    {
+                        // A new instance: it hears all of ours next.
+                        self.hub.roster_in_full_next();
+                    }
+                    let pairs = |k: &str| -> Vec<(String, String)> {
+                        body.get(k)
+                            .and_then(Value::as_array)
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|p| {
+                                        let p = p.as_array()?;
+                                        Some((
+                                            p.first()?.as_str()?.to_owned(),
+                                            p.get(1)?.as_str()?.to_owned(),
+                                        ))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    };
+                    let closed: Vec<String> = body
+                        .get("closed")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| Some(s.as_str()?.to_owned()))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let full = body.get("full").and_then(Value::as_bool).unwrap_or(false);
+                    if body.get("opened").is_some() {
+                        self.cluster.roster(instance, full, pairs("opened"), closed);
+                    }
                 }
             }
             Some("leave") => {
@@ -560,9 +751,14 @@ pub(crate) fn presence(hub: &Hub, instance: &str) -> Option<Value> {
         return Some(json!({"op": "presence", "instance": instance}));
     }
     let c = hub.sessions().counts();
-    hub.seal().seal(
-        json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users}),
-    )
+    let mut beat =
+        json!({"op": "presence", "instance": instance, "sessions": c.sessions, "users": c.users});
+    if let (Some(news), Value::Object(fields)) = (hub.roster_news(), &mut beat) {
+        fields.insert("full".into(), json!(news.full));
+        fields.insert("opened".into(), json!(news.opened));
+        fields.insert("closed".into(), json!(news.closed));
+    }
+    hub.seal().seal(beat)
 }
 
 /// This instance is leaving, sealed.

@@ -49,6 +49,7 @@ struct Inner {
     mesh_blocked: Gauge,
     routes_reloads: Family<ResultLabels, Counter>,
     resumes: Family<ResultLabels, Counter>,
+    lifecycle_dropped: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +99,7 @@ impl Metrics {
         let mesh_blocked = Gauge::default();
         let routes_reloads = Family::<ResultLabels, Counter>::default();
         let resumes = Family::<ResultLabels, Counter>::default();
+        let lifecycle_dropped = Counter::default();
         registry.register(
             "ws_connections",
             "WebSocket connections accepted",
@@ -179,6 +181,11 @@ impl Metrics {
             "Subscriptions resumed with `since`, by result (recovered, refetch)",
             resumes.clone(),
         );
+        registry.register(
+            "lifecycle_events_dropped",
+            "Lifecycle events (connected, disconnected, ...) not published: their queue was full or the broker did not take them",
+            lifecycle_dropped.clone(),
+        );
         let frames_in_request = frames_in
             .get_or_create(&KindLabels { kind: "request" })
             .clone();
@@ -210,6 +217,7 @@ impl Metrics {
             mesh_blocked,
             routes_reloads,
             resumes,
+            lifecycle_dropped,
         }))
     }
 
@@ -302,6 +310,10 @@ impl Metrics {
             .routes_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub(crate) fn lifecycle_dropped(&self) {
+        self.0.lifecycle_dropped.inc();
     }
 
     /// A resume: `recovered` or `refetch`.

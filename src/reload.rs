@@ -98,6 +98,9 @@ pub async fn reload_routes(gateway: &Gateway) -> Result<TableChanges, RunError> 
     });
     drop(routes);
     for (session_id, topics) in &narrowed {
+        if let Some(session) = hub.sessions().info(session_id) {
+            hub.lifecycle().unsubscribed(&session, topics);
+        }
         let frame = ServerFrame::Unsubscribed {
             topics: topics.clone(),
             reason: NARROWED_BY_RELOAD.into(),

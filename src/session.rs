@@ -433,6 +433,22 @@ impl Sessions {
         sent
     }
 
+    /// Every session now: its id and its user's.
+    pub(crate) fn all(&self) -> Vec<(String, String)> {
+        self.lock()
+            .sessions
+            .iter()
+            .map(|(sid, e)| (sid.clone(), e.user_id.clone()))
+            .collect()
+    }
+
+    /// Who a session is now.
+    pub(crate) fn info(&self, session_id: &str) -> Option<Arc<SessionInfo>> {
+        let entry = self.lock().sessions.get(session_id).cloned()?;
+        let info = Arc::clone(&entry.state().info);
+        Some(info)
+    }
+
     /// Start a resume: live events for the session are held back from now
     /// on (until [`Sessions::release`]), and none at or before
     /// `seen_through` is sent. False if the session is gone or already

@@ -215,6 +215,8 @@ async fn open(
         }
     };
     gw.metrics().connection_opened();
+    gw.hub().lifecycle().connected(&info);
+    gw.hub().session_opened(&info.session_id, &info.user_id);
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
     let (sink, stream) = socket.split();
@@ -355,6 +357,20 @@ impl Live {
     async fn run(&mut self) {
         self.conn.serve(&mut self.stream).await;
         self.conn.finish().await;
+        let code = self
+            .conn
+            .outbox
+            .close_reason()
+            .map_or(close::NORMAL, |r| r.code);
+        self.conn
+            .gw
+            .hub()
+            .lifecycle()
+            .disconnected(&self.conn.info, code);
+        self.conn
+            .gw
+            .hub()
+            .session_closed(&self.conn.info.session_id);
         self.conn.gw.metrics().connection_closed();
         tracing::debug!(session_id = %self.conn.info.session_id, "session closed");
     }
@@ -652,6 +668,7 @@ impl Connection {
                     dispatch::authorize_subscription(&routes, &self.info.roles, t).is_ok()
                 });
                 drop(routes);
+                self.gw.hub().lifecycle().unsubscribed(&self.info, &dropped);
                 if !dropped.is_empty() {
                     self.reply(ServerFrame::Unsubscribed {
                         topics: dropped,
@@ -708,6 +725,7 @@ impl Connection {
             }
             match recovery::begin(self.gw.hub(), &self.info, &topics, since) {
                 Ok(resume) => {
+                    self.gw.hub().lifecycle().subscribed(&self.info, &topics);
                     let hub = self.gw.hub().clone();
                     let mesh = self.gw.mesh().clone();
                     let info = self.info.clone();
@@ -723,6 +741,9 @@ impl Connection {
                 .subscribe(&self.info.session_id, &topics, limit)
                 .map_err(|SubscribeError::TooMany(limit)| Refusal::TooManySubscriptions { limit })
         });
+        if checked.is_ok() {
+            self.gw.hub().lifecycle().subscribed(&self.info, &topics);
+        }
         let frame = match checked {
             Ok(now) => ServerFrame::Subscribed {
                 topics: now,
@@ -739,6 +760,7 @@ impl Connection {
                 dispatch::authorize_subscription(&now, &self.info.roles, t).is_ok()
             });
             drop(now);
+            self.gw.hub().lifecycle().unsubscribed(&self.info, &dropped);
             if !dropped.is_empty() {
                 self.reply(ServerFrame::Unsubscribed {
                     topics: dropped,
@@ -754,6 +776,7 @@ impl Connection {
             .gw
             .sessions()
             .unsubscribe(&self.info.session_id, &topics);
+        self.gw.hub().lifecycle().unsubscribed(&self.info, &topics);
         self.reply(ServerFrame::Subscribed {
             topics: now,
             recovered: None,

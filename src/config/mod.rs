@@ -122,6 +122,9 @@ pub struct MeshApi {
     /// The role a caller's token needs for `send_to_users`, `broadcast`
     /// and `disconnect_users`.
     pub push_role: String,
+    /// The role a caller's token needs for `presence` (the push role
+    /// will do too).
+    pub presence_role: String,
     /// Let any broker peer push without a token: for closed development
     /// meshes only (logged as a warning at start).
     pub open: bool,
@@ -139,6 +142,7 @@ impl Default for MeshApi {
     fn default() -> Self {
         Self {
             push_role: "bff:push".into(),
+            presence_role: "bff:presence".into(),
             open: false,
             gather: Duration::from_millis(1000),
             heartbeat: Duration::from_secs(5),
@@ -312,6 +316,11 @@ pub struct Settings {
     /// typed client) outside development mode too, where they are always on.
     #[serde(default)]
     pub console: bool,
+    /// Publish `bff.{mesh_service_name}.connected`, `.disconnected`,
+    /// `.subscribed` and `.unsubscribed` on the events exchange, for the
+    /// services to react to sessions.
+    #[serde(default)]
+    pub lifecycle_events: bool,
     /// A routed `service.method` called on the user's behalf when a socket
     /// opens; its result rides in the `hello` event under `data` (or why it
     /// failed under `data_error`).
@@ -376,6 +385,7 @@ impl Settings {
             events: Events::default(),
             hello_call: None,
             console: false,
+            lifecycle_events: false,
         }
     }
 
@@ -520,8 +530,8 @@ impl Settings {
             ));
         }
         let m = &self.mesh_api;
-        if m.push_role.trim().is_empty() {
-            return bad("mesh_api.push_role must not be empty".into());
+        if m.push_role.trim().is_empty() || m.presence_role.trim().is_empty() {
+            return bad("mesh_api.push_role and mesh_api.presence_role must not be empty".into());
         }
         check_millis(
             "mesh_api",
