@@ -408,3 +408,77 @@ impl Drop for BffProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A real nuropb Python service listening to events (tests/python/
+/// listener.py): every event it receives, in order. Killed when dropped.
+pub struct PyListener {
+    child: Child,
+    events: std::sync::mpsc::Receiver<Value>,
+    pub seen: Vec<Value>,
+}
+
+impl Drop for PyListener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PyListener {
+    /// Wait (up to `within`) until `done` holds for the events seen so
+    /// far; they are kept in `seen`.
+    pub fn until(&mut self, within: Duration, done: impl Fn(&[Value]) -> bool) -> &[Value] {
+        let deadline = Instant::now() + within;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) => self.seen.push(e),
+                Err(_) => panic!(
+                    "the listener did not see what was awaited within {within:?}; it saw:\n{}",
+                    self.seen
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+        &self.seen
+    }
+}
+
+pub fn start_python_listener(name: &str, patterns: &[&str]) -> PyListener {
+    let mut child = Command::new(nuropb_python())
+        .arg(script("listener.py"))
+        .arg(amqp_url())
+        .arg(name)
+        .args(patterns)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the Python listener");
+    let stdout = child.stdout.take().expect("a piped stdout");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "READY" {
+                let _ = ready_tx.send(());
+            } else if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the Python listener did not get ready within 60 s");
+    PyListener {
+        child,
+        events,
+        seen: Vec::new(),
+    }
+}
