@@ -1112,3 +1112,112 @@ fn a_generated_bff_reloads_its_routing_file_without_dropping_a_socket() {
     let (status, log) = p.exit(Duration::from_secs(30));
     assert!(status.success(), "{log}");
 }
+
+/// Two processes of one generated BFF and a real nuropb Python service
+/// bound to its lifecycle events: presence counts both instances, and
+/// when one is killed (not drained) the other says its sessions are gone.
+#[test]
+fn a_killed_instance_is_noticed_and_its_sessions_said_lost() {
+    let mesh_name = common::unique("lc-bff");
+    let crate_dir = generate_crate(
+        "presence-bff",
+        &[("routes", "echo.*"), ("mesh_service_name", &mesh_name)],
+    );
+    let config = std::fs::read_to_string(crate_dir.join("config/default.toml")).unwrap();
+    assert!(
+        config.contains("lifecycle_events = true"),
+        "on by default:\n{config}"
+    );
+    ok("cargo build", &cargo(&crate_dir, &["build"]));
+    let bin = shared_target().join("debug").join("presence-bff");
+    let mut listener = common::start_python_listener(
+        &common::unique("lc-listener"),
+        &[&format!("bff.{mesh_name}.#")],
+    );
+    let secret = "a-presence-test-secret-of-32-bytes-or-more";
+    let heartbeat = Duration::from_millis(500);
+    let spawn = |id: &str| {
+        BffProcess::spawn(
+            &bin,
+            &crate_dir,
+            &[],
+            &[
+                ("BFF_JWT_SECRET", secret),
+                ("BFF_AMQP_URL", &common::amqp_url()),
+                ("BFF_LISTEN", "127.0.0.1:0"),
+                ("BFF_INSTANCE_ID", id),
+                (
+                    "BFF_CLUSTER_KEY",
+                    "a-cluster-key-of-thirty-two-bytes-or-more",
+                ),
+                ("BFF_MESH_API__HEARTBEAT_MS", "500"),
+            ],
+        )
+    };
+    let mut a = spawn("pa");
+    let mut b = spawn("pb");
+    let (addr_a, addr_b) = (a.serving_addr(), b.serving_addr());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let token = hs256_token(secret, "alice", &[], 600);
+    let sockets = rt.block_on(async {
+        let mut held = Vec::new();
+        for addr in [addr_a, addr_a, addr_b] {
+            let mut c = TestClient::connect(&format!("ws://{addr}/ws"), Some(&token))
+                .await
+                .unwrap();
+            c.recv().await.unwrap();
+            held.push(c);
+        }
+        held
+    });
+    let presence = |who: &str| {
+        common::python_client_as(
+            &mesh_name,
+            "presence",
+            json!({"user_ids": [who]}),
+            &json!({"Authorization": hs256_token(secret, "svc-crm", &["bff:presence"], 300)}),
+        )
+    };
+    // Both instances have heard each other (and each other's sessions).
+    std::thread::sleep(heartbeat * 3);
+    let asked = presence("alice");
+    assert_eq!(
+        asked["result"]["alice"],
+        json!({"sessions": 3, "instances": 2}),
+        "{asked}"
+    );
+    listener.until(Duration::from_secs(20), |seen| {
+        seen.iter()
+            .filter(|e| e["topic"] == format!("bff.{mesh_name}.connected").as_str())
+            .count()
+            == 3
+    });
+
+    b.kill();
+    let killed = Instant::now();
+    let seen = listener.until(Duration::from_secs(20), |seen| {
+        seen.iter().any(|e| e["event"]["why"] == "instance_lost")
+    });
+    let noticed = killed.elapsed();
+    let lost: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["event"]["why"] == "instance_lost")
+        .collect();
+    assert_eq!(lost.len(), 1, "the one session B held, said once: {lost:?}");
+    assert_eq!(lost[0]["event"]["user_id"], "alice");
+    assert_eq!(lost[0]["event"]["instance"], "pb");
+    println!(
+        "a killed instance's sessions were said lost {noticed:?} after the kill (heartbeat {heartbeat:?})"
+    );
+    assert!(noticed < heartbeat * 6, "noticed after {noticed:?}");
+    let asked = presence("alice");
+    assert_eq!(
+        asked["result"]["alice"],
+        json!({"sessions": 2, "instances": 1}),
+        "{asked}"
+    );
+    drop(sockets);
+    a.terminate();
+    let (status, log) = a.exit(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+}

@@ -383,6 +383,12 @@ impl BffProcess {
         self.signal("TERM");
     }
 
+    /// Kill the process (SIGKILL: no drain, no goodbye) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Send the process a signal (`TERM`, `HUP`, ...).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
