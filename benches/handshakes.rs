@@ -8,6 +8,7 @@
 //!
 //!   cargo bench --bench handshakes                       # 3,000 handshakes each
 //!   cargo bench --bench handshakes -- --handshakes 10000 --concurrency 64
+//!   cargo bench --bench handshakes -- --broker --lifecycle   # on RabbitMQ, publishing connected/disconnected
 //!
 //! Under `cargo test` it makes a short smoke run.
 
@@ -38,8 +39,16 @@ impl Server {
                 .unwrap();
             rt.block_on(async move {
                 let routes = RouteTable::parse("bench", "[[route]]\ncall = \"echo.*\"\n").unwrap();
-                let mut settings = Settings::new("handshake-bench");
+                let mut settings = Settings::new(format!("handshake-bench-{}", std::process::id()));
                 settings.limits.max_connections_per_user = 1_000_000;
+                // `--lifecycle`: connected/disconnected published for every
+                // handshake; `--broker`: on RabbitMQ rather than in process.
+                settings.lifecycle_events = std::env::args().any(|a| a == "--lifecycle");
+                if std::env::args().any(|a| a == "--broker") {
+                    settings.amqp_url = std::env::var("BFF_TEST_AMQP_URL")
+                        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+                        .into();
+                }
                 let gw = Gateway::builder(settings)
                     .routes(routes)
                     .auth(auth)
