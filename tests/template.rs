@@ -1216,8 +1216,15 @@ fn a_killed_instance_is_noticed_and_its_sessions_said_lost() {
         json!({"sessions": 2, "instances": 1}),
         "{asked}"
     );
-    drop(sockets);
+    // A drained instance says its sessions ended for a shutdown.
     a.terminate();
     let (status, log) = a.exit(Duration::from_secs(30));
     assert!(status.success(), "{log}");
+    listener.until(Duration::from_secs(20), |seen| {
+        seen.iter()
+            .filter(|e| e["event"]["why"] == "shutdown")
+            .count()
+            == 2
+    });
+    drop(sockets);
 }
