@@ -313,3 +313,45 @@ async fn a_reconnect_storm_resumes_every_socket_exactly() {
     publisher.close(Duration::from_secs(5)).await;
     b.stop().await;
 }
+
+/// A position the log no longer keeps: nothing is replayed, the client
+/// refetches (development mode's log keeps the last 10,000 events).
+#[tokio::test]
+async fn a_position_older_than_the_log_keeps_answers_refetch() {
+    let root = unique("rc");
+    let mesh = MemoryMesh::new();
+    let a = common::start(
+        &routes(&root),
+        hs256(),
+        Arc::new(DefaultHandler),
+        |s| {
+            s.events.window_events = 5;
+            // Not too many: too old is the only reason to refuse.
+            s.events.recover_max = 20_000;
+        },
+        MeshSetup::Memory(mesh.clone()),
+    )
+    .await;
+    let topic = format!("{root}.news.a");
+    for n in 0..10_050 {
+        mesh.publish_event(event(&topic, n, None)).await.unwrap();
+    }
+    let news = format!("{root}.news.#");
+    let (mut c, _) = common::connect(&a.url(), &token("alice", &[], 300)).await;
+    // Position 10 went with the 50 oldest.
+    let answer = resume(&mut c, &[&news], 10).await;
+    assert_eq!(answer["payload"]["recovered"], false, "{answer}");
+    // One still kept, but older than the window: read from the log.
+    let answer = {
+        let (mut c, _) = common::connect(&a.url(), &token("bob", &[], 300)).await;
+        let answer = resume(&mut c, &[&news], 10_040).await;
+        let replayed = events(&mut c, 9).await;
+        assert_eq!(
+            replayed.iter().map(|e| e.0).collect::<Vec<_>>(),
+            (10_041..10_050).collect::<Vec<_>>()
+        );
+        answer
+    };
+    assert_eq!(answer["payload"]["recovered"], true, "{answer}");
+    a.stop().await;
+}
