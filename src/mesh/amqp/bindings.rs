@@ -124,6 +124,44 @@ fn ledger_queue(c: &AmqpConfig) -> String {
     format!("{}-bindings", c.event_queue_name())
 }
 
+/// Bind the event queue to `add` (each added to `bound` once bound), then
+/// unbind it from `remove` (each taken out of `bound`).
+pub(super) async fn apply(
+    ch: &lapin::Channel,
+    c: &AmqpConfig,
+    bound: &mut Vec<String>,
+    add: Vec<String>,
+    remove: Vec<String>,
+) -> Result<(), MeshError> {
+    let queue = c.event_queue_name();
+    for topic in add {
+        ch.queue_bind(
+            queue.as_str().into(),
+            c.events_exchange.as_str().into(),
+            topic.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(c, &format!("cannot bind events `{topic}`"), e))?;
+        if !bound.contains(&topic) {
+            bound.push(topic);
+        }
+    }
+    for topic in remove {
+        ch.queue_unbind(
+            queue.as_str().into(),
+            c.events_exchange.as_str().into(),
+            topic.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail(c, &format!("cannot unbind events `{topic}`"), e))?;
+        bound.retain(|t| *t != topic);
+    }
+    Ok(())
+}
+
 /// Bind what is wanted and not bound, then unbind what is bound and no
 /// longer wanted, on the live link's channel.
 pub(super) async fn reconcile(shared: &Arc<Shared>) -> Result<(), MeshError> {
@@ -142,30 +180,7 @@ pub(super) async fn reconcile(shared: &Arc<Shared>) -> Result<(), MeshError> {
         return Ok(());
     };
     let (add, remove) = changes(&b.bound, &b.wanted);
-    let queue = c.event_queue_name();
-    for topic in add {
-        ch.queue_bind(
-            queue.as_str().into(),
-            c.events_exchange.as_str().into(),
-            topic.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(c, &format!("cannot bind events `{topic}`"), e))?;
-        b.bound.push(topic);
-    }
-    for topic in remove {
-        ch.queue_unbind(
-            queue.as_str().into(),
-            c.events_exchange.as_str().into(),
-            topic.as_str().into(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(c, &format!("cannot unbind events `{topic}`"), e))?;
-        b.bound.retain(|t| *t != topic);
-    }
+    apply(&ch, c, &mut b.bound, add, remove).await?;
     write_ledger(&ch, c, &b.bound).await
 }
 

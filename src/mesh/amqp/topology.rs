@@ -280,27 +280,7 @@ async fn declare_event_queue(ch: &Channel, shared: &Arc<Shared>) -> Result<(), M
         .cloned()
         .collect();
     bindings.bound.clear();
-    for topic in bindings.wanted.clone() {
-        ch.queue_bind(
-            eq.clone(),
-            c.events_exchange.as_str().into(),
-            topic.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(c, &format!("cannot bind events `{topic}`"), e))?;
-        bindings.bound.push(topic);
-    }
-    for topic in stale {
-        ch.queue_unbind(
-            eq.clone(),
-            c.events_exchange.as_str().into(),
-            topic.as_str().into(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| fail(c, &format!("cannot unbind events `{topic}`"), e))?;
-    }
+    let wanted = bindings.wanted.clone();
+    bindings::apply(ch, c, &mut bindings.bound, wanted, stale).await?;
     bindings::write_ledger(ch, c, &bindings.bound).await
 }
