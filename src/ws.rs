@@ -729,7 +729,15 @@ impl Connection {
                     let hub = self.gw.hub().clone();
                     let mesh = self.gw.mesh().clone();
                     let info = self.info.clone();
-                    self.gw.tasks().spawn(resume.finish(hub, mesh, info));
+                    // A drain does not wait for a replay: the socket is
+                    // about to close anyway.
+                    let gw = self.gw.clone();
+                    self.gw.tasks().spawn(async move {
+                        tokio::select! {
+                            _ = resume.finish(hub, mesh, info) => {}
+                            _ = gw.stopping() => {}
+                        }
+                    });
                 }
                 Err(frame) => self.reply(*frame).await,
             }
