@@ -21,6 +21,7 @@ use crate::hub::Hub;
 use crate::mesh::{self, BoxFuture, Call, Mesh, MeshError};
 use crate::protocol::{ClientCall, ErrorBody, Params, RawJson, SessionInfo};
 use crate::routing::{DEFAULT_TIMEOUT, Part, RouteTable};
+use crate::trace::TraceContext;
 
 /// Who calls, with what: the session and the shared state its calls are
 /// planned against.
@@ -77,11 +78,17 @@ impl Caller<'_> {
         service: &str,
         method: &str,
         params: impl FnOnce() -> Params,
-        trace_id: &str,
+        trace: &TraceContext,
     ) -> Result<Call, Refusal> {
         let allowed = dispatch::authorize(routes, self.session, rates, now, service, method)?;
-        let context = self.context.render(self.session, trace_id);
-        let mut call = allowed.call(params(), context, trace_id);
+        // The mesh sees the call's W3C trace: its id as NuroPb's trace_id,
+        // its span as the context's traceparent.
+        let trace_id = trace.trace_id_hex();
+        let traceparent = trace.traceparent();
+        let context = self
+            .context
+            .render(self.session, &trace_id, Some(&traceparent));
+        let mut call = allowed.call(params(), context, &trace_id);
         self.hub.handler().on_request(self.session, &mut call);
         Ok(call)
     }
@@ -94,7 +101,7 @@ impl Caller<'_> {
         rates: &mut Rates,
         call: ClientCall,
         command: bool,
-        trace_id: &str,
+        trace: &TraceContext,
     ) -> Result<Plan, Refusal> {
         let handler = self.hub.handler();
         if !command && handler.is_local(&call) {
@@ -103,8 +110,12 @@ impl Caller<'_> {
                 call: call.clone(),
                 mesh: MeshClient::new(
                     self.mesh.clone(),
-                    self.context.render(self.session, trace_id),
-                    trace_id.to_owned(),
+                    self.context.render(
+                        self.session,
+                        &trace.trace_id_hex(),
+                        Some(&trace.traceparent()),
+                    ),
+                    trace.trace_id_hex(),
                     DEFAULT_TIMEOUT,
                 ),
             };
@@ -123,6 +134,8 @@ impl Caller<'_> {
                 .iter()
                 .map(|part| {
                     let params = || compose::part_params(part, self.session, &call.params).into();
+                    // Each part a span of its own under the call's.
+                    let part_trace = trace.child();
                     self.prepare(
                         &routes,
                         rates,
@@ -130,7 +143,7 @@ impl Caller<'_> {
                         &part.service,
                         &part.method,
                         params,
-                        trace_id,
+                        &part_trace,
                     )
                     .map_err(|refusal| Failure::from(refusal).to_client())
                 })
@@ -146,7 +159,7 @@ impl Caller<'_> {
             params,
             ..
         } = call;
-        let call = self.prepare(&routes, rates, now, &service, &method, || params, trace_id)?;
+        let call = self.prepare(&routes, rates, now, &service, &method, || params, trace)?;
         Ok(if command {
             Plan::Command(call)
         } else {
@@ -159,7 +172,7 @@ impl Caller<'_> {
     /// says why there is none.
     pub(crate) async fn hello_data(&self, hello_call: &str) -> Result<Value, ErrorBody> {
         let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
-        let trace_id = uuid::Uuid::new_v4().simple().to_string();
+        let trace = TraceContext::root();
         let call = self
             .prepare(
                 &self.hub.routes(),
@@ -168,7 +181,7 @@ impl Caller<'_> {
                 service,
                 method,
                 Params::default,
-                &trace_id,
+                &trace,
             )
             .map_err(|refusal| Failure::from(refusal).to_client())?;
         let handler = self.hub.handler();

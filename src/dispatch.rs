@@ -300,9 +300,15 @@ impl SessionContext {
         Self(token.and_then(|t| serde_json::value::to_raw_value(t).ok().map(Arc::from)))
     }
 
-    /// The context of the call `trace_id` names, made for `session`.
-    pub(crate) fn render(&self, session: &Arc<SessionInfo>, trace_id: &str) -> Params {
-        Params::context(session.clone(), self.0.clone(), trace_id)
+    /// The context of the call `trace_id` names (and whose span
+    /// `traceparent` is, when the call is traced), made for `session`.
+    pub(crate) fn render(
+        &self,
+        session: &Arc<SessionInfo>,
+        trace_id: &str,
+        traceparent: Option<&str>,
+    ) -> Params {
+        Params::context(session.clone(), self.0.clone(), trace_id, traceparent)
     }
 }
 
@@ -468,20 +474,20 @@ deliver = "all"
     #[test]
     fn the_context_names_the_user_and_carries_the_token() {
         let session = Arc::new(user(&[]));
-        let ctx = SessionContext::new(Some("tok")).render(&session, "t1");
+        let ctx = SessionContext::new(Some("tok")).render(&session, "t1", None);
         assert_eq!(ctx["user_id"], "u1");
         assert_eq!(ctx["Authorization"], "tok");
         assert_eq!(ctx["trace_id"], "t1");
         assert_eq!(ctx["session_id"], "s1");
         assert_eq!(ctx.len(), 4);
-        let anonymous = SessionContext::new(None).render(&session, "t");
+        let anonymous = SessionContext::new(None).render(&session, "t", None);
         assert_eq!(anonymous["Authorization"], Value::Null);
         // A session's calls differ by their trace id only.
         let text = SessionContext::new(Some("tok"));
-        assert_eq!(text.render(&session, "a")["trace_id"], "a");
-        assert_eq!(text.render(&session, "b")["trace_id"], "b");
+        assert_eq!(text.render(&session, "a", None)["trace_id"], "a");
+        assert_eq!(text.render(&session, "b", None)["trace_id"], "b");
         // Its debug form leaves the token out.
-        let shown = format!("{:?}", text.render(&session, "a"));
+        let shown = format!("{:?}", text.render(&session, "a", None));
         assert!(shown.contains("s1") && !shown.contains("tok"), "{shown}");
         // Empty ids, no token: the keys in their order, as a map writes them.
         let empty = Arc::new(SessionInfo {
@@ -491,7 +497,7 @@ deliver = "all"
             roles: vec![],
         });
         assert_eq!(
-            serde_json::to_string(&SessionContext::new(None).render(&empty, "")).unwrap(),
+            serde_json::to_string(&SessionContext::new(None).render(&empty, "", None)).unwrap(),
             r#"{"Authorization":null,"session_id":"","trace_id":"","user_id":""}"#
         );
     }
@@ -532,7 +538,7 @@ deliver = "all"
             };
             let built = context_map(&session, token.as_deref(), &trace_id);
             let session = Arc::new(session);
-            let rendered = SessionContext::new(token.as_deref()).render(&session, &trace_id);
+            let rendered = SessionContext::new(token.as_deref()).render(&session, &trace_id, None);
             proptest::prop_assert_eq!(
                 serde_json::to_string(&rendered).unwrap(),
                 serde_json::to_string(&built).unwrap()

@@ -198,6 +198,7 @@ mod tests {
                 method: "whoami".into(),
                 params: Default::default(),
                 trace_id: None,
+                traceparent: None,
             },
             mesh: client,
         };

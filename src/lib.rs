@@ -38,6 +38,7 @@ mod session;
 pub mod testing;
 mod throttle;
 mod topic;
+mod trace;
 mod ws;
 
 pub use auth::{

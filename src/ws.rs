@@ -33,6 +33,7 @@ use crate::protocol::{
 };
 use crate::recovery;
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
+use crate::trace::TraceContext;
 
 fn text(frame: &ServerFrame) -> Message {
     Message::Text(frame.to_json().into())
@@ -823,7 +824,8 @@ impl Connection {
             session: &self.info,
             context: &self.context,
         };
-        let plan = match caller.plan(&mut self.rates, call, command, &respond.trace_id) {
+        let trace = TraceContext::for_call(call.traceparent.as_deref());
+        let plan = match caller.plan(&mut self.rates, call, command, &trace) {
             Ok(plan) => plan,
             Err(refusal) => return Some(respond.frame(Err(refusal.into()))),
         };

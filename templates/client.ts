@@ -69,6 +69,8 @@ export interface CallOptions {
   timeoutMs?: number;
   /** Sent as the request's trace id (made up when absent). */
   traceId?: string;
+  /** A W3C traceparent: the BFF continues this trace to the service. */
+  traceparent?: string;
 }
 
 /** Anything that can make a call: what the typed API is built on. */
@@ -365,7 +367,7 @@ export class BffClient implements Caller {
     }
     this.counter += 1;
     const traceId = options?.traceId ?? `c${Date.now().toString(36)}-${this.counter}`;
-    const frame: ClientFrame = { type: kind, payload: { service, method, params: (params ?? {}) as { [key in string]?: JsonValue }, trace_id: traceId } };
+    const frame: ClientFrame = { type: kind, payload: { service, method, params: (params ?? {}) as { [key in string]?: JsonValue }, trace_id: traceId, traceparent: options?.traceparent } };
     return new Promise((resolve, reject) => {
       const timeoutMs = options?.timeoutMs ?? this.options.requestTimeoutMs;
       const timer = setTimeout(() => {

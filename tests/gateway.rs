@@ -119,11 +119,57 @@ async fn hello_then_a_request_round_trip_with_gateway_built_context() {
     .await
     .unwrap();
     let r = c.recv().await.unwrap();
+    assert_eq!(
+        r["payload"]["trace_id"], "t2",
+        "the socket's id pairs the answer"
+    );
     let ctx = &r["payload"]["result"];
     assert_eq!(ctx["user_id"], "alice");
     assert_eq!(ctx["Authorization"], t.as_str());
-    assert_eq!(ctx["trace_id"], "t2");
     assert_eq!(ctx["session_id"], sid.as_str());
+    // The mesh sees a W3C trace: a fresh one without a traceparent...
+    let fresh = ctx["trace_id"].as_str().unwrap().to_owned();
+    assert!(
+        fresh.len() == 32
+            && fresh
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{ctx}"
+    );
+    let parent = ctx["traceparent"].as_str().unwrap();
+    assert!(parent.starts_with(&format!("00-{fresh}-")), "{ctx}");
+    // ... the client's trace with one (the call a span under its span)...
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    c.send(
+        json!({"type":"request","payload":{"service":"orders","method":"whoami","params":{},
+        "trace_id":"t3","traceparent":client}}),
+    )
+    .await
+    .unwrap();
+    let r = c.recv().await.unwrap();
+    let ctx = &r["payload"]["result"];
+    assert_eq!(ctx["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{ctx}");
+    let parent = ctx["traceparent"].as_str().unwrap();
+    assert!(
+        parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{ctx}"
+    );
+    assert!(
+        !parent.contains("00f067aa0ba902b7"),
+        "a span of its own: {ctx}"
+    );
+    // ... and a malformed one is ignored: a fresh trace, a normal answer.
+    c.send(
+        json!({"type":"request","payload":{"service":"orders","method":"whoami","params":{},
+        "trace_id":"t4","traceparent":"00-nonsense"}}),
+    )
+    .await
+    .unwrap();
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["payload"]["error"], Value::Null, "{r}");
+    let ctx = &r["payload"]["result"];
+    assert_eq!(ctx["trace_id"].as_str().unwrap().len(), 32, "{ctx}");
+    assert_ne!(ctx["trace_id"], fresh.as_str());
     gw.stop().await;
 }
 

@@ -112,6 +112,9 @@ enum Text {
         session: Arc<SessionInfo>,
         token: Option<Arc<serde_json::value::RawValue>>,
         trace_id: Box<str>,
+        /// The call's span as a W3C `traceparent`, for a service that
+        /// continues the trace.
+        traceparent: Option<Box<str>>,
     },
 }
 
@@ -138,11 +141,16 @@ impl Serialize for Text {
                 session,
                 token,
                 trace_id,
+                traceparent,
             } => {
-                let mut map = serializer.serialize_map(Some(4))?;
+                let mut map =
+                    serializer.serialize_map(Some(4 + usize::from(traceparent.is_some())))?;
                 map.serialize_entry("Authorization", &token.as_deref())?;
                 map.serialize_entry("session_id", &session.session_id)?;
                 map.serialize_entry("trace_id", trace_id)?;
+                if let Some(traceparent) = traceparent {
+                    map.serialize_entry("traceparent", traceparent)?;
+                }
                 map.serialize_entry("user_id", &session.user_id)?;
                 map.end()
             }
@@ -157,12 +165,14 @@ impl Params {
         session: Arc<SessionInfo>,
         token: Option<Arc<serde_json::value::RawValue>>,
         trace_id: &str,
+        traceparent: Option<&str>,
     ) -> Self {
         Self(ParamsRepr::Text(
             Text::Context {
                 session,
                 token,
                 trace_id: trace_id.into(),
+                traceparent: traceparent.map(Into::into),
             },
             std::sync::OnceLock::new(),
         ))
@@ -179,11 +189,13 @@ impl Params {
                     session,
                     token,
                     trace_id,
+                    traceparent,
                 },
                 _,
             ) => {
                 // Keys, quotes and separators, then the values.
-                64 + token.as_ref().map_or(4, |t| t.get().len())
+                80 + token.as_ref().map_or(4, |t| t.get().len())
+                    + traceparent.as_ref().map_or(0, |t| t.len())
                     + session.session_id.len()
                     + session.user_id.len()
                     + trace_id.len()

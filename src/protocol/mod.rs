@@ -133,6 +133,11 @@ pub struct ClientCall {
     #[serde(default)]
     #[ts(optional = nullable)]
     pub trace_id: Option<String>,
+    /// A W3C `traceparent`: the call's trace continues the client's (a
+    /// malformed one is ignored: a fresh trace).
+    #[serde(default)]
+    #[ts(optional = nullable)]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, TS)]

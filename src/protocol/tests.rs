@@ -142,6 +142,7 @@ fn client_request_decodes_and_ignores_client_context() {
             method: "b".into(),
             params: json!({"x":1}).as_object().unwrap().clone().into(),
             trace_id: Some("t".into()),
+            traceparent: None,
         })
     );
 }
@@ -534,7 +535,7 @@ fn a_request_body_is_written_into_a_buffer_sized_for_it() {
             format!(r#"{{"blob": "{}", "n": [1, 2.5, -3]}}"#, "x".repeat(4096)),
         ),
     ] {
-        let context = Params::context(session.clone(), token.map(Into::into), "trace-1");
+        let context = Params::context(session.clone(), token.map(Into::into), "trace-1", None);
         let params: Params = serde_json::from_str(&params).unwrap();
         let body = RequestBodyRef {
             tag: "request",
