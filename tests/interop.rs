@@ -110,6 +110,25 @@ async fn a_real_nuropb_service_through_the_gateway_and_back() {
         "{r}"
     );
 
+    // The client's W3C trace reaches the service: its trace id as the
+    // NuroPb trace_id, the call's span as the context's traceparent.
+    c.send(
+        json!({"type":"request","payload":{"service":py_name,"method":"trace","params":{},
+        "trace_id":"tr","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}}),
+    )
+    .await
+    .unwrap();
+    let r = c.recv().await.unwrap();
+    assert_eq!(
+        r["payload"]["result"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{r}"
+    );
+    let parent = r["payload"]["result"]["traceparent"].as_str().unwrap_or("");
+    assert!(
+        parent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && parent.ends_with("-01"),
+        "{r}"
+    );
+
     // The token reaches the service's authorize_func as context["Authorization"].
     let r = c
         .request_traced(&py_name, "whoami", json!({}), "w")

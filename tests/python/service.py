@@ -49,6 +49,11 @@ class Interop:
         return ms
 
     @nuropb_context
+    def trace(self, ctx) -> dict:
+        # What a service that joins its logs to the browser's trace reads.
+        return {"trace_id": ctx.context.get("trace_id"), "traceparent": ctx.context.get("traceparent")}
+
+    @nuropb_context
     @publish_to_mesh(authorize_func=claims_of)
     def whoami(self, ctx) -> dict:
         return {"sub": ctx.user_claims.get("sub"), "user_id": ctx.context.get("user_id")}
