@@ -19,6 +19,7 @@ use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::hooks::{LocalCall, MeshClient, WsHandler};
 use crate::hub::Hub;
 use crate::mesh::{self, BoxFuture, Call, Mesh, MeshError};
+use crate::metrics::RouteLatency;
 use crate::protocol::{ClientCall, ErrorBody, Params, RawJson, SessionInfo};
 use crate::routing::{DEFAULT_TIMEOUT, Part, RouteTable};
 use crate::trace::TraceContext;
@@ -79,8 +80,9 @@ impl Caller<'_> {
         method: &str,
         params: impl FnOnce() -> Params,
         trace: &TraceContext,
-    ) -> Result<Call, Refusal> {
+    ) -> Result<(Call, Option<RouteLatency>), Refusal> {
         let allowed = dispatch::authorize(routes, self.session, rates, now, service, method)?;
+        let latency = routes.latency(allowed.route_index).cloned();
         // The mesh sees the call's W3C trace: its id as NuroPb's trace_id,
         // its span as the context's traceparent.
         let trace_id = trace.trace_id_hex();
@@ -90,19 +92,20 @@ impl Caller<'_> {
             .render(self.session, &trace_id, Some(&traceparent));
         let mut call = allowed.call(params(), context, &trace_id);
         self.hub.handler().on_request(self.session, &mut call);
-        Ok(call)
+        Ok((call, latency))
     }
 
     /// What `call` becomes: offered to the handler as a BFF-local route
-    /// first (requests only), then a composed route, then one routed call.
-    /// A refusal is the answer; nothing was started for it.
+    /// first (requests only), then a composed route, then one routed call;
+    /// with the route's latency series. A refusal is the answer; nothing
+    /// was started for it.
     pub(crate) fn plan(
         &self,
         rates: &mut Rates,
         call: ClientCall,
         command: bool,
         trace: &TraceContext,
-    ) -> Result<Plan, Refusal> {
+    ) -> Result<(Plan, Option<RouteLatency>), Refusal> {
         let handler = self.hub.handler();
         if !command && handler.is_local(&call) {
             let local = LocalCall {
@@ -120,7 +123,7 @@ impl Caller<'_> {
                 ),
             };
             if let Some(answer) = handler.local_request(local) {
-                return Ok(Plan::Local(answer));
+                return Ok((Plan::Local(answer), None));
             }
         }
         let now = Instant::now();
@@ -145,13 +148,18 @@ impl Caller<'_> {
                         params,
                         &part_trace,
                     )
+                    .map(|(call, _)| call)
                     .map_err(|refusal| Failure::from(refusal).to_client())
                 })
                 .collect();
-            return Ok(Plan::Composed {
-                parts: composed.parts.clone(),
-                calls,
-            });
+            let latency = routes.composed_latency(index).cloned();
+            return Ok((
+                Plan::Composed {
+                    parts: composed.parts.clone(),
+                    calls,
+                },
+                latency,
+            ));
         }
         let ClientCall {
             service,
@@ -159,12 +167,14 @@ impl Caller<'_> {
             params,
             ..
         } = call;
-        let call = self.prepare(&routes, rates, now, &service, &method, || params, trace)?;
-        Ok(if command {
+        let (call, latency) =
+            self.prepare(&routes, rates, now, &service, &method, || params, trace)?;
+        let plan = if command {
             Plan::Command(call)
         } else {
             Plan::Request(call)
-        })
+        };
+        Ok((plan, latency))
     }
 
     /// The `hello_call` made on the user's behalf when a socket opens,
@@ -183,6 +193,7 @@ impl Caller<'_> {
                 Params::default,
                 &trace,
             )
+            .map(|(call, _)| call)
             .map_err(|refusal| Failure::from(refusal).to_client())?;
         let handler = self.hub.handler();
         request_parsed(self.mesh.as_ref(), handler.as_ref(), self.session, call)

@@ -137,6 +137,8 @@ pub(crate) const SERVICE_ERROR: &str = "service_error";
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Allowed<'a> {
     pub(crate) route: &'a Route,
+    /// Its index in the table: its latency series, its rate window.
+    pub(crate) route_index: usize,
     pub(crate) service: &'a str,
     pub(crate) method: &'a str,
 }
@@ -227,6 +229,7 @@ pub(crate) fn authorize<'a>(
     }
     Ok(Allowed {
         route,
+        route_index: resolved.route_index,
         service: resolved.service,
         method: resolved.method,
     })

@@ -113,6 +113,8 @@ impl Hub {
         handler: Arc<dyn WsHandler>,
     ) -> Self {
         let metrics = Metrics::new();
+        let mut routes = routes;
+        routes.set_latency(&metrics);
         let sessions = Sessions::new(settings.limits.outbound_queue)
             .with_queue_bytes(settings.limits.outbound_queue_bytes)
             .with_metrics(metrics.clone());
@@ -186,6 +188,7 @@ impl Hub {
     pub(crate) fn replace_routes(&self, mut routes: RouteTable) -> Arc<RouteTable> {
         let old = self.0.routes.load_full();
         routes.set_generation(old.generation().wrapping_add(1));
+        routes.set_latency(&self.0.metrics);
         self.0.routes.swap(Arc::new(routes))
     }
 

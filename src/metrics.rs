@@ -50,6 +50,34 @@ struct Inner {
     routes_reloads: Family<ResultLabels, Counter>,
     resumes: Family<ResultLabels, Counter>,
     lifecycle_dropped: Counter,
+    route_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RouteLabels {
+    /// The name the client calls: a route of the routing file, or `-`.
+    pub(crate) route: String,
+    pub(crate) outcome: &'static str,
+}
+
+/// One route's latency: its name, and its `ok` series taken out of the
+/// family once (the common outcome costs no lookup).
+#[derive(Debug, Clone)]
+pub(crate) struct RouteLatency {
+    label: Arc<str>,
+    ok: Histogram,
+}
+
+impl RouteLatency {
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +128,10 @@ impl Metrics {
         let routes_reloads = Family::<ResultLabels, Counter>::default();
         let resumes = Family::<ResultLabels, Counter>::default();
         let lifecycle_dropped = Counter::default();
+        let route_seconds =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_buckets as fn() -> Histogram,
+            );
         registry.register(
             "ws_connections",
             "WebSocket connections accepted",
@@ -186,6 +218,11 @@ impl Metrics {
             "Lifecycle events (connected, disconnected, ...) not published: their queue was full or the broker did not take them",
             lifecycle_dropped.clone(),
         );
+        registry.register(
+            "route_duration_seconds",
+            "Time from a client call to its answer, by route (the name the client calls; `-` outside the routing file) and outcome",
+            route_seconds.clone(),
+        );
         let frames_in_request = frames_in
             .get_or_create(&KindLabels { kind: "request" })
             .clone();
@@ -218,6 +255,7 @@ impl Metrics {
             routes_reloads,
             resumes,
             lifecycle_dropped,
+            route_seconds,
         }))
     }
 
@@ -310,6 +348,43 @@ impl Metrics {
             .routes_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    /// The latency series of route `label`.
+    pub(crate) fn route_latency(&self, label: &str) -> RouteLatency {
+        let ok = self
+            .0
+            .route_seconds
+            .get_or_create(&RouteLabels {
+                route: label.to_owned(),
+                outcome: "ok",
+            })
+            .clone();
+        RouteLatency {
+            label: label.into(),
+            ok,
+        }
+    }
+
+    /// A call on `route` (or outside the routing file) answered with
+    /// `outcome` after `seconds`.
+    pub(crate) fn route_done(
+        &self,
+        route: Option<&RouteLatency>,
+        outcome: &'static str,
+        seconds: f64,
+    ) {
+        match (route, outcome) {
+            (Some(r), "ok") => r.ok.observe(seconds),
+            (r, outcome) => self
+                .0
+                .route_seconds
+                .get_or_create(&RouteLabels {
+                    route: r.map_or("-", RouteLatency::label).to_owned(),
+                    outcome,
+                })
+                .observe(seconds),
+        }
     }
 
     pub(crate) fn lifecycle_dropped(&self) {

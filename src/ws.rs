@@ -26,6 +26,7 @@ use crate::calls::{Answer, Caller};
 use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::gateway::{CallGuard, Gateway};
 use crate::mesh::BoxFuture;
+use crate::metrics::RouteLatency;
 use crate::outbox::{Out, Outbox, PushError};
 use crate::protocol::{
     ClientCall, ClientFrame, ErrorName, NARROWED_BY_RELOAD, RawJson, ServerFrame, SessionInfo,
@@ -809,6 +810,7 @@ impl Connection {
             started: Instant::now(),
             command,
             trace_id,
+            latency: None,
         };
 
         if self.gw.is_stopping() {
@@ -825,8 +827,12 @@ impl Connection {
             context: &self.context,
         };
         let trace = TraceContext::for_call(call.traceparent.as_deref());
+        let mut respond = respond;
         let plan = match caller.plan(&mut self.rates, call, command, &trace) {
-            Ok(plan) => plan,
+            Ok((plan, latency)) => {
+                respond.latency = latency;
+                plan
+            }
             Err(refusal) => return Some(respond.frame(Err(refusal.into()))),
         };
         let run = plan.run(
@@ -862,6 +868,8 @@ struct Responder {
     started: Instant,
     command: bool,
     trace_id: String,
+    /// The route's latency series, once the call is routed.
+    latency: Option<RouteLatency>,
 }
 
 impl Responder {
@@ -870,9 +878,10 @@ impl Responder {
             Ok(_) => "ok",
             Err(f) => f.label(),
         };
-        self.gw
-            .metrics()
-            .request_done(label, self.started.elapsed().as_secs_f64());
+        let seconds = self.started.elapsed().as_secs_f64();
+        let metrics = self.gw.metrics();
+        metrics.request_done(label, seconds);
+        metrics.route_done(self.latency.as_ref(), label, seconds);
         let trace_id = self.trace_id;
         let frame = match (self.command, outcome) {
             (true, Ok(_)) => ServerFrame::Ack { trace_id },

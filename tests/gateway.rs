@@ -574,16 +574,36 @@ async fn health_ready_and_metrics() {
     c.request_traced("orders", "get", json!({}), "m")
         .await
         .unwrap();
+    c.request_traced("shop", "get", json!({}), "s")
+        .await
+        .unwrap();
+    c.request_traced("admin", "purge", json!({}), "f")
+        .await
+        .unwrap();
+    c.request_traced("nowhere", "x", json!({}), "n")
+        .await
+        .unwrap();
     let get = |path: &'static str| async move { http_get(gw.addr, path).await.unwrap() };
     assert_eq!(get("/healthz").await.0, 200);
     assert_eq!(get("/readyz").await.0, 200);
     let (status, body) = get("/metrics").await;
     assert_eq!(status, 200);
     assert!(
-        body.contains(r#"bff_requests_total{outcome="ok"} 1"#),
+        body.contains(r#"bff_requests_total{outcome="ok"} 2"#),
         "{body}"
     );
     assert!(body.contains("bff_ws_sessions 1"), "{body}");
+    // Latency by route, under the name the client calls, and by outcome;
+    // a call outside the routing file under `-`, never its own name.
+    for series in [
+        r#"bff_route_duration_seconds_count{route="orders.*",outcome="ok"} 1"#,
+        r#"bff_route_duration_seconds_count{route="shop.get",outcome="ok"} 1"#,
+        r#"bff_route_duration_seconds_count{route="-",outcome="Forbidden"} 1"#,
+        r#"bff_route_duration_seconds_count{route="-",outcome="RouteNotFound"} 1"#,
+    ] {
+        assert!(body.contains(series), "{series} in {body}");
+    }
+    assert!(!body.contains("nowhere"), "{body}");
     gw.stop().await;
 }
 

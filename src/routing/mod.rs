@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::metrics::{Metrics, RouteLatency};
 use crate::topic::{self, validate_pattern};
 
 mod changes;
@@ -145,6 +146,10 @@ pub struct RouteTable {
     /// each reload): what is counted per route index, such as rates,
     /// starts again when it changes.
     generation: u64,
+    /// Each route's and each composed route's latency series, by index
+    /// (set when a gateway puts the table in use).
+    latency: Vec<RouteLatency>,
+    composed_latency: Vec<RouteLatency>,
 }
 
 /// A composed route: one name a client calls that gathers several routed
@@ -546,6 +551,33 @@ impl RouteTable {
 
     pub(crate) fn set_generation(&mut self, generation: u64) {
         self.generation = generation;
+    }
+
+    /// Take each route's latency series out of `metrics`, once.
+    pub(crate) fn set_latency(&mut self, metrics: &Metrics) {
+        self.latency = self
+            .routes
+            .iter()
+            .map(|r| {
+                let method = r.exposed_method.as_deref().unwrap_or("*");
+                metrics.route_latency(&format!("{}.{method}", r.exposed_service))
+            })
+            .collect();
+        self.composed_latency = self
+            .composed
+            .iter()
+            .map(|c| metrics.route_latency(&format!("{}.{}", c.service, c.method)))
+            .collect();
+    }
+
+    /// Route `index`'s latency series, once the table is in use.
+    pub(crate) fn latency(&self, index: usize) -> Option<&RouteLatency> {
+        self.latency.get(index)
+    }
+
+    /// Composed route `index`'s latency series, once the table is in use.
+    pub(crate) fn composed_latency(&self, index: usize) -> Option<&RouteLatency> {
+        self.composed_latency.get(index)
     }
 
     pub fn routes(&self) -> &[Route] {
