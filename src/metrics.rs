@@ -185,7 +185,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_events_dropped",
-            "Mesh events dropped because the event queue was full",
+            "Mesh events dropped because the event queue was full (history read at start to fill the window is not counted)",
             events_dropped.clone(),
         );
         registry.register(

@@ -450,8 +450,17 @@ impl Shared {
                     *lock(&state.pending_live) = Some(p);
                 }
             }
-            Err(_) => {
-                self.events_dropped.fetch_add(1, Ordering::Relaxed);
+            Err(e) => {
+                // History read to fill the window at start is no client's
+                // loss: only a live event lost counts as dropped.
+                let live = match e {
+                    mpsc::error::TrySendError::Full(LogItem::Event(ev))
+                    | mpsc::error::TrySendError::Closed(LogItem::Event(ev)) => ev.live,
+                    _ => true,
+                };
+                if live {
+                    self.events_dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(p) = position {
                     self.handler.log_gap(p);
                 }
