@@ -183,13 +183,12 @@ impl Hub {
         self.0.replacing_routes.lock().await
     }
 
-    /// Put `routes` in the place of the table in use, which is returned:
-    /// every decision from now on is made by the new one.
-    pub(crate) fn replace_routes(&self, mut routes: RouteTable) -> Arc<RouteTable> {
-        let old = self.0.routes.load_full();
-        routes.set_generation(old.generation().wrapping_add(1));
+    /// Put `routes` in the place of the table in use: every decision from
+    /// now on is made by the new one.
+    pub(crate) fn replace_routes(&self, mut routes: RouteTable) {
+        routes.set_generation(self.routes().generation().wrapping_add(1));
         routes.set_latency(&self.0.metrics);
-        self.0.routes.swap(Arc::new(routes))
+        self.0.routes.store(Arc::new(routes));
     }
 
     pub(crate) fn auth(&self) -> &dyn AuthHook {

@@ -386,17 +386,10 @@ impl BffService {
         if let (Some(body), Some(mut acks)) = (sealed, acks) {
             let expected = self.cluster.others(Instant::now());
             if self.send(ControlOut::All(body), true).await.is_ok() {
-                let deadline = tokio::time::Instant::now() + self.hub.settings().mesh_api.gather;
-                let mut answered = HashSet::new();
-                while !expected.is_subset(&answered) {
-                    match tokio::time::timeout_at(deadline, acks.recv()).await {
-                        Ok(Some(ack)) if ack.instance != me => {
-                            if answered.insert(ack.instance) {
-                                add(&ack.users);
-                            }
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
+                for ack in self.gather(&mut acks, &expected).await {
+                    // This instance counted itself above.
+                    if ack.instance != me {
+                        add(&ack.users);
                     }
                 }
             }
@@ -492,21 +485,48 @@ impl BffService {
             self.cluster.first_time(&id, Instant::now());
             return local_only(self.apply(&push));
         }
+        let answers = self.gather(&mut acks, &expected).await;
+        self.cluster.done(&id);
+        let total = answers
+            .iter()
+            .fold(0u64, |total, ack| total.saturating_add(ack.count));
+        json!({push.counted(): total, "instances": answers.len()})
+    }
+
+    /// The acks of a push or a presence query, one per instance, until
+    /// every `expected` instance has answered or `mesh_api.gather_ms` is
+    /// over.
+    async fn gather(&self, acks: &mut mpsc::Receiver<Ack>, expected: &HashSet<String>) -> Vec<Ack> {
         let deadline = tokio::time::Instant::now() + self.hub.settings().mesh_api.gather;
         let mut answered = HashSet::new();
-        let mut total = 0u64;
+        let mut answers = Vec::new();
         while !expected.is_subset(&answered) {
             match tokio::time::timeout_at(deadline, acks.recv()).await {
                 Ok(Some(ack)) => {
-                    if answered.insert(ack.instance) {
-                        total = total.saturating_add(ack.count);
+                    if answered.insert(ack.instance.clone()) {
+                        answers.push(ack);
                     }
                 }
                 Ok(None) | Err(_) => break,
             }
         }
-        self.cluster.done(&id);
-        json!({push.counted(): total, "instances": answered.len()})
+        answers
+    }
+
+    /// Seal `ack` and send it to the instance `origin` that asked, without
+    /// waiting (a full control outbox drops it: the origin stops waiting
+    /// at its gather time).
+    async fn answer(&self, origin: &str, ack: Value, what: &str) {
+        let Some(ack) = self.hub.seal().seal(ack) else {
+            return;
+        };
+        if self
+            .send(ControlOut::To(origin.to_owned(), ack), false)
+            .await
+            .is_err()
+        {
+            tracing::debug!("{what} dropped: control outbox full");
+        }
     }
 
     async fn call(&self, request: IncomingRequest) -> Result<Value, ErrorBody> {
@@ -579,16 +599,7 @@ impl BffService {
                 let count = self.apply(&push);
                 let ack =
                     json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": count});
-                let Some(ack) = self.hub.seal().seal(ack) else {
-                    return;
-                };
-                if self
-                    .send(ControlOut::To(origin.to_owned(), ack), false)
-                    .await
-                    .is_err()
-                {
-                    tracing::debug!("push ack dropped: control outbox full");
-                }
+                self.answer(origin, ack, "push ack").await;
             }
             Some("ack") => {
                 let (Some(id), Some(instance), Some(count)) = (
@@ -635,14 +646,7 @@ impl BffService {
                 let users: Map<String, Value> =
                     counts.into_iter().map(|(u, n)| (u, json!(n))).collect();
                 let ack = json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": total, "users": users});
-                if let Some(ack) = self.hub.seal().seal(ack)
-                    && self
-                        .send(ControlOut::To(origin.to_owned(), ack), false)
-                        .await
-                        .is_err()
-                {
-                    tracing::debug!("presence answer dropped: control outbox full");
-                }
+                self.answer(origin, ack, "presence answer").await;
             }
             Some("presence") => {
                 let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -701,12 +705,10 @@ impl BffService {
     fn fan_out(&self, event: IncomingEvent) {
         let hub = &self.hub;
         let routes = hub.routes();
-        let Some(rule) = routes.event_rule(&event.topic) else {
-            tracing::debug!(topic = %event.topic, "mesh event matches no event rule, dropped");
-            return;
-        };
         let (live, position) = (event.live, event.position);
-        let Some(entry) = recovery::entry_of(hub, &routes, event) else {
+        let named = tracing::enabled!(tracing::Level::DEBUG).then(|| event.topic.clone());
+        let Some((rule, entry)) = recovery::entry_of(hub, &routes, event) else {
+            tracing::debug!(topic = ?named, "mesh event matches no event rule (or the handler dropped it)");
             return;
         };
         let mut log = hub.log();

@@ -28,7 +28,7 @@ use crate::history::{Entry, Source};
 use crate::hub::Hub;
 use crate::mesh::{IncomingEvent, LogRead, Mesh};
 use crate::protocol::{ServerFrame, SessionInfo};
-use crate::routing::{Delivery, RouteTable};
+use crate::routing::{Delivery, EventRule, RouteTable};
 use crate::topic;
 
 /// How long a resume waits for the log to be read up to this instance's
@@ -42,10 +42,15 @@ const TURN_WAIT: Duration = Duration::from_secs(30);
 const PATIENCE: Duration = Duration::from_secs(10);
 
 /// The frame a session gets for an event, and who gets it: what the
-/// fan-out sends and keeps, and what a replay read from the log rebuilds.
-/// `None` when no rule delivers it (or the handler drops it).
-pub(crate) fn entry_of(hub: &Hub, routes: &RouteTable, event: IncomingEvent) -> Option<Entry> {
-    routes.event_rule(&event.topic)?;
+/// fan-out sends and keeps, and what a replay read from the log rebuilds;
+/// with the rule that delivers it. `None` when no rule does (or the
+/// handler drops it).
+pub(crate) fn entry_of<'r>(
+    hub: &Hub,
+    routes: &'r RouteTable,
+    event: IncomingEvent,
+) -> Option<(&'r EventRule, Entry)> {
+    let rule = routes.event_rule(&event.topic)?;
     let payload = hub.handler().on_event(&event.topic, event.event)?;
     let frame = ServerFrame::Event {
         topic: event.topic.clone(),
@@ -54,7 +59,7 @@ pub(crate) fn entry_of(hub: &Hub, routes: &RouteTable, event: IncomingEvent) -> 
     }
     .to_json()
     .into();
-    Some(Entry {
+    let entry = Entry {
         position: event.position.unwrap_or(0),
         topic: event.topic.into(),
         target: event
@@ -62,15 +67,14 @@ pub(crate) fn entry_of(hub: &Hub, routes: &RouteTable, event: IncomingEvent) -> 
             .filter(|t| !t.is_empty())
             .map(Vec::into_boxed_slice),
         frame,
-    })
+    };
+    Some((rule, entry))
 }
 
 /// Whether a session (who it is, what it subscribes to) would have been
-/// sent `entry` live: the same rule, roles, target and subscription checks.
-fn receives(routes: &RouteTable, info: &SessionInfo, topics: &[String], entry: &Entry) -> bool {
-    let Some(rule) = routes.event_rule(&entry.topic) else {
-        return false;
-    };
+/// sent `entry`, which `rule` delivers, live: the same roles, target and
+/// subscription checks.
+fn receives(rule: &EventRule, info: &SessionInfo, topics: &[String], entry: &Entry) -> bool {
     if !rule.allows(&info.roles) {
         return false;
     }
@@ -138,7 +142,11 @@ pub(crate) fn begin(
             let recover_max = hub.settings().events.recover_max;
             let frames: Vec<Utf8Bytes> = log
                 .after(since)
-                .filter(|e| receives(&routes, session, &now, e))
+                .filter(|e| {
+                    routes
+                        .event_rule(&e.topic)
+                        .is_some_and(|rule| receives(rule, session, &now, e))
+                })
                 .take(recover_max + 1)
                 .map(|e| e.frame.clone())
                 .collect();
@@ -298,8 +306,8 @@ async fn from_log(
         }
         last = position;
         if let LogRead::Event(event) = item
-            && let Some(entry) = entry_of(hub, &routes, event)
-            && receives(&routes, session, topics, &entry)
+            && let Some((rule, entry)) = entry_of(hub, &routes, event)
+            && receives(rule, session, topics, &entry)
         {
             bytes += entry.frame.len();
             frames.push(entry.frame);
@@ -363,7 +371,13 @@ deliver = "target"
         let routes = RouteTable::parse("routes.toml", ROUTES).unwrap();
         let alice = who("alice", &[]);
         let subs = vec!["news.sports.#".to_owned()];
-        let r = |e: &Entry| receives(&routes, &alice, &subs, e);
+        // As a replay asks: the rule that delivers the event, if any.
+        let by = |info: &SessionInfo, topics: &[String], e: &Entry| {
+            routes
+                .event_rule(&e.topic)
+                .is_some_and(|rule| receives(rule, info, topics, e))
+        };
+        let r = |e: &Entry| by(&alice, &subs, e);
         assert!(r(&entry(1, "news.sports.goal", None)));
         assert!(!r(&entry(2, "news.politics", None)), "not subscribed");
         assert!(r(&entry(3, "system.restart", None)), "all");
@@ -378,11 +392,6 @@ deliver = "target"
         assert!(!r(&entry(9, "unrouted.x", None)));
         let auditor = who("carol", &["auditor"]);
         let audit = vec!["audit.#".to_owned()];
-        assert!(receives(
-            &routes,
-            &auditor,
-            &audit,
-            &entry(10, "audit.login", None)
-        ));
+        assert!(by(&auditor, &audit, &entry(10, "audit.login", None)));
     }
 }

@@ -665,20 +665,10 @@ impl Connection {
                 info.username = id.username;
                 self.context = SessionContext::new(id.token.as_deref());
                 self.expires_at = id.expires_at;
-                let routes = self.gw.hub().routes();
-                let dropped = self.gw.sessions().set_info(&self.info, |t| {
-                    dispatch::authorize_subscription(&routes, &self.info.roles, t).is_ok()
-                });
-                drop(routes);
-                self.gw.hub().lifecycle().unsubscribed(&self.info, &dropped);
-                if !dropped.is_empty() {
-                    self.reply(ServerFrame::Unsubscribed {
-                        topics: dropped,
-                        reason: "the roles of the new token do not allow these subscriptions"
-                            .into(),
-                    })
-                    .await;
-                }
+                self.narrow_subscriptions(
+                    "the roles of the new token do not allow these subscriptions",
+                )
+                .await;
                 true
             }
             Ok(_) => {
@@ -764,20 +754,27 @@ impl Connection {
         self.reply(frame).await;
         // A reload between the check and the subscription: the new table's
         // pass over the sessions may have come before these topics did.
-        let now = self.gw.hub().routes();
-        if now.generation() != routes.generation() {
-            let dropped = self.gw.sessions().set_info(&self.info, |t| {
-                dispatch::authorize_subscription(&now, &self.info.roles, t).is_ok()
-            });
-            drop(now);
-            self.gw.hub().lifecycle().unsubscribed(&self.info, &dropped);
-            if !dropped.is_empty() {
-                self.reply(ServerFrame::Unsubscribed {
-                    topics: dropped,
-                    reason: NARROWED_BY_RELOAD.into(),
-                })
-                .await;
-            }
+        if self.gw.hub().routes().generation() != routes.generation() {
+            self.narrow_subscriptions(NARROWED_BY_RELOAD).await;
+        }
+    }
+
+    /// Keep only the subscriptions the routing table in use allows this
+    /// session's roles (after new roles, or a reload): the others are
+    /// dropped, said in a lifecycle event and to the client, with `reason`.
+    async fn narrow_subscriptions(&mut self, reason: &str) {
+        let routes = self.gw.hub().routes();
+        let dropped = self.gw.sessions().set_info(&self.info, |t| {
+            dispatch::authorize_subscription(&routes, &self.info.roles, t).is_ok()
+        });
+        drop(routes);
+        self.gw.hub().lifecycle().unsubscribed(&self.info, &dropped);
+        if !dropped.is_empty() {
+            self.reply(ServerFrame::Unsubscribed {
+                topics: dropped,
+                reason: reason.into(),
+            })
+            .await;
         }
     }
 
