@@ -3,7 +3,11 @@
 Every mesh service and BFF the suite starts declares a durable
 `nuropb-<name>-sq` queue, most under a unique name, and a durable queue
 outlives its service: without this, each run of the suite left about 60
-idle queues behind on a developer's broker.
+idle queues behind on a developer's broker. A BFF also declares its event
+log, the stream `nuropb-bff-<name>-events`, and the log's ledger
+`nuropb-bff-<name>-events-bindings`: each stream keeps files open in the
+broker, and some hundred left by earlier runs ran the broker out of file
+descriptors (it then failed every declare with INTERNAL_ERROR).
 
 Usage: sweep-test-queues.py BEFORE AFTER, two files listing the broker's
 queue names (one per line) before and after the run. A queue is deleted
@@ -24,8 +28,8 @@ import sys
 import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
-SERVICE_QUEUE = re.compile(r"^nuropb-[A-Za-z0-9._-]+-sq$")
-UNIQUE = re.compile(r"-([0-9a-f]{8}|[0-9a-f]{12})-sq$")
+SERVICE_QUEUE = re.compile(r"^nuropb-[A-Za-z0-9._-]+-(sq|events|events-bindings)$")
+UNIQUE = re.compile(r"-([0-9a-f]{8}|[0-9a-f]{12})-(sq|events|events-bindings)$")
 
 
 def names(path):
