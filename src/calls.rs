@@ -10,7 +10,10 @@
 //! knows no command).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 use serde_json::{Map, Value};
 
@@ -22,6 +25,7 @@ use crate::mesh::{self, BoxFuture, Call, Mesh, MeshError};
 use crate::metrics::RouteLatency;
 use crate::protocol::{ClientCall, ErrorBody, Params, RawJson, SessionInfo};
 use crate::routing::{DEFAULT_TIMEOUT, Part, RouteTable};
+use crate::spans::{self, Ended, Spans};
 use crate::trace::TraceContext;
 
 /// Who calls, with what: the session and the shared state its calls are
@@ -38,10 +42,12 @@ pub(crate) enum Plan {
     /// A BFF-local route, answered by the handler.
     Local(BoxFuture<'static, Result<Value, ErrorBody>>),
     /// A composed route: its parts, and for each the call it makes or why
-    /// that part was refused (a refused part fails alone, like a failed one).
+    /// that part was refused (a refused part fails alone, like a failed
+    /// one), and its span under the call's.
     Composed {
         parts: Vec<Part>,
         calls: Vec<Result<Call, ErrorBody>>,
+        traces: Vec<TraceContext>,
     },
     /// One routed request.
     Request(Call),
@@ -131,14 +137,15 @@ impl Caller<'_> {
         let routes = self.hub.routes();
         if !command && let Some((index, composed)) = routes.composed(&call.service, &call.method) {
             dispatch::authorize_composed(&routes, composed, index, self.session, rates, now)?;
+            // Each part a span of its own under the call's.
+            let traces: Vec<TraceContext> = composed.parts.iter().map(|_| trace.child()).collect();
             // Each part under the rules of the call it makes.
             let calls = composed
                 .parts
                 .iter()
-                .map(|part| {
+                .zip(&traces)
+                .map(|(part, part_trace)| {
                     let params = || compose::part_params(part, self.session, &call.params).into();
-                    // Each part a span of its own under the call's.
-                    let part_trace = trace.child();
                     self.prepare(
                         &routes,
                         rates,
@@ -146,7 +153,7 @@ impl Caller<'_> {
                         &part.service,
                         &part.method,
                         params,
-                        &part_trace,
+                        part_trace,
                     )
                     .map(|(call, _)| call)
                     .map_err(|refusal| Failure::from(refusal).to_client())
@@ -157,6 +164,7 @@ impl Caller<'_> {
                 Plan::Composed {
                     parts: composed.parts.clone(),
                     calls,
+                    traces,
                 },
                 latency,
             ));
@@ -178,11 +186,29 @@ impl Caller<'_> {
     }
 
     /// The `hello_call` made on the user's behalf when a socket opens,
-    /// under its route's rules and timeout: its result, or the error that
-    /// says why there is none.
-    pub(crate) async fn hello_data(&self, hello_call: &str) -> Result<Value, ErrorBody> {
+    /// under its route's rules and timeout, in a span under the socket's
+    /// (`socket`, when it has one): its result, or the error that says why
+    /// there is none.
+    pub(crate) async fn hello_data(
+        &self,
+        hello_call: &str,
+        socket: Option<&TraceContext>,
+    ) -> Result<Value, ErrorBody> {
+        let spans = self.hub.spans();
+        let trace = socket.map_or_else(|| spans.root(), TraceContext::child);
+        let started = spans.on().then(SystemTime::now);
+        let outcome = self.hello_call(hello_call, &trace).await;
+        if let Some(started) = started {
+            let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
+            let mut span = mesh_call_span(trace, service, method, started, outcome.as_ref());
+            span.attributes.push(KeyValue::new("bff.hello_call", true));
+            spans.end(span);
+        }
+        outcome
+    }
+
+    async fn hello_call(&self, hello_call: &str, trace: &TraceContext) -> Result<Value, ErrorBody> {
         let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
-        let trace = TraceContext::root();
         let call = self
             .prepare(
                 &self.hub.routes(),
@@ -191,7 +217,7 @@ impl Caller<'_> {
                 service,
                 method,
                 Params::default,
-                &trace,
+                trace,
             )
             .map(|(call, _)| call)
             .map_err(|refusal| Failure::from(refusal).to_client())?;
@@ -202,13 +228,55 @@ impl Caller<'_> {
     }
 }
 
+/// The span of one mesh call made for a client (a composed part, the
+/// `hello_call`), ended now with `outcome`.
+fn mesh_call_span<T>(
+    at: TraceContext,
+    service: &str,
+    method: &str,
+    started: SystemTime,
+    outcome: Result<T, &ErrorBody>,
+) -> Ended {
+    let mut attributes = vec![
+        KeyValue::new("rpc.system", "nuropb"),
+        spans::text("rpc.service", service),
+        spans::text("rpc.method", method),
+    ];
+    let error = outcome.err().map(|e| {
+        attributes.push(spans::text("error.type", &e.error));
+        e.description.clone().unwrap_or_else(|| e.error.clone())
+    });
+    let label = if error.is_some() { "error" } else { "ok" };
+    attributes.push(KeyValue::new("bff.outcome", label));
+    Ended {
+        at,
+        kind: SpanKind::Client,
+        name: format!("{service}.{method}"),
+        started,
+        ended: SystemTime::now(),
+        attributes,
+        error,
+        link: None,
+    }
+}
+
 impl Plan {
-    /// Carry the plan out: the answer, or why there is none.
+    /// The mesh method a plan of one call calls.
+    pub(crate) fn target(&self) -> Option<(&str, &str)> {
+        match self {
+            Plan::Request(call) | Plan::Command(call) => Some((&call.service, &call.method)),
+            Plan::Local(_) | Plan::Composed { .. } => None,
+        }
+    }
+
+    /// Carry the plan out: the answer, or why there is none. A composed
+    /// route's parts end their spans in `spans`.
     pub(crate) async fn run(
         self,
         mesh: Arc<dyn Mesh>,
         handler: Arc<dyn WsHandler>,
         session: Arc<SessionInfo>,
+        spans: Spans,
     ) -> Result<Answer, Failure> {
         match self {
             Plan::Request(call) => request_as(mesh.as_ref(), handler.as_ref(), &session, &call)
@@ -224,15 +292,46 @@ impl Plan {
                 .await
                 .map(|value| RawJson::from(value).into())
                 .map_err(Failure::Local),
-            Plan::Composed { parts, calls } => {
-                let calls = calls.into_iter().map(|call| {
-                    let (mesh, handler, session) = (&mesh, &handler, &session);
-                    async move {
-                        request_parsed(mesh.as_ref(), handler.as_ref(), session, call?)
-                            .await
-                            .map_err(|e| e.to_client())
-                    }
-                });
+            Plan::Composed {
+                parts,
+                calls,
+                traces,
+            } => {
+                let started = spans.on().then(SystemTime::now);
+                let calls =
+                    calls
+                        .into_iter()
+                        .zip(traces)
+                        .zip(&parts)
+                        .map(|((call, trace), part)| {
+                            let (mesh, handler, session, spans) =
+                                (&mesh, &handler, &session, &spans);
+                            async move {
+                                let outcome = match call {
+                                    Ok(call) => request_parsed(
+                                        mesh.as_ref(),
+                                        handler.as_ref(),
+                                        session,
+                                        call,
+                                    )
+                                    .await
+                                    .map_err(|e| e.to_client()),
+                                    Err(refused) => Err(refused),
+                                };
+                                if let Some(started) = started {
+                                    let mut span = mesh_call_span(
+                                        trace,
+                                        &part.service,
+                                        &part.method,
+                                        started,
+                                        outcome.as_ref(),
+                                    );
+                                    span.attributes.push(spans::text("bff.part", &part.key));
+                                    spans.end(span);
+                                }
+                                outcome
+                            }
+                        });
                 let outcomes = futures_util::future::join_all(calls).await;
                 compose::combine(&parts, outcomes)
                     .map(|(result, failed)| Answer {

@@ -168,7 +168,7 @@ impl GatewayBuilder {
                 "jwt_audience is `*`: tokens the identity provider issued for any of its clients are accepted"
             );
         }
-        let hub = Hub::new(settings, routes, auth, self.handler);
+        let hub = Hub::new(settings, routes, auth, self.handler).map_err(RunError::Invalid)?;
         let cluster = Arc::new(Cluster::new(
             hub.instance_id().to_owned(),
             hub.settings().mesh_api.heartbeat,
@@ -261,6 +261,15 @@ impl GatewayBuilder {
                 queue,
                 g.hub.metrics().clone(),
                 g.hub.sessions().clone(),
+                g.closed.clone(),
+            ));
+        }
+        if let Some(work) = g.hub.take_span_export() {
+            // Until the sessions are closed (their sockets' spans are
+            // queued by then), then what is left, briefly.
+            g.background.spawn(crate::spans::export(
+                work,
+                g.hub.metrics().clone(),
                 g.closed.clone(),
             ));
         }

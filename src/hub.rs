@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::routing::RouteTable;
 use crate::seal::Seal;
 use crate::session::Sessions;
+use crate::spans::{OtlpExporting, Spans};
 
 /// Every this many heartbeats, one tells all of an instance's sessions.
 const FULL_ROSTER_EVERY: u32 = 12;
@@ -88,6 +89,10 @@ struct Inner {
     /// gateway takes it to publish.
     lifecycle: Lifecycle,
     lifecycle_queue: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<OutgoingEvent>>>,
+    /// Where spans go, and (until the gateway takes it) the exporter's end
+    /// of their queue.
+    spans: Spans,
+    spans_export: std::sync::Mutex<Option<OtlpExporting>>,
     /// Sessions opened and closed since the last heartbeat, for the other
     /// instances to know what this one holds (lifecycle events with a
     /// cluster key only).
@@ -111,7 +116,7 @@ impl Hub {
         routes: RouteTable,
         auth: Arc<dyn AuthHook>,
         handler: Arc<dyn WsHandler>,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let metrics = Metrics::new();
         let mut routes = routes;
         routes.set_latency(&metrics);
@@ -129,10 +134,19 @@ impl Hub {
             &instance_id,
             metrics.clone(),
         );
+        let (spans, spans_export) = Spans::new(
+            settings.otlp_endpoint.as_deref(),
+            settings.otlp_sample_ratio,
+            &settings.mesh_service_name,
+            &instance_id,
+            metrics.clone(),
+        )?;
         let events = &settings.events;
         let log = std::sync::Mutex::new(Window::new(events.window_events, events.window_bytes));
         let log_reads = tokio::sync::Semaphore::new(events.max_log_reads);
-        Self(Arc::new(Inner {
+        Ok(Self(Arc::new(Inner {
+            spans,
+            spans_export: std::sync::Mutex::new(spans_export),
             lifecycle,
             lifecycle_queue: std::sync::Mutex::new(lifecycle_queue),
             roster: std::sync::Mutex::default(),
@@ -147,7 +161,7 @@ impl Hub {
             handler,
             sessions,
             metrics,
-        }))
+        })))
     }
 
     pub(crate) fn settings(&self) -> &Settings {
@@ -212,6 +226,19 @@ impl Hub {
     }
 
     /// The lifecycle events' queue, once, for the task that publishes them.
+    pub(crate) fn spans(&self) -> &Spans {
+        &self.0.spans
+    }
+
+    /// The span exporter's work, once: for the task that runs it.
+    pub(crate) fn take_span_export(&self) -> Option<OtlpExporting> {
+        self.0
+            .spans_export
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     pub(crate) fn take_lifecycle_queue(
         &self,
     ) -> Option<tokio::sync::mpsc::Receiver<OutgoingEvent>> {

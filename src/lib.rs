@@ -34,6 +34,7 @@ mod runner;
 mod seal;
 mod server;
 mod session;
+mod spans;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod throttle;

@@ -50,6 +50,8 @@ struct Inner {
     routes_reloads: Family<ResultLabels, Counter>,
     resumes: Family<ResultLabels, Counter>,
     lifecycle_dropped: Counter,
+    spans_exported: Counter,
+    spans_dropped: Family<ReasonLabels, Counter>,
     route_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
 }
 
@@ -128,6 +130,8 @@ impl Metrics {
         let routes_reloads = Family::<ResultLabels, Counter>::default();
         let resumes = Family::<ResultLabels, Counter>::default();
         let lifecycle_dropped = Counter::default();
+        let spans_exported = Counter::default();
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
         let route_seconds =
             Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 latency_buckets as fn() -> Histogram,
@@ -219,6 +223,16 @@ impl Metrics {
             lifecycle_dropped.clone(),
         );
         registry.register(
+            "spans_exported",
+            "Spans the OTLP collector took",
+            spans_exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans not exported, by reason (queue_full, export_failed, shutdown)",
+            spans_dropped.clone(),
+        );
+        registry.register(
             "route_duration_seconds",
             "Time from a client call to its answer, by route (the name the client calls; `-` outside the routing file) and outcome",
             route_seconds.clone(),
@@ -255,6 +269,8 @@ impl Metrics {
             routes_reloads,
             resumes,
             lifecycle_dropped,
+            spans_exported,
+            spans_dropped,
             route_seconds,
         }))
     }
@@ -389,6 +405,17 @@ impl Metrics {
 
     pub(crate) fn lifecycle_dropped(&self) {
         self.0.lifecycle_dropped.inc();
+    }
+
+    pub(crate) fn spans_exported(&self, n: u64) {
+        self.0.spans_exported.inc_by(n);
+    }
+
+    pub(crate) fn spans_dropped(&self, reason: &'static str, n: u64) {
+        self.0
+            .spans_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n);
     }
 
     /// A resume: `recovered` or `refetch`.

@@ -26,7 +26,7 @@ use crate::auth::handshake_token;
 use crate::budget::{BEFORE_AUTH, Budgeted, ReadBudget};
 use crate::gateway::Gateway;
 use crate::session::Crowded;
-use crate::ws::{Unauthenticated, connection};
+use crate::ws::{SocketSpan, Unauthenticated, connection};
 
 /// Hard cap on a frame tungstenite will read at all: a frame above
 /// `max_frame_bytes` but below this gets a `MessageTooLarge` error frame and
@@ -368,13 +368,22 @@ async fn ws_upgrade(
     if let Some(budget) = unauthenticated.as_ref().and_then(|u| u.budget.as_ref()) {
         budget.arm(BEFORE_AUTH);
     }
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let span = SocketSpan::begin(gw.hub().spans(), traceparent);
     let tasks = gw.tasks().clone();
     ws.read_buffer_size(read_buffer)
         .write_buffer_size(WRITE_COALESCE_BYTES)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {
-            tasks.track_future(connection(gw, socket, identity, admission, unauthenticated))
+            tasks.track_future(connection(
+                gw,
+                socket,
+                identity,
+                admission,
+                unauthenticated,
+                span,
+            ))
         })
 }
 

@@ -12,12 +12,17 @@
 
 use std::fmt::Write as _;
 
-/// A position in a trace: its id, a span in it, and whether it is sampled.
+/// A position in a trace: its id, a span in it, whether it is sampled, and
+/// the span it is under (none for a trace's root, or for a context read
+/// from a header, whose parent is not said).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TraceContext {
     pub(crate) trace_id: [u8; 16],
     pub(crate) span_id: [u8; 8],
     pub(crate) sampled: bool,
+    pub(crate) parent: Option<[u8; 8]>,
+    /// The parent is another process's span (the client's).
+    pub(crate) remote_parent: bool,
 }
 
 fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -47,13 +52,28 @@ fn to_hex(bytes: &[u8]) -> String {
 
 fn random<const N: usize>() -> [u8; N] {
     loop {
-        let id = uuid::Uuid::new_v4().into_bytes();
+        let bits = fastrand::u128(..).to_be_bytes();
         let mut out = [0u8; N];
-        out.copy_from_slice(&id[..N]);
+        out.copy_from_slice(&bits[..N]);
         if out.iter().any(|b| *b != 0) {
             return out;
         }
     }
+}
+
+/// Whether a fresh trace with this id is sampled at `ratio`: its last 8
+/// bytes (the random part), halved, against `ratio` of 2^63.
+pub(crate) fn sampled_at(trace_id: &[u8; 16], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    if ratio.is_nan() || ratio <= 0.0 {
+        return false;
+    }
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    let bound = (ratio * (1u64 << 63) as f64) as u64;
+    (u64::from_be_bytes(low) >> 1) < bound
 }
 
 impl TraceContext {
@@ -87,15 +107,20 @@ impl TraceContext {
             trace_id,
             span_id,
             sampled: flags & 1 == 1,
+            parent: None,
+            remote_parent: false,
         })
     }
 
-    /// The start of a fresh trace.
-    pub(crate) fn root() -> Self {
+    /// The start of a fresh trace, sampled by its id at `ratio`.
+    pub(crate) fn root(ratio: f64) -> Self {
+        let trace_id = random();
         Self {
-            trace_id: random(),
+            trace_id,
             span_id: random(),
-            sampled: true,
+            sampled: sampled_at(&trace_id, ratio),
+            parent: None,
+            remote_parent: false,
         }
     }
 
@@ -103,16 +128,18 @@ impl TraceContext {
     pub(crate) fn child(&self) -> Self {
         Self {
             span_id: random(),
+            parent: Some(self.span_id),
+            remote_parent: false,
             ..*self
         }
     }
 
-    /// The call's context: a child of the client's `traceparent` when it
-    /// parses, else a fresh trace.
-    pub(crate) fn for_call(client: Option<&str>) -> Self {
-        client
-            .and_then(Self::parse)
-            .map_or_else(Self::root, |parent| parent.child())
+    /// A span of this process under this one, which another process's is.
+    pub(crate) fn remote_child(&self) -> Self {
+        Self {
+            remote_parent: true,
+            ..self.child()
+        }
     }
 
     /// The trace id as NuroPb carries it: 32 lowercase hex digits.
@@ -144,9 +171,11 @@ mod tests {
         assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(t.sampled);
         assert_eq!(t.traceparent(), GOOD);
-        let c = TraceContext::for_call(Some(GOOD));
+        let c = t.remote_child();
         assert_eq!(c.trace_id, t.trace_id);
         assert_ne!(c.span_id, t.span_id);
+        assert_eq!(c.parent, Some(t.span_id));
+        assert!(c.remote_parent && !c.child().remote_parent);
     }
 
     #[test]
@@ -168,7 +197,8 @@ mod tests {
         // A later version may say more, after a dash.
         let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-what-comes";
         assert!(!TraceContext::parse(later).unwrap().sampled);
-        let fresh = TraceContext::for_call(Some("garbage"));
+        assert_eq!(TraceContext::parse("garbage"), None);
+        let fresh = TraceContext::root(1.0);
         assert_ne!(fresh.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(fresh.trace_id_hex().len(), 32);
     }
@@ -186,7 +216,7 @@ mod tests {
         #[test]
         fn what_it_writes_it_reads(trace in any::<[u8; 16]>(), span in any::<[u8; 8]>(), sampled in any::<bool>()) {
             prop_assume!(trace.iter().any(|b| *b != 0) && span.iter().any(|b| *b != 0));
-            let t = TraceContext { trace_id: trace, span_id: span, sampled };
+            let t = TraceContext { trace_id: trace, span_id: span, sampled, parent: None, remote_parent: false };
             prop_assert_eq!(TraceContext::parse(&t.traceparent()), Some(t));
         }
     }

@@ -10,7 +10,10 @@
 //! runtime woke its other worker thread to take the second task.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 use tokio::time::Instant;
 
@@ -34,6 +37,7 @@ use crate::protocol::{
 };
 use crate::recovery;
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
+use crate::spans::{self, Ended, Spans};
 use crate::trace::TraceContext;
 
 fn text(frame: &ServerFrame) -> Message {
@@ -146,8 +150,9 @@ pub(crate) fn connection(
     identity: Option<Identity>,
     admission: Admission,
     unauthenticated: Option<Unauthenticated>,
+    span: Option<Box<SocketSpan>>,
 ) -> impl Future<Output = ()> + Send {
-    let setup = Box::pin(open(gw, socket, identity, admission, unauthenticated));
+    let setup = Box::pin(open(gw, socket, identity, admission, unauthenticated, span));
     async move {
         // let-else, not if-let: an if-let scrutinee's temporary would keep
         // a second `Live`-sized slot for the whole connection.
@@ -166,6 +171,46 @@ struct Live {
     _guard: SessionGuard,
 }
 
+/// A socket's span, while spans are exported: where it is in its trace
+/// (under the upgrade request's `traceparent`, if it sent a valid one)
+/// and when the upgrade came. It ends when the socket closes.
+#[derive(Debug)]
+pub(crate) struct SocketSpan {
+    at: TraceContext,
+    started: SystemTime,
+}
+
+impl SocketSpan {
+    /// The span of a socket opening now, when `spans` are exported.
+    pub(crate) fn begin(spans: &Spans, traceparent: Option<&str>) -> Option<Box<Self>> {
+        spans.on().then(|| {
+            Box::new(Self {
+                at: spans.begin(traceparent),
+                started: SystemTime::now(),
+            })
+        })
+    }
+
+    fn end(self, gw: &Gateway, session: &SessionInfo, code: u16) {
+        let attributes = vec![
+            spans::text("bff.session_id", &session.session_id),
+            spans::text("enduser.id", &session.user_id),
+            KeyValue::new("websocket.close_code", i64::from(code)),
+            KeyValue::new("bff.close_reason", crate::lifecycle::why_closed(code)),
+        ];
+        gw.hub().spans().end(Ended {
+            at: self.at,
+            kind: SpanKind::Server,
+            name: format!("websocket {}", gw.settings().ws_path),
+            started: self.started,
+            ended: SystemTime::now(),
+            attributes,
+            error: None,
+            link: None,
+        });
+    }
+}
+
 /// Authenticate, register the session and queue the hello event.
 async fn open(
     gw: Gateway,
@@ -173,6 +218,7 @@ async fn open(
     identity: Option<Identity>,
     admission: Admission,
     unauthenticated: Option<Unauthenticated>,
+    span: Option<Box<SocketSpan>>,
 ) -> Option<Live> {
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
@@ -231,7 +277,8 @@ async fn open(
             session: &info,
             context: &context,
         };
-        let (key, value) = match caller.hello_data(call).await {
+        let socket = span.as_ref().map(|s| &s.at);
+        let (key, value) = match caller.hello_data(call, socket).await {
             Ok(data) => ("data", data),
             Err(e) => ("data_error", serde_json::to_value(e).unwrap_or(Value::Null)),
         };
@@ -256,6 +303,7 @@ async fn open(
         write_failed: false,
         calls: std::sync::Mutex::new(None),
         rates: Rates::default(),
+        span,
     };
     Some(Live {
         conn,
@@ -369,6 +417,9 @@ impl Live {
             .hub()
             .lifecycle()
             .disconnected(&self.conn.info, code);
+        if let Some(span) = self.conn.span.take() {
+            span.end(&self.conn.gw, &self.conn.info, code);
+        }
         self.conn
             .gw
             .hub()
@@ -403,6 +454,8 @@ struct Connection {
     /// never locked.)
     calls: std::sync::Mutex<Option<Box<Calls>>>,
     rates: Rates,
+    /// The socket's span, while spans are exported.
+    span: Option<Box<SocketSpan>>,
 }
 
 /// The longest the connection timer sleeps: an absurd `exp` (years ahead)
@@ -802,12 +855,25 @@ impl Connection {
             .trace_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let spans = self.gw.hub().spans();
+        let trace = spans.begin(call.traceparent.as_deref());
+        let span = (spans.on() && trace.sampled).then(|| {
+            Box::new(CallSpan {
+                at: trace,
+                route: format!("{}.{}", call.service, call.method),
+                target: None,
+                started: SystemTime::now(),
+                socket: self.span.as_ref().map(|s| s.at),
+                session: self.info.clone(),
+            })
+        });
         let respond = Responder {
             gw: self.gw.clone(),
             started: Instant::now(),
             command,
             trace_id,
             latency: None,
+            span,
         };
 
         if self.gw.is_stopping() {
@@ -823,11 +889,13 @@ impl Connection {
             session: &self.info,
             context: &self.context,
         };
-        let trace = TraceContext::for_call(call.traceparent.as_deref());
         let mut respond = respond;
         let plan = match caller.plan(&mut self.rates, call, command, &trace) {
             Ok((plan, latency)) => {
                 respond.latency = latency;
+                if let (Some(span), Some((service, method))) = (&mut respond.span, plan.target()) {
+                    span.target = Some(format!("{service}.{method}"));
+                }
                 plan
             }
             Err(refusal) => return Some(respond.frame(Err(refusal.into()))),
@@ -836,6 +904,7 @@ impl Connection {
             self.gw.mesh().clone(),
             self.gw.hub().handler().clone(),
             self.info.clone(),
+            spans.clone(),
         );
         // Counted until its answer is queued: the drain waits for it.
         let call = self.gw.call_started();
@@ -859,6 +928,51 @@ impl Connection {
     }
 }
 
+/// A client call's span, while spans are exported: ended with the call's
+/// outcome when its answer is made.
+struct CallSpan {
+    at: TraceContext,
+    /// The name the client called.
+    route: String,
+    /// The mesh method it went to, when it was one.
+    target: Option<String>,
+    started: SystemTime,
+    /// The span of the socket it came on.
+    socket: Option<TraceContext>,
+    session: Arc<SessionInfo>,
+}
+
+impl CallSpan {
+    fn end(self, spans: &Spans, command: bool, call_id: &str, label: &str, error: Option<&str>) {
+        let mut attributes = vec![
+            spans::text("bff.route", &self.route),
+            KeyValue::new("bff.kind", if command { "command" } else { "request" }),
+            spans::text("bff.call_id", call_id),
+            spans::text("enduser.id", &self.session.user_id),
+            spans::text("bff.session_id", &self.session.session_id),
+            spans::text("bff.outcome", label),
+        ];
+        if let Some((service, method)) = self.target.as_deref().and_then(|t| t.split_once('.')) {
+            attributes.push(KeyValue::new("rpc.system", "nuropb"));
+            attributes.push(spans::text("rpc.service", service));
+            attributes.push(spans::text("rpc.method", method));
+        }
+        if let Some(name) = error {
+            attributes.push(spans::text("error.type", name));
+        }
+        spans.end(Ended {
+            at: self.at,
+            kind: SpanKind::Server,
+            name: self.route,
+            started: self.started,
+            ended: SystemTime::now(),
+            attributes,
+            error: error.map(str::to_owned),
+            link: self.socket,
+        });
+    }
+}
+
 /// Turns a call's outcome into the frame its client gets, and counts it.
 struct Responder {
     gw: Gateway,
@@ -867,6 +981,8 @@ struct Responder {
     trace_id: String,
     /// The route's latency series, once the call is routed.
     latency: Option<RouteLatency>,
+    /// The call's span, while spans are exported and it is sampled.
+    span: Option<Box<CallSpan>>,
 }
 
 impl Responder {
@@ -880,26 +996,28 @@ impl Responder {
         metrics.request_done(label, seconds);
         metrics.route_done(self.latency.as_ref(), label, seconds);
         let trace_id = self.trace_id;
+        let outcome = outcome.map_err(|f| f.to_client());
+        if let Some(span) = self.span {
+            let error = outcome.as_ref().err().map(|e| e.error.as_str());
+            span.end(self.gw.hub().spans(), self.command, &trace_id, label, error);
+        }
         let frame = match (self.command, outcome) {
             (true, Ok(_)) => ServerFrame::Ack { trace_id },
-            (true, Err(f)) => {
-                let e = f.to_client();
-                ServerFrame::Error {
-                    error: e.error,
-                    description: e.description.unwrap_or_default(),
-                    trace_id: Some(trace_id),
-                }
-            }
+            (true, Err(e)) => ServerFrame::Error {
+                error: e.error,
+                description: e.description.unwrap_or_default(),
+                trace_id: Some(trace_id),
+            },
             (false, Ok(Answer { result, failed })) => ServerFrame::Response {
                 trace_id,
                 result,
                 error: None,
                 failed,
             },
-            (false, Err(f)) => ServerFrame::Response {
+            (false, Err(e)) => ServerFrame::Response {
                 trace_id,
                 result: RawJson::null(),
-                error: Some(f.to_client()),
+                error: Some(e),
                 failed: None,
             },
         };

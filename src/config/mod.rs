@@ -248,7 +248,7 @@ pub(crate) fn redact_url(url: &str) -> String {
 /// assert!(err.to_string().contains("at least 32"));
 /// # Ok::<(), nuropb_bff::SettingsError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The BFF's own service name on the mesh.
@@ -326,6 +326,20 @@ pub struct Settings {
     /// failed under `data_error`).
     #[serde(default)]
     pub hello_call: Option<String>,
+    /// Where the BFF's spans go: an OpenTelemetry collector's OTLP/HTTP
+    /// endpoint (`http://collector:4318`; `/v1/traces` is added to a URL
+    /// without a path). Unset: no span is made or sent.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces whose spans are exported, 0 to 1. A call
+    /// whose client sent a `traceparent` follows its sampled flag instead
+    /// (parent-based).
+    #[serde(default = "d_ratio")]
+    pub otlp_sample_ratio: f64,
+}
+
+fn d_ratio() -> f64 {
+    1.0
 }
 
 fn d_true() -> bool {
@@ -386,6 +400,8 @@ impl Settings {
             hello_call: None,
             console: false,
             lifecycle_events: false,
+            otlp_endpoint: None,
+            otlp_sample_ratio: d_ratio(),
         }
     }
 
@@ -401,6 +417,7 @@ impl Settings {
             instance_id: Some("x".into()),
             cluster_key: Some(Secret::default()),
             hello_call: Some("x.y".into()),
+            otlp_endpoint: Some(String::new()),
             ..Self::new("x")
         }
     }
@@ -539,6 +556,15 @@ impl Settings {
             Duration::from_secs(3600),
         )?;
         self.events.validate()?;
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            return bad(format!(
+                "otlp_sample_ratio (BFF_OTLP_SAMPLE_RATIO) must be between 0 and 1, found {}",
+                self.otlp_sample_ratio
+            ));
+        }
+        if let Some(endpoint) = self.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+            crate::spans::traces_url(endpoint).map_err(SettingsError::Invalid)?;
+        }
         if !self.ws_path.starts_with('/') {
             return bad(format!(
                 "ws_path must start with `/`, found `{}`",
