@@ -1228,3 +1228,228 @@ fn a_killed_instance_is_noticed_and_its_sessions_said_lost() {
     });
     drop(sockets);
 }
+
+/// The W3C ids of a `traceparent`: (trace id, span id).
+fn ids(traceparent: &str) -> (String, String) {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "not a traceparent: {traceparent}");
+    (parts[1].to_owned(), parts[2].to_owned())
+}
+
+async fn spans_metric(addr: std::net::SocketAddr, series: &str) -> u64 {
+    let text = http_get(addr, "/metrics").await.unwrap().1;
+    common::metric(&text, series)
+}
+
+/// `n` calls one after another: how long they took, the median.
+async fn median_call(c: &mut TestClient, service: &str, n: usize) -> Duration {
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let r = c.request(service, "add", json!({"a": 1, "b": 2})).await.unwrap();
+        assert_eq!(r["result"], 3, "{r}");
+        took.push(started.elapsed());
+    }
+    took.sort();
+    took[n / 2]
+}
+
+#[test]
+fn a_generated_bff_exports_one_trace_from_the_browser_to_the_python_service() {
+    let py = common::unique("ot-svc");
+    let mesh_name = common::unique("ot-bff");
+    let crate_dir = generate_crate(
+        "otlp-bff",
+        &[
+            ("routes", &format!("{py}.*")),
+            ("mesh_service_name", &mesh_name),
+        ],
+    );
+    // A composed route of three parts, each asking the service what
+    // trace it was called in.
+    let mut routes = format!("[[route]]\ncall = \"{py}.*\"\n\n[[compose]]\nname = \"screen.traced\"\n");
+    for key in ["a", "b", "c"] {
+        routes.push_str(&format!(
+            "[[compose.part]]\nkey = \"{key}\"\ncall = \"{py}.trace\"\n"
+        ));
+    }
+    std::fs::write(crate_dir.join("routes.toml"), routes).unwrap();
+    ok("cargo build", &cargo(&crate_dir, &["build"]));
+    let bin = shared_target().join("debug").join("otlp-bff");
+    let _service = common::start_python_service(&py);
+    let mut collector = common::otlp::OtlpReceiver::start();
+    let secret = "an-otlp-test-secret-of-32-bytes-or-more";
+    let endpoint = collector.endpoint();
+    let mut p = BffProcess::spawn(
+        &bin,
+        &crate_dir,
+        &[],
+        &[
+            ("BFF_JWT_SECRET", secret),
+            ("BFF_AMQP_URL", &common::amqp_url()),
+            ("BFF_LISTEN", "127.0.0.1:0"),
+            ("BFF_OTLP_ENDPOINT", &endpoint),
+            ("BFF_HELLO_CALL", &format!("{py}.trace")),
+        ],
+    );
+    let addr = p.serving_addr();
+    let url = format!("ws://{addr}/ws");
+    let token = hs256_token(secret, "alice", &["user"], 600);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let socket_parent = "00-11111111111111111111111111111111-2222222222222222-01";
+    let call_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let composed_parent = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-bbbbbbbbbbbbbbbb-01";
+    let (hello, plain, composed, malformed, mut c) = rt.block_on(async {
+        let bearer = format!("Bearer {token}");
+        let mut c = TestClient::connect_with(&url, |req| {
+            req.headers_mut()
+                .insert("authorization", bearer.parse().unwrap());
+            req.headers_mut()
+                .insert("traceparent", socket_parent.parse().unwrap());
+        })
+        .await
+        .unwrap();
+        let hello = c.recv().await.unwrap()["payload"]["event"]["data"].clone();
+        let mut traced = async |service: &str, method: &str, traceparent: &str| {
+            c.send(json!({"type":"request","payload":{"service":service,"method":method,
+                "params":{},"trace_id":"t","traceparent":traceparent}}))
+                .await
+                .unwrap();
+            c.recv().await.unwrap()["payload"].clone()
+        };
+        let plain = traced(&py, "trace", call_parent).await;
+        let composed = traced("screen", "traced", composed_parent).await;
+        let malformed = traced(&py, "trace", "00-not-a-trace-01").await;
+        (hello, plain, composed, malformed, c)
+    });
+
+    // The service saw the client's trace id as its NuroPb trace_id, and
+    // the call's span as its parent.
+    let (client_trace, client_span) = ids(call_parent);
+    assert_eq!(plain["result"]["trace_id"], client_trace.as_str(), "{plain}");
+    let (_, call_span) = ids(plain["result"]["traceparent"].as_str().unwrap());
+    let spans = collector.until(Duration::from_secs(20), |s| {
+        s.iter().any(|s| s.span_id == call_span)
+    });
+    let call = spans.iter().find(|s| s.span_id == call_span).unwrap();
+    assert_eq!(call.trace_id, client_trace);
+    assert_eq!(call.parent, client_span, "under the client's span");
+    assert_eq!(call.kind, 2, "a server span");
+    assert_eq!(call.attr("bff.route"), format!("{py}.trace"));
+    assert_eq!(call.attr("rpc.service"), py);
+    assert_eq!(call.attr("rpc.method"), "trace");
+    assert_eq!(call.attr("enduser.id"), "alice");
+    assert_eq!(call.attr("bff.outcome"), "ok");
+    assert_eq!(call.service, mesh_name, "the resource names the BFF");
+    assert!(call.end_unix_nano >= call.start_unix_nano);
+
+    // A composed call: one trace, the call's span and a child per part,
+    // each part's span the parent the service saw.
+    let (composed_trace, composed_client_span) = ids(composed_parent);
+    let mut part_spans = Vec::new();
+    for key in ["a", "b", "c"] {
+        let seen = &composed["result"][key];
+        assert_eq!(seen["trace_id"], composed_trace.as_str(), "{composed}");
+        part_spans.push(ids(seen["traceparent"].as_str().unwrap()).1);
+    }
+    let spans = collector.until(Duration::from_secs(20), |s| {
+        part_spans
+            .iter()
+            .all(|p| s.iter().any(|s| &s.span_id == p))
+    });
+    let in_trace: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == composed_trace)
+        .collect();
+    assert_eq!(in_trace.len(), 4, "{in_trace:#?}");
+    let root = in_trace
+        .iter()
+        .find(|s| s.attr("bff.route") == "screen.traced")
+        .unwrap();
+    assert_eq!(root.parent, composed_client_span);
+    let mut keys = Vec::new();
+    for part in in_trace.iter().filter(|s| s.span_id != root.span_id) {
+        assert_eq!(part.parent, root.span_id, "{part:#?}");
+        assert!(part_spans.contains(&part.span_id), "{part:#?}");
+        assert_eq!(part.kind, 3, "a client span");
+        assert_eq!(part.attr("rpc.method"), "trace");
+        keys.push(part.attr("bff.part").to_owned());
+    }
+    keys.sort();
+    assert_eq!(keys, ["a", "b", "c"]);
+
+    // A malformed traceparent: a normal answer, in a fresh trace.
+    let fresh = malformed["result"]["trace_id"].as_str().unwrap().to_owned();
+    assert!(malformed["error"].is_null(), "{malformed}");
+    assert_eq!(fresh.len(), 32);
+    assert!(fresh != client_trace && fresh != composed_trace);
+    let spans = collector.until(Duration::from_secs(20), |s| {
+        s.iter().any(|s| s.trace_id == fresh)
+    });
+    let fresh_span = spans.iter().find(|s| s.trace_id == fresh).unwrap();
+    assert_eq!(fresh_span.parent, "", "the root of its trace");
+
+    // The socket's span under the upgrade's traceparent, with the
+    // hello_call under it; the calls link to it.
+    let (socket_trace, socket_client_span) = ids(socket_parent);
+    assert_eq!(hello["trace_id"], socket_trace.as_str(), "{hello}");
+    let (_, hello_span) = ids(hello["traceparent"].as_str().unwrap());
+    rt.block_on(async {
+        c.send_message(tokio_tungstenite::tungstenite::Message::Close(None))
+            .await
+            .unwrap();
+        let _ = c.closed().await;
+    });
+    let spans = collector.until(Duration::from_secs(20), |s| {
+        s.iter()
+            .any(|s| s.trace_id == socket_trace && s.attr("websocket.close_code") != "")
+    });
+    let socket = spans
+        .iter()
+        .find(|s| s.trace_id == socket_trace && s.attr("websocket.close_code") != "")
+        .unwrap();
+    assert_eq!(socket.parent, socket_client_span);
+    assert_eq!(socket.attr("websocket.close_code"), "1000");
+    assert_eq!(socket.attr("bff.close_reason"), "client");
+    let hello_call = spans.iter().find(|s| s.span_id == hello_span).unwrap();
+    assert_eq!(hello_call.parent, socket.span_id);
+    assert_eq!(hello_call.attr("bff.hello_call"), "true");
+    assert!(
+        call.links
+            .contains(&(socket.trace_id.clone(), socket.span_id.clone())),
+        "{call:#?}"
+    );
+
+    // The collector stops: calls answer as before, the spans are dropped
+    // and counted.
+    let (with_collector, without) = rt.block_on(async {
+        let (mut c, _) = common::connect(&url, &token).await;
+        let with_collector = median_call(&mut c, &py, 200).await;
+        collector.stop();
+        let without = median_call(&mut c, &py, 200).await;
+        (with_collector, without)
+    });
+    let dropped = rt.block_on(async {
+        let series = r#"bff_spans_dropped_total{reason="export_failed"}"#;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = spans_metric(addr, series).await;
+            if n > 0 || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    println!(
+        "median call with the collector up {with_collector:?}, stopped {without:?}; {dropped} spans dropped"
+    );
+    assert!(dropped > 0, "drops are counted");
+    assert!(
+        without < with_collector * 3 + Duration::from_millis(5),
+        "a stopped collector slowed calls: {with_collector:?} -> {without:?}"
+    );
+    let exported = rt.block_on(spans_metric(addr, "bff_spans_exported_total"));
+    assert!(exported >= 10, "{exported}");
+    drop(p);
+}

@@ -3,6 +3,8 @@
 //! client of the interop tests.
 #![allow(dead_code, unreachable_pub, unused_imports)]
 
+pub mod otlp;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
