@@ -24,6 +24,7 @@
 //!   cargo bench --bench hop -- --token-bytes 900      # each socket authenticated with a 900-byte HS256 token
 //!   cargo bench --bench hop -- --only "1 socket x 1"   # the scenarios whose name holds this
 //!   cargo bench --bench hop -- --only none --fanout-events 50   # the fan-out alone, 50 events
+//!   cargo bench --bench hop -- --otlp 1.0   # spans exported (ratio 1.0) to a test OTLP collector
 //!
 //! Under `cargo test` it makes a short smoke run.
 
@@ -536,6 +537,10 @@ async fn gateway(name: String, svc: String, topic: String) {
     settings.limits.ping_interval = Duration::from_secs(600);
     settings.limits.max_connections = 50_000;
     settings.shutdown_grace_ms = 3_000;
+    if let Some(endpoint) = arg_str("--otlp-endpoint") {
+        settings.otlp_endpoint = Some(endpoint);
+        settings.otlp_sample_ratio = arg_str("--otlp").map_or(1.0, |r| r.parse().unwrap());
+    }
     let gw = Gateway::builder(settings)
         .routes(routes)
         .auth(auth)
@@ -1144,6 +1149,18 @@ async fn orchestrate() {
         gw_args.extend(["--gateway-workers".to_owned(), workers]);
     }
     gw_args.extend(["--token-bytes".to_owned(), token_bytes().to_string()]);
+    // `--otlp RATIO`: the gateways export their spans to a collector (this
+    // process's test receiver, decoding every request) at that ratio.
+    let collector = arg_str("--otlp").map(|ratio| {
+        let collector = common::otlp::OtlpReceiver::start();
+        gw_args.extend([
+            "--otlp".to_owned(),
+            ratio,
+            "--otlp-endpoint".to_owned(),
+            collector.endpoint(),
+        ]);
+        collector
+    });
     // Dropped after the gateways (declared before them): their service
     // queue, durable as a NuroPb service's is, is deleted once they stop.
     let _queue = DeleteOnDrop(AmqpConfig::new(amqp_url(), gw_name).service_queue());
@@ -1240,6 +1257,15 @@ async fn orchestrate() {
             ms(o.p50),
             ms(o.p99),
             o.cpu_per_request.map_or("-".into(), us),
+        );
+    }
+    if let Some(collector) = &collector {
+        // What is still queued goes out within a batch's delay.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!(
+            "\nspans exported to the collector: {} in {} requests",
+            collector.spans().len(),
+            collector.requests()
         );
     }
     if let Some(o) = median(&results[4]) {

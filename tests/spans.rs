@@ -39,12 +39,18 @@ fn mesh() -> MeshSetup {
     MeshSetup::Memory(mesh)
 }
 
-async fn call(c: &mut nuropb_bff::testing::TestClient, method: &str, traceparent: Option<&str>) -> Value {
+async fn call(
+    c: &mut nuropb_bff::testing::TestClient,
+    method: &str,
+    traceparent: Option<&str>,
+) -> Value {
     let mut payload = json!({"service":"orders","method":method,"params":{},"trace_id":"t"});
     if let Some(tp) = traceparent {
         payload["traceparent"] = json!(tp);
     }
-    c.send(json!({"type":"request","payload":payload})).await.unwrap();
+    c.send(json!({"type":"request","payload":payload}))
+        .await
+        .unwrap();
     c.recv().await.unwrap()["payload"].clone()
 }
 
@@ -100,7 +106,10 @@ async fn sampling_follows_the_client_and_the_ratio_and_the_service_is_told() {
     assert!(traces.contains(&"0af7651916cd43dd8448eb211c80319c"));
     assert!(!traces.contains(&"1af7651916cd43dd8448eb211c80319c"));
     let fresh_trace = fresh["result"]["trace_id"].as_str().unwrap();
-    assert!(!traces.contains(&fresh_trace), "ratio 0 exports no fresh trace");
+    assert!(
+        !traces.contains(&fresh_trace),
+        "ratio 0 exports no fresh trace"
+    );
     let limited = spans
         .iter()
         .find(|s| s.trace_id.starts_with("2af76519") && s.attr("bff.outcome") == "RateLimited")

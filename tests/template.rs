@@ -1246,7 +1246,10 @@ async fn median_call(c: &mut TestClient, service: &str, n: usize) -> Duration {
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
-        let r = c.request(service, "add", json!({"a": 1, "b": 2})).await.unwrap();
+        let r = c
+            .request(service, "add", json!({"a": 1, "b": 2}))
+            .await
+            .unwrap();
         assert_eq!(r["result"], 3, "{r}");
         took.push(started.elapsed());
     }
@@ -1267,7 +1270,8 @@ fn a_generated_bff_exports_one_trace_from_the_browser_to_the_python_service() {
     );
     // A composed route of three parts, each asking the service what
     // trace it was called in.
-    let mut routes = format!("[[route]]\ncall = \"{py}.*\"\n\n[[compose]]\nname = \"screen.traced\"\n");
+    let mut routes =
+        format!("[[route]]\ncall = \"{py}.*\"\n\n[[compose]]\nname = \"screen.traced\"\n");
     for key in ["a", "b", "c"] {
         routes.push_str(&format!(
             "[[compose.part]]\nkey = \"{key}\"\ncall = \"{py}.trace\"\n"
@@ -1312,10 +1316,12 @@ fn a_generated_bff_exports_one_trace_from_the_browser_to_the_python_service() {
         .unwrap();
         let hello = c.recv().await.unwrap()["payload"]["event"]["data"].clone();
         let mut traced = async |service: &str, method: &str, traceparent: &str| {
-            c.send(json!({"type":"request","payload":{"service":service,"method":method,
-                "params":{},"trace_id":"t","traceparent":traceparent}}))
-                .await
-                .unwrap();
+            c.send(
+                json!({"type":"request","payload":{"service":service,"method":method,
+                "params":{},"trace_id":"t","traceparent":traceparent}}),
+            )
+            .await
+            .unwrap();
             c.recv().await.unwrap()["payload"].clone()
         };
         let plain = traced(&py, "trace", call_parent).await;
@@ -1327,7 +1333,11 @@ fn a_generated_bff_exports_one_trace_from_the_browser_to_the_python_service() {
     // The service saw the client's trace id as its NuroPb trace_id, and
     // the call's span as its parent.
     let (client_trace, client_span) = ids(call_parent);
-    assert_eq!(plain["result"]["trace_id"], client_trace.as_str(), "{plain}");
+    assert_eq!(
+        plain["result"]["trace_id"],
+        client_trace.as_str(),
+        "{plain}"
+    );
     let (_, call_span) = ids(plain["result"]["traceparent"].as_str().unwrap());
     let spans = collector.until(Duration::from_secs(20), |s| {
         s.iter().any(|s| s.span_id == call_span)
@@ -1354,9 +1364,7 @@ fn a_generated_bff_exports_one_trace_from_the_browser_to_the_python_service() {
         part_spans.push(ids(seen["traceparent"].as_str().unwrap()).1);
     }
     let spans = collector.until(Duration::from_secs(20), |s| {
-        part_spans
-            .iter()
-            .all(|p| s.iter().any(|s| &s.span_id == p))
+        part_spans.iter().all(|p| s.iter().any(|s| &s.span_id == p))
     });
     let in_trace: Vec<_> = spans
         .iter()
@@ -1403,11 +1411,11 @@ fn a_generated_bff_exports_one_trace_from_the_browser_to_the_python_service() {
     });
     let spans = collector.until(Duration::from_secs(20), |s| {
         s.iter()
-            .any(|s| s.trace_id == socket_trace && s.attr("websocket.close_code") != "")
+            .any(|s| s.trace_id == socket_trace && !s.attr("websocket.close_code").is_empty())
     });
     let socket = spans
         .iter()
-        .find(|s| s.trace_id == socket_trace && s.attr("websocket.close_code") != "")
+        .find(|s| s.trace_id == socket_trace && !s.attr("websocket.close_code").is_empty())
         .unwrap();
     assert_eq!(socket.parent, socket_client_span);
     assert_eq!(socket.attr("websocket.close_code"), "1000");

@@ -1,6 +1,11 @@
 //! Command-line helpers shared by the benchmark binaries, and their
 //! allocator.
 
+/// The test OTLP collector (`hop --otlp`).
+#[path = "../../tests/common/otlp.rs"]
+#[allow(unreachable_pub)]
+pub(crate) mod otlp;
+
 /// The benches run the gateway with the allocator a BFF binary installs.
 #[global_allocator]
 static ALLOCATOR: nuropb_bff::MiMalloc = nuropb_bff::MiMalloc;

@@ -17,8 +17,8 @@ use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message;
 
 /// One span as the collector got it.
@@ -89,10 +89,7 @@ pub fn decode(body: &[u8]) -> Result<Vec<Span>, prost::DecodeError> {
                         .iter()
                         .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
                         .collect(),
-                    status: s
-                        .status
-                        .map(|st| (st.code, st.message))
-                        .unwrap_or_default(),
+                    status: s.status.map(|st| (st.code, st.message)).unwrap_or_default(),
                     start_unix_nano: s.start_time_unix_nano,
                     end_unix_nano: s.end_time_unix_nano,
                     service: service.clone(),
