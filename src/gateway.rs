@@ -267,10 +267,12 @@ impl GatewayBuilder {
         if let Some(work) = g.hub.take_span_export() {
             // Until the sessions are closed (their sockets' spans are
             // queued by then), then what is left, briefly.
+            let sessions = g.hub.sessions().clone();
             g.background.spawn(crate::spans::export(
                 work,
                 g.hub.metrics().clone(),
                 g.closed.clone(),
+                move || sessions.counts().sessions == 0,
             ));
         }
         if let Some(work) = g.hub.auth().maintain() {

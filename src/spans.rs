@@ -281,14 +281,16 @@ impl Spans {
         }
         match out.queue.try_send(span.into_data(&out.scope)) {
             Ok(()) => {}
-            Err(_) => out.metrics.spans_dropped("queue_full", 1),
+            Err(mpsc::error::TrySendError::Full(_)) => out.metrics.spans_dropped("queue_full", 1),
+            // The exporter has stopped: the gateway is shutting down.
+            Err(mpsc::error::TrySendError::Closed(_)) => out.metrics.spans_dropped("shutdown", 1),
         }
     }
 }
 
 /// Export queued spans in batches (up to [`BATCH`], or what came in
-/// [`BATCH_DELAY`]) until `stop`, then what is still queued, for
-/// [`DRAIN`] at most. One request at a time: while it is out the queue
+/// [`BATCH_DELAY`]) until `stop`, then what is still queued and what the
+/// closing sockets still end (until `all_closed`), for [`DRAIN`] at most. One request at a time: while it is out the queue
 /// fills, and what does not fit is dropped and counted. A failed or
 /// timed-out request counts its spans dropped; the first failure after a
 /// success is logged, and so is the recovery.
@@ -296,6 +298,7 @@ pub(crate) async fn export<E: SpanExporter>(
     work: Exporting<E>,
     metrics: Metrics,
     stop: CancellationToken,
+    all_closed: impl Fn() -> bool,
 ) {
     let Exporting {
         mut queue,
@@ -348,6 +351,7 @@ pub(crate) async fn export<E: SpanExporter>(
     }
     let deadline = tokio::time::Instant::now() + DRAIN;
     loop {
+        let last_look = all_closed();
         let mut batch = Vec::new();
         while batch.len() < BATCH {
             match queue.try_recv() {
@@ -356,12 +360,19 @@ pub(crate) async fn export<E: SpanExporter>(
             }
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if batch.is_empty() || left.is_zero() {
+        if left.is_zero() {
             let n = batch.len() as u64 + queue.len() as u64;
             if n > 0 {
                 metrics.spans_dropped("shutdown", n);
             }
             return;
+        }
+        if batch.is_empty() {
+            if last_look {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
         }
         send(batch, &mut failing, left).await;
     }
@@ -478,7 +489,7 @@ mod tests {
         let kept = Kept::default();
         let (spans, work) = Spans::exporting_to(kept.clone(), 1.0, metrics.clone());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(export(work, metrics.clone(), stop.clone()));
+        let task = tokio::spawn(export(work, metrics.clone(), stop.clone(), || true));
         for _ in 0..1200 {
             spans.end(ended(spans.root()));
         }
@@ -497,7 +508,7 @@ mod tests {
         };
         let (spans, work) = Spans::exporting_to(failing, 1.0, metrics.clone());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(export(work, metrics.clone(), stop.clone()));
+        let task = tokio::spawn(export(work, metrics.clone(), stop.clone(), || true));
         for _ in 0..10 {
             spans.end(ended(spans.root()));
         }

@@ -133,3 +133,38 @@ async fn without_an_endpoint_nothing_is_exported_and_the_trace_still_flows() {
     assert_eq!(metric(&text, "bff_spans_exported_total"), 0, "{text}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_shutdown_exports_the_spans_of_the_sockets_it_closes() {
+    let collector = OtlpReceiver::start();
+    let endpoint = collector.endpoint();
+    let gw = start(
+        ROUTES,
+        hs256(),
+        Arc::new(DefaultHandler),
+        |s| s.otlp_endpoint = Some(endpoint),
+        mesh(),
+    )
+    .await;
+    let mut sockets = Vec::new();
+    for user in ["ann", "bob", "cy"] {
+        sockets.push(connect(&gw.url(), &token(user, &[], 300)).await.0);
+    }
+    gw.stop().await;
+    let spans = collector
+        .until_async(Duration::from_secs(10), |s| {
+            s.iter()
+                .filter(|s| s.attr("websocket.close_code") == "1001")
+                .count()
+                == 3
+        })
+        .await;
+    let mut users: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.attr("bff.close_reason") == "shutdown")
+        .map(|s| s.attr("enduser.id"))
+        .collect();
+    users.sort();
+    assert_eq!(users, ["ann", "bob", "cy"]);
+    drop(sockets);
+}
