@@ -317,6 +317,7 @@ async fn run_fanout_floor(topic: &str, n: usize, events: usize) -> (f64, Duratio
     let outcome = measure_fanout(
         sockets,
         events,
+        None,
         async |k| std::io::Write::write_all(&mut stdin, format!("{k}\n").as_bytes()).unwrap(),
         || writer.cpu(),
     )
@@ -761,6 +762,9 @@ struct Outcome {
     p99: Duration,
     /// Of the gateway; on the direct path, of the echo service.
     cpu_per_request: Option<Duration>,
+    /// On the direct path: the calling client's (this process's) CPU per
+    /// call, what a plain lapin client costs for it.
+    client_cpu: Option<Duration>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -775,6 +779,7 @@ fn outcome(mut latencies: Vec<Duration>, wall: Duration, cpu: Option<Duration>) 
         p50: percentile(&latencies, 0.5),
         p99: percentile(&latencies, 0.99),
         cpu_per_request: cpu.map(|c| c / n as u32),
+        client_cpu: None,
     }
 }
 
@@ -789,6 +794,8 @@ async fn run_direct(
 ) -> Outcome {
     let per_lane = total / in_flight;
     let cpu_before = peer.cpu();
+    let own = format!("/proc/{}/stat", std::process::id());
+    let client_before = common::cpu_time(&own);
     let started = Instant::now();
     let lanes: Vec<_> = (0..in_flight)
         .map(|lane| {
@@ -810,7 +817,11 @@ async fn run_direct(
         latencies.extend(l.await.unwrap());
     }
     let wall = started.elapsed();
-    outcome(latencies, wall, Some(peer.cpu().saturating_sub(cpu_before)))
+    let client = common::cpu_time(&own).saturating_sub(client_before);
+    let n = latencies.len().max(1) as u32;
+    let mut o = outcome(latencies, wall, Some(peer.cpu().saturating_sub(cpu_before)));
+    o.client_cpu = Some(client / n);
+    o
 }
 
 type Ws =
@@ -901,6 +912,7 @@ async fn run_fanout(
     topic: &str,
     n: usize,
     events: usize,
+    pace: Option<Duration>,
 ) -> (f64, Duration, Duration) {
     let mut ready = Vec::with_capacity(n);
     for i in 0..n {
@@ -932,6 +944,7 @@ async fn run_fanout(
     let outcome = measure_fanout(
         ready,
         events,
+        pace,
         async |k| {
             publisher
                 .publish_event({
@@ -962,6 +975,7 @@ async fn run_fanout(
 async fn measure_fanout(
     sockets: Vec<tokio::net::TcpStream>,
     events: usize,
+    pace: Option<Duration>,
     mut publish: impl AsyncFnMut(usize),
     cpu: impl Fn() -> Duration,
 ) -> (f64, Duration, Duration) {
@@ -975,7 +989,16 @@ async fn measure_fanout(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut published = Vec::with_capacity(events);
     let cpu_before = cpu();
+    let start = Instant::now();
     for (k, count) in arrived.iter().enumerate() {
+        if let Some(pace) = pace {
+            // On a clock, whether the last one is delivered or not.
+            tokio::time::sleep_until((start + pace * k as u32).into()).await;
+            let t0 = Instant::now();
+            publish(k).await;
+            published.push(t0);
+            continue;
+        }
         let t0 = Instant::now();
         publish(k).await;
         published.push(t0);
@@ -989,6 +1012,18 @@ async fn measure_fanout(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if pace.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (k, count) in arrived.iter().enumerate() {
+            while count.load(Ordering::Relaxed) < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "paced fan-out {k}: not all delivered"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
     let cpu = cpu().saturating_sub(cpu_before);
     let mut latencies = Vec::with_capacity(n * events);
@@ -1280,18 +1315,80 @@ async fn orchestrate() {
             o.rate
         );
     }
+    // The targets, each against its ceiling in this run (issue 31).
+    let mut targets = Targets::default();
+    for (i, name) in [
+        (3, "requests, 1 socket x 64"),
+        (4, "requests, 64 sockets x 1"),
+    ] {
+        if let (Some(o), Some(base)) = (median(&results[i]), direct64) {
+            targets.add(
+                &format!("{name}: req/s vs the direct path's"),
+                o.rate,
+                base.rate,
+                Goal::AtLeast(0.90),
+                |v| format!("{v:.0}/s"),
+            );
+            if let (Some(cpu), Some(client)) = (o.cpu_per_request, base.client_cpu) {
+                targets.add(
+                    &format!("{name}: CPU per request vs a lapin client's per call"),
+                    cpu.as_secs_f64(),
+                    client.as_secs_f64(),
+                    Goal::AtMost(1.5),
+                    |v| us(Duration::from_secs_f64(v)),
+                );
+            }
+        }
+    }
     if fanout == 0 {
+        targets.print();
         return;
     }
     let events = common::arg("--fanout-events", 3);
+    let paced_events = common::arg(
+        "--fanout-paced-events",
+        if common::benching() { 25 } else { 3 },
+    );
     // The floors first: the fan-out's 10,000 sockets are gone by then.
     let (round_trip, write) = run_floors(fanout).await;
     let (floor_rate, floor_p99, floor_cpu) = run_fanout_floor(&topic, fanout, events).await;
-    let (rate, p99, cpu) = run_fanout(&gw, &topic, fanout, events).await;
+    let (rate, p99, cpu) = run_fanout(&gw, &topic, fanout, events, None).await;
+    let pace = Duration::from_millis(200);
+    let (_, paced_p99, _) = run_fanout(&gw, &topic, fanout, paced_events, Some(pace)).await;
     println!(
         "\nfan-out: one event to {fanout} subscribed sockets: {rate:.0} deliveries/s, p99 delivery {}, BFF CPU {} per delivery",
         ms(p99),
         us(cpu)
+    );
+    println!(
+        "one event every {} to the {fanout} sockets ({paced_events} events): p99 delivery {}",
+        ms(pace),
+        ms(paced_p99)
+    );
+    let write_all = Duration::from_secs_f64(fanout as f64 / floor_rate);
+    targets.add(
+        &format!("fan-out to {fanout}: deliveries/s vs the bare writer's"),
+        rate,
+        floor_rate,
+        Goal::AtLeast(0.90),
+        |v| format!("{v:.0}/s"),
+    );
+    targets.add(
+        &format!("fan-out to {fanout}: p99 publish to arrival vs the bare writer's"),
+        p99.as_secs_f64(),
+        floor_p99.as_secs_f64(),
+        Goal::AtMost(1.25),
+        |v| ms(Duration::from_secs_f64(v)),
+    );
+    targets.add(
+        &format!(
+            "an event every {} to {fanout}: p99 delivery vs the bare writer's time to write {fanout} frames",
+            ms(pace)
+        ),
+        paced_p99.as_secs_f64(),
+        write_all.as_secs_f64(),
+        Goal::AtMost(1.25),
+        |v| ms(Duration::from_secs_f64(v)),
     );
     println!(
         "the same frames written by a bare program (a blocking thread per core, no broker), \
@@ -1317,4 +1414,53 @@ async fn orchestrate() {
             ),
         }
     );
+    targets.print();
+}
+
+/// What a target asks of the ratio of a number to its ceiling.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// The targets of a run, each with its ceiling measured in the same run.
+#[derive(Default)]
+struct Targets(Vec<(String, String, String, f64, Goal)>);
+
+impl Targets {
+    fn add(
+        &mut self,
+        what: &str,
+        value: f64,
+        ceiling: f64,
+        goal: Goal,
+        show: impl Fn(f64) -> String,
+    ) {
+        let ratio = if ceiling > 0.0 {
+            value / ceiling
+        } else {
+            f64::NAN
+        };
+        self.0
+            .push((what.to_owned(), show(value), show(ceiling), ratio, goal));
+    }
+
+    fn print(&self) {
+        if self.0.is_empty() {
+            return;
+        }
+        println!("\n| target | this run | ceiling (same run) | ratio | goal | met |");
+        println!("|---|---|---|---|---|---|");
+        for (what, value, ceiling, ratio, goal) in &self.0 {
+            let (text, met) = match goal {
+                Goal::AtLeast(g) => (format!(">= {g:.2}"), *ratio >= *g),
+                Goal::AtMost(g) => (format!("<= {g:.2}"), *ratio <= *g),
+            };
+            println!(
+                "| {what} | {value} | {ceiling} | {ratio:.2} | {text} | {} |",
+                if met { "yes" } else { "no" }
+            );
+        }
+    }
 }

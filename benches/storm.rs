@@ -41,7 +41,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-const ROUTES: &str = "[[route]]\ncall = \"echo.*\"\n\n[[event]]\ntopic = \"storm.#\"\ndeliver = \"subscribers\"\n";
+const ROUTES: &str =
+    "[[route]]\ncall = \"echo.*\"\n\n[[event]]\ntopic = \"storm.#\"\ndeliver = \"subscribers\"\n";
 
 /// `--server KEY.pem`: the gateway, verifying with that public key;
 /// `publish K` on stdin publishes K events on `storm.news`; closing stdin
@@ -115,11 +116,29 @@ async fn next_json(ws: &mut Socket) -> Value {
 /// Connect with `token`, read `hello`, subscribe to `storm.#` (after
 /// `since`, when given) and read the answer and the `missed` events it
 /// brings: the socket, when it was authenticated, the last position seen.
+/// The storm's sockets come from another loopback address than the first
+/// connections: the gateway closed those (it keeps their TIME_WAIT), and a
+/// new connection reusing one's port would wait a second for a SYN
+/// retransmit, which clients coming back from many addresses never see.
 async fn join(url: &str, token: &str, since: Option<u64>, missed: usize) -> (Socket, Instant, u64) {
     let target = format!("{url}?access_token={token}");
-    let (mut ws, _) = tokio_tungstenite::connect_async(target.as_str())
-        .await
-        .expect("handshake");
+    let server: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap();
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    let from = if since.is_some() {
+        [127, 0, 0, 2]
+    } else {
+        [127, 0, 0, 1]
+    };
+    tcp.bind((from, 0).into()).unwrap();
+    let stream = tcp.connect(server).await.expect("connect");
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(target.as_str(), MaybeTlsStream::Plain(stream))
+            .await
+            .expect("handshake");
     let hello = next_json(&mut ws).await;
     assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
     let authenticated = Instant::now();
@@ -127,7 +146,9 @@ async fn join(url: &str, token: &str, since: Option<u64>, missed: usize) -> (Soc
     if let Some(since) = since {
         sub["payload"]["since"] = json!(since);
     }
-    ws.send(Message::Text(sub.to_string().into())).await.unwrap();
+    ws.send(Message::Text(sub.to_string().into()))
+        .await
+        .unwrap();
     let answer = next_json(&mut ws).await;
     assert_eq!(answer["type"], "subscribed", "{answer}");
     if since.is_some() {
@@ -206,7 +227,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--server") {
         let key = args[i + 1].clone();
-        return tokio::runtime::Runtime::new().unwrap().block_on(server(key));
+        return tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(server(key));
     }
     let benching = common::benching();
     let n = common::arg("--sockets", if benching { 10_000 } else { 50 });
@@ -236,7 +259,8 @@ fn main() {
         let key = TestKey::generate(alg);
         let tokens = Arc::new(tokens(&key, n));
         // The ceiling: verifications alone, one thread.
-        let verifier = JwtVerifier::public_key_pem(key.public_pem().as_bytes(), None, None).unwrap();
+        let verifier =
+            JwtVerifier::public_key_pem(key.public_pem().as_bytes(), None, None).unwrap();
         let sample = &tokens[..tokens.len().min(1000)];
         let verify_rate = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -249,7 +273,8 @@ fn main() {
                 sample.len() as f64 / started.elapsed().as_secs_f64()
             });
 
-        let key_file = std::env::temp_dir().join(format!("storm-{}-{alg:?}.pem", std::process::id()));
+        let key_file =
+            std::env::temp_dir().join(format!("storm-{}-{alg:?}.pem", std::process::id()));
         std::fs::write(&key_file, key.public_pem()).unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--server", key_file.to_str().unwrap()])
@@ -271,8 +296,7 @@ fn main() {
         };
 
         // Every client connected and subscribed, having seen one event.
-        let (sockets, _, _) =
-            clients.block_on(join_all(&url, &tokens, concurrency, None, 0));
+        let (sockets, _, _) = clients.block_on(join_all(&url, &tokens, concurrency, None, 0));
         publish(1);
         let sockets = clients.block_on(async {
             let mut seen = Vec::with_capacity(sockets.len());

@@ -28,6 +28,12 @@ use crate::protocol::close;
 use crate::routing::RouteTable;
 use crate::session::{Caps, Sessions};
 
+/// Connections the kernel holds for the gateway before it accepts them
+/// (capped by `net.core.somaxconn`). std's 128 overflowed when every client
+/// of an instance reconnected at once after a deploy: each connection past
+/// it waited a second for its SYN to be sent again (see `benches/storm.rs`).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// The gateway: shared state, the mesh it joined, and its lifecycle. Cheap
 /// to clone; clones share everything.
 ///
@@ -635,15 +641,26 @@ impl Gateway {
         })
     }
 
-    /// A listener on `settings.listen`.
+    /// A listener on `settings.listen`, with room for [`LISTEN_BACKLOG`]
+    /// connections not yet accepted.
     pub async fn bind(&self) -> Result<tokio::net::TcpListener, RunError> {
         let addr = &self.settings().listen;
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| RunError::Listen {
-                addr: addr.clone(),
-                source,
-            })
+        let failed = |source| RunError::Listen {
+            addr: addr.clone(),
+            source,
+        };
+        let at: SocketAddr = addr
+            .parse()
+            .map_err(|e| failed(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let socket = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(failed)?;
+        socket.set_reuseaddr(true).map_err(failed)?;
+        socket.bind(at).map_err(failed)?;
+        socket.listen(LISTEN_BACKLOG).map_err(failed)
     }
 }
 

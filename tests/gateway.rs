@@ -872,3 +872,32 @@ async fn a_client_that_closes_with_requests_in_flight_gets_a_clean_close() {
     }
     gw.stop().await;
 }
+
+/// Every client of an instance reconnecting at once after a deploy: the
+/// kernel holds the connections the gateway has not accepted yet, far past
+/// std's 128 (past it, each waits a second for a SYN retransmit).
+#[tokio::test]
+async fn a_reconnect_storm_fits_in_the_listen_backlog() {
+    let gateway = nuropb_bff::Gateway::builder(nuropb_bff::Settings::new("backlog-bff"))
+        .routes(nuropb_bff::RouteTable::parse("r", "").unwrap())
+        .start()
+        .await
+        .unwrap();
+    // Bound, never accepting: every connection waits in the backlog.
+    let listener = gateway.bind().await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connects = (0..1000).map(|_| async move {
+        tokio::time::timeout(
+            Duration::from_millis(700),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+    });
+    let results = futures_util::future::join_all(connects).await;
+    let held = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(
+        held, 1000,
+        "the kernel held only {held} of 1000 connections"
+    );
+    drop(listener);
+}
