@@ -116,25 +116,31 @@ async fn next_json(ws: &mut Socket) -> Value {
 /// Connect with `token`, read `hello`, subscribe to `storm.#` (after
 /// `since`, when given) and read the answer and the `missed` events it
 /// brings: the socket, when it was authenticated, the last position seen.
-/// The storm's sockets come from another loopback address than the first
-/// connections: the gateway closed those (it keeps their TIME_WAIT), and a
-/// new connection reusing one's port would wait a second for a SYN
-/// retransmit, which clients coming back from many addresses never see.
+/// Each socket comes from an address of its own: the gateway keeps the
+/// TIME_WAIT of the connections it closed, and a new connection reusing
+/// one's address and port would wait a second for a SYN retransmit, which
+/// clients coming back from many addresses never see.
 async fn join(url: &str, token: &str, since: Option<u64>, missed: usize) -> (Socket, Instant, u64) {
     let target = format!("{url}?access_token={token}");
+    let began = Instant::now();
     let server: std::net::SocketAddr = url
         .trim_start_matches("ws://")
         .trim_end_matches("/ws")
         .parse()
         .unwrap();
     let tcp = tokio::net::TcpSocket::new_v4().unwrap();
-    let from = if since.is_some() {
-        [127, 0, 0, 2]
-    } else {
-        [127, 0, 0, 1]
-    };
+    // Any address of 127/8, at random: clients come from many, and one
+    // address left with thousands of ports in TIME_WAIT by an earlier run
+    // made the kernel's port search for each bind the bottleneck.
+    let from = [
+        127,
+        fastrand::u8(1..=254),
+        fastrand::u8(1..=254),
+        fastrand::u8(1..=254),
+    ];
     tcp.bind((from, 0).into()).unwrap();
     let stream = tcp.connect(server).await.expect("connect");
+    let connected = began.elapsed();
     let (mut ws, _) =
         tokio_tungstenite::client_async(target.as_str(), MaybeTlsStream::Plain(stream))
             .await
@@ -142,6 +148,12 @@ async fn join(url: &str, token: &str, since: Option<u64>, missed: usize) -> (Soc
     let hello = next_json(&mut ws).await;
     assert_eq!(hello["payload"]["topic"], "hello", "{hello}");
     let authenticated = Instant::now();
+    if std::env::var_os("STORM_TRACE").is_some() && since.is_some() {
+        let took = began.elapsed();
+        if took > Duration::from_millis(500) {
+            eprintln!("slow: connect {connected:?}, hello after {took:?}");
+        }
+    }
     let mut sub = json!({"type":"subscribe","payload":{"topics":["storm.#"]}});
     if let Some(since) = since {
         sub["payload"]["since"] = json!(since);
@@ -204,6 +216,21 @@ async fn join_all(
     )
 }
 
+/// TCP segments the kernel has sent again, so far (all of this machine's).
+fn retransmits() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `n` tokens of `key`, signed on every core.
 fn tokens(key: &TestKey, n: usize) -> Vec<String> {
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
@@ -245,9 +272,9 @@ fn main() {
         "{n} sockets reconnecting together ({concurrency} handshakes in flight), each resuming `storm.#` after {missed} missed events; the gateway on the default runtime\n"
     );
     println!(
-        "| alg | all authenticated | all resumed | handshakes/s | gateway CPU per handshake | handshakes per CPU-second | verifications/s alone (one thread) | ratio |"
+        "| alg | all authenticated | all resumed | handshakes/s | gateway CPU per handshake | handshakes per CPU-second | verifications/s alone (one thread) | ratio | TCP retransmits |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for alg in algs.split(',') {
         let alg = match alg.trim() {
             "ES256" => Alg::ES256,
@@ -316,15 +343,17 @@ fn main() {
         std::thread::sleep(Duration::from_secs(1));
         publish(missed);
         let cpu_before = common::cpu_time(&format!("/proc/{pid}/stat"));
+        let retransmitted = retransmits();
         let started = Instant::now();
         let (sockets, all_authenticated, last) =
             clients.block_on(join_all(&url, &tokens, concurrency, Some(since), missed));
         let all_resumed = started.elapsed();
         let cpu = common::cpu_time(&format!("/proc/{pid}/stat")).saturating_sub(cpu_before);
+        let retransmitted = retransmits().saturating_sub(retransmitted);
         assert_eq!(last, since + missed as u64, "every missed event came back");
         let per_cpu_second = n as f64 / cpu.as_secs_f64().max(0.01);
         println!(
-            "| {alg:?} | {:.2} s | {:.2} s | {:.0} | {:.0} us | {:.0} | {:.0} | {:.0}% |",
+            "| {alg:?} | {:.2} s | {:.2} s | {:.0} | {:.0} us | {:.0} | {:.0} | {:.0}% | {retransmitted} |",
             all_authenticated.as_secs_f64(),
             all_resumed.as_secs_f64(),
             n as f64 / all_resumed.as_secs_f64(),
