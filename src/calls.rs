@@ -73,6 +73,17 @@ impl From<RawJson> for Answer {
 }
 
 impl Caller<'_> {
+    /// The mesh sees a call's W3C trace: its id as NuroPb's `trace_id`,
+    /// its span as the context's `traceparent`. The id, and the session's
+    /// context for it.
+    fn traced_context(&self, trace: &TraceContext) -> (String, Params) {
+        let trace_id = trace.trace_id_hex();
+        let context = self
+            .context
+            .render(self.session, &trace_id, Some(&trace.traceparent()));
+        (trace_id, context)
+    }
+
     /// The one sequence of every routed call: may the session call
     /// `service.method` now (routes, roles, rate), under which context,
     /// as which mesh call; then the handler's `on_request`.
@@ -89,13 +100,7 @@ impl Caller<'_> {
     ) -> Result<(Call, Option<RouteLatency>), Refusal> {
         let allowed = dispatch::authorize(routes, self.session, rates, now, service, method)?;
         let latency = routes.latency(allowed.route_index).cloned();
-        // The mesh sees the call's W3C trace: its id as NuroPb's trace_id,
-        // its span as the context's traceparent.
-        let trace_id = trace.trace_id_hex();
-        let traceparent = trace.traceparent();
-        let context = self
-            .context
-            .render(self.session, &trace_id, Some(&traceparent));
+        let (trace_id, context) = self.traced_context(trace);
         let mut call = allowed.call(params(), context, &trace_id);
         self.hub.handler().on_request(self.session, &mut call);
         Ok((call, latency))
@@ -114,19 +119,11 @@ impl Caller<'_> {
     ) -> Result<(Plan, Option<RouteLatency>), Refusal> {
         let handler = self.hub.handler();
         if !command && handler.is_local(&call) {
+            let (trace_id, context) = self.traced_context(trace);
             let local = LocalCall {
                 session: SessionInfo::clone(self.session),
                 call: call.clone(),
-                mesh: MeshClient::new(
-                    self.mesh.clone(),
-                    self.context.render(
-                        self.session,
-                        &trace.trace_id_hex(),
-                        Some(&trace.traceparent()),
-                    ),
-                    trace.trace_id_hex(),
-                    DEFAULT_TIMEOUT,
-                ),
+                mesh: MeshClient::new(self.mesh.clone(), context, trace_id, DEFAULT_TIMEOUT),
             };
             if let Some(answer) = handler.local_request(local) {
                 return Ok((Plan::Local(answer), None));
@@ -194,12 +191,12 @@ impl Caller<'_> {
         hello_call: &str,
         socket: Option<&TraceContext>,
     ) -> Result<Value, ErrorBody> {
+        let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
         let spans = self.hub.spans();
         let trace = socket.map_or_else(|| spans.root(), TraceContext::child);
         let started = spans.on().then(SystemTime::now);
-        let outcome = self.hello_call(hello_call, &trace).await;
+        let outcome = self.hello_call(service, method, &trace).await;
         if let Some(started) = started {
-            let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
             let mut span = mesh_call_span(trace, service, method, started, outcome.as_ref());
             span.attributes.push(KeyValue::new("bff.hello_call", true));
             spans.end(span);
@@ -207,8 +204,12 @@ impl Caller<'_> {
         outcome
     }
 
-    async fn hello_call(&self, hello_call: &str, trace: &TraceContext) -> Result<Value, ErrorBody> {
-        let (service, method) = hello_call.split_once('.').unwrap_or((hello_call, ""));
+    async fn hello_call(
+        &self,
+        service: &str,
+        method: &str,
+        trace: &TraceContext,
+    ) -> Result<Value, ErrorBody> {
         let call = self
             .prepare(
                 &self.hub.routes(),
@@ -237,11 +238,7 @@ fn mesh_call_span<T>(
     started: SystemTime,
     outcome: Result<T, &ErrorBody>,
 ) -> Ended {
-    let mut attributes = vec![
-        KeyValue::new("rpc.system", "nuropb"),
-        spans::text("rpc.service", service),
-        spans::text("rpc.method", method),
-    ];
+    let mut attributes = spans::rpc(service, method).to_vec();
     let error = outcome.err().map(|e| {
         attributes.push(spans::text("error.type", &e.error));
         e.description.clone().unwrap_or_else(|| e.error.clone())
@@ -304,33 +301,8 @@ impl Plan {
                         .zip(traces)
                         .zip(&parts)
                         .map(|((call, trace), part)| {
-                            let (mesh, handler, session, spans) =
-                                (&mesh, &handler, &session, &spans);
-                            async move {
-                                let outcome = match call {
-                                    Ok(call) => request_parsed(
-                                        mesh.as_ref(),
-                                        handler.as_ref(),
-                                        session,
-                                        call,
-                                    )
-                                    .await
-                                    .map_err(|e| e.to_client()),
-                                    Err(refused) => Err(refused),
-                                };
-                                if let Some(started) = started {
-                                    let mut span = mesh_call_span(
-                                        trace,
-                                        &part.service,
-                                        &part.method,
-                                        started,
-                                        outcome.as_ref(),
-                                    );
-                                    span.attributes.push(spans::text("bff.part", &part.key));
-                                    spans.end(span);
-                                }
-                                outcome
-                            }
+                            let span = started.map(|started| (&spans, trace, started));
+                            run_part(&mesh, &handler, &session, part, call, span)
                         });
                 let outcomes = futures_util::future::join_all(calls).await;
                 compose::combine(&parts, outcomes)
@@ -342,6 +314,36 @@ impl Plan {
             }
         }
     }
+}
+
+/// One part of a composed route: its call (or why it was refused), and
+/// its span ended in `span`'s spans when they are exported.
+async fn run_part(
+    mesh: &Arc<dyn Mesh>,
+    handler: &Arc<dyn WsHandler>,
+    session: &SessionInfo,
+    part: &Part,
+    call: Result<Call, ErrorBody>,
+    span: Option<(&Spans, TraceContext, SystemTime)>,
+) -> Result<Value, ErrorBody> {
+    let outcome = match call {
+        Ok(call) => request_parsed(mesh.as_ref(), handler.as_ref(), session, call)
+            .await
+            .map_err(|e| e.to_client()),
+        Err(refused) => Err(refused),
+    };
+    if let Some((spans, trace, started)) = span {
+        let mut ended = mesh_call_span(
+            trace,
+            &part.service,
+            &part.method,
+            started,
+            outcome.as_ref(),
+        );
+        ended.attributes.push(spans::text("bff.part", &part.key));
+        spans.end(ended);
+    }
+    outcome
 }
 
 /// Make a mesh request for a client and pass its result through the

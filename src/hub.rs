@@ -225,7 +225,6 @@ impl Hub {
         &self.0.lifecycle
     }
 
-    /// The lifecycle events' queue, once, for the task that publishes them.
     pub(crate) fn spans(&self) -> &Spans {
         &self.0.spans
     }
@@ -239,6 +238,7 @@ impl Hub {
             .take()
     }
 
+    /// The lifecycle events' queue, once, for the task that publishes them.
     pub(crate) fn take_lifecycle_queue(
         &self,
     ) -> Option<tokio::sync::mpsc::Receiver<OutgoingEvent>> {

@@ -90,6 +90,16 @@ pub(crate) fn text(key: &'static str, value: &str) -> KeyValue {
     KeyValue::new(key, cut(value).into_owned())
 }
 
+/// What a span says of the mesh method it called: `rpc.system`,
+/// `rpc.service`, `rpc.method`.
+pub(crate) fn rpc(service: &str, method: &str) -> [KeyValue; 3] {
+    [
+        KeyValue::new("rpc.system", "nuropb"),
+        text("rpc.service", service),
+        text("rpc.method", method),
+    ]
+}
+
 fn cut(value: &str) -> Cow<'_, str> {
     if value.len() <= MAX_VALUE {
         return Cow::Borrowed(value);
@@ -483,14 +493,14 @@ mod tests {
         off.end(ended(off.root()));
     }
 
-    #[tokio::test]
-    async fn exported_and_failed_batches_are_counted_and_the_queue_drains_at_stop() {
+    /// `n` spans ended into `exporter`'s queue, then the export task
+    /// stopped and awaited: its metrics.
+    async fn export_then_stop(exporter: Kept, n: usize) -> Metrics {
         let metrics = Metrics::new();
-        let kept = Kept::default();
-        let (spans, work) = Spans::exporting_to(kept.clone(), 1.0, metrics.clone());
+        let (spans, work) = Spans::exporting_to(exporter, 1.0, metrics.clone());
         let stop = CancellationToken::new();
         let task = tokio::spawn(export(work, metrics.clone(), stop.clone(), || true));
-        for _ in 0..1200 {
+        for _ in 0..n {
             spans.end(ended(spans.root()));
         }
         stop.cancel();
@@ -498,25 +508,21 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        metrics
+    }
+
+    #[tokio::test]
+    async fn exported_and_failed_batches_are_counted_and_the_queue_drains_at_stop() {
+        let kept = Kept::default();
+        let metrics = export_then_stop(kept.clone(), 1200).await;
         assert_eq!(kept.spans.lock().unwrap().len(), 1200);
         assert!(metrics.encode().contains("bff_spans_exported_total 1200"));
 
-        let metrics = Metrics::new();
         let failing = Kept {
             fail: true,
             ..Kept::default()
         };
-        let (spans, work) = Spans::exporting_to(failing, 1.0, metrics.clone());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(export(work, metrics.clone(), stop.clone(), || true));
-        for _ in 0..10 {
-            spans.end(ended(spans.root()));
-        }
-        stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .unwrap()
-            .unwrap();
+        let metrics = export_then_stop(failing, 10).await;
         assert!(
             metrics
                 .encode()

@@ -894,7 +894,7 @@ impl Connection {
             Ok((plan, latency)) => {
                 respond.latency = latency;
                 if let (Some(span), Some((service, method))) = (&mut respond.span, plan.target()) {
-                    span.target = Some(format!("{service}.{method}"));
+                    span.target = Some((service.to_owned(), method.to_owned()));
                 }
                 plan
             }
@@ -934,8 +934,8 @@ struct CallSpan {
     at: TraceContext,
     /// The name the client called.
     route: String,
-    /// The mesh method it went to, when it was one.
-    target: Option<String>,
+    /// The mesh service and method it went to, when it was one.
+    target: Option<(String, String)>,
     started: SystemTime,
     /// The span of the socket it came on.
     socket: Option<TraceContext>,
@@ -952,10 +952,8 @@ impl CallSpan {
             spans::text("bff.session_id", &self.session.session_id),
             spans::text("bff.outcome", label),
         ];
-        if let Some((service, method)) = self.target.as_deref().and_then(|t| t.split_once('.')) {
-            attributes.push(KeyValue::new("rpc.system", "nuropb"));
-            attributes.push(spans::text("rpc.service", service));
-            attributes.push(spans::text("rpc.method", method));
+        if let Some((service, method)) = &self.target {
+            attributes.extend(spans::rpc(service, method));
         }
         if let Some(name) = error {
             attributes.push(spans::text("error.type", name));

@@ -54,14 +54,8 @@ async fn call(
     c.recv().await.unwrap()["payload"].clone()
 }
 
-/// The flags byte of the `traceparent` a service was given.
-fn flags(answer: &Value) -> String {
-    let tp = answer["result"]["traceparent"].as_str().unwrap_or_default();
-    tp.rsplit('-').next().unwrap_or_default().to_owned()
-}
-
-#[tokio::test]
-async fn sampling_follows_the_client_and_the_ratio_and_the_service_is_told() {
+/// A collector, and a gateway exporting its spans there at `ratio`.
+async fn exporting(ratio: f64) -> (OtlpReceiver, Running) {
     let collector = OtlpReceiver::start();
     let endpoint = collector.endpoint();
     let gw = start(
@@ -70,11 +64,23 @@ async fn sampling_follows_the_client_and_the_ratio_and_the_service_is_told() {
         Arc::new(DefaultHandler),
         |s| {
             s.otlp_endpoint = Some(endpoint);
-            s.otlp_sample_ratio = 0.0;
+            s.otlp_sample_ratio = ratio;
         },
         mesh(),
     )
     .await;
+    (collector, gw)
+}
+
+/// The flags byte of the `traceparent` a service was given.
+fn flags(answer: &Value) -> String {
+    let tp = answer["result"]["traceparent"].as_str().unwrap_or_default();
+    tp.rsplit('-').next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn sampling_follows_the_client_and_the_ratio_and_the_service_is_told() {
+    let (collector, gw) = exporting(0.0).await;
     let (mut c, _) = connect(&gw.url(), &token("ann", &[], 300)).await;
 
     // A fresh trace at ratio 0: not sampled, and the service is told so.
@@ -136,16 +142,7 @@ async fn without_an_endpoint_nothing_is_exported_and_the_trace_still_flows() {
 
 #[tokio::test]
 async fn a_shutdown_exports_the_spans_of_the_sockets_it_closes() {
-    let collector = OtlpReceiver::start();
-    let endpoint = collector.endpoint();
-    let gw = start(
-        ROUTES,
-        hs256(),
-        Arc::new(DefaultHandler),
-        |s| s.otlp_endpoint = Some(endpoint),
-        mesh(),
-    )
-    .await;
+    let (collector, gw) = exporting(1.0).await;
     let mut sockets = Vec::new();
     for user in ["ann", "bob", "cy"] {
         sockets.push(connect(&gw.url(), &token(user, &[], 300)).await.0);

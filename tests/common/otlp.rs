@@ -173,20 +173,29 @@ impl OtlpReceiver {
         *self.requests.lock().unwrap()
     }
 
+    /// The spans received, if `done` holds for them; a failed assertion
+    /// once `deadline` has passed.
+    fn awaited(&self, deadline: Instant, done: &impl Fn(&[Span]) -> bool) -> Option<Vec<Span>> {
+        let spans = self.spans();
+        if done(&spans) {
+            return Some(spans);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the OTLP receiver has {} spans, not what was awaited: {spans:#?}",
+            spans.len()
+        );
+        None
+    }
+
     /// Wait until `done` holds for the spans received (failing after
     /// `within`), and return them.
     pub fn until(&self, within: Duration, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
         let deadline = Instant::now() + within;
         loop {
-            let spans = self.spans();
-            if done(&spans) {
+            if let Some(spans) = self.awaited(deadline, &done) {
                 return spans;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the OTLP receiver has {} spans, not what was awaited: {spans:#?}",
-                spans.len()
-            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -196,15 +205,9 @@ impl OtlpReceiver {
     pub async fn until_async(&self, within: Duration, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
         let deadline = Instant::now() + within;
         loop {
-            let spans = self.spans();
-            if done(&spans) {
+            if let Some(spans) = self.awaited(deadline, &done) {
                 return spans;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the OTLP receiver has {} spans, not what was awaited: {spans:#?}",
-                spans.len()
-            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
