@@ -100,14 +100,33 @@ async fn sampling_follows_the_client_and_the_ratio_and_the_service_is_told() {
     let refused = call(&mut c, "limited", Some(refused_parent)).await;
     assert_eq!(refused["error"]["error"], "RateLimited", "{refused}");
 
+    // A command carries its client's trace too.
+    let command_parent = "00-3af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    c.send(
+        json!({"type":"command","payload":{"service":"orders","method":"whoami",
+        "params":{},"trace_id":"cmd","traceparent":command_parent}}),
+    )
+    .await
+    .unwrap();
+    let ack = c.recv().await.unwrap();
+    assert_eq!(ack["type"], "ack", "{ack}");
+
     let spans = collector
         .until_async(Duration::from_secs(10), |s| {
             s.iter()
                 .filter(|s| s.trace_id.starts_with("2af76519"))
                 .count()
                 == 2
+                && s.iter().any(|s| s.trace_id.starts_with("3af76519"))
         })
         .await;
+    let command = spans
+        .iter()
+        .find(|s| s.trace_id.starts_with("3af76519"))
+        .unwrap();
+    assert_eq!(command.parent, "b7ad6b7169203331");
+    assert_eq!(command.attr("bff.kind"), "command");
+    assert_eq!(command.attr("bff.call_id"), "cmd");
     let traces: Vec<&str> = spans.iter().map(|s| s.trace_id.as_str()).collect();
     assert!(traces.contains(&"0af7651916cd43dd8448eb211c80319c"));
     assert!(!traces.contains(&"1af7651916cd43dd8448eb211c80319c"));
