@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,24 +52,46 @@ async fn server(jwt: bool, read_buffer: usize) {
         .expect("the gateway starts");
     let listener = gw.bind().await.unwrap();
     println!("{}", listener.local_addr().unwrap());
+    // Each line on stdin asks for a census of the live heap, answered with
+    // one line on stdout; the end of stdin stops the server.
     let stdin_closed = async {
         let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
+            for line in std::io::stdin().lines() {
+                if line.is_err() {
+                    break;
+                }
+                let census: Vec<String> = common::heap::snapshot()
+                    .iter()
+                    .map(|(blocks, bytes)| format!("{blocks}:{bytes}"))
+                    .collect();
+                println!("{}", census.join(" "));
+            }
         })
         .await;
     };
     gw.serve(listener, stdin_closed).await.unwrap();
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let server_side = std::env::args().any(|a| a == "--server");
+    if server_side {
+        // Before the runtime: every block freed later was counted.
+        common::heap::count();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(run(server_side));
+}
+
+async fn run(server_side: bool) {
     let jwt = std::env::args().any(|a| a == "--jwt");
     let read_buffer = common::arg(
         "--read-buffer",
         nuropb_bff::Limits::default().read_buffer_bytes,
     );
-    if std::env::args().any(|a| a == "--server") {
+    if server_side {
         return server(jwt, read_buffer).await;
     }
     let benching = common::benching();
@@ -101,15 +123,35 @@ async fn main() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut addr = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut addr)
-        .unwrap();
+    let mut server_out = BufReader::new(child.stdout.take().unwrap());
+    let mut server_in = child.stdin.take().unwrap();
+    // A wrapper (heaptrack) may print lines of its own first.
+    let mut next_line = move || {
+        let mut line = String::new();
+        let read = server_out.read_line(&mut line).unwrap();
+        assert!(read > 0, "the server closed its stdout");
+        line
+    };
+    let addr = loop {
+        let line = next_line();
+        if line.trim().parse::<std::net::SocketAddr>().is_ok() {
+            break line;
+        }
+    };
+    let mut census = move || {
+        writeln!(server_in, "census").unwrap();
+        loop {
+            if let Some(census) = Census::parse(&next_line()) {
+                return census;
+            }
+        }
+    };
     let mut url = format!("ws://{}/ws", addr.trim());
     let pid = child.id();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = common::rss_kib(pid);
+    let heap_before = census();
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
         if jwt {
@@ -144,6 +186,7 @@ async fn main() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = common::rss_kib(pid);
+    let heap_after = census();
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     println!(
         "idle sockets={n} auth={} read_buffer={read_buffer} subscriptions={subscriptions} server_rss_before={before} KiB after={after} KiB per_socket={:.0} bytes ({:.2} KiB)",
@@ -151,8 +194,59 @@ async fn main() {
         per,
         per / 1024.0
     );
+    heap_after.print_growth(&heap_before, n);
     drop(sockets);
-    drop(child.stdin.take());
+    drop(census);
     let status = child.wait().unwrap();
     assert!(status.success(), "server exited with {status}");
+}
+
+/// The server's live heap by size class, as `blocks:bytes` per class.
+struct Census(Vec<(i64, i64)>);
+
+impl Census {
+    /// A census line, or None for any other line.
+    fn parse(line: &str) -> Option<Census> {
+        let classes: Option<Vec<(i64, i64)>> = line
+            .split_whitespace()
+            .map(|c| {
+                let (blocks, bytes) = c.split_once(':')?;
+                Some((blocks.parse().ok()?, bytes.parse().ok()?))
+            })
+            .collect();
+        classes
+            .filter(|c| c.len() == common::heap::CLASSES)
+            .map(Census)
+    }
+
+    /// Where each socket's heap went: blocks and bytes per socket by size
+    /// class, the classes that grew by at least a tenth of a block per
+    /// socket.
+    fn print_growth(&self, before: &Census, n: usize) {
+        let n = n as f64;
+        let mut total = 0.0;
+        println!(
+            "heap per socket by block size (live blocks and bytes allocated, before the allocator's own rounding):"
+        );
+        for (c, (now, then)) in self.0.iter().zip(&before.0).enumerate() {
+            let blocks = (now.0 - then.0) as f64 / n;
+            let bytes = (now.1 - then.1) as f64 / n;
+            total += bytes;
+            if blocks.abs() >= 0.1 {
+                let low = if c == 0 {
+                    0
+                } else {
+                    common::heap::class_limit(c - 1) + 1
+                };
+                println!(
+                    "  {low:>6}..{:<7} {blocks:>6.2} blocks {bytes:>8.0} bytes",
+                    common::heap::class_limit(c)
+                );
+            }
+        }
+        println!(
+            "  heap in all: {total:.0} bytes ({:.2} KiB) per socket",
+            total / 1024.0
+        );
+    }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 
-use axum::extract::ws::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// One event, as it was sent.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,6 +7,8 @@
 //! [`Gateway`] the same way with [`Gateway::builder`]; the `testing` feature
 //! adds a test gateway and a WebSocket client.
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod budget;
 mod calls;
@@ -40,6 +42,7 @@ pub mod testing;
 mod throttle;
 mod topic;
 mod trace;
+mod upgrade;
 mod ws;
 
 pub use auth::{

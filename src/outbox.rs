@@ -18,8 +18,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Why and how a session is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,8 +21,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::history::{Entry, Source};
 use crate::hub::Hub;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Extension, Query, State, WebSocketUpgrade};
+use axum::extract::{Query, State};
 use axum::http::Request;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -26,7 +26,9 @@ use crate::auth::handshake_token;
 use crate::budget::{BEFORE_AUTH, Budgeted, ReadBudget};
 use crate::gateway::Gateway;
 use crate::session::Crowded;
-use crate::ws::{SocketSpan, Unauthenticated, connection};
+use crate::upgrade;
+use crate::ws::{Opening, SocketSpan, Unauthenticated, connection};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Hard cap on a frame tungstenite will read at all: a frame above
 /// `max_frame_bytes` but below this gets a `MessageTooLarge` error frame and
@@ -299,11 +301,25 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
 
 async fn ws_upgrade(
     State(gw): State<Gateway>,
-    headers: HeaderMap,
     Query(query): Query<WsQuery>,
-    budget: Option<Extension<ReadBudget>>,
-    ws: WebSocketUpgrade,
+    mut request: axum::extract::Request,
 ) -> Response {
+    let accept = match upgrade::accept_key(request.method(), request.version(), request.headers()) {
+        Ok(accept) => accept,
+        Err(not) => return not.into_response(),
+    };
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded",
+        )
+            .into_response();
+    };
+    let budget = request.extensions().get::<ReadBudget>().cloned();
+    let headers = request.headers();
     if gw.is_stopping() {
         gw.metrics().connection_refused("shutting_down");
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
@@ -318,7 +334,7 @@ async fn ws_upgrade(
         }
     }
     let query_token = query.access_token.as_deref();
-    let identity = match handshake_token(&headers, query_token) {
+    let identity = match handshake_token(headers, query_token) {
         Some(token) => match gw.hub().auth().authenticate(&token).await {
             Ok(id) => Some(id),
             Err(e) => {
@@ -332,10 +348,7 @@ async fn ws_upgrade(
     // task for up to `auth_timeout`: their number is capped.
     let unauthenticated = if identity.is_none() && gw.hub().auth().anonymous("").is_none() {
         match gw.sessions().wait_for_auth(gw.limits().max_unauthenticated) {
-            Some(wait) => Some(Unauthenticated {
-                wait,
-                budget: budget.map(|Extension(b)| b),
-            }),
+            Some(wait) => Some(Unauthenticated { wait, budget }),
             None => {
                 gw.metrics().connection_refused("unauthenticated");
                 let why = "too many sockets are waiting to authenticate; send the token with the upgrade or retry";
@@ -370,21 +383,22 @@ async fn ws_upgrade(
     }
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let span = SocketSpan::begin(gw.hub().spans(), traceparent);
-    let tasks = gw.tasks().clone();
-    ws.read_buffer_size(read_buffer)
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
         .write_buffer_size(WRITE_COALESCE_BYTES)
-        .max_message_size(hard_cap)
-        .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| {
-            tasks.track_future(connection(
-                gw,
-                socket,
-                identity,
-                admission,
-                unauthenticated,
-                span,
-            ))
-        })
+        .max_message_size(Some(hard_cap))
+        .max_frame_size(Some(hard_cap));
+    let tasks = gw.tasks().clone();
+    tasks.spawn(connection(Opening {
+        gw,
+        upgrade: on_upgrade,
+        config,
+        identity,
+        admission,
+        unauthenticated,
+        span,
+    }));
+    upgrade::switching(&accept)
 }
 
 #[cfg(test)]

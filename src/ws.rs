@@ -17,11 +17,15 @@ use opentelemetry::trace::SpanKind;
 
 use tokio::time::Instant;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::FuturesUnordered;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::{Identity, unix_now};
 use crate::budget::ReadBudget;
@@ -46,10 +50,13 @@ fn text(frame: &ServerFrame) -> Message {
 
 fn close(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: reason.to_owned().into(),
     }))
 }
+
+/// A socket after the upgrade: the HTTP connection's stream, in frames.
+type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// A socket upgraded without a token, until it authenticates: its place
 /// among those waiting (`limits.max_unauthenticated`) and its read budget
@@ -86,7 +93,7 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
                 return None;
             }
             _ = gw.stopping() => return None,
-            msg = socket.recv() => msg,
+            msg = socket.next() => msg,
         };
         let refuse = |desc: String| ServerFrame::error(ErrorName::Unauthorized, desc, None);
         match msg {
@@ -132,27 +139,34 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
                     return None;
                 }
             },
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             _ => return None,
         }
     }
 }
 
-/// Serve one upgraded socket to its end.
+/// What a socket brings from its upgrade request to its task.
+#[derive(Debug)]
+pub(crate) struct Opening {
+    pub(crate) gw: Gateway,
+    /// The upgrade is done once the `101` is written.
+    pub(crate) upgrade: OnUpgrade,
+    pub(crate) config: WebSocketConfig,
+    /// Who the token of the upgrade request named, if it had one.
+    pub(crate) identity: Option<Identity>,
+    pub(crate) admission: Admission,
+    pub(crate) unauthenticated: Option<Unauthenticated>,
+    pub(crate) span: Option<Box<SocketSpan>>,
+}
+
+/// Serve one socket, from its upgrade to its end: the future of its task.
 ///
 /// Two phases, so that an idle connection holds only what it needs: the
-/// setup (authentication, registration, hello) runs in its own boxed future
-/// that is freed once it is done; what stays alive for the connection's
-/// lifetime is the [`Live`] state and the read loop.
-pub(crate) fn connection(
-    gw: Gateway,
-    socket: WebSocket,
-    identity: Option<Identity>,
-    admission: Admission,
-    unauthenticated: Option<Unauthenticated>,
-    span: Option<Box<SocketSpan>>,
-) -> impl Future<Output = ()> + Send {
-    let setup = Box::pin(open(gw, socket, identity, admission, unauthenticated, span));
+/// setup (the upgrade, authentication, registration, hello) runs in its
+/// own boxed future that is freed once it is done; what stays alive for
+/// the connection's lifetime is the [`Live`] state and the loop's.
+pub(crate) fn connection(opening: Opening) -> impl Future<Output = ()> + Send {
+    let setup = Box::pin(open(opening));
     async move {
         // let-else, not if-let: an if-let scrutinee's temporary would keep
         // a second `Live`-sized slot for the whole connection.
@@ -163,11 +177,9 @@ pub(crate) fn connection(
     }
 }
 
-/// What an open connection keeps: its state (with the write half of the
-/// socket) and the read half.
+/// What an open connection keeps: its state, with the socket.
 struct Live {
     conn: Connection,
-    stream: SplitStream<WebSocket>,
     _guard: SessionGuard,
 }
 
@@ -211,15 +223,27 @@ impl SocketSpan {
     }
 }
 
-/// Authenticate, register the session and queue the hello event.
-async fn open(
-    gw: Gateway,
-    mut socket: WebSocket,
-    identity: Option<Identity>,
-    admission: Admission,
-    unauthenticated: Option<Unauthenticated>,
-    span: Option<Box<SocketSpan>>,
-) -> Option<Live> {
+/// Wait for the upgrade, authenticate, register the session and queue the
+/// hello event.
+async fn open(opening: Opening) -> Option<Live> {
+    let Opening {
+        gw,
+        upgrade,
+        config,
+        identity,
+        admission,
+        unauthenticated,
+        span,
+    } = opening;
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "the upgrade failed");
+            return None;
+        }
+    };
+    let mut socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
         Some(id) => id,
@@ -267,7 +291,6 @@ async fn open(
     gw.hub().session_opened(&info.session_id, &info.user_id);
     tracing::debug!(session_id = %info.session_id, user_id = %info.user_id, "session opened");
 
-    let (sink, stream) = socket.split();
     let context = SessionContext::new(token.as_deref());
     let mut event = gw.hub().handler().hello(&info);
     if let Some(call) = gw.settings().hello_call.as_deref() {
@@ -299,7 +322,7 @@ async fn open(
         context,
         expires_at,
         outbox,
-        sink,
+        socket,
         write_failed: false,
         calls: std::sync::Mutex::new(None),
         rates: Rates::default(),
@@ -307,7 +330,6 @@ async fn open(
     };
     Some(Live {
         conn,
-        stream,
         _guard: guard,
     })
 }
@@ -316,10 +338,10 @@ async fn open(
 /// then flush once: one syscall for many responses when calls complete
 /// together.
 async fn write_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
+    sink: &mut WebSocket,
     outbox: &Outbox,
     first: Message,
-) -> Result<(), axum::Error> {
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     sink.feed(first).await?;
     for _ in 1..WRITE_BATCH {
         let Some(frame) = outbox.try_pop() else { break };
@@ -405,7 +427,7 @@ impl Live {
     /// Borrows rather than consumes: a by-value `self` would be stored again
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
-        self.conn.serve(&mut self.stream).await;
+        self.conn.serve().await;
         self.conn.finish().await;
         let code = self
             .conn
@@ -440,9 +462,9 @@ struct Connection {
     context: SessionContext,
     expires_at: Option<u64>,
     outbox: Outbox,
-    /// The write half of the socket, written by this connection's task
-    /// alone.
-    sink: SplitSink<WebSocket, Message>,
+    /// The socket, read and written by this connection's task alone (not
+    /// split: a split socket is shared behind a lock).
+    socket: WebSocket,
     /// A write failed or timed out: nothing more is written.
     write_failed: bool,
     /// The connection's calls in flight, polled by the connection's own
@@ -466,6 +488,16 @@ const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 fn expiry_check(expires_at: Option<u64>, now: Instant) -> Option<Instant> {
     let left = expires_at?.saturating_sub(unix_now());
     Some(now + Duration::from_secs(left).min(MAX_TIMER))
+}
+
+/// What the loop does once a frame's work is done.
+enum After {
+    /// Read the next frame.
+    Read,
+    /// The token changed: look at the timer again, then read.
+    Rearm,
+    /// The connection is to end.
+    End,
 }
 
 /// Keepalive state: when the next ping is due and how many went
@@ -518,7 +550,7 @@ impl Connection {
     /// frame.
     /// Writing before reading is the backpressure: a client that does not
     /// read its answers is not read either.
-    async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) {
+    async fn serve(&mut self) {
         let now = Instant::now();
         let mut keepalive = Keepalive {
             next_ping: now + self.gw.limits().ping_interval,
@@ -552,7 +584,7 @@ impl Connection {
                     }
                     None => break,
                 },
-                msg = stream.next() => msg,
+                msg = self.socket.next() => msg,
             };
             keepalive.missed = 0;
             let text = match msg {
@@ -567,7 +599,7 @@ impl Connection {
                     .await;
                     continue;
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | None => break,
                 Some(Err(e)) => {
                     // A frame over tungstenite's hard cap ends up here.
@@ -575,61 +607,96 @@ impl Connection {
                     break;
                 }
             };
-            let limit = self.gw.limits().max_frame_bytes;
-            if text.len() > limit {
-                self.gw.metrics().frame_in("too_large");
-                self.reply(ServerFrame::error(
-                    ErrorName::MessageTooLarge,
-                    format!("frames are limited to {limit} bytes"),
-                    None,
-                ))
-                .await;
+            // The frame is read and decoded without an await, so its
+            // decoded form is not part of every idle socket's state; what
+            // must wait (an answer into a full queue, a subscription) comes
+            // back boxed.
+            let Some(wait) = self.on_text(&text) else {
                 continue;
-            }
-            match ClientFrame::decode(text.as_str()) {
-                Ok(ClientFrame::Request(call)) => {
-                    self.gw.metrics().frame_in("request");
-                    if let Some(refused) = self.start_request(call, false) {
-                        self.reply_bytes(refused).await;
-                    }
-                }
-                Ok(ClientFrame::Command(call)) => {
-                    self.gw.metrics().frame_in("command");
-                    if let Some(refused) = self.start_request(call, true) {
-                        self.reply_bytes(refused).await;
-                    }
-                }
-                Ok(ClientFrame::Subscribe(t)) => {
-                    self.gw.metrics().frame_in("subscribe");
-                    Box::pin(self.subscribe(t.topics, t.since)).await;
-                }
-                Ok(ClientFrame::Unsubscribe(t)) => {
-                    self.gw.metrics().frame_in("unsubscribe");
-                    Box::pin(self.unsubscribe(t.topics)).await;
-                }
-                Ok(ClientFrame::Authenticate(a)) => {
-                    self.gw.metrics().frame_in("authenticate");
-                    if !Box::pin(self.reauthenticate(&a.token)).await {
-                        break;
-                    }
+            };
+            match wait.await {
+                After::Read => {}
+                After::Rearm => {
                     timer
                         .as_mut()
                         .reset(self.next_wake(&keepalive, Instant::now()));
                 }
-                Err(e) => {
-                    self.gw.metrics().frame_in("invalid");
-                    self.reply(ServerFrame::error(
-                        ErrorName::InvalidMessage,
-                        e.description,
-                        e.trace_id,
-                    ))
-                    .await;
-                }
+                After::End => break,
             }
         }
         // Requests still running finish (their answers go nowhere) or are
         // bounded by their own timeouts.
         while next_call(calls_mut(&mut self.calls)).await.is_some() {}
+    }
+
+    /// Act on a text frame from the client: start its call, or hand back
+    /// what has to be awaited before the next frame is read.
+    fn on_text(&mut self, text: &str) -> Option<BoxFuture<'_, After>> {
+        let limit = self.gw.limits().max_frame_bytes;
+        if text.len() > limit {
+            self.gw.metrics().frame_in("too_large");
+            return Some(self.reply_then(ServerFrame::error(
+                ErrorName::MessageTooLarge,
+                format!("frames are limited to {limit} bytes"),
+                None,
+            )));
+        }
+        match ClientFrame::decode(text) {
+            Ok(ClientFrame::Request(call)) => {
+                self.gw.metrics().frame_in("request");
+                let refused = self.start_request(call, false)?;
+                Some(self.reply_bytes_then(refused))
+            }
+            Ok(ClientFrame::Command(call)) => {
+                self.gw.metrics().frame_in("command");
+                let refused = self.start_request(call, true)?;
+                Some(self.reply_bytes_then(refused))
+            }
+            Ok(ClientFrame::Subscribe(t)) => {
+                self.gw.metrics().frame_in("subscribe");
+                Some(Box::pin(async move {
+                    self.subscribe(t.topics, t.since).await;
+                    After::Read
+                }))
+            }
+            Ok(ClientFrame::Unsubscribe(t)) => {
+                self.gw.metrics().frame_in("unsubscribe");
+                Some(Box::pin(async move {
+                    self.unsubscribe(t.topics).await;
+                    After::Read
+                }))
+            }
+            Ok(ClientFrame::Authenticate(a)) => {
+                self.gw.metrics().frame_in("authenticate");
+                Some(Box::pin(async move {
+                    if self.reauthenticate(&a.token).await {
+                        After::Rearm
+                    } else {
+                        After::End
+                    }
+                }))
+            }
+            Err(e) => {
+                self.gw.metrics().frame_in("invalid");
+                Some(self.reply_then(ServerFrame::error(
+                    ErrorName::InvalidMessage,
+                    e.description,
+                    e.trace_id,
+                )))
+            }
+        }
+    }
+
+    /// Queue `frame`, then read on.
+    fn reply_then(&mut self, frame: ServerFrame) -> BoxFuture<'_, After> {
+        self.reply_bytes_then(frame.to_json().into())
+    }
+
+    fn reply_bytes_then(&mut self, frame: Utf8Bytes) -> BoxFuture<'_, After> {
+        Box::pin(async move {
+            self.reply_bytes(frame).await;
+            After::Read
+        })
     }
 
     /// Queue a frame for this client.
@@ -662,23 +729,25 @@ impl Connection {
 
     /// Write `first` and what else is queued, within the write timeout.
     /// False, with the session closed, once the socket cannot take it.
-    async fn write(&mut self, first: Out) -> bool {
-        if self.write_failed {
-            return false;
-        }
-        let message = match first {
-            Out::Frame(frame) => Message::Text(frame),
-            Out::Ping => Message::Ping(Default::default()),
-        };
-        // Boxed: only a socket being written to holds the write's state,
-        // not every idle one.
-        let write = Box::pin(write_batch(&mut self.sink, &self.outbox, message));
-        let written = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
-        if !matches!(written, Ok(Ok(()))) {
-            self.write_failed = true;
-            self.outbox.close(close::NORMAL, "closed");
-        }
-        !self.write_failed
+    /// Boxed: only a socket being written to holds the write's state (its
+    /// timer among it), not every idle one.
+    fn write(&mut self, first: Out) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            if self.write_failed {
+                return false;
+            }
+            let message = match first {
+                Out::Frame(frame) => Message::Text(frame),
+                Out::Ping => Message::Ping(Default::default()),
+            };
+            let write = write_batch(&mut self.socket, &self.outbox, message);
+            let written = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
+            if !matches!(written, Ok(Ok(()))) {
+                self.write_failed = true;
+                self.outbox.close(close::NORMAL, "closed");
+            }
+            !self.write_failed
+        })
     }
 
     /// The session is over: write what is still queued and the close frame
@@ -698,12 +767,12 @@ impl Connection {
                 .outbox
                 .close_reason()
                 .map_or((close::NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
-            let _ = tokio::time::timeout(timeout, self.sink.send(close(code, &why))).await;
+            let _ = tokio::time::timeout(timeout, self.socket.send(close(code, &why))).await;
         }
         // Completes the closing handshake when the client started it (the
         // reply tungstenite queued is flushed here), then shuts the socket
         // down.
-        let _ = tokio::time::timeout(timeout, self.sink.close()).await;
+        let _ = tokio::time::timeout(timeout, SinkExt::close(&mut self.socket)).await;
     }
 
     /// A new token on an open connection. For the same user, its roles and
