@@ -24,9 +24,14 @@ use crate::outbox::{Outbox, PushError};
 use crate::protocol::{SessionInfo, close};
 use crate::topic;
 
+/// A session or user id as the registry keeps it: one allocation that
+/// its maps and the session's guard share, not a copy each.
+type Id = Arc<str>;
+
 #[derive(Debug)]
 struct Entry {
-    user_id: String,
+    session_id: Id,
+    user_id: Id,
     outbox: Outbox,
     state: Mutex<EntryState>,
 }
@@ -86,17 +91,19 @@ struct Held {
 
 #[derive(Debug, Default)]
 struct UserEntry {
-    sessions: HashSet<String>,
+    /// A few at most (`max_connections_per_user`): a list, exactly as long
+    /// as it has to be, costs less than a set.
+    sessions: Vec<Id>,
     /// Sockets of this user between admission and registration.
     pending: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    sessions: HashMap<String, Arc<Entry>>,
-    by_user: HashMap<String, UserEntry>,
+    sessions: HashMap<Id, Arc<Entry>>,
+    by_user: HashMap<Id, UserEntry>,
     /// Sessions with at least one subscription.
-    subscribed: HashMap<String, Arc<Entry>>,
+    subscribed: HashMap<Id, Arc<Entry>>,
     /// Sockets admitted but not registered yet.
     pending: usize,
 }
@@ -119,6 +126,25 @@ impl Inner {
             }
         }
     }
+
+    fn unregister(&mut self, session_id: &str) {
+        self.subscribed.remove(session_id);
+        if let Some(entry) = self.sessions.remove(session_id)
+            && let Some(u) = self.by_user.get_mut(&entry.user_id)
+        {
+            u.sessions.retain(|s| &**s != session_id);
+            if u.sessions.is_empty() && u.pending == 0 {
+                self.by_user.remove(&entry.user_id);
+            }
+        }
+    }
+
+    /// The registry's copy of `user`, shared when it has one already.
+    fn user_id(&self, user: &str) -> Id {
+        self.by_user
+            .get_key_value(user)
+            .map_or_else(|| Id::from(user), |(k, _)| k.clone())
+    }
 }
 
 /// The registry. Cheap to clone; clones share the sessions.
@@ -137,13 +163,14 @@ pub struct Sessions {
 /// leaves a stale entry behind.
 #[derive(Debug)]
 pub(crate) struct SessionGuard {
-    sessions: Sessions,
-    session_id: String,
+    inner: Arc<Mutex<Inner>>,
+    session_id: Id,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.sessions.unregister(&self.session_id);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.unregister(&self.session_id);
     }
 }
 
@@ -256,7 +283,8 @@ impl Sessions {
             if inner.user_count(user) >= caps.per_user {
                 return Err(Crowded::User(caps.per_user));
             }
-            inner.by_user.entry(user.to_owned()).or_default().pending += 1;
+            let key = inner.user_id(user);
+            inner.by_user.entry(key).or_default().pending += 1;
         }
         inner.pending += 1;
         Ok(Admission {
@@ -290,8 +318,11 @@ impl Sessions {
         inner.release(counted_as);
         admission.released = true;
         let outbox = Outbox::with_bytes(self.queue_capacity, self.queue_bytes);
+        let session_id = Id::from(info.session_id.as_str());
+        let user_id = inner.user_id(&info.user_id);
         let entry = Arc::new(Entry {
-            user_id: info.user_id.clone(),
+            session_id: session_id.clone(),
+            user_id: user_id.clone(),
             outbox: outbox.clone(),
             state: Mutex::new(EntryState {
                 info: Arc::clone(info),
@@ -300,34 +331,18 @@ impl Sessions {
                 topics: Vec::new(),
             }),
         });
-        inner
-            .by_user
-            .entry(info.user_id.clone())
-            .or_default()
-            .sessions
-            .insert(info.session_id.clone());
-        inner.sessions.insert(info.session_id.clone(), entry);
+        let user = inner.by_user.entry(user_id).or_default();
+        user.sessions.reserve_exact(1);
+        user.sessions.push(session_id.clone());
+        inner.sessions.insert(session_id.clone(), entry);
         drop(inner);
         Ok((
             SessionGuard {
-                sessions: self.clone(),
-                session_id: info.session_id.clone(),
+                inner: self.inner.clone(),
+                session_id,
             },
             outbox,
         ))
-    }
-
-    fn unregister(&self, session_id: &str) {
-        let mut inner = self.lock();
-        inner.subscribed.remove(session_id);
-        if let Some(entry) = inner.sessions.remove(session_id)
-            && let Some(u) = inner.by_user.get_mut(&entry.user_id)
-        {
-            u.sessions.remove(session_id);
-            if u.sessions.is_empty() && u.pending == 0 {
-                inner.by_user.remove(&entry.user_id);
-            }
-        }
     }
 
     /// Push a frame (the JSON text a client receives) to one session.
@@ -438,7 +453,7 @@ impl Sessions {
         self.lock()
             .sessions
             .iter()
-            .map(|(sid, e)| (sid.clone(), e.user_id.clone()))
+            .map(|(sid, e)| (sid.to_string(), e.user_id.to_string()))
             .collect()
     }
 
@@ -587,7 +602,7 @@ impl Sessions {
         info: &Arc<SessionInfo>,
         still_allowed: impl Fn(&str) -> bool,
     ) -> Vec<String> {
-        let entry = self.lock().sessions.get(&info.session_id).cloned();
+        let entry = self.lock().sessions.get(info.session_id.as_str()).cloned();
         let Some(entry) = entry else {
             return Vec::new();
         };
@@ -606,7 +621,7 @@ impl Sessions {
             .lock()
             .subscribed
             .iter()
-            .map(|(id, e)| (id.clone(), Arc::clone(e)))
+            .map(|(id, e)| (id.to_string(), Arc::clone(e)))
             .collect();
         subscribed
             .into_iter()
@@ -666,7 +681,7 @@ impl Sessions {
         } else {
             inner
                 .subscribed
-                .insert(session_id.to_owned(), Arc::clone(&entry));
+                .insert(entry.session_id.clone(), Arc::clone(&entry));
         }
         if state.topics.capacity() > 2 * state.topics.len() + 4 {
             state.topics.shrink_to_fit();
@@ -710,7 +725,7 @@ impl Sessions {
             .lock()
             .by_user
             .get(user_id)
-            .map(|u| u.sessions.iter().cloned().collect())
+            .map(|u| u.sessions.iter().map(|s| s.to_string()).collect())
             .unwrap_or_default();
         v.sort();
         v
