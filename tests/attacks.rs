@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nuropb_bff::testing::hs256_token_with;
+use nuropb_bff::testing::{hs256_token, hs256_token_with};
 use nuropb_bff::{
     AmqpConfig, AmqpMesh, AuthHook, BoxFuture, DefaultHandler, ErrorBody, IncomingRequest,
     JwtVerifier, Mesh, MeshHandler, OutgoingEvent, Settings,
@@ -480,6 +480,57 @@ async fn status_for_host(addr: std::net::SocketAddr, path: &str, host: &str) -> 
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer).into_owned();
     answer.lines().next().unwrap_or("").to_owned()
+}
+
+/// The answer to a raw HTTP request: what the first read brings (a short
+/// answer comes in one), within 5 s.
+async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_a_websocket_handshake_is_told_what_is_wrong() {
+    let gw = echo_gateway(|_| {}).await;
+    let token = hs256_token(SECRET, "ann", &["user"], 600);
+    let handshake = |method: &str, version: &str, key: &str| {
+        format!(
+            "{method} /ws?access_token={token} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: {version}\r\n\
+             Sec-WebSocket-Key: {key}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    let answer = raw_answer(gw.addr, &handshake("GET", "8", KEY)).await;
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{answer}"
+    );
+    let answer = raw_answer(gw.addr, &handshake("POST", "13", KEY)).await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    let answer = raw_answer(gw.addr, &handshake("GET", "13", "not-a-key")).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Sec-WebSocket-Key"), "{answer}");
+    let plain = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let answer = raw_answer(gw.addr, plain).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("upgrade"), "{answer}");
+    // The same request with a good key is accepted, with RFC 6455's answer.
+    let answer = raw_answer(gw.addr, &handshake("GET", "13", KEY)).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert!(answer.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{answer}");
+    echo_still_serving(&gw).await;
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
