@@ -67,7 +67,7 @@ pub struct Limits {
     #[serde(rename = "write_timeout_ms", with = "millis")]
     pub write_timeout: Duration,
     /// tungstenite's read buffer, which every socket keeps: the largest part
-    /// of an idle socket's memory. 2048 keeps an idle socket near 6.5 KiB;
+    /// of an idle socket's memory. 2048 keeps an idle socket near 5 KiB;
     /// larger values save a little CPU only on large client frames (about
     /// 8% on 30 KB requests against 4096).
     pub read_buffer_bytes: usize,
