@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
@@ -28,7 +29,6 @@ use crate::gateway::Gateway;
 use crate::session::Crowded;
 use crate::upgrade;
 use crate::ws::{Opening, SocketSpan, Unauthenticated, connection};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Hard cap on a frame tungstenite will read at all: a frame above
 /// `max_frame_bytes` but below this gets a `MessageTooLarge` error frame and

@@ -692,9 +692,10 @@ impl Connection {
         self.reply_bytes_then(frame.to_json().into())
     }
 
+    /// Queue `frame`, then read on: one box, the queueing inside it.
     fn reply_bytes_then(&mut self, frame: Utf8Bytes) -> BoxFuture<'_, After> {
         Box::pin(async move {
-            self.reply_bytes(frame).await;
+            self.queue(frame).await;
             After::Read
         })
     }
@@ -704,27 +705,29 @@ impl Connection {
         self.reply_bytes(frame.to_json().into())
     }
 
-    /// Queue a frame for this client; while its queue is full, write what
-    /// it holds first. Boxed: an inline future would grow every idle
-    /// connection's state by the write's size.
+    /// Queue a frame for this client. Boxed: an inline future would grow
+    /// every idle connection's state by the write's size.
     fn reply_bytes(&mut self, frame: Utf8Bytes) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let mut frame = frame;
-            loop {
-                match self.outbox.try_push_own(frame) {
-                    Err((PushError::Full, refused)) => {
-                        frame = refused;
-                        let Some(first) = self.outbox.try_pop() else {
-                            return;
-                        };
-                        if !self.write(Out::Frame(first)).await {
-                            return;
-                        }
+        Box::pin(self.queue(frame))
+    }
+
+    /// Queue a frame; while the queue is full, write what it holds first.
+    /// Only ever awaited inside a box (`reply_bytes`, `reply_bytes_then`).
+    async fn queue(&mut self, mut frame: Utf8Bytes) {
+        loop {
+            match self.outbox.try_push_own(frame) {
+                Err((PushError::Full, refused)) => {
+                    frame = refused;
+                    let Some(first) = self.outbox.try_pop() else {
+                        return;
+                    };
+                    if !self.write(Out::Frame(first)).await {
+                        return;
                     }
-                    _ => return,
                 }
+                _ => return,
             }
-        })
+        }
     }
 
     /// Write `first` and what else is queued, within the write timeout.

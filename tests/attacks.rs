@@ -472,13 +472,8 @@ async fn before_authentication_a_socket_is_cheap_and_their_number_capped() {
 
 /// The status a raw `GET path` with `host` as its `Host` header gets.
 async fn status_for_host(addr: std::net::SocketAddr, path: &str, host: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let answer = raw_answer(addr, &request).await;
     answer.lines().next().unwrap_or("").to_owned()
 }
 
