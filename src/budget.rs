@@ -3,18 +3,12 @@
 //! a socket that announces a large frame before authenticating, sends part
 //! of it and waits, would hold that much until the auth timeout. A socket
 //! that upgraded without a token gets a budget of bytes read (a
-//! `authenticate` frame fits it many times over); past it, reads fail and
-//! the socket is closed. Authenticating lifts it.
-//!
-//! Counted after each read, not before (no `unsafe` to cut a read short):
-//! a read may overshoot by what one read takes, and the next one fails.
+//! `authenticate` frame fits it many times over); each read is cut to what
+//! is left, and once it is spent reads fail and the socket is closed.
+//! Authenticating lifts it. The socket's own task holds it (`socket`): a
+//! plain counter, nothing shared.
 
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::io;
 
 /// What a socket waiting to authenticate may send, in all: an
 /// `authenticate` frame (16 KiB of token and its envelope), a read's
@@ -22,135 +16,87 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// limit and held back costs at most this.
 pub(crate) const BEFORE_AUTH: usize = 20 * 1024;
 
-/// A connection's read budget; clones share it. Unlimited unless armed.
-#[derive(Debug, Clone)]
-pub(crate) struct ReadBudget(Arc<AtomicUsize>);
+/// A socket's read budget: unlimited, or the bytes it may still send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadBudget(Option<usize>);
 
 impl ReadBudget {
-    pub(crate) fn unlimited() -> Self {
-        Self(Arc::new(AtomicUsize::new(usize::MAX)))
-    }
+    pub(crate) const UNLIMITED: Self = Self(None);
 
-    /// From now on, at most `bytes` more may be read.
-    pub(crate) fn arm(&self, bytes: usize) {
-        self.0.store(bytes, Ordering::Release);
+    /// At most `bytes` more may be read.
+    pub(crate) fn of(bytes: usize) -> Self {
+        Self(Some(bytes))
     }
 
     /// No limit any more (the socket authenticated).
-    pub(crate) fn lift(&self) {
-        self.0.store(usize::MAX, Ordering::Release);
+    pub(crate) fn lift(&mut self) {
+        self.0 = None;
     }
 
-    /// What is left: `usize::MAX` when unlimited.
-    fn left(&self) -> usize {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Count `n` bytes read (while armed).
-    fn spend(&self, n: usize) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                (left != usize::MAX).then(|| left.saturating_sub(n))
-            });
-    }
-}
-
-/// A stream whose reads draw on a [`ReadBudget`].
-#[derive(Debug)]
-pub(crate) struct Budgeted<S> {
-    inner: S,
-    budget: ReadBudget,
-}
-
-impl<S> Budgeted<S> {
-    pub(crate) fn new(inner: S, budget: ReadBudget) -> Self {
-        Self { inner, budget }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Budgeted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let left = self.budget.left();
-        if left == 0 {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
+    /// How much of a read of `want` bytes may be taken; an error once
+    /// nothing is left (for a read of anything).
+    pub(crate) fn allowed(&self, want: usize) -> io::Result<usize> {
+        match self.0 {
+            None => Ok(want),
+            Some(0) if want > 0 => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
                 "more sent before authenticating than a token needs",
-            )));
+            )),
+            Some(left) => Ok(want.min(left)),
         }
-        if left == usize::MAX {
-            // Unlimited (every authenticated socket): nothing to count.
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
+    }
+
+    /// Count `n` bytes read.
+    pub(crate) fn spend(&mut self, n: usize) {
+        if let Some(left) = &mut self.0 {
+            *left = left.saturating_sub(n);
         }
-        let before = buf.filled().len();
-        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if read.is_ready() {
-            self.budget.spend(buf.filled().len() - before);
-        }
-        read
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Budgeted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use proptest::prelude::*;
 
-    #[tokio::test]
-    async fn an_armed_budget_ends_reads_and_a_lifted_one_does_not() {
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let budget = ReadBudget::unlimited();
-        let mut r = Budgeted::new(a, budget.clone());
-        b.write_all(&[7; 100]).await.unwrap();
-        let mut buf = [0u8; 100];
-        r.read_exact(&mut buf).await.unwrap();
-
-        budget.arm(150);
-        b.write_all(&[7; 100]).await.unwrap();
-        r.read_exact(&mut buf).await.unwrap();
-        b.write_all(&[7; 100]).await.unwrap();
-        // 50 left: this read may overshoot it, the next one fails.
-        let _ = r.read(&mut buf).await.unwrap();
-        b.write_all(&[7; 100]).await.unwrap();
-        let err = r.read_exact(&mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
-
+    #[test]
+    fn a_spent_budget_refuses_reads_and_a_lifted_one_does_not() {
+        let mut budget = ReadBudget::of(150);
+        assert_eq!(budget.allowed(100).unwrap(), 100);
+        budget.spend(100);
+        assert_eq!(budget.allowed(100).unwrap(), 50, "cut to what is left");
+        budget.spend(50);
+        let err = budget.allowed(1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
         budget.lift();
-        b.write_all(&[7; 100]).await.unwrap();
-        assert!(r.read(&mut buf).await.unwrap() > 0, "lifted: reads again");
+        assert_eq!(budget.allowed(1 << 20).unwrap(), 1 << 20);
+        assert_eq!(
+            ReadBudget::UNLIMITED.allowed(usize::MAX).unwrap(),
+            usize::MAX
+        );
+    }
+
+    proptest! {
+        /// However reads come, a budget never lets more through than it
+        /// was given, and lets all of it through.
+        #[test]
+        fn reads_never_exceed_the_budget(
+            bytes in 0usize..100_000,
+            reads in proptest::collection::vec(0usize..9000, 0..64),
+        ) {
+            let mut budget = ReadBudget::of(bytes);
+            let mut taken = 0;
+            for want in reads {
+                match budget.allowed(want) {
+                    Ok(n) => {
+                        prop_assert!(n <= want);
+                        budget.spend(n);
+                        taken += n;
+                    }
+                    Err(_) => prop_assert_eq!(taken, bytes),
+                }
+            }
+            prop_assert!(taken <= bytes);
+        }
     }
 }

@@ -36,6 +36,7 @@ mod runner;
 mod seal;
 mod server;
 mod session;
+mod socket;
 mod spans;
 #[cfg(feature = "testing")]
 pub mod testing;

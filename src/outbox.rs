@@ -146,6 +146,18 @@ impl Outbox {
         self.lock().pop_front()
     }
 
+    /// Up to `max` queued frames, handed to `each` in order under one lock
+    /// (the connection writes them as one batch).
+    pub(crate) fn pop_queued(&self, max: usize, mut each: impl FnMut(Utf8Bytes)) {
+        let mut state = self.lock();
+        for _ in 0..max {
+            let Some(frame) = state.pop_front() else {
+                break;
+            };
+            each(frame);
+        }
+    }
+
     /// Ask the connection to send a ping (at most one waits at a time).
     pub(crate) fn ping(&self) {
         {

@@ -24,11 +24,11 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::auth::handshake_token;
-use crate::budget::{BEFORE_AUTH, Budgeted, ReadBudget};
+use crate::budget::{BEFORE_AUTH, ReadBudget};
 use crate::gateway::Gateway;
 use crate::session::Crowded;
 use crate::upgrade;
-use crate::ws::{Opening, SocketSpan, Unauthenticated, connection};
+use crate::ws::{Opening, SocketSpan, connection};
 
 /// Hard cap on a frame tungstenite will read at all: a frame above
 /// `max_frame_bytes` but below this gets a `MessageTooLarge` error frame and
@@ -145,14 +145,7 @@ async fn accept_loop(gw: Gateway, listener: TcpListener, app: Router, connection
 }
 
 async fn serve_connection(gw: Gateway, tcp: TcpStream, app: Router) {
-    // Unlimited until a socket upgrades without a token (see `budget`).
-    let budget = ReadBudget::unlimited();
-    let tcp = Budgeted::new(tcp, budget.clone());
-    let service = service_fn(move |req: Request<Incoming>| {
-        let mut req = req.map(Body::new);
-        req.extensions_mut().insert(budget.clone());
-        app.clone().oneshot(req)
-    });
+    let service = service_fn(move |req: Request<Incoming>| app.clone().oneshot(req.map(Body::new)));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(gw.limits().handshake_timeout);
@@ -318,7 +311,6 @@ async fn ws_upgrade(
         )
             .into_response();
     };
-    let budget = request.extensions().get::<ReadBudget>().cloned();
     let headers = request.headers();
     if gw.is_stopping() {
         gw.metrics().connection_refused("shutting_down");
@@ -348,7 +340,7 @@ async fn ws_upgrade(
     // task for up to `auth_timeout`: their number is capped.
     let unauthenticated = if identity.is_none() && gw.hub().auth().anonymous("").is_none() {
         match gw.sessions().wait_for_auth(gw.limits().max_unauthenticated) {
-            Some(wait) => Some(Unauthenticated { wait, budget }),
+            Some(wait) => Some(wait),
             None => {
                 gw.metrics().connection_refused("unauthenticated");
                 let why = "too many sockets are waiting to authenticate; send the token with the upgrade or retry";
@@ -378,9 +370,10 @@ async fn ws_upgrade(
         limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR),
     );
     // What it may send before it authenticates, from the upgrade on.
-    if let Some(budget) = unauthenticated.as_ref().and_then(|u| u.budget.as_ref()) {
-        budget.arm(BEFORE_AUTH);
-    }
+    let budget = match unauthenticated {
+        Some(_) => ReadBudget::of(BEFORE_AUTH),
+        None => ReadBudget::UNLIMITED,
+    };
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let span = SocketSpan::begin(gw.hub().spans(), traceparent);
     let config = WebSocketConfig::default()
@@ -393,6 +386,7 @@ async fn ws_upgrade(
         gw,
         upgrade: on_upgrade,
         config,
+        budget,
         identity,
         admission,
         unauthenticated,

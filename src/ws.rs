@@ -17,14 +17,11 @@ use opentelemetry::trace::SpanKind;
 
 use tokio::time::Instant;
 
+use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::upgrade::OnUpgrade;
 use serde_json::Value;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::{Identity, unix_now};
@@ -41,39 +38,12 @@ use crate::protocol::{
 };
 use crate::recovery;
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
+use crate::socket::{Batch, MAX_BATCH, Socket};
 use crate::spans::{self, Ended, Spans};
 use crate::trace::TraceContext;
 
-fn text(frame: &ServerFrame) -> Message {
-    Message::Text(frame.to_json().into())
-}
-
-fn close(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_owned().into(),
-    }))
-}
-
-/// A socket after the upgrade: the HTTP connection's stream, in frames.
-type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
-
-/// A socket upgraded without a token, until it authenticates: its place
-/// among those waiting (`limits.max_unauthenticated`) and its read budget
-/// (what it may send meanwhile, in all).
-#[derive(Debug)]
-pub(crate) struct Unauthenticated {
-    pub(crate) wait: AuthWait,
-    pub(crate) budget: Option<ReadBudget>,
-}
-
-impl Unauthenticated {
-    fn authenticated(self) {
-        if let Some(budget) = &self.budget {
-            budget.lift();
-        }
-        drop(self.wait);
-    }
+fn text(frame: &ServerFrame) -> Utf8Bytes {
+    frame.to_json().into()
 }
 
 /// The largest frame a socket may send before it has authenticated: a
@@ -81,7 +51,7 @@ impl Unauthenticated {
 const MAX_FRAME_BEFORE_AUTH: usize = 16 * 1024 + 256;
 
 /// Wait for `{"type":"authenticate"}` as the first frame.
-async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identity> {
+async fn first_frame_auth(gw: &Gateway, socket: &mut Socket) -> Option<Identity> {
     let deadline = tokio::time::sleep(gw.limits().auth_timeout);
     tokio::pin!(deadline);
     loop {
@@ -89,7 +59,7 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
             _ = &mut deadline => {
                 let _ = socket.send(text(&ServerFrame::error(ErrorName::Unauthorized,
                     "no token: send an `authenticate` frame first", None))).await;
-                let _ = socket.send(close(close::AUTH_REQUIRED, "authentication timed out")).await;
+                let _ = socket.close(close::AUTH_REQUIRED, "authentication timed out").await;
                 return None;
             }
             _ = gw.stopping() => return None,
@@ -107,10 +77,7 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
                     )))
                     .await;
                 let _ = socket
-                    .send(close(
-                        close::TOO_BIG,
-                        "frame too large before authentication",
-                    ))
+                    .close(close::TOO_BIG, "frame too large before authentication")
                     .await;
                 return None;
             }
@@ -121,7 +88,7 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
                         Err(e) => {
                             let _ = socket.send(text(&refuse(e.to_string()))).await;
                             let _ = socket
-                                .send(close(close::AUTH_REQUIRED, "authentication failed"))
+                                .close(close::AUTH_REQUIRED, "authentication failed")
                                 .await;
                             return None;
                         }
@@ -134,7 +101,7 @@ async fn first_frame_auth(gw: &Gateway, socket: &mut WebSocket) -> Option<Identi
                         )))
                         .await;
                     let _ = socket
-                        .send(close(close::AUTH_REQUIRED, "authentication required"))
+                        .close(close::AUTH_REQUIRED, "authentication required")
                         .await;
                     return None;
                 }
@@ -152,10 +119,14 @@ pub(crate) struct Opening {
     /// The upgrade is done once the `101` is written.
     pub(crate) upgrade: OnUpgrade,
     pub(crate) config: WebSocketConfig,
+    /// What it may send before it authenticates.
+    pub(crate) budget: ReadBudget,
     /// Who the token of the upgrade request named, if it had one.
     pub(crate) identity: Option<Identity>,
     pub(crate) admission: Admission,
-    pub(crate) unauthenticated: Option<Unauthenticated>,
+    /// A socket upgraded without a token, until it authenticates: its place
+    /// among those waiting (`limits.max_unauthenticated`).
+    pub(crate) unauthenticated: Option<AuthWait>,
     pub(crate) span: Option<Box<SocketSpan>>,
 }
 
@@ -230,6 +201,7 @@ async fn open(opening: Opening) -> Option<Live> {
         gw,
         upgrade,
         config,
+        budget,
         identity,
         admission,
         unauthenticated,
@@ -242,8 +214,10 @@ async fn open(opening: Opening) -> Option<Live> {
             return None;
         }
     };
-    let mut socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let Some(mut socket) = Socket::upgraded(upgraded, config, budget) else {
+        tracing::debug!("the upgraded connection is not a TCP stream, or sent too much early");
+        return None;
+    };
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let identity = match identity.or_else(|| gw.hub().auth().anonymous(&session_id)) {
         Some(id) => id,
@@ -251,9 +225,8 @@ async fn open(opening: Opening) -> Option<Live> {
     };
     // Authenticated: its place among the waiting is free, and it may send
     // what its limits allow.
-    if let Some(unauthenticated) = unauthenticated {
-        unauthenticated.authenticated();
-    }
+    drop(unauthenticated);
+    socket.lift_budget();
     let Identity {
         user_id,
         username,
@@ -281,7 +254,7 @@ async fn open(opening: Opening) -> Option<Live> {
                 )))
                 .await;
             let _ = socket
-                .send(close(close::POLICY, "too many connections for this user"))
+                .close(close::POLICY, "too many connections for this user")
                 .await;
             return None;
         }
@@ -334,20 +307,19 @@ async fn open(opening: Opening) -> Option<Live> {
     })
 }
 
-/// Write `first` and what else is queued (up to [`WRITE_BATCH`] frames),
-/// then flush once: one syscall for many responses when calls complete
-/// together.
-async fn write_batch(
-    sink: &mut WebSocket,
-    outbox: &Outbox,
-    first: Message,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    sink.feed(first).await?;
-    for _ in 1..WRITE_BATCH {
-        let Some(frame) = outbox.try_pop() else { break };
-        sink.feed(Message::Text(frame)).await?;
-    }
-    sink.flush().await
+/// Write `first` and what else is queued (up to [`MAX_BATCH`] frames)
+/// with one vectored write: one syscall for many responses when calls
+/// complete together.
+async fn write_batch(socket: &mut Socket, outbox: &Outbox, first: Out) -> std::io::Result<()> {
+    let mut batch = Batch::default();
+    match first {
+        Out::Frame(frame) => batch.text(frame),
+        Out::Ping => batch.ping(),
+    };
+    outbox.pop_queued(MAX_BATCH - 1, |frame| {
+        batch.text(frame);
+    });
+    socket.write(&batch).await
 }
 
 /// A call's answer, with the guard that counts the call as in flight
@@ -420,9 +392,6 @@ fn next_call(calls: &mut Option<Box<Calls>>) -> impl Future<Output = Option<Done
     })
 }
 
-/// Frames written to a socket with one flush, at most.
-const WRITE_BATCH: usize = 64;
-
 impl Live {
     /// Borrows rather than consumes: a by-value `self` would be stored again
     /// in each nested future of this long-lived state machine.
@@ -464,7 +433,7 @@ struct Connection {
     outbox: Outbox,
     /// The socket, read and written by this connection's task alone (not
     /// split: a split socket is shared behind a lock).
-    socket: WebSocket,
+    socket: Socket,
     /// A write failed or timed out: nothing more is written.
     write_failed: bool,
     /// The connection's calls in flight, polled by the connection's own
@@ -739,11 +708,7 @@ impl Connection {
             if self.write_failed {
                 return false;
             }
-            let message = match first {
-                Out::Frame(frame) => Message::Text(frame),
-                Out::Ping => Message::Ping(Default::default()),
-            };
-            let write = write_batch(&mut self.socket, &self.outbox, message);
+            let write = write_batch(&mut self.socket, &self.outbox, first);
             let written = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
             if !matches!(written, Ok(Ok(()))) {
                 self.write_failed = true;
@@ -770,12 +735,12 @@ impl Connection {
                 .outbox
                 .close_reason()
                 .map_or((close::NORMAL, "closed".to_owned()), |r| (r.code, r.reason));
-            let _ = tokio::time::timeout(timeout, self.socket.send(close(code, &why))).await;
+            let _ = tokio::time::timeout(timeout, self.socket.close(code, &why)).await;
         }
         // Completes the closing handshake when the client started it (the
-        // reply tungstenite queued is flushed here), then shuts the socket
-        // down.
-        let _ = tokio::time::timeout(timeout, SinkExt::close(&mut self.socket)).await;
+        // reply tungstenite queued is written here); the socket is shut
+        // when it is dropped.
+        let _ = tokio::time::timeout(timeout, self.socket.finish()).await;
     }
 
     /// A new token on an open connection. For the same user, its roles and

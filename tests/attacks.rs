@@ -562,6 +562,62 @@ async fn a_frame_announced_before_authentication_and_held_back_costs_little() {
     gw.stop().await;
 }
 
+/// A client frame as a browser sends it: final, text, masked with `key`.
+fn masked_text(payload: &str, key: [u8; 4]) -> Vec<u8> {
+    let len = payload.len();
+    let mut frame = vec![0x81];
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(&key);
+    frame.extend(payload.bytes().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_with_the_upgrade_request_are_read_and_answered() {
+    // A client that does not wait for the 101: its first frames arrive
+    // with the upgrade request, read by the HTTP server before the socket
+    // exists. They are the WebSocket's first bytes, not lost.
+    let gw = echo_gateway(|_| {}).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut bytes = format!(
+        "GET /ws?access_token={} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        token("early", &[], 300)
+    )
+    .into_bytes();
+    for (i, key) in [[9, 8, 7, 6], [1, 2, 3, 4]].into_iter().enumerate() {
+        let call = json!({"type": "request", "payload": {"service": "echo",
+            "method": format!("early{i}"), "params": {"pad": "p".repeat(200 * i)},
+            "trace_id": format!("t{i}")}});
+        bytes.extend(masked_text(&call.to_string(), key));
+    }
+    tcp.write_all(&bytes).await.unwrap();
+    let mut seen = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            if text.contains(r#""method":"early0""#) && text.contains(r#""method":"early1""#) {
+                return text.into_owned();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not answered: {}", String::from_utf8_lossy(&seen)));
+    assert!(answered.starts_with("HTTP/1.1 101"), "{answered}");
+    assert!(answered.contains(r#""topic":"hello""#), "{answered}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_development_mode_the_console_answers_only_a_loopback_host() {
     // Development mode (the in-process mesh): the console holds a token.
