@@ -184,7 +184,8 @@ async fn run(server_side: bool) {
         }
         sockets.push(ws);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settle = common::arg("--settle-ms", 1000);
+    tokio::time::sleep(Duration::from_millis(settle as u64)).await;
     let after = common::rss_kib(pid);
     let heap_after = census();
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;

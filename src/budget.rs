@@ -16,40 +16,41 @@ use std::io;
 /// limit and held back costs at most this.
 pub(crate) const BEFORE_AUTH: usize = 20 * 1024;
 
-/// A socket's read budget: unlimited, or the bytes it may still send.
+/// A socket's read budget: the bytes it may still send, `usize::MAX` for
+/// no limit (one word: every socket's task holds one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ReadBudget(Option<usize>);
+pub(crate) struct ReadBudget(usize);
 
 impl ReadBudget {
-    pub(crate) const UNLIMITED: Self = Self(None);
+    pub(crate) const UNLIMITED: Self = Self(usize::MAX);
 
-    /// At most `bytes` more may be read.
+    /// At most `bytes` more may be read (`bytes` below `usize::MAX`).
     pub(crate) fn of(bytes: usize) -> Self {
-        Self(Some(bytes))
+        Self(bytes.min(usize::MAX - 1))
     }
 
     /// No limit any more (the socket authenticated).
     pub(crate) fn lift(&mut self) {
-        self.0 = None;
+        *self = Self::UNLIMITED;
     }
 
     /// How much of a read of `want` bytes may be taken; an error once
     /// nothing is left (for a read of anything).
     pub(crate) fn allowed(&self, want: usize) -> io::Result<usize> {
         match self.0 {
-            None => Ok(want),
-            Some(0) if want > 0 => Err(io::Error::new(
+            usize::MAX => Ok(want),
+            0 if want > 0 => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "more sent before authenticating than a token needs",
             )),
-            Some(left) => Ok(want.min(left)),
+            left => Ok(want.min(left)),
         }
     }
 
     /// Count `n` bytes read.
     pub(crate) fn spend(&mut self, n: usize) {
-        if let Some(left) = &mut self.0 {
-            *left = left.saturating_sub(n);
+        if self.0 != usize::MAX {
+            self.0 = self.0.saturating_sub(n);
         }
     }
 }

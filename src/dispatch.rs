@@ -3,7 +3,6 @@
 //! context; and what every outcome is called, for the client and for the
 //! metrics. The socket loop in `ws` only asks and carries out the answer.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,9 +165,13 @@ impl Allowed<'_> {
 /// window. Only routes with a `rate_per_sec` take an entry, so its size is
 /// bounded by the routing table. Counted per route index of one table: a
 /// reloaded table starts them again.
+///
+/// A vector sorted by route index, not a map: every connection holds one
+/// (most of them empty), and an empty vector is half a map's size.
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
-    windows: HashMap<usize, (Instant, u32)>,
+    /// (route index, window start, calls in it), by route index.
+    windows: Vec<(usize, Instant, u32)>,
     generation: u64,
 }
 
@@ -183,7 +186,14 @@ impl Rates {
 
     /// Count a call at `now`; false once the route's limit is used up.
     fn admit(&mut self, route_index: usize, limit: u32, now: Instant) -> bool {
-        let (start, count) = self.windows.entry(route_index).or_insert((now, 0));
+        let at = match self.windows.binary_search_by_key(&route_index, |w| w.0) {
+            Ok(at) => at,
+            Err(at) => {
+                self.windows.insert(at, (route_index, now, 0));
+                at
+            }
+        };
+        let (_, start, count) = &mut self.windows[at];
         if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
             *start = now;
             *count = 0;
@@ -523,6 +533,28 @@ deliver = "all"
     }
 
     proptest::proptest! {
+        /// Calls on several limited routes, in any order and at any pace:
+        /// each route's window counts alone, as a map by route would.
+        #[test]
+        fn each_route_counts_in_its_own_window(
+            calls in proptest::collection::vec((0usize..6, 0u64..700, 1u32..4), 0..200),
+        ) {
+            let mut rates = Rates::default();
+            let mut model: std::collections::HashMap<usize, (Instant, u32)> = Default::default();
+            let mut now = Instant::now();
+            for (route, step_ms, limit) in calls {
+                now += Duration::from_millis(step_ms);
+                let (start, count) = model.entry(route).or_insert((now, 0));
+                if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+                    *start = now;
+                    *count = 0;
+                }
+                *count += 1;
+                proptest::prop_assert_eq!(rates.admit(route, limit, now), *count <= limit);
+            }
+            proptest::prop_assert!(rates.windows.is_sorted_by_key(|w| w.0));
+        }
+
         /// Any ids and token a client or an identity provider could put in
         /// it (quotes, backslashes, control characters, any script): the
         /// context's text is byte for byte the JSON of the map.

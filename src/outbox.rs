@@ -49,10 +49,12 @@ struct Shared {
     /// `Notify` (whose waiter list costs a lock and a link each time the
     /// consumer waits).
     consumer: AtomicWaker,
-    capacity: usize,
-    /// Bytes queued at most; one frame larger than this is still taken
-    /// into an empty queue, so no frame is undeliverable.
-    max_bytes: usize,
+    /// Frames queued at most. (32-bit, as `max_bytes`: every session
+    /// holds one, and they take one word together.)
+    capacity: u32,
+    /// Bytes queued at most (4 GiB at most); one frame larger than this is
+    /// still taken into an empty queue, so no frame is undeliverable.
+    max_bytes: u32,
 }
 
 #[derive(Debug, Default)]
@@ -60,7 +62,8 @@ struct State {
     frames: VecDeque<Utf8Bytes>,
     /// The bytes of `frames`.
     bytes: usize,
-    closed: Option<CloseReason>,
+    /// Boxed: a session is closed once, and held open for its life.
+    closed: Option<Box<CloseReason>>,
     /// A WebSocket ping is to be sent (a keepalive, not a queued frame).
     ping: bool,
 }
@@ -98,9 +101,17 @@ impl Outbox {
         Self(Arc::new(Shared {
             state: Mutex::new(State::default()),
             consumer: AtomicWaker::new(),
-            capacity: capacity.max(1),
-            max_bytes,
+            capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
         }))
+    }
+
+    fn capacity(&self) -> usize {
+        self.0.capacity as usize
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.0.max_bytes as usize
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -132,8 +143,8 @@ impl Outbox {
             return Err((PushError::Closed, frame));
         }
         let over_bytes =
-            !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > self.0.max_bytes;
-        if state.frames.len() >= self.0.capacity || over_bytes {
+            !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > self.max_bytes();
+        if state.frames.len() >= self.capacity() || over_bytes {
             return Err((PushError::Full, frame));
         }
         state.bytes += frame.len();
@@ -202,10 +213,10 @@ impl Outbox {
             if state.closed.is_some() {
                 return false;
             }
-            state.closed = Some(CloseReason {
+            state.closed = Some(Box::new(CloseReason {
                 code,
                 reason: reason.to_owned(),
-            });
+            }));
         }
         self.0.consumer.wake();
         true
@@ -213,7 +224,7 @@ impl Outbox {
 
     /// The reason the session was closed with, once it is.
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
-        self.lock().closed.clone()
+        self.lock().closed.as_deref().cloned()
     }
 }
 

@@ -16,8 +16,9 @@
 //!
 //! What tungstenite writes itself (a pong, the close handshake) must never
 //! land inside one of our frames: its pending output is flushed before each
-//! batch of ours, and a batch left half written (its write timed out) tears
-//! the stream for good: every later write fails at once.
+//! batch of ours, and a batch that failed or was left half written (its
+//! write timed out) breaks the stream for good: every later write fails at
+//! once.
 //!
 //! Before a socket says who it is, what it may send in all is its
 //! [`ReadBudget`]: each read is cut to what is left.
@@ -161,7 +162,7 @@ struct Io<'a, 'b> {
     tcp: &'a mut TcpStream,
     cx: &'a mut Context<'b>,
     budget: &'a mut ReadBudget,
-    torn: bool,
+    broken: bool,
 }
 
 impl Read for Io<'_, '_> {
@@ -182,8 +183,8 @@ impl Read for Io<'_, '_> {
 
 impl Write for Io<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.torn {
-            return Err(torn());
+        if self.broken {
+            return Err(broken());
         }
         match Pin::new(&mut *self.tcp).poll_write(self.cx, buf) {
             Poll::Ready(r) => r,
@@ -197,10 +198,10 @@ impl Write for Io<'_, '_> {
     }
 }
 
-fn torn() -> io::Error {
+fn broken() -> io::Error {
     io::Error::new(
         io::ErrorKind::BrokenPipe,
-        "a frame was left half written: the socket takes no more",
+        "a write failed or was left half done: the socket takes no more",
     )
 }
 
@@ -220,15 +221,16 @@ pub(crate) struct Socket {
     tcp: TcpStream,
     ws: WebSocketContext,
     budget: ReadBudget,
-    /// A batch of ours was left half written: the stream is mid-frame.
-    torn: bool,
+    /// A write of ours failed or was left half done (the stream may be
+    /// mid-frame): nothing more is written.
+    broken: bool,
 }
 
 impl std::fmt::Debug for Socket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Socket")
             .field("peer", &self.tcp.peer_addr().ok())
-            .field("torn", &self.torn)
+            .field("broken", &self.broken)
             .finish()
     }
 }
@@ -259,7 +261,7 @@ impl Socket {
             tcp: parts.io.into_inner(),
             ws,
             budget,
-            torn: false,
+            broken: false,
         })
     }
 
@@ -278,7 +280,7 @@ impl Socket {
             tcp: &mut self.tcp,
             cx,
             budget: &mut self.budget,
-            torn: self.torn,
+            broken: self.broken,
         };
         f(&mut self.ws, &mut io)
     }
@@ -303,17 +305,25 @@ impl Socket {
         pending_or(self.with(cx, |ws, io| ws.flush(io)), || ())
     }
 
+    /// Whether a write failed or was left half done: the socket takes no
+    /// more.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
+    }
+
     /// Write `batch`: whatever tungstenite holds first, then the batch's
-    /// frames with as few vectored writes as the stream takes. Cancelled
-    /// halfway (a timeout), the stream is torn: nothing more is written.
+    /// frames with as few vectored writes as the stream takes. Failed, or
+    /// cancelled halfway (a timeout), the socket is broken: nothing more is
+    /// written.
     pub(crate) async fn write(&mut self, batch: &Batch) -> io::Result<()> {
-        if self.torn {
-            return Err(torn());
+        if self.broken {
+            return Err(broken());
         }
+        // Broken until the whole batch is written.
+        self.broken = true;
         poll_fn(|cx| self.poll_flush(cx)).await?;
         let total = batch.wire_len();
         let mut written = 0;
-        self.torn = true;
         poll_fn(|cx| {
             while written < total {
                 let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
@@ -328,7 +338,7 @@ impl Socket {
             Poll::Ready(Ok(()))
         })
         .await?;
-        self.torn = false;
+        self.broken = false;
         Ok(())
     }
 
@@ -341,10 +351,10 @@ impl Socket {
 
     /// Start the closing handshake with `code` and `reason` (tungstenite
     /// writes the close frame, and replies to the client's), and write
-    /// what it holds. Nothing is written once the stream is torn.
+    /// what it holds. Nothing is written once the socket is broken.
     pub(crate) async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
-        if self.torn {
-            return Err(torn());
+        if self.broken {
+            return Err(broken());
         }
         let mut frame = Some(CloseFrame {
             code: CloseCode::from(code),
@@ -364,8 +374,8 @@ impl Socket {
     /// Write what tungstenite still holds (the reply to a client's close),
     /// then leave the stream to be dropped.
     pub(crate) async fn finish(&mut self) -> io::Result<()> {
-        if self.torn {
-            return Err(torn());
+        if self.broken {
+            return Err(broken());
         }
         poll_fn(|cx| self.poll_flush(cx)).await
     }

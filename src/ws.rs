@@ -4,11 +4,13 @@
 //! whether it may go out, `dispatch`'s); this module queues the future it
 //! gets and writes the frame its outcome makes.
 //!
-//! One task, not a reader and a writer: tokio-tungstenite wakes every task
-//! that last used either half of a socket whenever it is ready, so a
-//! writer task was woken for nothing by each frame a client sent, and the
-//! runtime woke its other worker thread to take the second task.
+//! One task, not a reader and a writer: when a socket was split in two,
+//! every task that last used either half was woken whenever it was ready,
+//! so a writer task was woken for nothing by each frame a client sent, and
+//! the runtime woke its other worker thread to take the second task. The
+//! socket itself (`socket`) is built for that one task.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +23,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hyper::upgrade::OnUpgrade;
 use serde_json::Value;
+use sync_wrapper::SyncWrapper;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
@@ -293,11 +296,10 @@ async fn open(opening: Opening) -> Option<Live> {
         gw,
         info,
         context,
-        expires_at,
+        expires_at: expiry(expires_at),
         outbox,
         socket,
-        write_failed: false,
-        calls: std::sync::Mutex::new(None),
+        calls: SyncWrapper::new(None),
         rates: Rates::default(),
         span,
     };
@@ -346,8 +348,8 @@ impl Calls {
     }
 }
 
-fn calls_mut(calls: &mut std::sync::Mutex<Option<Box<Calls>>>) -> &mut Option<Box<Calls>> {
-    calls.get_mut().unwrap_or_else(|p| p.into_inner())
+fn calls_mut(calls: &mut SyncWrapper<Option<Box<Calls>>>) -> &mut Option<Box<Calls>> {
+    calls.get_mut()
 }
 
 /// Add a call to `calls`.
@@ -397,7 +399,10 @@ impl Live {
     /// in each nested future of this long-lived state machine.
     async fn run(&mut self) {
         self.conn.serve().await;
-        self.conn.finish().await;
+        // Boxed: its timeouts and close frame would otherwise share the
+        // state of every idle socket's loop, though only an ending socket
+        // ever needs them.
+        Box::pin(self.conn.finish()).await;
         let code = self
             .conn
             .outbox
@@ -429,24 +434,27 @@ struct Connection {
     /// (forwarded to services as `Authorization`); and when the token
     /// expires (who it names is in `info`).
     context: SessionContext,
-    expires_at: Option<u64>,
+    expires_at: Option<NonZeroU64>,
     outbox: Outbox,
     /// The socket, read and written by this connection's task alone (not
     /// split: a split socket is shared behind a lock).
     socket: Socket,
-    /// A write failed or timed out: nothing more is written.
-    write_failed: bool,
     /// The connection's calls in flight, polled by the connection's own
     /// task (their number is what `max_in_flight` limits). Not a task each:
     /// spawning one per call woke the runtime's other worker for nothing,
     /// which cost more than the call. `None` while there are none, so an
     /// idle socket holds nothing for them.
-    /// (In a mutex only to be `Sync`: it is only reached through `&mut`,
-    /// never locked.)
-    calls: std::sync::Mutex<Option<Box<Calls>>>,
+    /// (In a `SyncWrapper` to be `Sync`: it is only reached through
+    /// `&mut`. A mutex, never locked, was 8 bytes more of every socket.)
+    calls: SyncWrapper<Option<Box<Calls>>>,
     rates: Rates,
     /// The socket's span, while spans are exported.
     span: Option<Box<SocketSpan>>,
+}
+
+/// When a token expires, in one word: an `exp` of 0 (long past) as 1.
+fn expiry(exp: Option<u64>) -> Option<NonZeroU64> {
+    exp.map(|e| NonZeroU64::MIN.saturating_add(e.saturating_sub(1)))
 }
 
 /// The longest the connection timer sleeps: an absurd `exp` (years ahead)
@@ -454,8 +462,8 @@ struct Connection {
 const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 
 /// When the token expiry should be looked at next.
-fn expiry_check(expires_at: Option<u64>, now: Instant) -> Option<Instant> {
-    let left = expires_at?.saturating_sub(unix_now());
+fn expiry_check(expires_at: Option<NonZeroU64>, now: Instant) -> Option<Instant> {
+    let left = expires_at?.get().saturating_sub(unix_now());
     Some(now + Duration::from_secs(left).min(MAX_TIMER))
 }
 
@@ -494,7 +502,7 @@ impl Connection {
     fn on_timer(&mut self, keepalive: &mut Keepalive) -> bool {
         let sessions = self.gw.sessions();
         let sid = &self.info.session_id;
-        if self.expires_at.is_some_and(|exp| unix_now() >= exp) {
+        if self.expires_at.is_some_and(|exp| unix_now() >= exp.get()) {
             sessions.close_session(sid, close::TOKEN_EXPIRED, "token expired");
             return false;
         }
@@ -556,17 +564,22 @@ impl Connection {
                 msg = self.socket.next() => msg,
             };
             keepalive.missed = 0;
-            let text = match msg {
-                Some(Ok(Message::Text(t))) => t,
+            // The frame is read and decoded without an await, so neither it
+            // nor its decoded form is part of every idle socket's state;
+            // what must wait (an answer into a full queue, a subscription)
+            // comes back boxed.
+            let wait = match msg {
+                Some(Ok(Message::Text(text))) => match self.on_text(&text) {
+                    Some(wait) => wait,
+                    None => continue,
+                },
                 Some(Ok(Message::Binary(_))) => {
                     self.gw.metrics().frame_in("binary");
-                    self.reply(ServerFrame::error(
+                    self.reply_then(ServerFrame::error(
                         ErrorName::InvalidMessage,
                         "binary frames are not supported; send JSON text frames",
                         None,
                     ))
-                    .await;
-                    continue;
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | None => break,
@@ -575,13 +588,6 @@ impl Connection {
                     tracing::debug!(error = %e, "websocket read error");
                     break;
                 }
-            };
-            // The frame is read and decoded without an await, so its
-            // decoded form is not part of every idle socket's state; what
-            // must wait (an answer into a full queue, a subscription) comes
-            // back boxed.
-            let Some(wait) = self.on_text(&text) else {
-                continue;
             };
             match wait.await {
                 After::Read => {}
@@ -705,16 +711,17 @@ impl Connection {
     /// timer among it), not every idle one.
     fn write(&mut self, first: Out) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            if self.write_failed {
+            if self.socket.is_broken() {
                 return false;
             }
             let write = write_batch(&mut self.socket, &self.outbox, first);
-            let written = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
-            if !matches!(written, Ok(Ok(()))) {
-                self.write_failed = true;
+            // Failed or timed out, the socket is broken: nothing more is
+            // written to it.
+            let _ = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
+            if self.socket.is_broken() {
                 self.outbox.close(close::NORMAL, "closed");
             }
-            !self.write_failed
+            !self.socket.is_broken()
         })
     }
 
@@ -730,7 +737,7 @@ impl Connection {
             }
         }
         let timeout = self.gw.limits().write_timeout;
-        if !self.write_failed {
+        if !self.socket.is_broken() {
             let (code, why) = self
                 .outbox
                 .close_reason()
@@ -754,7 +761,7 @@ impl Connection {
                 info.roles = id.roles;
                 info.username = id.username;
                 self.context = SessionContext::new(id.token.as_deref());
-                self.expires_at = id.expires_at;
+                self.expires_at = expiry(id.expires_at);
                 self.narrow_subscriptions(
                     "the roles of the new token do not allow these subscriptions",
                 )
@@ -1057,5 +1064,22 @@ impl Responder {
             },
         };
         frame.to_json().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_keeps_its_second_and_zero_is_long_past() {
+        assert_eq!(expiry(None), None);
+        assert_eq!(expiry(Some(0)).map(NonZeroU64::get), Some(1));
+        assert_eq!(expiry(Some(1)).map(NonZeroU64::get), Some(1));
+        assert_eq!(
+            expiry(Some(1_900_000_000)).map(NonZeroU64::get),
+            Some(1_900_000_000)
+        );
+        assert_eq!(expiry(Some(u64::MAX)).map(NonZeroU64::get), Some(u64::MAX));
     }
 }
