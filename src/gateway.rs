@@ -259,6 +259,13 @@ impl GatewayBuilder {
             g.background_stop.clone(),
         ));
         g.background.spawn(heartbeat(gateway.clone()));
+        // Pings and token expiry for every socket, until the sessions are
+        // closed.
+        g.background.spawn(crate::keepalive::run(
+            g.hub.sessions().clone(),
+            g.hub.settings().limits.ping_interval,
+            g.closed.clone(),
+        ));
         if let Some(queue) = g.hub.take_lifecycle_queue() {
             // Until the sessions are closed (their `disconnected` events
             // are queued by then), then what is left, briefly.

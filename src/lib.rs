@@ -23,6 +23,7 @@ mod gateway;
 mod history;
 mod hooks;
 mod hub;
+mod keepalive;
 mod lifecycle;
 mod mesh;
 mod mesh_api;

@@ -1,5 +1,9 @@
 //! A session's outbound queue: bounded in frames and in bytes, plus the
-//! session's close signal and close reason, in one small allocation.
+//! session's close signal and close reason, and its liveness (pings gone
+//! unanswered, when its token expires), in one small allocation. The
+//! registry and the connection both hold it: the gateway's keepalive pass
+//! (`keepalive`) reads the liveness through the registry, the connection
+//! writes it, and no socket needs a timer of its own.
 //!
 //! Why not `tokio::sync::mpsc` with a `CancellationToken`: a bounded tokio
 //! channel allocates its first block of 32 slots and two cache-padded halves
@@ -15,6 +19,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
@@ -55,6 +60,19 @@ struct Shared {
     /// Bytes queued at most (4 GiB at most); one frame larger than this is
     /// still taken into an empty queue, so no frame is undeliverable.
     max_bytes: u32,
+    /// Pings sent since the client was last heard from.
+    missed: AtomicU8,
+    /// When the session's token expires (Unix seconds); 0 for never.
+    expires_at: AtomicU64,
+}
+
+/// What a keepalive look at a session found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    /// Pinged (again).
+    Pinged,
+    /// It left `max_missed` pings unanswered: dead.
+    Dead,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +121,8 @@ impl Outbox {
             consumer: AtomicWaker::new(),
             capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
             max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+            missed: AtomicU8::new(0),
+            expires_at: AtomicU64::new(0),
         }))
     }
 
@@ -205,6 +225,39 @@ impl Outbox {
         })
     }
 
+    /// The client was heard from (any frame answers a ping).
+    pub(crate) fn heard(&self) {
+        // Read first: a busy socket does not write the shared line per frame.
+        if self.0.missed.load(Relaxed) != 0 {
+            self.0.missed.store(0, Relaxed);
+        }
+    }
+
+    /// Ping the client, unless it left `max_missed` pings unanswered.
+    pub(crate) fn keepalive(&self, max_missed: u8) -> Liveness {
+        let missed = self.0.missed.load(Relaxed);
+        if missed >= max_missed {
+            return Liveness::Dead;
+        }
+        self.0.missed.store(missed + 1, Relaxed);
+        self.ping();
+        Liveness::Pinged
+    }
+
+    /// The session's token expires at `exp` (Unix seconds); `None`: never.
+    pub(crate) fn set_expiry(&self, exp: Option<u64>) {
+        // 0 means never: an `exp` of 0 is long past, as 1 is.
+        self.0
+            .expires_at
+            .store(exp.map_or(0, |e| e.max(1)), Relaxed);
+    }
+
+    /// Whether the session's token has expired by `now` (Unix seconds).
+    pub(crate) fn expired(&self, now: u64) -> bool {
+        let exp = self.0.expires_at.load(Relaxed);
+        exp != 0 && now >= exp
+    }
+
     /// Close the session. The first reason given is kept; returns whether
     /// this call closed it.
     pub(crate) fn close(&self, code: u16, reason: &str) -> bool {
@@ -253,6 +306,32 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_is_pinged_until_it_misses_too_many_and_a_frame_forgives() {
+        let o = Outbox::new(4);
+        assert_eq!(o.keepalive(2), Liveness::Pinged);
+        assert_eq!(o.keepalive(2), Liveness::Pinged);
+        assert_eq!(o.keepalive(2), Liveness::Dead);
+        assert_eq!(o.keepalive(2), Liveness::Dead, "and stays dead");
+        o.heard();
+        assert_eq!(o.keepalive(2), Liveness::Pinged);
+        assert_eq!(o.keepalive(0), Liveness::Dead);
+        assert_eq!(o.keepalive(u8::MAX), Liveness::Pinged, "no overflow");
+    }
+
+    #[test]
+    fn a_token_expires_at_its_second_and_zero_is_long_past() {
+        let o = Outbox::new(4);
+        assert!(!o.expired(u64::MAX), "no token expiry: never");
+        o.set_expiry(Some(100));
+        assert!(!o.expired(99));
+        assert!(o.expired(100));
+        o.set_expiry(Some(0));
+        assert!(o.expired(1));
+        o.set_expiry(None);
+        assert!(!o.expired(u64::MAX));
+    }
 
     #[tokio::test]
     async fn a_ping_goes_first_once_and_never_after_the_close() {

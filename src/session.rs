@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::{Liveness, Outbox, PushError};
 use crate::protocol::{SessionInfo, close};
 use crate::topic;
 
@@ -145,6 +145,23 @@ impl Inner {
             .get_key_value(user)
             .map_or_else(|| Id::from(user), |(k, _)| k.clone())
     }
+}
+
+/// What one keepalive tick did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Swept {
+    pub(crate) pinged: usize,
+    pub(crate) dead: usize,
+    pub(crate) expired: usize,
+}
+
+/// The keepalive bucket of a session: its (random) id folded, so each tick
+/// pings its share of the sessions and no tick all of them.
+fn bucket_of(session_id: &str, buckets: u64) -> u64 {
+    let folded = session_id
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    folded % buckets.max(1)
 }
 
 /// The registry. Cheap to clone; clones share the sessions.
@@ -701,6 +718,47 @@ impl Sessions {
         entries.len()
     }
 
+    /// One keepalive tick (`keepalive`): close every session whose token
+    /// has expired by `now` (Unix seconds); of the sessions in `bucket` of
+    /// `buckets` (spread by session id), close those that left `max_missed`
+    /// pings unanswered and ping the others. The registry is locked only to
+    /// pick them; they are closed and pinged after.
+    pub(crate) fn sweep(&self, bucket: u64, buckets: u64, now: u64, max_missed: u8) -> Swept {
+        let buckets = buckets.max(1);
+        let mut expired = Vec::new();
+        let mut due = Vec::new();
+        {
+            let inner = self.lock();
+            for entry in inner.sessions.values() {
+                if entry.outbox.expired(now) {
+                    expired.push(entry.outbox.clone());
+                } else if bucket_of(&entry.session_id, buckets) == bucket % buckets {
+                    due.push(entry.outbox.clone());
+                }
+            }
+        }
+        let mut swept = Swept::default();
+        for outbox in expired {
+            if outbox.close(close::TOKEN_EXPIRED, "token expired") {
+                swept.expired += 1;
+            }
+        }
+        for outbox in due {
+            match outbox.keepalive(max_missed) {
+                Liveness::Pinged => swept.pinged += 1,
+                Liveness::Dead => {
+                    if outbox.close(close::NO_PONG, "no pong") {
+                        swept.dead += 1;
+                        if let Some(m) = &self.metrics {
+                            m.dead_socket_closed();
+                        }
+                    }
+                }
+            }
+        }
+        swept
+    }
+
     pub fn close_all(&self, code: u16, reason: &str) -> usize {
         let all: Vec<Arc<Entry>> = self.lock().sessions.values().cloned().collect();
         all.iter().for_each(|e| e.close(code, reason));
@@ -764,6 +822,53 @@ mod tests {
         std::iter::from_fn(|| o.try_pop())
             .map(|m| m.to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_keepalive_round_pings_each_session_once_and_closes_the_dead_and_expired() {
+        let s = Sessions::new(8);
+        let sessions: Vec<(SessionGuard, Outbox)> = (0..40)
+            .map(|i| {
+                add(
+                    &s,
+                    &uuid::Uuid::new_v4().simple().to_string(),
+                    &format!("u{i}"),
+                )
+            })
+            .collect();
+        sessions[0].1.set_expiry(Some(1_000));
+        sessions[1].1.set_expiry(Some(2_000));
+        let buckets = 4;
+        let mut pinged = 0;
+        for bucket in 0..buckets {
+            let swept = s.sweep(bucket, buckets, 1_500, 2);
+            pinged += swept.pinged;
+            assert_eq!(swept.expired, usize::from(bucket == 0), "expired once");
+            assert_eq!(swept.dead, 0);
+        }
+        assert_eq!(pinged, 39, "all but the expired one, once each");
+        assert_eq!(
+            sessions[0].1.close_reason().map(|r| r.code),
+            Some(close::TOKEN_EXPIRED)
+        );
+        assert!(sessions[1].1.close_reason().is_none());
+        // A client that answers stays; one that does not is closed in the
+        // round after its second ping.
+        sessions[2].1.heard();
+        let second: usize = (0..buckets)
+            .map(|b| s.sweep(b, buckets, 1_500, 2).pinged)
+            .sum();
+        assert_eq!(second, 39);
+        sessions[2].1.heard();
+        let dead: usize = (0..buckets)
+            .map(|b| s.sweep(b, buckets, 1_500, 2).dead)
+            .sum();
+        assert_eq!(dead, 38, "every silent session, and not the one heard");
+        assert!(sessions[2].1.close_reason().is_none());
+        assert_eq!(
+            sessions[3].1.close_reason().map(|r| r.code),
+            Some(close::NO_PONG)
+        );
     }
 
     #[test]

@@ -10,9 +10,8 @@
 //! the runtime woke its other worker thread to take the second task. The
 //! socket itself (`socket`) is built for that one task.
 
-use std::num::NonZeroU64;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
@@ -27,7 +26,7 @@ use sync_wrapper::SyncWrapper;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::auth::{Identity, unix_now};
+use crate::auth::Identity;
 use crate::budget::ReadBudget;
 use crate::calls::{Answer, Caller};
 use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
@@ -291,12 +290,13 @@ async fn open(opening: Opening) -> Option<Live> {
         position: None,
     };
     let _ = outbox.try_push(hello.to_json().into());
+    // The keepalive pass closes the session once its token expires.
+    outbox.set_expiry(expires_at);
 
     let conn = Connection {
         gw,
         info,
         context,
-        expires_at: expiry(expires_at),
         outbox,
         socket,
         calls: SyncWrapper::new(None),
@@ -313,7 +313,8 @@ async fn open(opening: Opening) -> Option<Live> {
 /// with one vectored write: one syscall for many responses when calls
 /// complete together.
 async fn write_batch(socket: &mut Socket, outbox: &Outbox, first: Out) -> std::io::Result<()> {
-    let mut batch = Batch::default();
+    // Room for a few frames: most batches are one answer or a handful.
+    let mut batch = Batch::with_capacity(8);
     match first {
         Out::Frame(frame) => batch.text(frame),
         Out::Ping => batch.ping(),
@@ -434,7 +435,6 @@ struct Connection {
     /// (forwarded to services as `Authorization`); and when the token
     /// expires (who it names is in `info`).
     context: SessionContext,
-    expires_at: Option<NonZeroU64>,
     outbox: Outbox,
     /// The socket, read and written by this connection's task alone (not
     /// split: a split socket is shared behind a lock).
@@ -452,99 +452,25 @@ struct Connection {
     span: Option<Box<SocketSpan>>,
 }
 
-/// When a token expires, in one word: an `exp` of 0 (long past) as 1.
-fn expiry(exp: Option<u64>) -> Option<NonZeroU64> {
-    exp.map(|e| NonZeroU64::MIN.saturating_add(e.saturating_sub(1)))
-}
-
-/// The longest the connection timer sleeps: an absurd `exp` (years ahead)
-/// re-arms it daily instead of overflowing an `Instant`.
-const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
-
-/// When the token expiry should be looked at next.
-fn expiry_check(expires_at: Option<NonZeroU64>, now: Instant) -> Option<Instant> {
-    let left = expires_at?.get().saturating_sub(unix_now());
-    Some(now + Duration::from_secs(left).min(MAX_TIMER))
-}
-
 /// What the loop does once a frame's work is done.
 enum After {
     /// Read the next frame.
     Read,
-    /// The token changed: look at the timer again, then read.
-    Rearm,
     /// The connection is to end.
     End,
 }
 
-/// Keepalive state: when the next ping is due and how many went
-/// unanswered (any frame from the client counts as an answer).
-struct Keepalive {
-    next_ping: Instant,
-    missed: u8,
-}
-
-/// Pings a client may leave unanswered before it is taken for dead.
-const MAX_MISSED_PINGS: u8 = 2;
-
 impl Connection {
-    /// The next moment the timer must wake: the next ping or the token
-    /// expiry check, whichever comes first.
-    fn next_wake(&self, keepalive: &Keepalive, now: Instant) -> Instant {
-        match expiry_check(self.expires_at, now) {
-            Some(at) => at.min(keepalive.next_ping),
-            None => keepalive.next_ping,
-        }
-    }
-
-    /// The timer fired: close an expired session or a dead one, or ping.
-    /// False once the connection is to end.
-    fn on_timer(&mut self, keepalive: &mut Keepalive) -> bool {
-        let sessions = self.gw.sessions();
-        let sid = &self.info.session_id;
-        if self.expires_at.is_some_and(|exp| unix_now() >= exp.get()) {
-            sessions.close_session(sid, close::TOKEN_EXPIRED, "token expired");
-            return false;
-        }
-        let now = Instant::now();
-        if now >= keepalive.next_ping {
-            if keepalive.missed >= MAX_MISSED_PINGS {
-                self.gw.metrics().dead_socket_closed();
-                sessions.close_session(sid, close::NO_PONG, "no pong");
-                return false;
-            }
-            keepalive.missed += 1;
-            self.outbox.ping();
-            keepalive.next_ping = now + self.gw.limits().ping_interval;
-        }
-        true
-    }
-
     /// Read frames, run calls and write the outbound queue until the
-    /// session ends. In each turn, in this order: the timer, the calls that
-    /// finished (their answers queued), the queue written (one flush for
+    /// session ends. In each turn, in this order: the calls that finished (their answers queued), the queue written (one flush for
     /// all that is queued) or the session's close, then the next client
     /// frame.
     /// Writing before reading is the backpressure: a client that does not
     /// read its answers is not read either.
     async fn serve(&mut self) {
-        let now = Instant::now();
-        let mut keepalive = Keepalive {
-            next_ping: now + self.gw.limits().ping_interval,
-            missed: 0,
-        };
-        let timer = tokio::time::sleep_until(self.next_wake(&keepalive, now));
-        tokio::pin!(timer);
         loop {
             let msg = tokio::select! {
                 biased;
-                _ = &mut timer => {
-                    if !self.on_timer(&mut keepalive) {
-                        break;
-                    }
-                    timer.as_mut().reset(self.next_wake(&keepalive, Instant::now()));
-                    continue;
-                }
                 Some((answer, call)) = next_call(calls_mut(&mut self.calls)) => {
                     self.reply_bytes(answer).await;
                     drop(call);
@@ -563,7 +489,8 @@ impl Connection {
                 },
                 msg = self.socket.next() => msg,
             };
-            keepalive.missed = 0;
+            // Any frame answers the keepalive's pings.
+            self.outbox.heard();
             // The frame is read and decoded without an await, so neither it
             // nor its decoded form is part of every idle socket's state;
             // what must wait (an answer into a full queue, a subscription)
@@ -589,14 +516,8 @@ impl Connection {
                     break;
                 }
             };
-            match wait.await {
-                After::Read => {}
-                After::Rearm => {
-                    timer
-                        .as_mut()
-                        .reset(self.next_wake(&keepalive, Instant::now()));
-                }
-                After::End => break,
+            if let After::End = wait.await {
+                break;
             }
         }
         // Requests still running finish (their answers go nowhere) or are
@@ -645,7 +566,7 @@ impl Connection {
                 self.gw.metrics().frame_in("authenticate");
                 Some(Box::pin(async move {
                     if self.reauthenticate(&a.token).await {
-                        After::Rearm
+                        After::Read
                     } else {
                         After::End
                     }
@@ -761,7 +682,7 @@ impl Connection {
                 info.roles = id.roles;
                 info.username = id.username;
                 self.context = SessionContext::new(id.token.as_deref());
-                self.expires_at = expiry(id.expires_at);
+                self.outbox.set_expiry(id.expires_at);
                 self.narrow_subscriptions(
                     "the roles of the new token do not allow these subscriptions",
                 )
@@ -1064,22 +985,5 @@ impl Responder {
             },
         };
         frame.to_json().into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_expiry_keeps_its_second_and_zero_is_long_past() {
-        assert_eq!(expiry(None), None);
-        assert_eq!(expiry(Some(0)).map(NonZeroU64::get), Some(1));
-        assert_eq!(expiry(Some(1)).map(NonZeroU64::get), Some(1));
-        assert_eq!(
-            expiry(Some(1_900_000_000)).map(NonZeroU64::get),
-            Some(1_900_000_000)
-        );
-        assert_eq!(expiry(Some(u64::MAX)).map(NonZeroU64::get), Some(u64::MAX));
     }
 }

@@ -78,8 +78,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Sockets one user may hold; past it, HTTP 429 before the upgrade.
     pub max_connections_per_user: usize,
-    /// How often an idle socket is pinged; one that answers neither two
-    /// pings nor with any frame is closed with 1011.
+    /// How often each socket is pinged (one gateway task pings them, spread
+    /// over the interval); one that answers neither two pings nor with any
+    /// frame is closed with 1011.
     #[serde(rename = "ping_interval_ms", with = "millis")]
     pub ping_interval: Duration,
     /// Subscription patterns one socket may hold.
