@@ -35,14 +35,6 @@ use crate::ws::{Opening, SocketSpan, connection};
 /// the connection stays; above this the connection is dropped.
 const HARD_FRAME_FACTOR: usize = 4;
 
-/// Frames a connection gathers before it writes them out: it feeds a batch
-/// of frames and flushes once, and up to this many bytes go
-/// out in one `sendto` (at 0, tungstenite writes every frame on its own:
-/// one syscall per response). The buffer keeps its capacity, so a socket
-/// that once sent a large batch holds up to about twice this; an idle
-/// socket that only sent small frames holds only their size.
-const WRITE_COALESCE_BYTES: usize = 8 * 1024;
-
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     access_token: Option<String>,
@@ -365,10 +357,7 @@ async fn ws_upgrade(
         }
     };
     let limits = gw.limits();
-    let (read_buffer, hard_cap) = (
-        limits.read_buffer_bytes,
-        limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR),
-    );
+    let hard_cap = limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR);
     // What it may send before it authenticates, from the upgrade on.
     let budget = match unauthenticated {
         Some(_) => ReadBudget::of(BEFORE_AUTH),
@@ -376,9 +365,10 @@ async fn ws_upgrade(
     };
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let span = SocketSpan::begin(gw.hub().spans(), traceparent);
+    // tungstenite writes only pongs and the close handshake (the gateway's
+    // frames are the socket's own, `socket`): at once, each.
     let config = WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
-        .write_buffer_size(WRITE_COALESCE_BYTES)
+        .write_buffer_size(0)
         .max_message_size(Some(hard_cap))
         .max_frame_size(Some(hard_cap));
     let tasks = gw.tasks().clone();

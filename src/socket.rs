@@ -20,6 +20,13 @@
 //! write timed out) breaks the stream for good: every later write fails at
 //! once.
 //!
+//! Reading: tungstenite keeps a buffer of its own for the frame it is
+//! assembling, allocated when the socket opens and kept for its life; it
+//! is given [`FRAME_BUFFER`] bytes, not the read size. What comes from the
+//! TCP stream is read `read_buffer_bytes` at a time into a buffer of ours
+//! that exists only while it holds unread bytes: an idle socket holds no
+//! read buffer, and a busy one still reads in large syscalls.
+//!
 //! Before a socket says who it is, what it may send in all is its
 //! [`ReadBudget`]: each read is cut to what is left.
 
@@ -28,9 +35,10 @@ use std::io::{self, IoSlice, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, BufMut, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{
@@ -39,6 +47,11 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 
 use crate::budget::ReadBudget;
+
+/// tungstenite's own buffer, which every socket keeps: the most it takes
+/// from our read buffer at once (a frame larger than this grows it for the
+/// time it takes to read).
+pub(crate) const FRAME_BUFFER: usize = 256;
 
 /// Frames written with one vectored write, at most: two slices each.
 pub(crate) const MAX_BATCH: usize = 64;
@@ -161,23 +174,68 @@ impl Batch {
 struct Io<'a, 'b> {
     tcp: &'a mut TcpStream,
     cx: &'a mut Context<'b>,
-    budget: &'a mut ReadBudget,
+    read: &'a mut ReadAhead,
     broken: bool,
+}
+
+/// What was read from the stream and not yet taken by tungstenite, and
+/// what may still be read.
+struct ReadAhead {
+    /// Empty, it holds no memory.
+    unread: BytesMut,
+    /// Bytes read from the stream at once, at most.
+    chunk: u32,
+    budget: ReadBudget,
+}
+
+impl Io<'_, '_> {
+    /// Read from the stream into `unread` (empty): at most a chunk, cut to
+    /// the budget. `WouldBlock` (the waker registered) when there is
+    /// nothing; `unread` stays empty at the stream's end.
+    fn fill(&mut self) -> io::Result<()> {
+        let read = &mut *self.read;
+        let allowed = read.budget.allowed(read.chunk as usize)?;
+        read.unread.reserve(allowed);
+        loop {
+            match self
+                .tcp
+                .try_read_buf(&mut (&mut read.unread).limit(allowed))
+            {
+                Ok(n) => {
+                    read.budget.spend(n);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match self.tcp.poll_read_ready(self.cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(e)) => return Err(e),
+                        Poll::Pending => {
+                            // Nothing to read: hold no buffer while waiting.
+                            read.unread = BytesMut::new();
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 impl Read for Io<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let allowed = self.budget.allowed(buf.len())?;
-        let mut buf = ReadBuf::new(&mut buf[..allowed]);
-        match Pin::new(&mut *self.tcp).poll_read(self.cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len();
-                self.budget.spend(n);
-                Ok(n)
-            }
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        if self.read.unread.is_empty() {
+            self.fill()?;
         }
+        let unread = &mut self.read.unread;
+        let n = buf.len().min(unread.len());
+        buf[..n].copy_from_slice(&unread[..n]);
+        unread.advance(n);
+        if unread.is_empty() {
+            // All taken: the buffer goes back until the next read.
+            *unread = BytesMut::new();
+        }
+        Ok(n)
     }
 }
 
@@ -220,7 +278,7 @@ fn pending_or<T>(r: Result<T, Error>, closed: impl FnOnce() -> T) -> Poll<io::Re
 pub(crate) struct Socket {
     tcp: TcpStream,
     ws: WebSocketContext,
-    budget: ReadBudget,
+    read: ReadAhead,
     /// A write of ours failed or was left half done (the stream may be
     /// mid-frame): nothing more is written.
     broken: bool,
@@ -238,11 +296,13 @@ impl std::fmt::Debug for Socket {
 impl Socket {
     /// The WebSocket of a connection hyper upgraded: its TCP stream back
     /// from hyper, and what the client sent after its upgrade request
-    /// (read by hyper with it) first. `None` for a stream that is not a
-    /// plain TCP stream (the gateway serves no other).
+    /// (read by hyper with it) first. Reads take up to `read_chunk` bytes
+    /// from the stream at once. `None` for a stream that is not a plain TCP
+    /// stream (the gateway serves no other).
     pub(crate) fn upgraded(
         upgraded: Upgraded,
         config: WebSocketConfig,
+        read_chunk: usize,
         mut budget: ReadBudget,
     ) -> Option<Self> {
         let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
@@ -252,6 +312,7 @@ impl Socket {
             return None;
         }
         budget.spend(early.len());
+        let config = config.read_buffer_size(FRAME_BUFFER);
         let ws = if early.is_empty() {
             WebSocketContext::new(Role::Server, Some(config))
         } else {
@@ -260,14 +321,36 @@ impl Socket {
         Some(Self {
             tcp: parts.io.into_inner(),
             ws,
-            budget,
+            read: ReadAhead {
+                unread: BytesMut::new(),
+                chunk: u32::try_from(read_chunk.max(1)).unwrap_or(u32::MAX),
+                budget,
+            },
             broken: false,
         })
     }
 
+    /// A socket on a stream with no HTTP before it (tests).
+    #[cfg(test)]
+    fn on_tcp(tcp: TcpStream, read_chunk: usize, budget: ReadBudget) -> Self {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(FRAME_BUFFER)
+            .write_buffer_size(0);
+        Self {
+            tcp,
+            ws: WebSocketContext::new(Role::Server, Some(config)),
+            read: ReadAhead {
+                unread: BytesMut::new(),
+                chunk: u32::try_from(read_chunk).unwrap(),
+                budget,
+            },
+            broken: false,
+        }
+    }
+
     /// The socket authenticated: it may send what its limits allow.
     pub(crate) fn lift_budget(&mut self) {
-        self.budget.lift();
+        self.read.budget.lift();
     }
 
     /// Run `f` on tungstenite's context with the stream of this poll.
@@ -279,7 +362,7 @@ impl Socket {
         let mut io = Io {
             tcp: &mut self.tcp,
             cx,
-            budget: &mut self.budget,
+            read: &mut self.read,
             broken: self.broken,
         };
         f(&mut self.ws, &mut io)
@@ -319,9 +402,14 @@ impl Socket {
         if self.broken {
             return Err(broken());
         }
+        // What tungstenite holds first. Cancelled halfway, it keeps the
+        // rest and writes it before anything of ours next time.
+        if let Err(e) = poll_fn(|cx| self.poll_flush(cx)).await {
+            self.broken = true;
+            return Err(e);
+        }
         // Broken until the whole batch is written.
         self.broken = true;
-        poll_fn(|cx| self.poll_flush(cx)).await?;
         let total = batch.wire_len();
         let mut written = 0;
         poll_fn(|cx| {
@@ -478,6 +566,97 @@ mod tests {
         assert!(!batch.text("one too many".into()));
         assert!(!batch.ping());
         assert_eq!(batch.frames.len(), MAX_BATCH);
+    }
+
+    /// A server socket and a client's tungstenite stream on one TCP pair.
+    async fn pair(
+        read_chunk: usize,
+        budget: ReadBudget,
+    ) -> (Socket, tokio_tungstenite::WebSocketStream<TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let client = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            client.unwrap(),
+            Role::Client,
+            None,
+        )
+        .await;
+        (
+            Socket::on_tcp(server.unwrap().0, read_chunk, budget),
+            client,
+        )
+    }
+
+    #[tokio::test]
+    async fn frames_of_any_size_read_through_small_reads_and_an_idle_socket_holds_no_buffer() {
+        use futures_util::{SinkExt, StreamExt};
+        for chunk in [7, 256, 2048, 65_536] {
+            let (mut server, mut client) = pair(chunk, ReadBudget::UNLIMITED).await;
+            let sizes = [0usize, 1, 125, 126, 255, 256, 257, 4000, 70_000];
+            for n in sizes {
+                client
+                    .send(Message::Text("t".repeat(n).into()))
+                    .await
+                    .unwrap();
+                client
+                    .send(Message::Ping(vec![n as u8].into()))
+                    .await
+                    .unwrap();
+            }
+            for n in sizes {
+                let got = server.next().await.unwrap().unwrap();
+                assert_eq!(got, Message::Text("t".repeat(n).into()), "chunk {chunk}");
+                let ping = server.next().await.unwrap().unwrap();
+                assert_eq!(ping, Message::Ping(vec![n as u8].into()));
+            }
+            // Everything read: the read buffer is given back.
+            assert_eq!(server.read.unread.capacity(), 0, "chunk {chunk}");
+            // The pongs tungstenite queued, then frames of ours, arrive
+            // whole and in order.
+            let mut batch = Batch::default();
+            batch.text("after the pongs".into());
+            batch.ping();
+            server.write(&batch).await.unwrap();
+            for n in sizes {
+                let pong = client.next().await.unwrap().unwrap();
+                assert_eq!(pong, Message::Pong(vec![n as u8].into()), "chunk {chunk}");
+            }
+            let text = client.next().await.unwrap().unwrap();
+            assert_eq!(text, Message::Text("after the pongs".into()));
+            assert!(matches!(client.next().await, Some(Ok(Message::Ping(_)))));
+            // The client's close (after its pong to our ping, if it sent
+            // one), which tungstenite answers.
+            client.close(None).await.unwrap();
+            let mut close = server.next().await.unwrap().unwrap();
+            if let Message::Pong(_) = close {
+                close = server.next().await.unwrap().unwrap();
+            }
+            assert!(matches!(close, Message::Close(_)), "{close:?}");
+            server.finish().await.unwrap();
+            assert!(matches!(client.next().await, Some(Ok(Message::Close(_)))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_reads_no_more_than_its_budget() {
+        use futures_util::SinkExt;
+        let (mut server, mut client) = pair(2048, ReadBudget::of(1_000)).await;
+        // One frame within the budget is read.
+        client
+            .send(Message::Text("a".repeat(500).into()))
+            .await
+            .unwrap();
+        assert!(matches!(server.next().await, Some(Ok(Message::Text(_)))));
+        // A frame past what is left fails the read; nothing past it is
+        // taken from the stream.
+        client
+            .send(Message::Text("b".repeat(5_000).into()))
+            .await
+            .unwrap();
+        let err = server.next().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("before authenticating"), "{err}");
+        assert!(server.read.unread.len() <= 1_000);
     }
 
     proptest! {

@@ -216,7 +216,8 @@ async fn open(opening: Opening) -> Option<Live> {
             return None;
         }
     };
-    let Some(mut socket) = Socket::upgraded(upgraded, config, budget) else {
+    let read_chunk = gw.limits().read_buffer_bytes;
+    let Some(mut socket) = Socket::upgraded(upgraded, config, read_chunk, budget) else {
         tracing::debug!("the upgraded connection is not a TCP stream, or sent too much early");
         return None;
     };

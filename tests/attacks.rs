@@ -578,6 +578,59 @@ fn masked_text(payload: &str, key: [u8; 4]) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered_between_whole_frames_of_every_size() {
+    // The gateway writes its frames itself and tungstenite its pongs:
+    // pings sent between calls whose answers take each header form (7-bit,
+    // 16-bit and 64-bit lengths) are answered in order, and every answer
+    // arrives whole.
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = echo_gateway(|s| s.limits.max_frame_bytes = 300_000).await;
+    let url = format!("{}?access_token={}", gw.url(), token("pinger", &[], 300));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let sizes = [0usize, 100, 70_000, 5, 140_000, 65_000, 126];
+    for (i, n) in sizes.iter().enumerate() {
+        let call = json!({"type": "request", "payload": {"service": "echo", "method": "m",
+            "params": {"pad": "p".repeat(*n)}, "trace_id": format!("t{i}")}});
+        ws.send(Message::Text(call.to_string().into()))
+            .await
+            .unwrap();
+        ws.send(Message::Ping(format!("ping{i}").into_bytes().into()))
+            .await
+            .unwrap();
+    }
+    let mut pongs = Vec::new();
+    let mut answered = std::collections::BTreeMap::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while answered.len() < sizes.len() || pongs.len() < sizes.len() {
+            match ws.next().await.expect("the socket ended").unwrap() {
+                Message::Text(t) => {
+                    let frame: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if frame["type"] == "response" {
+                        let id = frame["payload"]["trace_id"].as_str().unwrap().to_owned();
+                        let pad = frame["payload"]["result"]["params"]["pad"]
+                            .as_str()
+                            .unwrap()
+                            .len();
+                        answered.insert(id, pad);
+                    }
+                }
+                Message::Pong(p) => pongs.push(String::from_utf8(p.to_vec()).unwrap()),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("answered {answered:?}, pongs {pongs:?}"));
+    let want_pongs: Vec<String> = (0..sizes.len()).map(|i| format!("ping{i}")).collect();
+    assert_eq!(pongs, want_pongs);
+    for (i, n) in sizes.iter().enumerate() {
+        assert_eq!(answered.get(&format!("t{i}")), Some(n), "{answered:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_sent_with_the_upgrade_request_are_read_and_answered() {
     // A client that does not wait for the 101: its first frames arrive
     // with the upgrade request, read by the HTTP server before the socket

@@ -66,10 +66,9 @@ pub struct Limits {
     /// How long one write to a client may take before the client is dropped.
     #[serde(rename = "write_timeout_ms", with = "millis")]
     pub write_timeout: Duration,
-    /// tungstenite's read buffer, which every socket keeps: the largest part
-    /// of an idle socket's memory. 2048 keeps an idle socket near 5 KiB;
-    /// larger values save a little CPU only on large client frames (about
-    /// 8% on 30 KB requests against 4096).
+    /// Bytes a socket reads from its TCP stream at once, into a buffer it
+    /// holds only while they are unread (an idle socket holds none): larger
+    /// values mean fewer syscalls for clients that send much at once.
     pub read_buffer_bytes: usize,
     /// How long a client has to send its HTTP request headers.
     #[serde(rename = "handshake_timeout_ms", with = "millis")]
