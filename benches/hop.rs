@@ -872,8 +872,11 @@ async fn run_gateway(
                     next += 1;
                 }
                 while lat.len() < per_ws {
-                    let Some(Ok(Message::Text(t))) = rx.next().await else {
-                        panic!("socket {s} ended");
+                    let t = match rx.next().await {
+                        Some(Ok(Message::Text(t))) => t,
+                        // A keepalive ping (answered by the stream).
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        other => panic!("socket {s} ended: {other:?}"),
                     };
                     let v: Value = serde_json::from_str(&t).unwrap();
                     assert!(v["payload"]["error"].is_null(), "{v}");

@@ -89,9 +89,12 @@ async fn client(url: String, svc: String, depth: usize, life: Duration, tally: A
             break;
         }
         let next = tokio::time::timeout(Duration::from_secs(60), rx.next()).await;
-        let Ok(Some(Ok(Message::Text(t)))) = next else {
+        let t = match next {
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            // A keepalive ping (the stream answers it).
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             // The socket ended or went silent: what is pending is lost.
-            return;
+            _ => return,
         };
         let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
         if v["type"] == "response" {

@@ -5,8 +5,9 @@
 //! a 896-byte block rather than a 768-byte one, and each socket woke on its
 //! own to ping. Here one tick (a second, or the ping interval if that is
 //! shorter) closes the sessions whose token has expired and pings the
-//! sessions of one bucket: each session once per ping interval, the
-//! buckets spread over it by session id, so no tick pings them all. A
+//! sessions of one bucket: each session once per ping interval (from its
+//! second round on: not as it opens), the buckets spread over it by
+//! session id, so no tick pings them all. A
 //! session that left [`MAX_MISSED_PINGS`] pings unanswered is closed (`no
 //! pong`); any frame from its client answers (the connection tells its
 //! outbox). The work of a tick is bounded by the sessions the registry

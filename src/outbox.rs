@@ -60,15 +60,22 @@ struct Shared {
     /// Bytes queued at most (4 GiB at most); one frame larger than this is
     /// still taken into an empty queue, so no frame is undeliverable.
     max_bytes: u32,
-    /// Pings sent since the client was last heard from.
+    /// Pings sent since the client was last heard from; [`NEW`] until the
+    /// keepalive first looks at the session.
     missed: AtomicU8,
     /// When the session's token expires (Unix seconds); 0 for never.
     expires_at: AtomicU64,
 }
 
+/// `missed` of a session the keepalive has not looked at yet: it is not
+/// pinged in the round it opened in.
+const NEW: u8 = u8::MAX;
+
 /// What a keepalive look at a session found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Liveness {
+    /// Its first look: pinged from the next round on.
+    New,
     /// Pinged (again).
     Pinged,
     /// It left `max_missed` pings unanswered: dead.
@@ -121,7 +128,7 @@ impl Outbox {
             consumer: AtomicWaker::new(),
             capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
             max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
-            missed: AtomicU8::new(0),
+            missed: AtomicU8::new(NEW),
             expires_at: AtomicU64::new(0),
         }))
     }
@@ -233,9 +240,14 @@ impl Outbox {
         }
     }
 
-    /// Ping the client, unless it left `max_missed` pings unanswered.
+    /// Ping the client, unless it left `max_missed` pings unanswered (or
+    /// this is the keepalive's first look at it).
     pub(crate) fn keepalive(&self, max_missed: u8) -> Liveness {
         let missed = self.0.missed.load(Relaxed);
+        if missed == NEW {
+            self.0.missed.store(0, Relaxed);
+            return Liveness::New;
+        }
         if missed >= max_missed {
             return Liveness::Dead;
         }
@@ -310,6 +322,8 @@ mod tests {
     #[test]
     fn a_session_is_pinged_until_it_misses_too_many_and_a_frame_forgives() {
         let o = Outbox::new(4);
+        assert_eq!(o.keepalive(2), Liveness::New, "not pinged as it opens");
+        assert!(o.try_pop().is_none());
         assert_eq!(o.keepalive(2), Liveness::Pinged);
         assert_eq!(o.keepalive(2), Liveness::Pinged);
         assert_eq!(o.keepalive(2), Liveness::Dead);
@@ -317,7 +331,7 @@ mod tests {
         o.heard();
         assert_eq!(o.keepalive(2), Liveness::Pinged);
         assert_eq!(o.keepalive(0), Liveness::Dead);
-        assert_eq!(o.keepalive(u8::MAX), Liveness::Pinged, "no overflow");
+        assert_eq!(o.keepalive(u8::MAX - 1), Liveness::Pinged, "no overflow");
     }
 
     #[test]

@@ -745,6 +745,7 @@ impl Sessions {
         }
         for outbox in due {
             match outbox.keepalive(max_missed) {
+                Liveness::New => {}
                 Liveness::Pinged => swept.pinged += 1,
                 Liveness::Dead => {
                     if outbox.close(close::NO_PONG, "no pong") {
@@ -839,6 +840,9 @@ mod tests {
         sessions[0].1.set_expiry(Some(1_000));
         sessions[1].1.set_expiry(Some(2_000));
         let buckets = 4;
+        // The first round looks at each session and pings none.
+        let first: usize = (0..buckets).map(|b| s.sweep(b, buckets, 0, 2).pinged).sum();
+        assert_eq!(first, 0);
         let mut pinged = 0;
         for bucket in 0..buckets {
             let swept = s.sweep(bucket, buckets, 1_500, 2);
