@@ -49,8 +49,9 @@ use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 use crate::budget::ReadBudget;
 
 /// tungstenite's own buffer, which every socket keeps: the most it takes
-/// from our read buffer at once (a frame larger than this grows it for the
-/// time it takes to read).
+/// from our read buffer at once. A larger frame grows it to the frame's
+/// size, and it may keep that capacity afterwards (the memory a socket
+/// that sent large frames holds, as before).
 pub(crate) const FRAME_BUFFER: usize = 256;
 
 /// Frames written with one vectored write, at most: two slices each.
