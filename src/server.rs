@@ -24,7 +24,6 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::auth::handshake_token;
-use crate::budget::{BEFORE_AUTH, ReadBudget};
 use crate::gateway::Gateway;
 use crate::session::Crowded;
 use crate::upgrade;
@@ -358,17 +357,10 @@ async fn ws_upgrade(
     };
     let limits = gw.limits();
     let hard_cap = limits.max_frame_bytes.saturating_mul(HARD_FRAME_FACTOR);
-    // What it may send before it authenticates, from the upgrade on.
-    let budget = match unauthenticated {
-        Some(_) => ReadBudget::of(BEFORE_AUTH),
-        None => ReadBudget::UNLIMITED,
-    };
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let span = SocketSpan::begin(gw.hub().spans(), traceparent);
-    // tungstenite writes only pongs and the close handshake (the gateway's
-    // frames are the socket's own, `socket`): at once, each.
+    // The frame caps; the socket sets tungstenite's buffers (`socket`).
     let config = WebSocketConfig::default()
-        .write_buffer_size(0)
         .max_message_size(Some(hard_cap))
         .max_frame_size(Some(hard_cap));
     let tasks = gw.tasks().clone();
@@ -376,7 +368,6 @@ async fn ws_upgrade(
         gw,
         upgrade: on_upgrade,
         config,
-        budget,
         identity,
         admission,
         unauthenticated,

@@ -257,6 +257,13 @@ impl Write for Io<'_, '_> {
     }
 }
 
+/// tungstenite's buffers as this socket uses them: [`FRAME_BUFFER`] to
+/// read into, and no write buffer (it writes only pongs and the close
+/// handshake, each at once; the gateway's frames are ours).
+fn own_buffers(config: WebSocketConfig) -> WebSocketConfig {
+    config.read_buffer_size(FRAME_BUFFER).write_buffer_size(0)
+}
+
 fn broken() -> io::Error {
     io::Error::new(
         io::ErrorKind::BrokenPipe,
@@ -313,14 +320,18 @@ impl Socket {
             return None;
         }
         budget.spend(early.len());
-        let config = config.read_buffer_size(FRAME_BUFFER);
+        let config = Some(own_buffers(config));
         let ws = if early.is_empty() {
-            WebSocketContext::new(Role::Server, Some(config))
+            WebSocketContext::new(Role::Server, config)
         } else {
-            WebSocketContext::from_partially_read(early.to_vec(), Role::Server, Some(config))
+            WebSocketContext::from_partially_read(early.to_vec(), Role::Server, config)
         };
-        Some(Self {
-            tcp: parts.io.into_inner(),
+        Some(Self::new(parts.io.into_inner(), ws, read_chunk, budget))
+    }
+
+    fn new(tcp: TcpStream, ws: WebSocketContext, read_chunk: usize, budget: ReadBudget) -> Self {
+        Self {
+            tcp,
             ws,
             read: ReadAhead {
                 unread: BytesMut::new(),
@@ -328,25 +339,15 @@ impl Socket {
                 budget,
             },
             broken: false,
-        })
+        }
     }
 
     /// A socket on a stream with no HTTP before it (tests).
     #[cfg(test)]
     fn on_tcp(tcp: TcpStream, read_chunk: usize, budget: ReadBudget) -> Self {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(FRAME_BUFFER)
-            .write_buffer_size(0);
-        Self {
-            tcp,
-            ws: WebSocketContext::new(Role::Server, Some(config)),
-            read: ReadAhead {
-                unread: BytesMut::new(),
-                chunk: u32::try_from(read_chunk).unwrap(),
-                budget,
-            },
-            broken: false,
-        }
+        let config = own_buffers(WebSocketConfig::default());
+        let ws = WebSocketContext::new(Role::Server, Some(config));
+        Self::new(tcp, ws, read_chunk, budget)
     }
 
     /// The socket authenticated: it may send what its limits allow.

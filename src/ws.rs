@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::Identity;
-use crate::budget::ReadBudget;
+use crate::budget::{BEFORE_AUTH, ReadBudget};
 use crate::calls::{Answer, Caller};
 use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
 use crate::gateway::{CallGuard, Gateway};
@@ -121,8 +121,6 @@ pub(crate) struct Opening {
     /// The upgrade is done once the `101` is written.
     pub(crate) upgrade: OnUpgrade,
     pub(crate) config: WebSocketConfig,
-    /// What it may send before it authenticates.
-    pub(crate) budget: ReadBudget,
     /// Who the token of the upgrade request named, if it had one.
     pub(crate) identity: Option<Identity>,
     pub(crate) admission: Admission,
@@ -203,7 +201,6 @@ async fn open(opening: Opening) -> Option<Live> {
         gw,
         upgrade,
         config,
-        budget,
         identity,
         admission,
         unauthenticated,
@@ -215,6 +212,11 @@ async fn open(opening: Opening) -> Option<Live> {
             tracing::debug!(error = %e, "the upgrade failed");
             return None;
         }
+    };
+    // What it may send before it authenticates, from the upgrade on.
+    let budget = match unauthenticated {
+        Some(_) => ReadBudget::of(BEFORE_AUTH),
+        None => ReadBudget::UNLIMITED,
     };
     let read_chunk = gw.limits().read_buffer_bytes;
     let Some(mut socket) = Socket::upgraded(upgraded, config, read_chunk, budget) else {
@@ -433,8 +435,8 @@ struct Connection {
     /// without a copy per call.
     info: Arc<SessionInfo>,
     /// The mesh context of this session's calls, with the bearer token
-    /// (forwarded to services as `Authorization`); and when the token
-    /// expires (who it names is in `info`).
+    /// (forwarded to services as `Authorization`). Who it names is in
+    /// `info`; when it expires, in the outbox (`keepalive` closes it).
     context: SessionContext,
     outbox: Outbox,
     /// The socket, read and written by this connection's task alone (not
@@ -463,7 +465,8 @@ enum After {
 
 impl Connection {
     /// Read frames, run calls and write the outbound queue until the
-    /// session ends. In each turn, in this order: the calls that finished (their answers queued), the queue written (one flush for
+    /// session ends. In each turn, in this order: the calls that finished
+    /// (their answers queued), the queue written (one vectored write for
     /// all that is queued) or the session's close, then the next client
     /// frame.
     /// Writing before reading is the backpressure: a client that does not
