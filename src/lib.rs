@@ -18,6 +18,7 @@ mod compose;
 mod config;
 mod dispatch;
 mod error;
+mod frame;
 mod frontend;
 mod gateway;
 mod history;

@@ -26,6 +26,7 @@ use crate::hub::Hub;
 use crate::mesh::{
     BoxFuture, IncomingEvent, IncomingRequest, MeshError, MeshHandler, unknown_method,
 };
+use crate::outbox::Flush;
 use crate::protocol::{ErrorBody, RawJson, ServerFrame, close};
 use crate::recovery;
 use crate::routing::Delivery;
@@ -409,25 +410,28 @@ impl BffService {
     }
 
     /// Apply a push to this instance's sockets; how many it reached.
-    fn apply(&self, push: &Push) -> u64 {
+    async fn apply(&self, push: &Push) -> u64 {
         let sessions = self.hub.sessions();
         let metrics = self.hub.metrics();
+        let mut flush = Flush::default();
         let n = match push {
             Push::ToUsers {
                 users,
                 topic,
                 message,
-            } => sessions.send_to_users(
-                users,
-                event_frame(topic, RawJson::from_value(message), None),
-            ),
+            } => {
+                let frame = event_frame(topic, RawJson::from_value(message), None);
+                sessions.send_to_users_later(users, frame, &mut flush)
+            }
             Push::All { topic, message } => {
-                sessions.broadcast(event_frame(topic, RawJson::from_value(message), None))
+                let frame = event_frame(topic, RawJson::from_value(message), None);
+                sessions.broadcast_later(frame, &mut flush)
             }
             Push::Disconnect { users } => {
                 sessions.close_users(users, close::DISCONNECTED, "disconnected by the server")
             }
         };
+        flush.run().await;
         if !matches!(push, Push::Disconnect { .. }) {
             metrics.pushed(push.method(), n);
         }
@@ -471,7 +475,7 @@ impl BffService {
         let acks = sealed.as_ref().and_then(|_| self.cluster.gather(&id));
         let (Some(body), Some(mut acks)) = (sealed, acks) else {
             self.cluster.first_time(&id, Instant::now());
-            return local_only(self.apply(&push));
+            return local_only(self.apply(&push).await);
         };
         let expected: HashSet<String> = {
             let mut others = self.cluster.others(Instant::now());
@@ -483,7 +487,7 @@ impl BffService {
             tracing::debug!(error = %e, "push not fanned out; applied here only");
             self.cluster.done(&id);
             self.cluster.first_time(&id, Instant::now());
-            return local_only(self.apply(&push));
+            return local_only(self.apply(&push).await);
         }
         let answers = self.gather(&mut acks, &expected).await;
         self.cluster.done(&id);
@@ -596,7 +600,7 @@ impl BffService {
                 if !self.cluster.first_time(id, now) {
                     return;
                 }
-                let count = self.apply(&push);
+                let count = self.apply(&push).await;
                 let ack =
                     json!({"op": "ack", "id": id, "instance": self.cluster.me(), "count": count});
                 self.answer(origin, ack, "push ack").await;
@@ -700,23 +704,24 @@ impl BffService {
 
     /// Push a mesh event to the sessions its rule names, and keep it in
     /// the window of the event log (history read at start only goes
-    /// there). The window's lock is held while it is pushed, so a resume
-    /// switching from replay to live sees each event once.
-    fn fan_out(&self, event: IncomingEvent) {
+    /// there). The window's lock is held while it is queued, so a resume
+    /// switching from replay to live sees each event once; the frames are
+    /// written after, off the lock (the outboxes to write are handed back).
+    fn fan_out(&self, event: IncomingEvent) -> Flush {
         let hub = &self.hub;
         let routes = hub.routes();
         let (live, position) = (event.live, event.position);
         let named = tracing::enabled!(tracing::Level::DEBUG).then(|| event.topic.clone());
         let Some((rule, entry)) = recovery::entry_of(hub, &routes, event) else {
             tracing::debug!(topic = ?named, "mesh event matches no event rule (or the handler dropped it)");
-            return;
+            return Flush::default();
         };
         let mut log = hub.log();
         if position.is_some() && !log.push(entry.clone()) {
-            return;
+            return Flush::default();
         }
         if !live {
-            return;
+            return Flush::default();
         }
         let history::Entry {
             topic,
@@ -728,19 +733,24 @@ impl BffService {
         let sessions = hub.sessions();
         let target = target.as_deref();
         let at = position;
+        let mut flush = Flush::default();
+        let f = &mut flush;
         let n = match rule.delivery {
-            Delivery::All => sessions.deliver_event(topic, target, false, &rule.roles, frame, at),
+            Delivery::All => {
+                sessions.deliver_event(topic, target, false, &rule.roles, frame, at, f)
+            }
             Delivery::Target => match target {
-                Some(_) => sessions.deliver_event(topic, target, false, &rule.roles, frame, at),
+                Some(_) => sessions.deliver_event(topic, target, false, &rule.roles, frame, at, f),
                 None => 0,
             },
             Delivery::Subscribers => {
-                sessions.deliver_event(topic, target, true, &rule.roles, frame, at)
+                sessions.deliver_event(topic, target, true, &rule.roles, frame, at, f)
             }
         };
         drop(log);
         hub.metrics().pushed("event", n);
         tracing::debug!(topic, delivery = %rule.delivery, sessions = n, "mesh event pushed");
+        flush
     }
 }
 
@@ -809,8 +819,7 @@ impl MeshHandler for BffService {
     }
 
     fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
-        self.fan_out(event);
-        Box::pin(async {})
+        Box::pin(self.fan_out(event).run())
     }
 
     fn handle_log_live(&self, position: u64) -> BoxFuture<'_, ()> {

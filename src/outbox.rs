@@ -1,9 +1,22 @@
-//! A session's outbound queue: bounded in frames and in bytes, plus the
-//! session's close signal and close reason, and its liveness (pings gone
-//! unanswered, when its token expires), in one small allocation. The
-//! registry and the connection both hold it: the gateway's keepalive pass
-//! (`keepalive`) reads the liveness through the registry, the connection
-//! writes it, and no socket needs a timer of its own.
+//! A session's outbound side: its bounded queue (in frames and in bytes),
+//! the client's TCP stream and who may write to it next, the session's
+//! close signal and close reason, and its liveness (pings gone unanswered,
+//! when its token expires), in one small allocation. The registry and the
+//! connection both hold it: the gateway's keepalive pass (`keepalive`)
+//! reads the liveness through the registry, the connection writes it, and
+//! no socket needs a timer of its own.
+//!
+//! Why a producer writes to the stream itself: an event fanned out to
+//! 10,000 sockets used to wake 10,000 tasks, each to write one frame. A
+//! frame offered while nothing is queued and nobody is writing is written
+//! by the producer, in its own turn, with one non-blocking vectored write:
+//! no task is woken and nothing is queued. What the stream does not take
+//! at once is queued (the part it took remembered), and the connection
+//! finishes it. The queue's lock orders the writers: a frame is written
+//! directly only under it, only when the queue is empty, the connection
+//! is not writing a batch it took, and tungstenite owes the stream
+//! nothing (a pong, a close): frames never interleave, and never overtake
+//! one another.
 //!
 //! Why not `tokio::sync::mpsc` with a `CancellationToken`: a bounded tokio
 //! channel allocates its first block of 32 slots and two cache-padded halves
@@ -15,16 +28,21 @@
 //! One consumer, the connection's own task, drains it and waits for frames;
 //! any number of producers fill it and none waits: a full queue is the
 //! producer's to handle (the hub counts a slow consumer; the connection
-//! writes before it queues more). Locks are never held across an `.await`.
+//! writes before it queues more). Locks are never held across an `.await`,
+//! and what is written under one never blocks (the stream is non-blocking).
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::io;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 
 use futures_util::task::AtomicWaker;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::frame::{Batch, Frame, MAX_BATCH};
 
 /// Why and how a session is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +72,10 @@ struct Shared {
     /// `Notify` (whose waiter list costs a lock and a link each time the
     /// consumer waits).
     consumer: AtomicWaker,
+    /// The client's stream, written under `state`'s lock by a producer
+    /// (see [`State::may_write`]) and by the connection as the pen allows;
+    /// read by the connection alone. `None`: a queue alone (tests).
+    stream: Option<TcpStream>,
     /// Frames queued at most. (32-bit, as `max_bytes`: every session
     /// holds one, and they take one word together.)
     capacity: u32,
@@ -87,17 +109,22 @@ struct State {
     frames: VecDeque<Utf8Bytes>,
     /// The bytes of `frames`.
     bytes: usize,
+    /// Bytes of the first frame on the wire already: a producer wrote it
+    /// and the stream took only part of it. Whoever writes next finishes
+    /// it first.
+    head_sent: usize,
     /// Boxed: a session is closed once, and held open for its life.
     closed: Option<Box<CloseReason>>,
     /// A WebSocket ping is to be sent (a keepalive, not a queued frame).
     ping: bool,
-}
-
-/// What the connection writes next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Out {
-    Frame(Utf8Bytes),
-    Ping,
+    /// The connection holds the pen: it took a batch and is writing it
+    /// without the lock. Put down when the batch is written whole; a batch
+    /// that failed or was left half written keeps it for good.
+    held: bool,
+    /// tungstenite may hold bytes the stream did not take (a pong, the
+    /// close handshake): set by each of its writes, cleared with `held`
+    /// (the connection flushes tungstenite before each batch it writes).
+    owed: bool,
 }
 
 impl State {
@@ -111,6 +138,96 @@ impl State {
         }
         Some(frame)
     }
+
+    /// Whether a producer may write a frame straight to the stream now:
+    /// nothing queued before it (nor a frame half written) and nobody
+    /// else's bytes in the middle of being written.
+    fn may_write(&self) -> bool {
+        self.frames.is_empty() && !self.held && !self.owed
+    }
+
+    /// What the connection writes next, as one batch: the rest of a frame
+    /// half written first, a ping, then queued frames (up to
+    /// [`MAX_BATCH`] in all). The connection holds the pen from here.
+    fn take_batch(&mut self) -> Option<Batch> {
+        let ping = self.ping && self.closed.is_none();
+        if !ping && self.frames.is_empty() {
+            return None;
+        }
+        let mut batch = Batch::with_capacity(self.frames.len() + usize::from(ping));
+        if self.head_sent > 0
+            && let Some(head) = self.pop_front()
+        {
+            batch.text_from(head, std::mem::take(&mut self.head_sent));
+        }
+        if ping {
+            self.ping = false;
+            batch.ping();
+        }
+        while batch.len() < MAX_BATCH {
+            let Some(frame) = self.pop_front() else {
+                break;
+            };
+            batch.text(frame);
+        }
+        self.held = true;
+        Some(batch)
+    }
+}
+
+/// Write `slices` to `stream` without blocking: what it took, or `Pending`
+/// with the task's waker registered for when it can take more.
+pub(crate) fn poll_write(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    slices: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    loop {
+        match stream.try_write_vectored(slices) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready!(stream.poll_write_ready(cx))?;
+            }
+            taken => return Poll::Ready(taken),
+        }
+    }
+}
+
+/// Outboxes holding a frame of a fan-out to write ([`Outbox::offer`]).
+#[derive(Debug, Default)]
+pub(crate) struct Flush(Vec<Outbox>);
+
+/// Fewer outboxes than this are written by the fan-out's own task.
+const SPREAD_FROM: usize = 512;
+
+impl Flush {
+    pub(crate) fn push(&mut self, outbox: Outbox) {
+        self.0.push(outbox);
+    }
+
+    /// Write each outbox's frame. A large fan-out is spread over the
+    /// runtime's workers, a share a task, each awaited: the writes are the
+    /// kernel's work (the loopback's receive path runs in the writer's
+    /// turn) and take one core's time per share.
+    pub(crate) async fn run(self) {
+        let mut all = self.0;
+        let workers =
+            tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
+        if all.len() < SPREAD_FROM || workers < 2 {
+            all.iter().for_each(Outbox::flush);
+            return;
+        }
+        let share = all.len().div_ceil(workers);
+        let mut writers = tokio::task::JoinSet::new();
+        // Every share in a task of its own, none written here: a task
+        // spawned last waits in its worker's slot for the next turn, where
+        // no other worker can take it; those before it are taken by idle
+        // workers.
+        while !all.is_empty() {
+            let mine = all.split_off(all.len().saturating_sub(share));
+            writers.spawn(async move { mine.iter().for_each(Outbox::flush) });
+        }
+        while writers.join_next().await.is_some() {}
+    }
 }
 
 impl Outbox {
@@ -121,11 +238,23 @@ impl Outbox {
     }
 
     /// An empty outbox holding at most `capacity` frames (at least one) and
-    /// `max_bytes` bytes (beyond one frame).
+    /// `max_bytes` bytes (beyond one frame), with no stream.
+    #[cfg(test)]
     pub(crate) fn with_bytes(capacity: usize, max_bytes: usize) -> Self {
+        Self::build(None, capacity, max_bytes)
+    }
+
+    /// The outbox of the client on `stream`: at most `capacity` frames (at
+    /// least one) and `max_bytes` bytes (beyond one frame) queued.
+    pub(crate) fn on_stream(stream: TcpStream, capacity: usize, max_bytes: usize) -> Self {
+        Self::build(Some(stream), capacity, max_bytes)
+    }
+
+    fn build(stream: Option<TcpStream>, capacity: usize, max_bytes: usize) -> Self {
         Self(Arc::new(Shared {
             state: Mutex::new(State::default()),
             consumer: AtomicWaker::new(),
+            stream,
             capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
             max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
             missed: AtomicU8::new(NEW),
@@ -145,55 +274,123 @@ impl Outbox {
         self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue a frame without waiting, and wake the consumer.
-    pub(crate) fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
-        self.try_push_own(frame).map_err(|(e, _)| e)?;
-        self.0.consumer.wake();
-        Ok(())
+    /// The client's stream (`None` for a queue alone).
+    pub(crate) fn stream(&self) -> Option<&TcpStream> {
+        self.0.stream.as_ref()
     }
 
-    /// [`Outbox::try_push`] from another task that keeps a refused frame to
+    /// Deliver a frame from another task without waiting: written to the
+    /// stream at once when it may be and the stream takes it whole, else
+    /// queued and the consumer woken.
+    pub(crate) fn try_push(&self, frame: Utf8Bytes) -> Result<(), PushError> {
+        self.try_push_keep(frame).map_err(|(e, _)| e)
+    }
+
+    /// [`Outbox::try_push`] for a producer that keeps a refused frame to
     /// try again (a replay at the reader's pace).
     pub(crate) fn try_push_keep(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
-        self.try_push_own(frame)?;
+        let mut state = self.lock();
+        self.admit(&state, &frame)?;
+        let mut frame = frame;
+        if let Some(stream) = self.stream()
+            && state.may_write()
+        {
+            let whole = Frame::text(frame);
+            let (slices, n) = whole.rest(0);
+            // Refused or failed, nothing was taken: the connection writes
+            // it (and meets the failure itself).
+            let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
+            if taken >= whole.wire_len() {
+                return Ok(());
+            }
+            frame = whole.into_payload();
+            state.head_sent = taken;
+        }
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        drop(state);
         self.0.consumer.wake();
         Ok(())
     }
 
-    /// Queue a frame from the consumer's own task, which looks at the queue
-    /// before it waits again: no wake-up. (A task that wakes itself is
-    /// requeued behind the others, and the runtime wakes an idle worker
-    /// thread to come and take it.) A refused frame is handed back.
-    pub(crate) fn try_push_own(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
+    /// Queue a frame for a flush the caller runs soon (one frame of a
+    /// fan-out, written by [`Flush::run`] with the others): true when this
+    /// frame made the queue non-empty and the pen is free, nobody woken,
+    /// and the caller is to call [`Outbox::flush`]; false when it is
+    /// queued as [`Outbox::try_push`] queues (the consumer woken).
+    pub(crate) fn offer(&self, frame: Utf8Bytes) -> Result<bool, PushError> {
         let mut state = self.lock();
+        self.admit(&state, &frame).map_err(|(e, _)| e)?;
+        let flush = self.stream().is_some() && state.may_write();
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        drop(state);
+        if !flush {
+            self.0.consumer.wake();
+        }
+        Ok(flush)
+    }
+
+    /// Write the first queued frame from this task, when the pen is free:
+    /// what the stream does not take, and any frame behind it, the
+    /// connection writes (woken).
+    pub(crate) fn flush(&self) {
+        let mut state = self.lock();
+        let Some(stream) = self.stream() else {
+            return;
+        };
+        if !state.held
+            && !state.owed
+            && state.head_sent == 0
+            && let Some(frame) = state.pop_front()
+        {
+            let whole = Frame::text(frame);
+            let (slices, n) = whole.rest(0);
+            let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
+            if taken < whole.wire_len() {
+                let frame = whole.into_payload();
+                state.bytes += frame.len();
+                state.frames.push_front(frame);
+                state.head_sent = taken;
+            }
+        }
+        let more = !state.frames.is_empty();
+        drop(state);
+        if more {
+            self.0.consumer.wake();
+        }
+    }
+
+    /// Whether `frame` may be queued now.
+    fn admit(&self, state: &State, frame: &Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
         if state.closed.is_some() {
-            return Err((PushError::Closed, frame));
+            return Err((PushError::Closed, frame.clone()));
         }
         let over_bytes =
             !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > self.max_bytes();
         if state.frames.len() >= self.capacity() || over_bytes {
-            return Err((PushError::Full, frame));
+            return Err((PushError::Full, frame.clone()));
         }
+        Ok(())
+    }
+
+    /// Queue a frame from the consumer's own task, which looks at the queue
+    /// before it waits again: no wake-up (a task that wakes itself is
+    /// requeued behind the others, and the runtime wakes an idle worker
+    /// thread to come and take it), and no write of its own (its frames
+    /// go out together, one batch). A refused frame is handed back.
+    pub(crate) fn try_push_own(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
+        let mut state = self.lock();
+        self.admit(&state, &frame)?;
         state.bytes += frame.len();
         state.frames.push_back(frame);
         Ok(())
     }
 
-    /// The next frame if one is queued (the connection batches with it).
-    pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
-        self.lock().pop_front()
-    }
-
-    /// Up to `max` queued frames, handed to `each` in order under one lock
-    /// (the connection writes them as one batch).
-    pub(crate) fn pop_queued(&self, max: usize, mut each: impl FnMut(Utf8Bytes)) {
-        let mut state = self.lock();
-        for _ in 0..max {
-            let Some(frame) = state.pop_front() else {
-                break;
-            };
-            each(frame);
-        }
+    /// What is to be written now, as one batch (see [`Outbox::pop`]), or
+    /// `None` when nothing is.
+    pub(crate) fn pop_now(&self) -> Option<Batch> {
+        self.lock().take_batch()
     }
 
     /// Ask the connection to send a ping (at most one waits at a time).
@@ -208,21 +405,20 @@ impl Outbox {
         self.0.consumer.wake();
     }
 
-    /// The next frame (or ping), waiting for one; frames queued before the
-    /// outbox closed are still handed out, then `None`. For the one
-    /// consumer's task: a second waiter would take the first one's wake-ups.
-    pub(crate) fn pop(&self) -> impl Future<Output = Option<Out>> + '_ {
+    /// What is to be written next, waiting for it: the rest of a frame a
+    /// producer left half written, a ping, then queued frames, as one
+    /// batch; frames queued before the outbox closed are still handed out,
+    /// then `None`. The connection holds the pen until it puts it down
+    /// ([`Outbox::written`]). For the one consumer's task: a second waiter
+    /// would take the first one's wake-ups.
+    pub(crate) fn pop(&self) -> impl Future<Output = Option<Batch>> + '_ {
         std::future::poll_fn(|cx| {
             // Registered before the look at the queue: what is queued after
             // the look wakes this task.
             self.0.consumer.register(cx.waker());
             let mut state = self.lock();
-            if state.ping && state.closed.is_none() {
-                state.ping = false;
-                return Poll::Ready(Some(Out::Ping));
-            }
-            if let Some(frame) = state.pop_front() {
-                return Poll::Ready(Some(Out::Frame(frame)));
+            if let Some(batch) = state.take_batch() {
+                return Poll::Ready(Some(batch));
             }
             if state.closed.is_some() {
                 // Nothing can be queued after the close: drained for good.
@@ -230,6 +426,48 @@ impl Outbox {
             }
             Poll::Pending
         })
+    }
+
+    /// The batch the connection took is written whole, after all that
+    /// tungstenite held: it puts the pen down, and producers may write
+    /// again.
+    pub(crate) fn written(&self) {
+        let mut state = self.lock();
+        state.held = false;
+        state.owed = false;
+    }
+
+    /// Write bytes of tungstenite's own (a pong, the close handshake)
+    /// between frames: the rest of a frame a producer left half written
+    /// goes first. Until the connection's next batch is written
+    /// ([`Outbox::written`]), producers queue rather than write.
+    pub(crate) fn poll_write_own(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let Some(stream) = self.stream() else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let mut state = self.lock();
+        state.owed = true;
+        while state.head_sent > 0 {
+            let Some(head) = state.frames.front() else {
+                state.head_sent = 0;
+                break;
+            };
+            let head = Frame::text(head.clone());
+            let (slices, n) = head.rest(state.head_sent);
+            match ready!(poll_write(stream, cx, &slices[..n]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                k => state.head_sent += k,
+            }
+            if state.head_sent >= head.wire_len() {
+                state.head_sent = 0;
+                state.pop_front();
+            }
+        }
+        poll_write(stream, cx, &[io::IoSlice::new(buf)])
     }
 
     /// The client was heard from (any frame answers a ping).
@@ -299,11 +537,24 @@ impl Outbox {
         self.lock().closed.is_some()
     }
 
+    /// The first queued frame, the pen aside (tests of the queue alone).
+    pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
+        self.lock().pop_front()
+    }
+
+    /// The next queued frame, waiting for one; `None` once closed and
+    /// drained.
     async fn pop_frame(&self) -> Option<Utf8Bytes> {
-        match self.pop().await? {
-            Out::Frame(f) => Some(f),
-            Out::Ping => None,
-        }
+        std::future::poll_fn(|cx| {
+            self.0.consumer.register(cx.waker());
+            let mut state = self.lock();
+            match state.pop_front() {
+                Some(frame) => Poll::Ready(Some(frame)),
+                None if state.closed.is_some() => Poll::Ready(None),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     fn len(&self) -> usize {
@@ -318,6 +569,8 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::tests::messages;
+    use tokio_tungstenite::tungstenite::Message;
 
     #[test]
     fn a_session_is_pinged_until_it_misses_too_many_and_a_frame_forgives() {
@@ -353,11 +606,15 @@ mod tests {
         o.try_push("a".into()).unwrap();
         o.ping();
         o.ping();
-        assert_eq!(o.pop().await, Some(Out::Ping));
-        assert_eq!(o.pop().await, Some(Out::Frame("a".into())));
+        let batch = o.pop().await.unwrap();
+        assert_eq!(
+            messages(&batch),
+            [Message::Ping(Default::default()), Message::Text("a".into())]
+        );
+        o.written();
         o.ping();
         o.close(1000, "bye");
-        assert_eq!(o.pop().await, None);
+        assert!(o.pop().await.is_none());
     }
     use std::time::Duration;
 
@@ -413,7 +670,7 @@ mod tests {
         // The consumer wakes on close, with what was queued, then `None`.
         let consumer = tokio::spawn({
             let o = o.clone();
-            async move { (o.pop_frame().await, o.pop().await) }
+            async move { (o.pop_frame().await, o.pop().await.is_none()) }
         });
         tokio::task::yield_now().await;
         o.try_push(f("last")).unwrap();
@@ -425,18 +682,18 @@ mod tests {
         let popped = tokio::time::timeout(Duration::from_secs(5), consumer).await;
         let (last, then) = popped.unwrap().unwrap();
         assert_eq!(last.as_deref(), Some("last"));
-        assert_eq!(then, None);
+        assert!(then, "drained: None");
 
         // Waiting, it wakes on the close alone.
         let o = Outbox::new(2);
         let consumer = tokio::spawn({
             let o = o.clone();
-            async move { o.pop().await }
+            async move { o.pop().await.is_none() }
         });
         tokio::task::yield_now().await;
         o.close(1000, "bye");
         let popped = tokio::time::timeout(Duration::from_secs(5), consumer).await;
-        assert_eq!(popped.unwrap().unwrap(), None);
+        assert!(popped.unwrap().unwrap(), "woken by the close, drained");
     }
 
     #[tokio::test]
@@ -472,6 +729,143 @@ mod tests {
             o.try_push(frame(6)),
             Ok(()),
             "the popped bytes are free again"
+        );
+    }
+
+    /// An outbox on one end of a TCP pair with small kernel buffers, and
+    /// the other end.
+    async fn on_a_pair(capacity: usize) -> (Outbox, TcpStream) {
+        let listening = tokio::net::TcpSocket::new_v4().unwrap();
+        listening.set_send_buffer_size(4096).unwrap();
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(4096).unwrap();
+        let (client, server) = tokio::join!(
+            client.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let outbox = Outbox::on_stream(server.unwrap().0, capacity, usize::MAX);
+        (outbox, client.unwrap())
+    }
+
+    /// Write `batch` whole, as the connection does, and put the pen down.
+    async fn write_batch(o: &Outbox, batch: &Batch) {
+        let stream = o.stream().unwrap();
+        let total = batch.wire_len();
+        let mut written = 0;
+        std::future::poll_fn(|cx| {
+            while written < total {
+                let mut slices = [io::IoSlice::new(&[]); 2 * MAX_BATCH];
+                let n = batch.slices(written, &mut slices);
+                written += ready!(poll_write(stream, cx, &slices[..n])).unwrap();
+            }
+            Poll::Ready(())
+        })
+        .await;
+        o.written();
+    }
+
+    /// Read from `client` until `n` messages came (at most 10 s).
+    async fn read_messages(client: &mut TcpStream, n: usize) -> Vec<Message> {
+        use tokio::io::AsyncReadExt;
+        let mut wire = Vec::new();
+        let read = async {
+            loop {
+                let got = crate::frame::tests::read_as_client(wire.clone());
+                if got.len() >= n {
+                    return got;
+                }
+                let mut buf = vec![0; 65_536];
+                let k = client.read(&mut buf).await.unwrap();
+                assert!(k > 0, "the stream ended after {} messages", got.len());
+                wire.extend_from_slice(&buf[..k]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the messages within 10 s")
+    }
+
+    fn text(s: &str) -> Message {
+        Message::Text(s.into())
+    }
+
+    #[tokio::test]
+    async fn a_frame_offered_to_an_idle_stream_is_written_at_once_and_never_past_a_writer() {
+        let (o, mut client) = on_a_pair(8).await;
+        // Idle: written by the producer, nothing queued, nobody woken.
+        o.try_push(f("direct")).unwrap();
+        assert!(o.is_empty());
+        assert!(o.pop_now().is_none());
+        assert_eq!(read_messages(&mut client, 1).await, [text("direct")]);
+
+        // The connection holds the pen: offers queue behind its batch.
+        o.try_push_own(f("the connection's")).unwrap();
+        let batch = o.pop_now().unwrap();
+        o.try_push(f("while it writes")).unwrap();
+        assert_eq!(o.len(), 1);
+        write_batch(&o, &batch).await;
+        // Put down, but a frame is queued: the next offer queues too.
+        o.try_push(f("behind the queue")).unwrap();
+        assert_eq!(o.len(), 2);
+        let batch = o.pop_now().unwrap();
+        write_batch(&o, &batch).await;
+
+        // tungstenite owes the stream (a pong it wrote): queued until the
+        // connection's next batch, written after tungstenite's flush.
+        let pong = [0x8a, 0x00];
+        let wrote = std::future::poll_fn(|cx| o.poll_write_own(cx, &pong)).await;
+        assert_eq!(wrote.unwrap(), 2);
+        o.try_push(f("after the pong")).unwrap();
+        assert_eq!(o.len(), 1);
+        let batch = o.pop_now().unwrap();
+        write_batch(&o, &batch).await;
+        o.try_push(f("direct again")).unwrap();
+        assert!(o.is_empty());
+
+        assert_eq!(
+            read_messages(&mut client, 6).await,
+            [
+                text("the connection's"),
+                text("while it writes"),
+                text("behind the queue"),
+                Message::Pong(Default::default()),
+                text("after the pong"),
+                text("direct again"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_frame_the_stream_takes_in_part_is_finished_first_by_whoever_writes_next() {
+        let big = |c: char| f(&c.to_string().repeat(400_000));
+        // By the connection's next batch.
+        let (o, mut client) = on_a_pair(8).await;
+        o.try_push(big('a')).unwrap();
+        let sent = o.lock().head_sent;
+        assert!(sent > 0 && o.len() == 1, "taken in part: {sent} bytes");
+        o.try_push(f("queued behind")).unwrap();
+        let batch = o.pop_now().unwrap();
+        let reading = tokio::spawn(async move { read_messages(&mut client, 2).await });
+        write_batch(&o, &batch).await;
+        assert_eq!(
+            reading.await.unwrap(),
+            [Message::Text(big('a')), text("queued behind")]
+        );
+
+        // By tungstenite's pong, which waits for it.
+        let (o, mut client) = on_a_pair(8).await;
+        o.try_push(big('b')).unwrap();
+        assert!(o.lock().head_sent > 0);
+        let reading = tokio::spawn(async move { read_messages(&mut client, 2).await });
+        let pong = [0x8a, 0x00];
+        let wrote = std::future::poll_fn(|cx| o.poll_write_own(cx, &pong)).await;
+        assert_eq!(wrote.unwrap(), 2);
+        assert!(o.is_empty(), "the half-written frame is done");
+        assert_eq!(
+            reading.await.unwrap(),
+            [Message::Text(big('b')), Message::Pong(Default::default())]
         );
     }
 }

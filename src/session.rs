@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::metrics::Metrics;
-use crate::outbox::{Liveness, Outbox, PushError};
+use crate::outbox::{Flush, Liveness, Outbox, PushError};
 use crate::protocol::{SessionInfo, close};
 use crate::topic;
 
@@ -62,8 +62,23 @@ impl Entry {
     }
 
     /// Queue a frame without waiting; a full queue closes the session.
-    fn push(&self, frame: &Utf8Bytes, metrics: Option<&Metrics>) -> bool {
-        match self.outbox.try_push(frame.clone()) {
+    /// With `flush`, the frame of a fan-out: written later with the others
+    /// (its outbox joins `flush`) when its stream is free.
+    fn push(
+        &self,
+        frame: &Utf8Bytes,
+        metrics: Option<&Metrics>,
+        flush: Option<&mut Flush>,
+    ) -> bool {
+        let pushed = match flush {
+            Some(flush) => self.outbox.offer(frame.clone()).map(|write| {
+                if write {
+                    flush.push(self.outbox.clone());
+                }
+            }),
+            None => self.outbox.try_push(frame.clone()),
+        };
+        match pushed {
             Ok(()) => true,
             Err(PushError::Full) => {
                 if self
@@ -320,7 +335,8 @@ impl Sessions {
         mut admission: Admission,
         info: &Arc<SessionInfo>,
         caps: Caps,
-    ) -> Result<(SessionGuard, Outbox), Crowded> {
+        outbox: &Outbox,
+    ) -> Result<SessionGuard, Crowded> {
         let mut inner = self.lock();
         let counted_as = admission.user.as_deref();
         if counted_as != Some(info.user_id.as_str()) {
@@ -334,7 +350,6 @@ impl Sessions {
         }
         inner.release(counted_as);
         admission.released = true;
-        let outbox = Outbox::with_bytes(self.queue_capacity, self.queue_bytes);
         let session_id = Id::from(info.session_id.as_str());
         let user_id = inner.user_id(&info.user_id);
         let entry = Arc::new(Entry {
@@ -353,20 +368,23 @@ impl Sessions {
         user.sessions.push(session_id.clone());
         inner.sessions.insert(session_id.clone(), entry);
         drop(inner);
-        Ok((
-            SessionGuard {
-                inner: self.inner.clone(),
-                session_id,
-            },
-            outbox,
-        ))
+        Ok(SessionGuard {
+            inner: self.inner.clone(),
+            session_id,
+        })
+    }
+
+    /// The outbox of a client on `stream`, bounded as this registry's
+    /// sessions are.
+    pub(crate) fn outbox_on(&self, stream: tokio::net::TcpStream) -> Outbox {
+        Outbox::on_stream(stream, self.queue_capacity, self.queue_bytes)
     }
 
     /// Push a frame (the JSON text a client receives) to one session.
     /// False if it is gone or too slow.
     pub fn send_to_session(&self, session_id: &str, frame: Utf8Bytes) -> bool {
         let entry = self.lock().sessions.get(session_id).cloned();
-        entry.is_some_and(|e| e.push(&frame, self.metrics.as_ref()))
+        entry.is_some_and(|e| e.push(&frame, self.metrics.as_ref(), None))
     }
 
     /// The sessions of these users (each once, however often a user is
@@ -392,22 +410,46 @@ impl Sessions {
         out
     }
 
-    fn push_all(&self, entries: &[Arc<Entry>], frame: &Utf8Bytes) -> usize {
+    fn push_all(
+        &self,
+        entries: &[Arc<Entry>],
+        frame: &Utf8Bytes,
+        mut flush: Option<&mut Flush>,
+    ) -> usize {
         entries
             .iter()
-            .filter(|e| e.push(frame, self.metrics.as_ref()))
+            .filter(|e| e.push(frame, self.metrics.as_ref(), flush.as_deref_mut()))
             .count()
     }
 
     /// Push a frame to every session of these users; how many got it.
     pub fn send_to_users<S: AsRef<str>>(&self, user_ids: &[S], frame: Utf8Bytes) -> usize {
-        self.push_all(&self.of_users(user_ids), &frame)
+        self.push_all(&self.of_users(user_ids), &frame, None)
     }
 
     /// Push a frame to every session.
     pub fn broadcast(&self, frame: Utf8Bytes) -> usize {
-        let all: Vec<Arc<Entry>> = self.lock().sessions.values().cloned().collect();
-        self.push_all(&all, &frame)
+        self.push_all(&self.everyone(), &frame, None)
+    }
+
+    /// [`Sessions::send_to_users`], the frames written by `flush` (see
+    /// [`Sessions::deliver_event`]).
+    pub(crate) fn send_to_users_later<S: AsRef<str>>(
+        &self,
+        user_ids: &[S],
+        frame: Utf8Bytes,
+        flush: &mut Flush,
+    ) -> usize {
+        self.push_all(&self.of_users(user_ids), &frame, Some(flush))
+    }
+
+    /// [`Sessions::broadcast`], the frames written by `flush`.
+    pub(crate) fn broadcast_later(&self, frame: Utf8Bytes, flush: &mut Flush) -> usize {
+        self.push_all(&self.everyone(), &frame, Some(flush))
+    }
+
+    fn everyone(&self) -> Vec<Arc<Entry>> {
+        self.lock().sessions.values().cloned().collect()
     }
 
     /// Push a mesh event: to the sessions of `target` users when the event
@@ -415,7 +457,11 @@ impl Sessions {
     /// matching `topic` when `subscribers`, and only to sessions holding
     /// one of `roles` (when there are any). `position` is its place in the
     /// event log: a session that has it already is skipped, one that is
-    /// resuming holds it until its replay is done.
+    /// resuming holds it until its replay is done. The frame is queued in
+    /// every outbox now, in order with all else; the outboxes whose stream
+    /// is free join `flush`, for the caller to write them all at once
+    /// (off whatever lock it holds).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn deliver_event(
         &self,
         topic: &str,
@@ -424,6 +470,7 @@ impl Sessions {
         roles: &[String],
         frame: Utf8Bytes,
         position: Option<u64>,
+        flush: &mut Flush,
     ) -> usize {
         let candidates: Vec<Arc<Entry>> = match target {
             Some(users) => self.of_users(users),
@@ -458,7 +505,7 @@ impl Sessions {
                 continue;
             }
             drop(state);
-            if e.push(&frame, self.metrics.as_ref()) {
+            if e.push(&frame, self.metrics.as_ref(), Some(&mut *flush)) {
                 sent += 1;
             }
         }
@@ -532,7 +579,7 @@ impl Sessions {
         let mut state = entry.state();
         let held = state.held.take();
         for frame in held.map(|h| h.frames).unwrap_or_default() {
-            if !entry.push(&frame, self.metrics.as_ref()) {
+            if !entry.push(&frame, self.metrics.as_ref(), None) {
                 break;
             }
         }
@@ -814,9 +861,17 @@ mod tests {
         info_with(sid, uid, &[])
     }
 
+    impl Sessions {
+        /// An outbox bounded as this registry's, with no stream.
+        fn test_outbox(&self) -> Outbox {
+            Outbox::with_bytes(self.queue_capacity, self.queue_bytes)
+        }
+    }
+
     fn add(s: &Sessions, sid: &str, uid: &str) -> (SessionGuard, Outbox) {
         let a = s.admit(Some(uid), CAPS).unwrap();
-        s.register(a, &info(sid, uid), CAPS).unwrap()
+        let o = s.test_outbox();
+        (s.register(a, &info(sid, uid), CAPS, &o).unwrap(), o)
     }
 
     fn drain(o: &Outbox) -> Vec<String> {
@@ -959,7 +1014,9 @@ mod tests {
             s.subscribe("s1", &["orders.*".into(), "news.#".into()], 3),
             Ok(vec!["news.#".to_owned(), "orders.*".to_owned()])
         );
-        let deliver = |t: &str, f: &str| s.deliver_event(t, None, true, &[], f.into(), None);
+        let deliver = |t: &str, f: &str| {
+            s.deliver_event(t, None, true, &[], f.into(), None, &mut Flush::default())
+        };
         assert_eq!(deliver("orders.created", "o"), 1);
         assert_eq!(
             s.subscribe("s1", &["a".into(), "b".into()], 3),
@@ -992,11 +1049,27 @@ mod tests {
         s.subscribe("sb", &["orders.#".into()], 8).unwrap();
         let to_bob = ["bob".to_owned()];
         assert_eq!(
-            s.deliver_event("orders.x", Some(&to_bob), true, &[], "t".into(), None),
+            s.deliver_event(
+                "orders.x",
+                Some(&to_bob),
+                true,
+                &[],
+                "t".into(),
+                None,
+                &mut Flush::default()
+            ),
             1
         );
         assert_eq!(
-            s.deliver_event("orders.x", Some(&to_bob), false, &[], "u".into(), None),
+            s.deliver_event(
+                "orders.x",
+                Some(&to_bob),
+                false,
+                &[],
+                "u".into(),
+                None,
+                &mut Flush::default()
+            ),
             1
         );
         assert!(drain(&ann).is_empty());
@@ -1009,7 +1082,15 @@ mod tests {
         let (_g, c) = add(&s, "s1", "u");
         let admins = ["admin".to_owned()];
         assert_eq!(
-            s.deliver_event("x", None, false, &admins, "1".into(), None),
+            s.deliver_event(
+                "x",
+                None,
+                false,
+                &admins,
+                "1".into(),
+                None,
+                &mut Flush::default()
+            ),
             0
         );
         s.subscribe("s1", &["secret.#".into(), "news.#".into()], 8)
@@ -1019,14 +1100,30 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            s.deliver_event("x", None, false, &admins, "2".into(), None),
+            s.deliver_event(
+                "x",
+                None,
+                false,
+                &admins,
+                "2".into(),
+                None,
+                &mut Flush::default()
+            ),
             1
         );
         let dropped = s.set_info(&info("s1", "u"), |t| t != "secret.#");
         assert_eq!(dropped, vec!["secret.#"]);
         assert_eq!(s.topics("s1"), vec!["news.#"]);
         assert_eq!(
-            s.deliver_event("x", None, false, &admins, "3".into(), None),
+            s.deliver_event(
+                "x",
+                None,
+                false,
+                &admins,
+                "3".into(),
+                None,
+                &mut Flush::default()
+            ),
             0
         );
         assert_eq!(drain(&c), vec!["2"]);
@@ -1039,7 +1136,15 @@ mod tests {
         s.subscribe("s1", &["news.#".into()], 8).unwrap();
         let deliver = |p: u64| {
             let frame = format!("live {p}");
-            s.deliver_event("news.x", None, true, &[], frame.into(), Some(p))
+            s.deliver_event(
+                "news.x",
+                None,
+                true,
+                &[],
+                frame.into(),
+                Some(p),
+                &mut Flush::default(),
+            )
         };
         assert!(s.hold("s1", 10));
         assert!(!s.hold("s1", 10), "one resume at a time");
@@ -1106,14 +1211,19 @@ mod tests {
         let anon = s.admit(None, caps).unwrap();
         assert_eq!(s.admit(Some("bob"), caps).unwrap_err(), Crowded::Total(3));
         drop(a2);
-        let (_g1, _) = s.register(a1, &info("s1", "ann"), caps).unwrap();
+        let _g1 = s
+            .register(a1, &info("s1", "ann"), caps, &s.test_outbox())
+            .unwrap();
         // The anonymous handshake turns out to be ann's third socket.
         let a3 = s.admit(Some("ann"), caps).unwrap();
         assert_eq!(
-            s.register(anon, &info("s2", "ann"), caps).unwrap_err(),
+            s.register(anon, &info("s2", "ann"), caps, &s.test_outbox())
+                .unwrap_err(),
             Crowded::User(2)
         );
-        let (_g3, _) = s.register(a3, &info("s3", "ann"), caps).unwrap();
+        let _g3 = s
+            .register(a3, &info("s3", "ann"), caps, &s.test_outbox())
+            .unwrap();
         assert_eq!(s.counts().sessions, 2);
         let inner = s.lock();
         assert_eq!(inner.pending, 0);

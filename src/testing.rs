@@ -506,6 +506,24 @@ impl TestClient {
         }
     }
 
+    /// Read to the server's close frame (each frame within 10 seconds):
+    /// how many text frames came before it, and its close code (`None` if
+    /// the socket just ended). A frame that does not read is an error.
+    pub async fn texts_then_close(&mut self) -> Result<(usize, Option<u16>), String> {
+        let mut texts = 0;
+        loop {
+            match self.next_within("socket not closed").await? {
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok((texts, frame.map(|f| u16::from(f.code))));
+                }
+                Some(Ok(Message::Text(_))) => texts += 1,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e),
+                None => return Ok((texts, None)),
+            }
+        }
+    }
+
     /// Wait for the server's close frame (within 10 seconds), skipping
     /// other frames; its close code, or `None` if the socket just ended.
     pub async fn closed(&mut self) -> Result<Option<u16>, String> {

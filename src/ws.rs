@@ -30,17 +30,18 @@ use crate::auth::Identity;
 use crate::budget::{BEFORE_AUTH, ReadBudget};
 use crate::calls::{Answer, Caller};
 use crate::dispatch::{self, Failure, Rates, Refusal, SessionContext};
+use crate::frame::Batch;
 use crate::gateway::{CallGuard, Gateway};
 use crate::mesh::BoxFuture;
 use crate::metrics::RouteLatency;
-use crate::outbox::{Out, Outbox, PushError};
+use crate::outbox::{Outbox, PushError};
 use crate::protocol::{
     ClientCall, ClientFrame, ErrorName, NARROWED_BY_RELOAD, RawJson, ServerFrame, SessionInfo,
     close,
 };
 use crate::recovery;
 use crate::session::{Admission, AuthWait, Crowded, SessionGuard, SubscribeError};
-use crate::socket::{Batch, MAX_BATCH, Socket};
+use crate::socket::Socket;
 use crate::spans::{self, Ended, Spans};
 use crate::trace::TraceContext;
 
@@ -219,7 +220,9 @@ async fn open(opening: Opening) -> Option<Live> {
         None => ReadBudget::UNLIMITED,
     };
     let read_chunk = gw.limits().read_buffer_bytes;
-    let Some(mut socket) = Socket::upgraded(upgraded, config, read_chunk, budget) else {
+    let sessions = gw.sessions();
+    let outbox = |stream| sessions.outbox_on(stream);
+    let Some(mut socket) = Socket::upgraded(upgraded, config, read_chunk, budget, outbox) else {
         tracing::debug!("the upgraded connection is not a TCP stream, or sent too much early");
         return None;
     };
@@ -245,7 +248,8 @@ async fn open(opening: Opening) -> Option<Live> {
         username,
         roles,
     });
-    let (guard, outbox) = match gw.sessions().register(admission, &info, gw.caps()) {
+    let outbox = socket.outbox().clone();
+    let guard = match gw.sessions().register(admission, &info, gw.caps(), &outbox) {
         Ok(registered) => registered,
         Err(Crowded::User(limit) | Crowded::Total(limit)) => {
             // Only a socket that authenticated after the upgrade gets here.
@@ -310,22 +314,6 @@ async fn open(opening: Opening) -> Option<Live> {
         conn,
         _guard: guard,
     })
-}
-
-/// Write `first` and what else is queued (up to [`MAX_BATCH`] frames)
-/// with one vectored write: one syscall for many responses when calls
-/// complete together.
-async fn write_batch(socket: &mut Socket, outbox: &Outbox, first: Out) -> std::io::Result<()> {
-    // Room for a few frames: most batches are one answer or a handful.
-    let mut batch = Batch::with_capacity(8);
-    match first {
-        Out::Frame(frame) => batch.text(frame),
-        Out::Ping => batch.ping(),
-    };
-    outbox.pop_queued(MAX_BATCH - 1, |frame| {
-        batch.text(frame);
-    });
-    socket.write(&batch).await
 }
 
 /// A call's answer, with the guard that counts the call as in flight
@@ -482,9 +470,9 @@ impl Connection {
                 }
                 // Once the session is closed, what was queued before, then
                 // `None`: the loop ends.
-                out = self.outbox.pop() => match out {
-                    Some(out) => {
-                        if !self.write(out).await {
+                batch = self.outbox.pop() => match batch {
+                    Some(batch) => {
+                        if !self.write(batch).await {
                             break;
                         }
                         continue;
@@ -618,10 +606,10 @@ impl Connection {
             match self.outbox.try_push_own(frame) {
                 Err((PushError::Full, refused)) => {
                     frame = refused;
-                    let Some(first) = self.outbox.try_pop() else {
+                    let Some(batch) = self.outbox.pop_now() else {
                         return;
                     };
-                    if !self.write(Out::Frame(first)).await {
+                    if !self.write(batch).await {
                         return;
                     }
                 }
@@ -630,16 +618,17 @@ impl Connection {
         }
     }
 
-    /// Write `first` and what else is queued, within the write timeout.
+    /// Write a batch taken from the outbox (one vectored write for many
+    /// frames when calls complete together), within the write timeout.
     /// False, with the session closed, once the socket cannot take it.
     /// Boxed: only a socket being written to holds the write's state (its
     /// timer among it), not every idle one.
-    fn write(&mut self, first: Out) -> BoxFuture<'_, bool> {
+    fn write(&mut self, batch: Batch) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             if self.socket.is_broken() {
                 return false;
             }
-            let write = write_batch(&mut self.socket, &self.outbox, first);
+            let write = self.socket.write(&batch);
             // Failed or timed out, the socket is broken: nothing more is
             // written to it.
             let _ = tokio::time::timeout(self.gw.limits().write_timeout, write).await;
@@ -656,8 +645,8 @@ impl Connection {
     async fn finish(&mut self) {
         self.outbox.close(close::NORMAL, "closed");
         // Once closed, `pop` hands out what was queued, then `None`.
-        while let Some(out) = self.outbox.pop().await {
-            if !self.write(out).await {
+        while let Some(batch) = self.outbox.pop().await {
+            if !self.write(batch).await {
                 break;
             }
         }
