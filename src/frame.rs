@@ -95,6 +95,40 @@ impl Frame {
     }
 }
 
+/// A text frame encoded whole, header and payload in one buffer: what a
+/// fan-out writes to every socket with one plain write each (no vector of
+/// slices for the kernel to read per socket), encoded once.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded {
+    payload: Utf8Bytes,
+    wire: Vec<u8>,
+}
+
+impl Encoded {
+    pub(crate) fn text(payload: Utf8Bytes) -> Self {
+        let frame = Frame::text(payload);
+        let mut wire = Vec::with_capacity(frame.wire_len());
+        for part in frame.parts() {
+            wire.extend_from_slice(part);
+        }
+        Self {
+            payload: frame.into_payload(),
+            wire,
+        }
+    }
+
+    /// Whether `payload` is this frame's own (the same shared bytes).
+    pub(crate) fn is(&self, payload: &Utf8Bytes) -> bool {
+        let (a, b) = (self.payload.as_str(), payload.as_str());
+        a.as_ptr() == b.as_ptr() && a.len() == b.len()
+    }
+
+    /// Its bytes on the wire.
+    pub(crate) fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+}
+
 /// The parts of `parts` still to write once `skip` bytes are written, into
 /// `out`; how many there are (at most `out.len()`).
 fn slices_of<'a>(
@@ -299,6 +333,24 @@ pub(crate) mod tests {
         assert!(!batch.ping());
         assert!(!batch.text_from("not first".into(), 1));
         assert_eq!(batch.len(), MAX_BATCH);
+    }
+
+    #[test]
+    fn an_encoded_frame_is_the_frame_a_batch_writes_and_knows_its_own_bytes() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let payload: Utf8Bytes = "e".repeat(len).into();
+            let encoded = Encoded::text(payload.clone());
+            let mut batch = Batch::default();
+            batch.text(payload.clone());
+            assert_eq!(encoded.wire(), write_in_pieces(&batch, &[usize::MAX]));
+            assert!(encoded.is(&payload));
+            let copy: Utf8Bytes = payload.as_str().to_owned().into();
+            // (Empty payloads share no bytes to tell apart.)
+            assert!(
+                len == 0 || !encoded.is(&copy),
+                "equal bytes elsewhere are not its own"
+            );
+        }
     }
 
     proptest! {

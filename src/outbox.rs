@@ -42,7 +42,7 @@ use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::frame::{Batch, Frame, MAX_BATCH};
+use crate::frame::{Batch, Encoded, Frame, MAX_BATCH};
 
 /// Why and how a session is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,30 +192,46 @@ pub(crate) fn poll_write(
     }
 }
 
-/// Outboxes holding a frame of a fan-out to write ([`Outbox::offer`]).
+/// Outboxes holding a frame of a fan-out to write ([`Outbox::offer`]),
+/// the same frame in each.
 #[derive(Debug, Default)]
-pub(crate) struct Flush(Vec<Outbox>);
+pub(crate) struct Flush {
+    outboxes: Vec<Outbox>,
+    frame: Option<Utf8Bytes>,
+}
 
 /// Fewer outboxes than this are written by the fan-out's own task.
 const SPREAD_FROM: usize = 512;
 
 impl Flush {
-    pub(crate) fn push(&mut self, outbox: Outbox) {
-        self.0.push(outbox);
+    /// `outbox` holds `frame` to write.
+    pub(crate) fn push(&mut self, outbox: Outbox, frame: &Utf8Bytes) {
+        if self.frame.is_none() {
+            self.frame = Some(frame.clone());
+        }
+        self.outboxes.push(outbox);
     }
 
-    /// Write each outbox's frame. A large fan-out is spread over the
-    /// runtime's workers, a share a task, each awaited: the writes are the
-    /// kernel's work (the loopback's receive path runs in the writer's
-    /// turn) and take one core's time per share.
+    /// Write each outbox's frame, encoded once for all. A large fan-out is
+    /// spread over the runtime's workers, a share a task, each awaited:
+    /// the writes are the kernel's work (the loopback's receive path runs
+    /// in the writer's turn) and take one core's time per share.
     pub(crate) async fn run(self) {
-        let mut all = self.0;
+        let Self {
+            outboxes: mut all,
+            frame,
+        } = self;
+        let encoded = match frame {
+            Some(frame) if all.len() > 1 => Some(Encoded::text(frame)),
+            _ => None,
+        };
         let workers =
             tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
         if all.len() < SPREAD_FROM || workers < 2 {
-            all.iter().for_each(Outbox::flush);
+            all.iter().for_each(|o| o.flush(encoded.as_ref()));
             return;
         }
+        let encoded = encoded.map(Arc::new);
         let share = all.len().div_ceil(workers);
         let mut writers = tokio::task::JoinSet::new();
         // Every share in a task of its own, none written here: a task
@@ -224,7 +240,8 @@ impl Flush {
         // workers.
         while !all.is_empty() {
             let mine = all.split_off(all.len().saturating_sub(share));
-            writers.spawn(async move { mine.iter().for_each(Outbox::flush) });
+            let encoded = encoded.clone();
+            writers.spawn(async move { mine.iter().for_each(|o| o.flush(encoded.as_deref())) });
         }
         while writers.join_next().await.is_some() {}
     }
@@ -331,10 +348,10 @@ impl Outbox {
         Ok(flush)
     }
 
-    /// Write the first queued frame from this task, when the pen is free:
-    /// what the stream does not take, and any frame behind it, the
-    /// connection writes (woken).
-    pub(crate) fn flush(&self) {
+    /// Write the first queued frame from this task, when the pen is free
+    /// (from `encoded` when that is the frame): what the stream does not
+    /// take, and any frame behind it, the connection writes (woken).
+    pub(crate) fn flush(&self, encoded: Option<&Encoded>) {
         let mut state = self.lock();
         let Some(stream) = self.stream() else {
             return;
@@ -344,11 +361,20 @@ impl Outbox {
             && state.head_sent == 0
             && let Some(frame) = state.pop_front()
         {
-            let whole = Frame::text(frame);
-            let (slices, n) = whole.rest(0);
-            let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
-            if taken < whole.wire_len() {
-                let frame = whole.into_payload();
+            let (frame, taken, wire_len) = match encoded {
+                Some(encoded) if encoded.is(&frame) => {
+                    let wire = encoded.wire();
+                    (frame, stream.try_write(wire).unwrap_or(0), wire.len())
+                }
+                _ => {
+                    let whole = Frame::text(frame);
+                    let (slices, n) = whole.rest(0);
+                    let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
+                    let wire_len = whole.wire_len();
+                    (whole.into_payload(), taken, wire_len)
+                }
+            };
+            if taken < wire_len {
                 state.bytes += frame.len();
                 state.frames.push_front(frame);
                 state.head_sent = taken;
@@ -867,5 +893,52 @@ mod tests {
             reading.await.unwrap(),
             [Message::Text(big('b')), Message::Pong(Default::default())]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fan_out_writes_each_stream_once_spread_over_the_workers() {
+        // More outboxes than one task writes alone; one of them has a
+        // frame queued already, one a full stream.
+        let n = SPREAD_FROM + 88;
+        let mut pairs = Vec::with_capacity(n);
+        for _ in 0..n {
+            pairs.push(on_a_pair(8).await);
+        }
+        pairs[1].0.try_push_own(f("queued first")).unwrap();
+        let filler = f(&"y".repeat(400_000));
+        pairs[2].0.try_push(filler.clone()).unwrap();
+        let event = f("the event");
+        let mut flush = Flush::default();
+        for (o, _) in &pairs {
+            if o.offer(event.clone()).unwrap() {
+                flush.push(o.clone(), &event);
+            }
+        }
+        assert_eq!(
+            flush.outboxes.len(),
+            n - 2,
+            "the busy two wait for their connection"
+        );
+        flush.run().await;
+        for (i, (o, client)) in pairs.iter_mut().enumerate() {
+            match i {
+                1 | 2 => {
+                    // Their connection writes what is queued, in order.
+                    let batch = o.pop_now().unwrap();
+                    let reading = read_messages(client, 2);
+                    let (got, ()) = tokio::join!(reading, write_batch(o, &batch));
+                    let first = if i == 1 {
+                        f("queued first")
+                    } else {
+                        filler.clone()
+                    };
+                    assert_eq!(got, [Message::Text(first), text("the event")], "{i}");
+                }
+                _ => {
+                    assert!(o.is_empty(), "{i}: written by the fan-out");
+                    assert_eq!(read_messages(client, 1).await, [text("the event")], "{i}");
+                }
+            }
+        }
     }
 }

@@ -73,7 +73,7 @@ impl Entry {
         let pushed = match flush {
             Some(flush) => self.outbox.offer(frame.clone()).map(|write| {
                 if write {
-                    flush.push(self.outbox.clone());
+                    flush.push(self.outbox.clone(), frame);
                 }
             }),
             None => self.outbox.try_push(frame.clone()),
