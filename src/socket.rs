@@ -184,6 +184,17 @@ pub(crate) struct Socket {
     broken: bool,
 }
 
+impl Drop for Socket {
+    /// The connection is over: its stream is shut now, not when the last
+    /// clone of the outbox that holds it goes (a fan-out's or a replay's
+    /// may live a moment longer).
+    fn drop(&mut self) {
+        if let Some(stream) = self.outbox.stream() {
+            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 impl std::fmt::Debug for Socket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Socket")
@@ -511,6 +522,20 @@ mod tests {
         .await;
         let socket = Socket::on_tcp(server.unwrap().0, 2048, ReadBudget::UNLIMITED);
         (socket, client)
+    }
+
+    #[tokio::test]
+    async fn the_stream_is_shut_when_the_socket_goes_though_its_outbox_stays() {
+        use futures_util::StreamExt;
+        let (server, mut client) = pair(2048, ReadBudget::UNLIMITED).await;
+        let outbox = server.outbox().clone();
+        drop(server);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), client.next()).await;
+        assert!(
+            matches!(end, Ok(None | Some(Err(_)))),
+            "the client sees the stream end: {end:?}"
+        );
+        assert!(outbox.stream().is_some());
     }
 
     #[tokio::test]
