@@ -216,34 +216,50 @@ impl Flush {
     /// spread over the runtime's workers, a share a task, each awaited:
     /// the writes are the kernel's work (the loopback's receive path runs
     /// in the writer's turn) and take one core's time per share.
-    pub(crate) async fn run(self) {
-        let Self {
-            outboxes: mut all,
-            frame,
-        } = self;
-        let encoded = match frame {
-            Some(frame) if all.len() > 1 => Some(Encoded::text(frame)),
+    pub(crate) async fn run(mut self) {
+        let encoded = match self.frame.take() {
+            Some(frame) if self.outboxes.len() > 1 => Some(Encoded::text(frame)),
             _ => None,
         };
         let workers =
             tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
-        if all.len() < SPREAD_FROM || workers < 2 {
-            all.iter().for_each(|o| o.flush(encoded.as_ref()));
+        if self.outboxes.len() < SPREAD_FROM || workers < 2 {
+            self.write_all(encoded.as_ref());
             return;
         }
         let encoded = encoded.map(Arc::new);
-        let share = all.len().div_ceil(workers);
+        let share = self.outboxes.len().div_ceil(workers);
         let mut writers = tokio::task::JoinSet::new();
         // Every share in a task of its own, none written here: a task
         // spawned last waits in its worker's slot for the next turn, where
         // no other worker can take it; those before it are taken by idle
         // workers.
-        while !all.is_empty() {
-            let mine = all.split_off(all.len().saturating_sub(share));
+        while !self.outboxes.is_empty() {
+            let at = self.outboxes.len().saturating_sub(share);
+            let mut mine = Flush {
+                outboxes: self.outboxes.split_off(at),
+                frame: None,
+            };
             let encoded = encoded.clone();
-            writers.spawn(async move { mine.iter().for_each(|o| o.flush(encoded.as_deref())) });
+            writers.spawn(async move { mine.write_all(encoded.as_deref()) });
         }
         while writers.join_next().await.is_some() {}
+    }
+
+    fn write_all(&mut self, encoded: Option<&Encoded>) {
+        for outbox in self.outboxes.drain(..) {
+            outbox.flush(encoded);
+        }
+    }
+}
+
+impl Drop for Flush {
+    /// Outboxes left unwritten (the fan-out's task was stopped first):
+    /// their connections write them.
+    fn drop(&mut self) {
+        for outbox in &self.outboxes {
+            outbox.0.consumer.wake();
+        }
     }
 }
 
@@ -940,5 +956,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_dropped_unwritten_wakes_its_connections() {
+        let (o, _client) = on_a_pair(8).await;
+        // The connection waits for something to write.
+        let waiting = tokio::spawn({
+            let o = o.clone();
+            async move { o.pop().await.map(|b| b.len()) }
+        });
+        tokio::task::yield_now().await;
+        let event = f("the event");
+        assert!(
+            o.offer(event.clone()).unwrap(),
+            "to be written by the fan-out"
+        );
+        let mut flush = Flush::default();
+        flush.push(o.clone(), &event);
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "the offer woke nobody");
+        // The fan-out goes without writing: the connection is woken to.
+        drop(flush);
+        let woken = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(woken.expect("woken").unwrap(), Some(1));
     }
 }
