@@ -128,8 +128,11 @@ struct State {
 }
 
 impl State {
+    /// The first frame, whole or the rest of it: once it leaves the queue,
+    /// no frame in it is half written.
     fn pop_front(&mut self) -> Option<Utf8Bytes> {
         let frame = self.frames.pop_front()?;
+        self.head_sent = 0;
         self.bytes = self.bytes.saturating_sub(frame.len());
         if self.frames.is_empty() {
             // Idle again: give the queue's memory back (an idle socket
@@ -155,10 +158,11 @@ impl State {
             return None;
         }
         let mut batch = Batch::with_capacity(self.frames.len() + usize::from(ping));
-        if self.head_sent > 0
+        let sent = self.head_sent;
+        if sent > 0
             && let Some(head) = self.pop_front()
         {
-            batch.text_from(head, std::mem::take(&mut self.head_sent));
+            batch.text_from(head, sent);
         }
         if ping {
             self.ping = false;
@@ -189,6 +193,56 @@ pub(crate) fn poll_write(
             }
             taken => return Poll::Ready(taken),
         }
+    }
+}
+
+/// Write `batch` to `stream` from its byte `*written` on, without blocking:
+/// done, or `Pending` (what was taken counted in `*written`, the waker
+/// registered) while the stream takes no more.
+pub(crate) fn poll_write_batch(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    batch: &Batch,
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    let total = batch.wire_len();
+    while *written < total {
+        let mut slices = [io::IoSlice::new(&[]); 2 * MAX_BATCH];
+        let n = batch.slices(*written, &mut slices);
+        match ready!(poll_write(stream, cx, &slices[..n]))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            k => *written += k,
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// Write `frame` with one non-blocking write (from `encoded` when that is
+/// the frame): `Ok` when the stream took it whole, else the frame back with
+/// the bytes it took (none when it refused or failed: the connection writes
+/// it, and meets the failure itself).
+fn try_write(
+    stream: &TcpStream,
+    frame: Utf8Bytes,
+    encoded: Option<&Encoded>,
+) -> Result<(), (Utf8Bytes, usize)> {
+    let (frame, taken, wire_len) = match encoded {
+        Some(encoded) if encoded.is(&frame) => {
+            let wire = encoded.wire();
+            (frame, stream.try_write(wire).unwrap_or(0), wire.len())
+        }
+        _ => {
+            let whole = Frame::text(frame);
+            let (slices, n) = whole.rest(0);
+            let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
+            let wire_len = whole.wire_len();
+            (whole.into_payload(), taken, wire_len)
+        }
+    };
+    if taken >= wire_len {
+        Ok(())
+    } else {
+        Err((frame, taken))
     }
 }
 
@@ -323,21 +377,18 @@ impl Outbox {
     /// try again (a replay at the reader's pace).
     pub(crate) fn try_push_keep(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
         let mut state = self.lock();
-        self.admit(&state, &frame)?;
+        if let Err(e) = self.admit(&state, &frame) {
+            return Err((e, frame));
+        }
         let mut frame = frame;
         if let Some(stream) = self.stream()
             && state.may_write()
         {
-            let whole = Frame::text(frame);
-            let (slices, n) = whole.rest(0);
-            // Refused or failed, nothing was taken: the connection writes
-            // it (and meets the failure itself).
-            let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
-            if taken >= whole.wire_len() {
-                return Ok(());
-            }
-            frame = whole.into_payload();
-            state.head_sent = taken;
+            // The queue is empty: what the stream took is of its head.
+            (frame, state.head_sent) = match try_write(stream, frame, None) {
+                Ok(()) => return Ok(()),
+                Err(rest) => rest,
+            };
         }
         state.bytes += frame.len();
         state.frames.push_back(frame);
@@ -353,7 +404,7 @@ impl Outbox {
     /// queued as [`Outbox::try_push`] queues (the consumer woken).
     pub(crate) fn offer(&self, frame: Utf8Bytes) -> Result<bool, PushError> {
         let mut state = self.lock();
-        self.admit(&state, &frame).map_err(|(e, _)| e)?;
+        self.admit(&state, &frame)?;
         let flush = self.stream().is_some() && state.may_write();
         state.bytes += frame.len();
         state.frames.push_back(frame);
@@ -376,25 +427,11 @@ impl Outbox {
             && !state.owed
             && state.head_sent == 0
             && let Some(frame) = state.pop_front()
+            && let Err((frame, taken)) = try_write(stream, frame, encoded)
         {
-            let (frame, taken, wire_len) = match encoded {
-                Some(encoded) if encoded.is(&frame) => {
-                    let wire = encoded.wire();
-                    (frame, stream.try_write(wire).unwrap_or(0), wire.len())
-                }
-                _ => {
-                    let whole = Frame::text(frame);
-                    let (slices, n) = whole.rest(0);
-                    let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
-                    let wire_len = whole.wire_len();
-                    (whole.into_payload(), taken, wire_len)
-                }
-            };
-            if taken < wire_len {
-                state.bytes += frame.len();
-                state.frames.push_front(frame);
-                state.head_sent = taken;
-            }
+            state.bytes += frame.len();
+            state.frames.push_front(frame);
+            state.head_sent = taken;
         }
         let more = !state.frames.is_empty();
         drop(state);
@@ -404,14 +441,14 @@ impl Outbox {
     }
 
     /// Whether `frame` may be queued now.
-    fn admit(&self, state: &State, frame: &Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
+    fn admit(&self, state: &State, frame: &Utf8Bytes) -> Result<(), PushError> {
         if state.closed.is_some() {
-            return Err((PushError::Closed, frame.clone()));
+            return Err(PushError::Closed);
         }
         let over_bytes =
             !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > self.max_bytes();
         if state.frames.len() >= self.capacity() || over_bytes {
-            return Err((PushError::Full, frame.clone()));
+            return Err(PushError::Full);
         }
         Ok(())
     }
@@ -423,7 +460,9 @@ impl Outbox {
     /// go out together, one batch). A refused frame is handed back.
     pub(crate) fn try_push_own(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
         let mut state = self.lock();
-        self.admit(&state, &frame)?;
+        if let Err(e) = self.admit(&state, &frame) {
+            return Err((e, frame));
+        }
         state.bytes += frame.len();
         state.frames.push_back(frame);
         Ok(())
@@ -493,21 +532,16 @@ impl Outbox {
         };
         let mut state = self.lock();
         state.owed = true;
-        while state.head_sent > 0 {
-            let Some(head) = state.frames.front() else {
-                state.head_sent = 0;
-                break;
-            };
-            let head = Frame::text(head.clone());
-            let (slices, n) = head.rest(state.head_sent);
-            match ready!(poll_write(stream, cx, &slices[..n]))? {
-                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                k => state.head_sent += k,
-            }
-            if state.head_sent >= head.wire_len() {
-                state.head_sent = 0;
-                state.pop_front();
-            }
+        if state.head_sent > 0
+            && let Some(head) = state.frames.front()
+        {
+            let mut rest = Batch::with_capacity(1);
+            rest.text_from(head.clone(), state.head_sent);
+            let mut written = 0;
+            let done = poll_write_batch(stream, cx, &rest, &mut written);
+            state.head_sent += written;
+            ready!(done)?;
+            state.pop_front();
         }
         poll_write(stream, cx, &[io::IoSlice::new(buf)])
     }
@@ -609,7 +643,7 @@ impl Outbox {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::frame::tests::messages;
     use tokio_tungstenite::tungstenite::Message;
@@ -774,9 +808,9 @@ mod tests {
         );
     }
 
-    /// An outbox on one end of a TCP pair with small kernel buffers, and
-    /// the other end.
-    async fn on_a_pair(capacity: usize) -> (Outbox, TcpStream) {
+    /// A TCP pair with small kernel buffers (the server's end to send, the
+    /// client's to receive): writes are cut anywhere. Server first.
+    pub(crate) async fn small_tcp_pair() -> (TcpStream, TcpStream) {
         let listening = tokio::net::TcpSocket::new_v4().unwrap();
         listening.set_send_buffer_size(4096).unwrap();
         listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -787,24 +821,22 @@ mod tests {
             client.connect(listener.local_addr().unwrap()),
             listener.accept()
         );
-        let outbox = Outbox::on_stream(server.unwrap().0, capacity, usize::MAX);
-        (outbox, client.unwrap())
+        (server.unwrap().0, client.unwrap())
+    }
+
+    /// An outbox on the server's end of a small pair, and the client's end.
+    async fn on_a_pair(capacity: usize) -> (Outbox, TcpStream) {
+        let (server, client) = small_tcp_pair().await;
+        (Outbox::on_stream(server, capacity, usize::MAX), client)
     }
 
     /// Write `batch` whole, as the connection does, and put the pen down.
     async fn write_batch(o: &Outbox, batch: &Batch) {
         let stream = o.stream().unwrap();
-        let total = batch.wire_len();
         let mut written = 0;
-        std::future::poll_fn(|cx| {
-            while written < total {
-                let mut slices = [io::IoSlice::new(&[]); 2 * MAX_BATCH];
-                let n = batch.slices(written, &mut slices);
-                written += ready!(poll_write(stream, cx, &slices[..n])).unwrap();
-            }
-            Poll::Ready(())
-        })
-        .await;
+        std::future::poll_fn(|cx| poll_write_batch(stream, cx, batch, &mut written))
+            .await
+            .unwrap();
         o.written();
     }
 

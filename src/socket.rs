@@ -35,7 +35,7 @@
 //! [`ReadBudget`]: each read is cut to what is left.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -49,7 +49,7 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_tungstenite::tungstenite::{Error, Message, Utf8Bytes};
 
 use crate::budget::ReadBudget;
-use crate::frame::{Batch, MAX_BATCH};
+use crate::frame::Batch;
 use crate::outbox::{self, Outbox};
 
 /// tungstenite's own buffer, which every socket keeps: the most it takes
@@ -330,20 +330,8 @@ impl Socket {
         };
         // Broken until the whole batch is written.
         self.broken = true;
-        let total = batch.wire_len();
         let mut written = 0;
-        poll_fn(|cx| {
-            while written < total {
-                let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
-                let n = batch.slices(written, &mut slices);
-                match std::task::ready!(outbox::poll_write(stream, cx, &slices[..n]))? {
-                    0 => return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero))),
-                    k => written += k,
-                }
-            }
-            Poll::Ready(Ok(()))
-        })
-        .await?;
+        poll_fn(|cx| outbox::poll_write_batch(stream, cx, batch, &mut written)).await?;
         self.broken = false;
         if tungstenite_last {
             self.flush_tungstenite().await?;
@@ -504,23 +492,10 @@ mod tests {
     /// A server socket and a client's stream on one TCP pair with small
     /// kernel buffers: writes are cut anywhere.
     async fn small_pair() -> (Socket, tokio_tungstenite::WebSocketStream<TcpStream>) {
-        let listening = tokio::net::TcpSocket::new_v4().unwrap();
-        listening.set_send_buffer_size(4096).unwrap();
-        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = listening.listen(1).unwrap();
-        let client = tokio::net::TcpSocket::new_v4().unwrap();
-        client.set_recv_buffer_size(4096).unwrap();
-        let (client, server) = tokio::join!(
-            client.connect(listener.local_addr().unwrap()),
-            listener.accept()
-        );
-        let client = tokio_tungstenite::WebSocketStream::from_raw_socket(
-            client.unwrap(),
-            Role::Client,
-            None,
-        )
-        .await;
-        let socket = Socket::on_tcp(server.unwrap().0, 2048, ReadBudget::UNLIMITED);
+        let (server, client) = crate::outbox::tests::small_tcp_pair().await;
+        let client =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let socket = Socket::on_tcp(server, 2048, ReadBudget::UNLIMITED);
         (socket, client)
     }
 
