@@ -130,6 +130,28 @@ pub(crate) fn cpu_time(stat_file: &str) -> std::time::Duration {
     std::time::Duration::from_millis(ticks * 10)
 }
 
+/// CPU time the whole machine has spent busy (user, nice, system, irq,
+/// softirq and steal, from the first line of /proc/stat) on all its cores:
+/// the broker's, the services', the kernel's and the clients' together.
+#[allow(dead_code)]
+pub(crate) fn machine_busy() -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let ticks: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .sum();
+    std::time::Duration::from_millis(ticks * 10)
+}
+
 /// Run `rabbitmqctl` with `args`, its output discarded: whether it
 /// succeeded.
 #[allow(dead_code)]
