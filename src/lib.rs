@@ -40,6 +40,7 @@ mod server;
 mod session;
 mod socket;
 mod spans;
+mod spread;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod throttle;

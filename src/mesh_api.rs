@@ -26,7 +26,6 @@ use crate::hub::Hub;
 use crate::mesh::{
     BoxFuture, IncomingEvent, IncomingRequest, MeshError, MeshHandler, unknown_method,
 };
-use crate::outbox::Flush;
 use crate::protocol::{ErrorBody, RawJson, ServerFrame, close};
 use crate::recovery;
 use crate::routing::Delivery;
@@ -413,7 +412,6 @@ impl BffService {
     async fn apply(&self, push: &Push) -> u64 {
         let sessions = self.hub.sessions();
         let metrics = self.hub.metrics();
-        let mut flush = Flush::default();
         let n = match push {
             Push::ToUsers {
                 users,
@@ -421,17 +419,16 @@ impl BffService {
                 message,
             } => {
                 let frame = event_frame(topic, RawJson::from_value(message), None);
-                sessions.send_to_users_later(users, frame, &mut flush)
+                sessions.fan_out_to_users(users, frame).run().await
             }
             Push::All { topic, message } => {
                 let frame = event_frame(topic, RawJson::from_value(message), None);
-                sessions.broadcast_later(frame, &mut flush)
+                sessions.fan_out_to_all(frame).run().await
             }
             Push::Disconnect { users } => {
                 sessions.close_users(users, close::DISCONNECTED, "disconnected by the server")
             }
         };
-        flush.run().await;
         if !matches!(push, Push::Disconnect { .. }) {
             metrics.pushed(push.method(), n);
         }
@@ -702,55 +699,61 @@ impl BffService {
         }
     }
 
-    /// Push a mesh event to the sessions its rule names, and keep it in
-    /// the window of the event log (history read at start only goes
-    /// there). The window's lock is held while it is queued, so a resume
-    /// switching from replay to live sees each event once; the frames are
-    /// written after, off the lock (the outboxes to write are handed back).
-    fn fan_out(&self, event: IncomingEvent) -> Flush {
+    /// Deliver a mesh event to the sessions its rule picks (a handler may
+    /// rewrite or drop it first), and keep it in the event window when it
+    /// has a log position (a resume replays from there; what is read from
+    /// the log before this instance is live only goes there). Who may get it is
+    /// found under the window's lock, with the event pushed to the window:
+    /// a resume that begins after sees it in the window, and each session's
+    /// own lock orders that resume's hold against this event's push to it
+    /// (`session::Fanout::run`); the picks and the writes are made off the
+    /// window's lock, spread over the workers.
+    async fn fan_out(&self, event: IncomingEvent) {
         let hub = &self.hub;
-        let routes = hub.routes();
-        let (live, position) = (event.live, event.position);
-        let named = tracing::enabled!(tracing::Level::DEBUG).then(|| event.topic.clone());
-        let Some((rule, entry)) = recovery::entry_of(hub, &routes, event) else {
-            tracing::debug!(topic = ?named, "mesh event matches no event rule (or the handler dropped it)");
-            return Flush::default();
-        };
-        let mut log = hub.log();
-        if position.is_some() && !log.push(entry.clone()) {
-            return Flush::default();
-        }
-        if !live {
-            return Flush::default();
-        }
-        let history::Entry {
-            topic,
-            target,
-            frame,
-            ..
-        } = entry;
-        let topic = &*topic;
-        let sessions = hub.sessions();
-        let target = target.as_deref();
-        let at = position;
-        let mut flush = Flush::default();
-        let f = &mut flush;
-        let n = match rule.delivery {
-            Delivery::All => {
-                sessions.deliver_event(topic, target, false, &rule.roles, frame, at, f)
+        let (delivery, fanout) = {
+            let routes = hub.routes();
+            let (live, position) = (event.live, event.position);
+            let named = tracing::enabled!(tracing::Level::DEBUG).then(|| event.topic.clone());
+            let Some((rule, entry)) = recovery::entry_of(hub, &routes, event) else {
+                tracing::debug!(topic = ?named, "mesh event matches no event rule (or the handler dropped it)");
+                return;
+            };
+            let mut log = hub.log();
+            if position.is_some() && !log.push(entry.clone()) {
+                return;
             }
-            Delivery::Target => match target {
-                Some(_) => sessions.deliver_event(topic, target, false, &rule.roles, frame, at, f),
-                None => 0,
-            },
-            Delivery::Subscribers => {
-                sessions.deliver_event(topic, target, true, &rule.roles, frame, at, f)
+            if !live {
+                return;
             }
+            let history::Entry {
+                topic,
+                target,
+                frame,
+                ..
+            } = entry;
+            let sessions = hub.sessions();
+            let target = target.as_deref();
+            let roles = &rule.roles;
+            let fanout = match rule.delivery {
+                Delivery::All => {
+                    Some(sessions.fan_out_event(&topic, target, false, roles, frame, position))
+                }
+                Delivery::Target => target
+                    .map(|_| sessions.fan_out_event(&topic, target, false, roles, frame, position)),
+                Delivery::Subscribers => {
+                    Some(sessions.fan_out_event(&topic, target, true, roles, frame, position))
+                }
+            };
+            drop(log);
+            ((rule.delivery, topic), fanout)
         };
-        drop(log);
+        let n = match fanout {
+            Some(fanout) => fanout.run().await,
+            None => 0,
+        };
+        let (delivery, topic) = delivery;
         hub.metrics().pushed("event", n);
-        tracing::debug!(topic, delivery = %rule.delivery, sessions = n, "mesh event pushed");
-        flush
+        tracing::debug!(topic = %&*topic, %delivery, sessions = n, "mesh event pushed");
     }
 }
 
@@ -819,7 +822,7 @@ impl MeshHandler for BffService {
     }
 
     fn handle_event(&self, event: IncomingEvent) -> BoxFuture<'_, ()> {
-        Box::pin(self.fan_out(event).run())
+        Box::pin(self.fan_out(event))
     }
 
     fn handle_log_live(&self, position: u64) -> BoxFuture<'_, ()> {

@@ -217,103 +217,18 @@ pub(crate) fn poll_write_batch(
     Poll::Ready(Ok(()))
 }
 
-/// Write `frame` with one non-blocking write (from `encoded` when that is
-/// the frame): `Ok` when the stream took it whole, else the frame back with
-/// the bytes it took (none when it refused or failed: the connection writes
-/// it, and meets the failure itself).
-fn try_write(
-    stream: &TcpStream,
-    frame: Utf8Bytes,
-    encoded: Option<&Encoded>,
-) -> Result<(), (Utf8Bytes, usize)> {
-    let (frame, taken, wire_len) = match encoded {
-        Some(encoded) if encoded.is(&frame) => {
-            let wire = encoded.wire();
-            (frame, stream.try_write(wire).unwrap_or(0), wire.len())
-        }
-        _ => {
-            let whole = Frame::text(frame);
-            let (slices, n) = whole.rest(0);
-            let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
-            let wire_len = whole.wire_len();
-            (whole.into_payload(), taken, wire_len)
-        }
-    };
-    if taken >= wire_len {
+/// Write `frame` with one non-blocking vectored write: `Ok` when the
+/// stream took it whole, else the frame back with the bytes it took (none
+/// when it refused or failed: the connection writes it, and meets the
+/// failure itself).
+fn try_write(stream: &TcpStream, frame: Utf8Bytes) -> Result<(), (Utf8Bytes, usize)> {
+    let whole = Frame::text(frame);
+    let (slices, n) = whole.rest(0);
+    let taken = stream.try_write_vectored(&slices[..n]).unwrap_or(0);
+    if taken >= whole.wire_len() {
         Ok(())
     } else {
-        Err((frame, taken))
-    }
-}
-
-/// Outboxes holding a frame of a fan-out to write ([`Outbox::offer`]),
-/// the same frame in each.
-#[derive(Debug, Default)]
-pub(crate) struct Flush {
-    outboxes: Vec<Outbox>,
-    frame: Option<Utf8Bytes>,
-}
-
-/// Fewer outboxes than this are written by the fan-out's own task.
-const SPREAD_FROM: usize = 512;
-
-impl Flush {
-    /// `outbox` holds `frame` to write.
-    pub(crate) fn push(&mut self, outbox: Outbox, frame: &Utf8Bytes) {
-        if self.frame.is_none() {
-            self.frame = Some(frame.clone());
-        }
-        self.outboxes.push(outbox);
-    }
-
-    /// Write each outbox's frame, encoded once for all. A large fan-out is
-    /// spread over the runtime's workers, a share a task, each awaited:
-    /// the writes are the kernel's work (the loopback's receive path runs
-    /// in the writer's turn) and take one core's time per share.
-    pub(crate) async fn run(mut self) {
-        let encoded = match self.frame.take() {
-            Some(frame) if self.outboxes.len() > 1 => Some(Encoded::text(frame)),
-            _ => None,
-        };
-        let workers =
-            tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
-        if self.outboxes.len() < SPREAD_FROM || workers < 2 {
-            self.write_all(encoded.as_ref());
-            return;
-        }
-        let encoded = encoded.map(Arc::new);
-        let share = self.outboxes.len().div_ceil(workers);
-        let mut writers = tokio::task::JoinSet::new();
-        // Every share in a task of its own, none written here: a task
-        // spawned last waits in its worker's slot for the next turn, where
-        // no other worker can take it; those before it are taken by idle
-        // workers.
-        while !self.outboxes.is_empty() {
-            let at = self.outboxes.len().saturating_sub(share);
-            let mut mine = Flush {
-                outboxes: self.outboxes.split_off(at),
-                frame: None,
-            };
-            let encoded = encoded.clone();
-            writers.spawn(async move { mine.write_all(encoded.as_deref()) });
-        }
-        while writers.join_next().await.is_some() {}
-    }
-
-    fn write_all(&mut self, encoded: Option<&Encoded>) {
-        for outbox in self.outboxes.drain(..) {
-            outbox.flush(encoded);
-        }
-    }
-}
-
-impl Drop for Flush {
-    /// Outboxes left unwritten (the fan-out's task was stopped first):
-    /// their connections write them.
-    fn drop(&mut self) {
-        for outbox in &self.outboxes {
-            outbox.0.consumer.wake();
-        }
+        Err((whole.into_payload(), taken))
     }
 }
 
@@ -385,7 +300,7 @@ impl Outbox {
             && state.may_write()
         {
             // The queue is empty: what the stream took is of its head.
-            (frame, state.head_sent) = match try_write(stream, frame, None) {
+            (frame, state.head_sent) = match try_write(stream, frame) {
                 Ok(()) => return Ok(()),
                 Err(rest) => rest,
             };
@@ -397,47 +312,33 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queue a frame for a flush the caller runs soon (one frame of a
-    /// fan-out, written by [`Flush::run`] with the others): true when this
-    /// frame made the queue non-empty and the pen is free, nobody woken,
-    /// and the caller is to call [`Outbox::flush`]; false when it is
-    /// queued as [`Outbox::try_push`] queues (the consumer woken).
-    pub(crate) fn offer(&self, frame: Utf8Bytes) -> Result<bool, PushError> {
+    /// [`Outbox::try_push`] for one frame of a fan-out, encoded once for
+    /// all its sessions (`encoded` is `frame` on the wire): written from
+    /// that, by this task, when the pen is free; cloned into the queue only
+    /// when it has to wait.
+    pub(crate) fn push_encoded(
+        &self,
+        frame: &Utf8Bytes,
+        encoded: &Encoded,
+    ) -> Result<(), PushError> {
         let mut state = self.lock();
-        self.admit(&state, &frame)?;
-        let flush = self.stream().is_some() && state.may_write();
-        state.bytes += frame.len();
-        state.frames.push_back(frame);
-        drop(state);
-        if !flush {
-            self.0.consumer.wake();
-        }
-        Ok(flush)
-    }
-
-    /// Write the first queued frame from this task, when the pen is free
-    /// (from `encoded` when that is the frame): what the stream does not
-    /// take, and any frame behind it, the connection writes (woken).
-    pub(crate) fn flush(&self, encoded: Option<&Encoded>) {
-        let mut state = self.lock();
-        let Some(stream) = self.stream() else {
-            return;
-        };
-        if !state.held
-            && !state.owed
-            && state.head_sent == 0
-            && let Some(frame) = state.pop_front()
-            && let Err((frame, taken)) = try_write(stream, frame, encoded)
+        self.admit(&state, frame)?;
+        if let Some(stream) = self.stream()
+            && state.may_write()
         {
-            state.bytes += frame.len();
-            state.frames.push_front(frame);
+            let wire = encoded.wire();
+            let taken = stream.try_write(wire).unwrap_or(0);
+            if taken >= wire.len() {
+                return Ok(());
+            }
+            // The queue is empty: what the stream took is of its head.
             state.head_sent = taken;
         }
-        let more = !state.frames.is_empty();
+        state.bytes += frame.len();
+        state.frames.push_back(frame.clone());
         drop(state);
-        if more {
-            self.0.consumer.wake();
-        }
+        self.0.consumer.wake();
+        Ok(())
     }
 
     /// Whether `frame` may be queued now.
@@ -943,11 +844,53 @@ pub(crate) mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_fan_out_frame_is_written_from_its_encoding_or_waits_its_turn() {
+        // The pen free: written from the encoding, nothing queued.
+        let (o, mut client) = on_a_pair(8).await;
+        let event = f("the event");
+        let encoded = Encoded::text(event.clone());
+        o.push_encoded(&event, &encoded).unwrap();
+        assert!(o.is_empty());
+        assert_eq!(read_messages(&mut client, 1).await, [text("the event")]);
+
+        // Something queued first: it waits behind it, in order.
+        o.try_push_own(f("queued first")).unwrap();
+        o.push_encoded(&event, &encoded).unwrap();
+        assert_eq!(o.len(), 2);
+        let batch = o.pop_now().unwrap();
+        let (got, ()) = tokio::join!(read_messages(&mut client, 2), write_batch(&o, &batch));
+        assert_eq!(got, [text("queued first"), text("the event")]);
+
+        // Taken in part: the rest is the connection's, before what follows.
+        let big = f(&"z".repeat(400_000));
+        let encoded = Encoded::text(big.clone());
+        o.push_encoded(&big, &encoded).unwrap();
+        assert!(o.lock().head_sent > 0, "taken in part");
+        o.try_push(f("after it")).unwrap();
+        let batch = o.pop_now().unwrap();
+        let (got, ()) = tokio::join!(read_messages(&mut client, 2), write_batch(&o, &batch));
+        assert_eq!(got, [Message::Text(big), text("after it")]);
+
+        // A full queue refuses it; a closed outbox too.
+        let (o, _client) = on_a_pair(1).await;
+        o.try_push_own(f("one")).unwrap();
+        assert_eq!(
+            o.push_encoded(&event, &Encoded::text(event.clone())),
+            Err(PushError::Full)
+        );
+        o.close(1000, "bye");
+        assert_eq!(
+            o.push_encoded(&event, &Encoded::text(event.clone())),
+            Err(PushError::Closed)
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_fan_out_writes_each_stream_once_spread_over_the_workers() {
+    async fn a_fan_out_spread_over_the_workers_writes_each_stream_once() {
         // More outboxes than one task writes alone; one of them has a
         // frame queued already, one a full stream.
-        let n = SPREAD_FROM + 88;
+        let n = crate::spread::SPREAD_FROM + 88;
         let mut pairs = Vec::with_capacity(n);
         for _ in 0..n {
             pairs.push(on_a_pair(8).await);
@@ -956,18 +899,13 @@ pub(crate) mod tests {
         let filler = f(&"y".repeat(400_000));
         pairs[2].0.try_push(filler.clone()).unwrap();
         let event = f("the event");
-        let mut flush = Flush::default();
-        for (o, _) in &pairs {
-            if o.offer(event.clone()).unwrap() {
-                flush.push(o.clone(), &event);
-            }
-        }
-        assert_eq!(
-            flush.outboxes.len(),
-            n - 2,
-            "the busy two wait for their connection"
-        );
-        flush.run().await;
+        let outboxes: Vec<Outbox> = pairs.iter().map(|(o, _)| o.clone()).collect();
+        let context = (event.clone(), Encoded::text(event.clone()));
+        let pushed = crate::spread::spread(outboxes, context, |(frame, encoded), o| {
+            o.push_encoded(frame, encoded).is_ok()
+        })
+        .await;
+        assert_eq!(pushed, n);
         for (i, (o, client)) in pairs.iter_mut().enumerate() {
             match i {
                 1 | 2 => {
@@ -988,31 +926,5 @@ pub(crate) mod tests {
                 }
             }
         }
-    }
-
-    #[tokio::test]
-    async fn a_fan_out_dropped_unwritten_wakes_its_connections() {
-        let (o, _client) = on_a_pair(8).await;
-        // The connection waits for something to write.
-        let waiting = tokio::spawn({
-            let o = o.clone();
-            async move { o.pop().await.map(|b| b.len()) }
-        });
-        tokio::task::yield_now().await;
-        let event = f("the event");
-        assert!(
-            o.offer(event.clone()).unwrap(),
-            "to be written by the fan-out"
-        );
-        let mut flush = Flush::default();
-        flush.push(o.clone(), &event);
-        for _ in 0..3 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!waiting.is_finished(), "the offer woke nobody");
-        // The fan-out goes without writing: the connection is woken to.
-        drop(flush);
-        let woken = tokio::time::timeout(Duration::from_secs(5), waiting).await;
-        assert_eq!(woken.expect("woken").unwrap(), Some(1));
     }
 }

@@ -19,9 +19,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::frame::Encoded;
 use crate::metrics::Metrics;
-use crate::outbox::{Flush, Liveness, Outbox, PushError};
+use crate::outbox::{Liveness, Outbox, PushError};
 use crate::protocol::{SessionInfo, close};
+use crate::spread::spread;
 use crate::topic;
 
 /// A session or user id as the registry keeps it: one allocation that
@@ -61,21 +63,17 @@ impl Entry {
         self.outbox.close(code, reason);
     }
 
-    /// Queue a frame without waiting; a full queue closes the session.
-    /// With `flush`, the frame of a fan-out: written later with the others
-    /// (its outbox joins `flush`) when its stream is free.
+    /// Queue a frame without waiting (written at once when the stream is
+    /// free); a full queue closes the session. With `encoded`, one frame
+    /// of a fan-out, written from its encoding shared by all.
     fn push(
         &self,
         frame: &Utf8Bytes,
         metrics: Option<&Metrics>,
-        flush: Option<&mut Flush>,
+        encoded: Option<&Encoded>,
     ) -> bool {
-        let pushed = match flush {
-            Some(flush) => self.outbox.offer(frame.clone()).map(|write| {
-                if write {
-                    flush.push(self.outbox.clone(), frame);
-                }
-            }),
+        let pushed = match encoded {
+            Some(encoded) => self.outbox.push_encoded(frame, encoded),
             None => self.outbox.try_push(frame.clone()),
         };
         match pushed {
@@ -94,6 +92,94 @@ impl Entry {
             }
             Err(PushError::Closed) => false,
         }
+    }
+}
+
+/// One frame on its way to many sessions ([`Sessions::fan_out_event`],
+/// [`Sessions::fan_out_to_users`], [`Sessions::fan_out_to_all`]): who may
+/// get it was found under the registry's lock (and the caller's, such as
+/// the event window's); [`Fanout::run`] picks and writes off them, each
+/// session under its own lock, spread over the runtime's workers.
+#[derive(Debug)]
+pub(crate) struct Fanout {
+    entries: Vec<Arc<Entry>>,
+    pick: Pick,
+}
+
+/// What each session of a fan-out is given, and by what rule.
+#[derive(Debug)]
+struct Pick {
+    frame: Utf8Bytes,
+    /// The frame on the wire, encoded once for all (when there are several).
+    encoded: Option<Encoded>,
+    /// A mesh event's rule; `None` for a push to every session listed.
+    event: Option<EventRule>,
+    /// What a resuming session holds back at most ([`Sessions`]' limits).
+    held_bytes: usize,
+    held_frames: usize,
+    metrics: Option<Metrics>,
+}
+
+/// Who a mesh event goes to among the sessions listed, and where it is in
+/// the event log.
+#[derive(Debug)]
+struct EventRule {
+    topic: Box<str>,
+    subscribers: bool,
+    roles: Vec<String>,
+    position: Option<u64>,
+}
+
+impl Fanout {
+    /// Give the frame to every session the rule picks; how many got it.
+    /// Each session's check and push are one step under its lock, so a
+    /// resume that begins (and takes that lock to hold live events back)
+    /// comes wholly before or wholly after this event's push to it.
+    pub(crate) async fn run(mut self) -> usize {
+        if self.entries.len() > 1 {
+            self.pick.encoded = Some(Encoded::text(self.pick.frame.clone()));
+        }
+        spread(self.entries, self.pick, Pick::give).await
+    }
+}
+
+impl Pick {
+    fn give(&self, e: &Arc<Entry>) -> bool {
+        let encoded = self.encoded.as_ref();
+        let Some(rule) = &self.event else {
+            return e.push(&self.frame, self.metrics.as_ref(), encoded);
+        };
+        let mut state = e.state();
+        let allowed =
+            rule.roles.is_empty() || rule.roles.iter().any(|r| state.info.roles.contains(r));
+        if !allowed
+            || (rule.subscribers && !state.topics.iter().any(|p| topic::matches(p, &rule.topic)))
+        {
+            return false;
+        }
+        if let (Some(p), Some(seen)) = (rule.position, state.seen_through)
+            && p <= seen
+        {
+            return false;
+        }
+        if let Some(held) = state.held.as_mut() {
+            held.bytes += self.frame.len();
+            held.frames.push(self.frame.clone());
+            if held.bytes > self.held_bytes || held.frames.len() > self.held_frames {
+                state.held = None;
+                drop(state);
+                e.close(close::SLOW_CONSUMER, "outbound queue full");
+                if let Some(m) = &self.metrics {
+                    m.slow_consumer_closed();
+                }
+                return false;
+            }
+            return true;
+        }
+        // Still under the session's lock (see `Fanout::run`).
+        let pushed = e.push(&self.frame, self.metrics.as_ref(), encoded);
+        drop(state);
+        pushed
     }
 }
 
@@ -410,59 +496,71 @@ impl Sessions {
         out
     }
 
-    fn push_all(
-        &self,
-        entries: &[Arc<Entry>],
-        frame: &Utf8Bytes,
-        mut flush: Option<&mut Flush>,
-    ) -> usize {
+    fn push_all(&self, entries: &[Arc<Entry>], frame: &Utf8Bytes) -> usize {
         entries
             .iter()
-            .filter(|e| e.push(frame, self.metrics.as_ref(), flush.as_deref_mut()))
+            .filter(|e| e.push(frame, self.metrics.as_ref(), None))
             .count()
     }
 
     /// Push a frame to every session of these users; how many got it.
     pub fn send_to_users<S: AsRef<str>>(&self, user_ids: &[S], frame: Utf8Bytes) -> usize {
-        self.push_all(&self.of_users(user_ids), &frame, None)
+        self.push_all(&self.of_users(user_ids), &frame)
     }
 
     /// Push a frame to every session.
     pub fn broadcast(&self, frame: Utf8Bytes) -> usize {
-        self.push_all(&self.everyone(), &frame, None)
+        self.push_all(&self.everyone(), &frame)
     }
 
-    /// [`Sessions::send_to_users`], the frames written by `flush` (see
-    /// [`Sessions::deliver_event`]).
-    pub(crate) fn send_to_users_later<S: AsRef<str>>(
+    /// [`Sessions::send_to_users`] as a fan-out, to run off the caller's
+    /// locks ([`Fanout::run`]).
+    pub(crate) fn fan_out_to_users<S: AsRef<str>>(
         &self,
         user_ids: &[S],
         frame: Utf8Bytes,
-        flush: &mut Flush,
-    ) -> usize {
-        self.push_all(&self.of_users(user_ids), &frame, Some(flush))
+    ) -> Fanout {
+        self.fanout(self.of_users(user_ids), frame, None)
     }
 
-    /// [`Sessions::broadcast`], the frames written by `flush`.
-    pub(crate) fn broadcast_later(&self, frame: Utf8Bytes, flush: &mut Flush) -> usize {
-        self.push_all(&self.everyone(), &frame, Some(flush))
+    /// [`Sessions::broadcast`] as a fan-out ([`Fanout::run`]).
+    pub(crate) fn fan_out_to_all(&self, frame: Utf8Bytes) -> Fanout {
+        self.fanout(self.everyone(), frame, None)
     }
 
     fn everyone(&self) -> Vec<Arc<Entry>> {
         self.lock().sessions.values().cloned().collect()
     }
 
-    /// Push a mesh event: to the sessions of `target` users when the event
-    /// names any (else to all), only to those subscribed to a pattern
-    /// matching `topic` when `subscribers`, and only to sessions holding
-    /// one of `roles` (when there are any). `position` is its place in the
-    /// event log: a session that has it already is skipped, one that is
-    /// resuming holds it until its replay is done. The frame is queued in
-    /// every outbox now, in order with all else; the outboxes whose stream
-    /// is free join `flush`, for the caller to write them all at once
-    /// (off whatever lock it holds).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn deliver_event(
+    fn fanout(
+        &self,
+        entries: Vec<Arc<Entry>>,
+        frame: Utf8Bytes,
+        event: Option<EventRule>,
+    ) -> Fanout {
+        Fanout {
+            entries,
+            pick: Pick {
+                frame,
+                encoded: None,
+                event,
+                held_bytes: self.queue_bytes,
+                held_frames: self.queue_capacity * 4,
+                metrics: self.metrics.clone(),
+            },
+        }
+    }
+
+    /// A mesh event as a fan-out: to the sessions of `target` users when
+    /// the event names any (else to all), only to those subscribed to a
+    /// pattern matching `topic` when `subscribers`, and only to sessions
+    /// holding one of `roles` (when there are any). `position` is its place
+    /// in the event log: a session that has it already is skipped, one
+    /// that is resuming holds it until its replay is done. Who may get it
+    /// is found now (under the caller's lock, the event window's); who
+    /// does, and the writes, when the caller runs it ([`Fanout::run`]),
+    /// off that lock.
+    pub(crate) fn fan_out_event(
         &self,
         topic: &str,
         target: Option<&[String]>,
@@ -470,46 +568,19 @@ impl Sessions {
         roles: &[String],
         frame: Utf8Bytes,
         position: Option<u64>,
-        flush: &mut Flush,
-    ) -> usize {
+    ) -> Fanout {
         let candidates: Vec<Arc<Entry>> = match target {
             Some(users) => self.of_users(users),
             None if subscribers => self.lock().subscribed.values().cloned().collect(),
             None => self.lock().sessions.values().cloned().collect(),
         };
-        let mut sent = 0;
-        for e in &candidates {
-            let mut state = e.state();
-            let allowed = roles.is_empty() || roles.iter().any(|r| state.info.roles.contains(r));
-            if !allowed || (subscribers && !state.topics.iter().any(|p| topic::matches(p, topic))) {
-                continue;
-            }
-            if let (Some(p), Some(seen)) = (position, state.seen_through)
-                && p <= seen
-            {
-                continue;
-            }
-            if let Some(held) = state.held.as_mut() {
-                held.bytes += frame.len();
-                held.frames.push(frame.clone());
-                if held.bytes > self.queue_bytes || held.frames.len() > self.queue_capacity * 4 {
-                    state.held = None;
-                    drop(state);
-                    e.close(close::SLOW_CONSUMER, "outbound queue full");
-                    if let Some(m) = &self.metrics {
-                        m.slow_consumer_closed();
-                    }
-                    continue;
-                }
-                sent += 1;
-                continue;
-            }
-            drop(state);
-            if e.push(&frame, self.metrics.as_ref(), Some(&mut *flush)) {
-                sent += 1;
-            }
-        }
-        sent
+        let rule = EventRule {
+            topic: topic.into(),
+            subscribers,
+            roles: roles.to_vec(),
+            position,
+        };
+        self.fanout(candidates, frame, Some(rule))
     }
 
     /// Every session now: its id and its user's.
@@ -1005,6 +1076,12 @@ mod tests {
         assert_eq!(drain(&c), vec!["1", "2"]);
     }
 
+    /// Run a fan-out here and now (outside a multi-threaded runtime it is
+    /// worked through inline, without waiting).
+    fn now(fanout: Fanout) -> usize {
+        futures_util::FutureExt::now_or_never(fanout.run()).expect("an inline fan-out")
+    }
+
     #[test]
     fn subscriptions_select_sessions_and_are_capped() {
         let s = Sessions::new(8);
@@ -1014,9 +1091,7 @@ mod tests {
             s.subscribe("s1", &["orders.*".into(), "news.#".into()], 3),
             Ok(vec!["news.#".to_owned(), "orders.*".to_owned()])
         );
-        let deliver = |t: &str, f: &str| {
-            s.deliver_event(t, None, true, &[], f.into(), None, &mut Flush::default())
-        };
+        let deliver = |t: &str, f: &str| now(s.fan_out_event(t, None, true, &[], f.into(), None));
         assert_eq!(deliver("orders.created", "o"), 1);
         assert_eq!(
             s.subscribe("s1", &["a".into(), "b".into()], 3),
@@ -1049,27 +1124,11 @@ mod tests {
         s.subscribe("sb", &["orders.#".into()], 8).unwrap();
         let to_bob = ["bob".to_owned()];
         assert_eq!(
-            s.deliver_event(
-                "orders.x",
-                Some(&to_bob),
-                true,
-                &[],
-                "t".into(),
-                None,
-                &mut Flush::default()
-            ),
+            now(s.fan_out_event("orders.x", Some(&to_bob), true, &[], "t".into(), None)),
             1
         );
         assert_eq!(
-            s.deliver_event(
-                "orders.x",
-                Some(&to_bob),
-                false,
-                &[],
-                "u".into(),
-                None,
-                &mut Flush::default()
-            ),
+            now(s.fan_out_event("orders.x", Some(&to_bob), false, &[], "u".into(), None)),
             1
         );
         assert!(drain(&ann).is_empty());
@@ -1082,15 +1141,7 @@ mod tests {
         let (_g, c) = add(&s, "s1", "u");
         let admins = ["admin".to_owned()];
         assert_eq!(
-            s.deliver_event(
-                "x",
-                None,
-                false,
-                &admins,
-                "1".into(),
-                None,
-                &mut Flush::default()
-            ),
+            now(s.fan_out_event("x", None, false, &admins, "1".into(), None)),
             0
         );
         s.subscribe("s1", &["secret.#".into(), "news.#".into()], 8)
@@ -1100,33 +1151,39 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            s.deliver_event(
-                "x",
-                None,
-                false,
-                &admins,
-                "2".into(),
-                None,
-                &mut Flush::default()
-            ),
+            now(s.fan_out_event("x", None, false, &admins, "2".into(), None)),
             1
         );
         let dropped = s.set_info(&info("s1", "u"), |t| t != "secret.#");
         assert_eq!(dropped, vec!["secret.#"]);
         assert_eq!(s.topics("s1"), vec!["news.#"]);
         assert_eq!(
-            s.deliver_event(
-                "x",
-                None,
-                false,
-                &admins,
-                "3".into(),
-                None,
-                &mut Flush::default()
-            ),
+            now(s.fan_out_event("x", None, false, &admins, "3".into(), None)),
             0
         );
         assert_eq!(drain(&c), vec!["2"]);
+    }
+
+    #[tokio::test]
+    async fn a_resume_that_begins_between_an_events_window_and_its_writes_gets_it_once() {
+        let s = Sessions::new(8);
+        let (_g, out) = add(&s, "s1", "u");
+        s.subscribe("s1", &["news.#".into()], 8).unwrap();
+        // Both events are in the window (who may get them found) when the
+        // resume begins: its replay runs through 5, so 5 is the replay's
+        // and 6 is held for after it.
+        let fifth = s.fan_out_event("news.x", None, true, &[], "live 5".into(), Some(5));
+        let sixth = s.fan_out_event("news.x", None, true, &[], "live 6".into(), Some(6));
+        assert!(s.hold("s1", 5));
+        assert_eq!(now(fifth), 0, "the replay has it");
+        assert_eq!(now(sixth), 1, "held");
+        assert!(drain(&out).is_empty(), "nothing live before the replay");
+        assert!(
+            s.push_paced("s1", "replay 5".into(), Duration::from_secs(1))
+                .await
+        );
+        s.release("s1");
+        assert_eq!(drain(&out), vec!["replay 5", "live 6"]);
     }
 
     #[tokio::test]
@@ -1136,15 +1193,7 @@ mod tests {
         s.subscribe("s1", &["news.#".into()], 8).unwrap();
         let deliver = |p: u64| {
             let frame = format!("live {p}");
-            s.deliver_event(
-                "news.x",
-                None,
-                true,
-                &[],
-                frame.into(),
-                Some(p),
-                &mut Flush::default(),
-            )
+            now(s.fan_out_event("news.x", None, true, &[], frame.into(), Some(p)))
         };
         assert!(s.hold("s1", 10));
         assert!(!s.hold("s1", 10), "one resume at a time");
