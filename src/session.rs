@@ -1164,6 +1164,65 @@ mod tests {
         assert_eq!(drain(&c), vec!["2"]);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+        /// Spread over two workers, a fan-out gives an event to exactly the
+        /// sessions its rule picks (subscription, roles, what each has
+        /// seen), once each, and a resuming session holds it for later.
+        #[test]
+        fn a_spread_fan_out_gives_the_event_to_whom_the_rule_picks(
+            sessions in proptest::collection::vec(
+                (0usize..3, proptest::bool::ANY, proptest::option::of(0u64..10)),
+                crate::spread::SPREAD_FROM..crate::spread::SPREAD_FROM + 200,
+            ),
+            topic in 0usize..3,
+            admins_only in proptest::bool::ANY,
+            position in proptest::option::of(0u64..10),
+        ) {
+            const PATTERNS: [&str; 3] = ["a.#", "b.*", "a.x"];
+            const TOPICS: [&str; 3] = ["a.x", "b.y", "a.z.w"];
+            let caps = Caps { total: 4096, per_user: 4 };
+            let s = Sessions::new(8);
+            let mut outs = Vec::new();
+            for (i, (pattern, admin, held)) in sessions.iter().enumerate() {
+                let (sid, uid) = (format!("s{i}"), format!("u{i}"));
+                let a = s.admit(Some(&uid), caps).unwrap();
+                let o = s.test_outbox();
+                let roles: &[&str] = if *admin { &["admin"] } else { &["user"] };
+                let guard = s.register(a, &info_with(&sid, &uid, roles), caps, &o).unwrap();
+                s.subscribe(&sid, &[PATTERNS[*pattern].into()], 8).unwrap();
+                if let Some(through) = held {
+                    assert!(s.hold(&sid, *through));
+                }
+                outs.push((guard, o));
+            }
+            let roles = if admins_only { vec!["admin".to_owned()] } else { Vec::new() };
+            let fanout = s.fan_out_event(TOPICS[topic], None, true, &roles, "e".into(), position);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .build()
+                .unwrap();
+            let given = rt.block_on(fanout.run());
+            let mut picked_in_all = 0;
+            for (i, (pattern, admin, held)) in sessions.iter().enumerate() {
+                let seen = matches!((position, held), (Some(p), Some(t)) if p <= *t);
+                let picked = topic::matches(PATTERNS[*pattern], TOPICS[topic])
+                    && (!admins_only || *admin)
+                    && !seen;
+                picked_in_all += usize::from(picked);
+                let want = if picked { vec!["e".to_owned()] } else { Vec::new() };
+                let out = &outs[i].1;
+                if held.is_some() {
+                    proptest::prop_assert!(drain(out).is_empty(), "{}: held back", i);
+                    s.release(&format!("s{i}"));
+                }
+                proptest::prop_assert_eq!(drain(out), want, "session {}", i);
+            }
+            proptest::prop_assert_eq!(given, picked_in_all);
+        }
+    }
+
     #[tokio::test]
     async fn a_resume_that_begins_between_an_events_window_and_its_writes_gets_it_once() {
         let s = Sessions::new(8);
