@@ -144,6 +144,8 @@ impl Fanout {
 }
 
 impl Pick {
+    /// Give one session the frame when the rule picks it: whether it got
+    /// it (queued, written, or held for after its resume's replay).
     fn give(&self, e: &Arc<Entry>) -> bool {
         let encoded = self.encoded.as_ref();
         let Some(rule) = &self.event else {
