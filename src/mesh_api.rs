@@ -710,7 +710,7 @@ impl BffService {
     /// window's lock, spread over the workers.
     async fn fan_out(&self, event: IncomingEvent) {
         let hub = &self.hub;
-        let (delivery, fanout) = {
+        let (delivery, topic, fanout) = {
             let routes = hub.routes();
             let (live, position) = (event.live, event.position);
             let named = tracing::enabled!(tracing::Level::DEBUG).then(|| event.topic.clone());
@@ -731,27 +731,21 @@ impl BffService {
                 frame,
                 ..
             } = entry;
-            let sessions = hub.sessions();
             let target = target.as_deref();
-            let roles = &rule.roles;
-            let fanout = match rule.delivery {
-                Delivery::All => {
-                    Some(sessions.fan_out_event(&topic, target, false, roles, frame, position))
-                }
-                Delivery::Target => target
-                    .map(|_| sessions.fan_out_event(&topic, target, false, roles, frame, position)),
-                Delivery::Subscribers => {
-                    Some(sessions.fan_out_event(&topic, target, true, roles, frame, position))
-                }
-            };
+            // A targeted rule reaches no one without targets.
+            let fanout = (rule.delivery != Delivery::Target || target.is_some()).then(|| {
+                let subscribers = rule.delivery == Delivery::Subscribers;
+                let roles = &rule.roles;
+                hub.sessions()
+                    .fan_out_event(&topic, target, subscribers, roles, frame, position)
+            });
             drop(log);
-            ((rule.delivery, topic), fanout)
+            (rule.delivery, topic, fanout)
         };
         let n = match fanout {
             Some(fanout) => fanout.run().await,
             None => 0,
         };
-        let (delivery, topic) = delivery;
         hub.metrics().pushed("event", n);
         tracing::debug!(topic = %&*topic, %delivery, sessions = n, "mesh event pushed");
     }

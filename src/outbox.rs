@@ -291,25 +291,8 @@ impl Outbox {
     /// [`Outbox::try_push`] for a producer that keeps a refused frame to
     /// try again (a replay at the reader's pace).
     pub(crate) fn try_push_keep(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
-        let mut state = self.lock();
-        if let Err(e) = self.admit(&state, &frame) {
-            return Err((e, frame));
-        }
-        let mut frame = frame;
-        if let Some(stream) = self.stream()
-            && state.may_write()
-        {
-            // The queue is empty: what the stream took is of its head.
-            (frame, state.head_sent) = match try_write(stream, frame) {
-                Ok(()) => return Ok(()),
-                Err(rest) => rest,
-            };
-        }
-        state.bytes += frame.len();
-        state.frames.push_back(frame);
-        drop(state);
-        self.0.consumer.wake();
-        Ok(())
+        let len = frame.len();
+        self.push_with(frame, len, try_write, |frame| frame)
     }
 
     /// [`Outbox::try_push`] for one frame of a fan-out, encoded once for
@@ -321,33 +304,60 @@ impl Outbox {
         frame: &Utf8Bytes,
         encoded: &Encoded,
     ) -> Result<(), PushError> {
+        let write = |stream: &TcpStream, frame| {
+            let wire = encoded.wire();
+            match stream.try_write(wire).unwrap_or(0) {
+                taken if taken >= wire.len() => Ok(()),
+                taken => Err((frame, taken)),
+            }
+        };
+        self.push_with(frame, frame.len(), write, Utf8Bytes::clone)
+            .map_err(|(e, _)| e)
+    }
+
+    /// A producer's frame (`len` bytes), under the pen's rule: refused when
+    /// the queue cannot take it; written by `write` when nothing is queued
+    /// and nobody writes (which hands the frame back with the bytes the
+    /// stream took when it did not take it whole); else, or for what is
+    /// left, queued (`queued` makes the queue's own) and the connection
+    /// woken. The frame's holder `T` is the frame itself, or a borrow of a
+    /// fan-out's shared one, copied only if it must wait.
+    fn push_with<T>(
+        &self,
+        frame: T,
+        len: usize,
+        write: impl FnOnce(&TcpStream, T) -> Result<(), (T, usize)>,
+        queued: impl FnOnce(T) -> Utf8Bytes,
+    ) -> Result<(), (PushError, T)> {
         let mut state = self.lock();
-        self.admit(&state, frame)?;
+        if let Err(e) = self.admit(&state, len) {
+            return Err((e, frame));
+        }
+        let mut frame = frame;
         if let Some(stream) = self.stream()
             && state.may_write()
         {
-            let wire = encoded.wire();
-            let taken = stream.try_write(wire).unwrap_or(0);
-            if taken >= wire.len() {
-                return Ok(());
-            }
             // The queue is empty: what the stream took is of its head.
-            state.head_sent = taken;
+            (frame, state.head_sent) = match write(stream, frame) {
+                Ok(()) => return Ok(()),
+                Err(rest) => rest,
+            };
         }
+        let frame = queued(frame);
         state.bytes += frame.len();
-        state.frames.push_back(frame.clone());
+        state.frames.push_back(frame);
         drop(state);
         self.0.consumer.wake();
         Ok(())
     }
 
-    /// Whether `frame` may be queued now.
-    fn admit(&self, state: &State, frame: &Utf8Bytes) -> Result<(), PushError> {
+    /// Whether a frame of `len` bytes may be queued now.
+    fn admit(&self, state: &State, len: usize) -> Result<(), PushError> {
         if state.closed.is_some() {
             return Err(PushError::Closed);
         }
         let over_bytes =
-            !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > self.max_bytes();
+            !state.frames.is_empty() && state.bytes.saturating_add(len) > self.max_bytes();
         if state.frames.len() >= self.capacity() || over_bytes {
             return Err(PushError::Full);
         }
@@ -361,7 +371,7 @@ impl Outbox {
     /// go out together, one batch). A refused frame is handed back.
     pub(crate) fn try_push_own(&self, frame: Utf8Bytes) -> Result<(), (PushError, Utf8Bytes)> {
         let mut state = self.lock();
-        if let Err(e) = self.admit(&state, &frame) {
+        if let Err(e) = self.admit(&state, frame.len()) {
             return Err((e, frame));
         }
         state.bytes += frame.len();
