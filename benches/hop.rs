@@ -444,20 +444,26 @@ impl Floor {
     }
 }
 
-/// Deliveries/s (the median event's) and the p99 of `events`' latencies.
-fn fanout_stats(events: &[Vec<Duration>]) -> (f64, Duration) {
-    let mut spans: Vec<f64> = events
+/// Deliveries/s to `n` sockets by the median event's span (from its
+/// publish to its last arrival).
+fn median_rate(n: usize, spans: &[Duration]) -> f64 {
+    let mut sorted = spans.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .get(sorted.len() / 2)
+        .map_or(0.0, |span| n as f64 / span.as_secs_f64())
+}
+
+/// Of events given as each one's latencies: each one's span (its last
+/// arrival), and the p99 of all.
+fn spans_and_p99(events: &[Vec<Duration>]) -> (Vec<Duration>, Duration) {
+    let spans = events
         .iter()
-        .filter_map(|l| {
-            let last = l.iter().max()?;
-            Some(l.len() as f64 / last.as_secs_f64())
-        })
+        .map(|l| l.iter().max().copied().unwrap_or_default())
         .collect();
-    spans.sort_by(f64::total_cmp);
-    let rate = spans.get(spans.len() / 2).copied().unwrap_or(0.0);
     let mut all: Vec<Duration> = events.iter().flatten().copied().collect();
     all.sort_unstable();
-    (rate, percentile(&all, 0.99))
+    (spans, percentile(&all, 0.99))
 }
 
 /// The floors: (CPU per round trip of the blocking echo, CPU per write of
@@ -795,38 +801,44 @@ struct Direct {
     _connection: Connection,
 }
 
+/// A client's own reply queue on `channel` (server-named, exclusive) and
+/// its consumer (no acks): where a plain lapin caller takes its answers.
+async fn reply_queue(channel: &lapin::Channel) -> (String, lapin::Consumer) {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (queue.name().as_str().to_owned(), consumer)
+}
+
 impl Direct {
     async fn connect() -> Self {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let reply_to = queue.name().as_str().to_owned();
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (reply_to, mut consumer) = reply_queue(&channel).await;
         let waiters: Waiters = Arc::default();
         let w = waiters.clone();
         tokio::spawn(async move {
@@ -1293,11 +1305,8 @@ async fn measure_fanout(
     drop(sockets);
     latencies.sort_unstable();
     let spans: Vec<Duration> = last.iter().zip(&published).map(|(l, p)| *l - *p).collect();
-    let mut sorted = spans.clone();
-    sorted.sort_unstable();
-    let median_span = sorted[sorted.len() / 2];
     (
-        n as f64 / median_span.as_secs_f64(),
+        median_rate(n, &spans),
         percentile(&latencies, 0.99),
         cpu / (n * events) as u32,
         spans,
@@ -1694,13 +1703,10 @@ async fn orchestrate() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let latencies = floor.finish();
-    let (floor_rate, floor_p99) = fanout_stats(&latencies[..events]);
-    let floor_spans: Vec<Duration> = latencies[..events]
-        .iter()
-        .map(|l| l.iter().max().copied().unwrap_or_default())
-        .collect();
+    let (floor_spans, floor_p99) = spans_and_p99(&latencies[..events]);
+    let floor_rate = median_rate(fanout, &floor_spans);
     let paired = paired_rate_ratio(&floor_spans, &spans);
-    let (paced_floor_rate, _) = fanout_stats(&latencies);
+    let paced_floor_rate = median_rate(fanout, &spans_and_p99(&latencies).0);
     println!(
         "\nthe bare writer, its events between the gateway's: {floor_rate:.0} deliveries/s, p99 {}; \
          with {after} more after the paced run: {paced_floor_rate:.0}/s",
