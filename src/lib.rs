@@ -47,6 +47,7 @@ mod throttle;
 mod topic;
 mod trace;
 mod upgrade;
+mod watch;
 mod ws;
 
 pub use auth::{

@@ -1,10 +1,10 @@
 //! A session's outbound side: its bounded queue (in frames and in bytes),
 //! the client's TCP stream and who may write to it next, the session's
-//! close signal and close reason, and its liveness (pings gone unanswered,
-//! when its token expires), in one small allocation. The registry and the
-//! connection both hold it: the gateway's keepalive pass (`keepalive`)
-//! reads the liveness through the registry, the connection writes it, and
-//! no socket needs a timer of its own.
+//! close signal and close reason, and its liveness (pings gone unanswered),
+//! in one small allocation. The registry and the connection both hold it:
+//! the gateway's keepalive pass (`keepalive`) reads the liveness through
+//! the registry (which keeps the token's expiry: `watch`), the connection
+//! writes it, and no socket needs a timer of its own.
 //!
 //! Why a producer writes to the stream itself: an event fanned out to
 //! 10,000 sockets used to wake 10,000 tasks, each to write one frame. A
@@ -34,7 +34,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
@@ -85,8 +85,6 @@ struct Shared {
     /// Pings sent since the client was last heard from; [`NEW`] until the
     /// keepalive first looks at the session.
     missed: AtomicU8,
-    /// When the session's token expires (Unix seconds); 0 for never.
-    expires_at: AtomicU64,
 }
 
 /// `missed` of a session the keepalive has not looked at yet: it is not
@@ -286,7 +284,6 @@ impl Outbox {
             capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
             max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
             missed: AtomicU8::new(NEW),
-            expires_at: AtomicU64::new(0),
         }))
     }
 
@@ -507,20 +504,6 @@ impl Outbox {
         Liveness::Pinged
     }
 
-    /// The session's token expires at `exp` (Unix seconds); `None`: never.
-    pub(crate) fn set_expiry(&self, exp: Option<u64>) {
-        // 0 means never: an `exp` of 0 is long past, as 1 is.
-        self.0
-            .expires_at
-            .store(exp.map_or(0, |e| e.max(1)), Relaxed);
-    }
-
-    /// Whether the session's token has expired by `now` (Unix seconds).
-    pub(crate) fn expired(&self, now: u64) -> bool {
-        let exp = self.0.expires_at.load(Relaxed);
-        exp != 0 && now >= exp
-    }
-
     /// Close the session. The first reason given is kept; returns whether
     /// this call closed it.
     pub(crate) fn close(&self, code: u16, reason: &str) -> bool {
@@ -542,14 +525,15 @@ impl Outbox {
     pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         self.lock().closed.as_deref().cloned()
     }
+
+    /// Whether the session is closed (or closing).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
 }
 
 #[cfg(test)]
 impl Outbox {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.lock().closed.is_some()
-    }
-
     /// The first queued frame, the pen aside (tests of the queue alone).
     pub(crate) fn try_pop(&self) -> Option<Utf8Bytes> {
         self.lock().pop_front()
@@ -598,19 +582,6 @@ pub(crate) mod tests {
         assert_eq!(o.keepalive(2), Liveness::Pinged);
         assert_eq!(o.keepalive(0), Liveness::Dead);
         assert_eq!(o.keepalive(u8::MAX - 1), Liveness::Pinged, "no overflow");
-    }
-
-    #[test]
-    fn a_token_expires_at_its_second_and_zero_is_long_past() {
-        let o = Outbox::new(4);
-        assert!(!o.expired(u64::MAX), "no token expiry: never");
-        o.set_expiry(Some(100));
-        assert!(!o.expired(99));
-        assert!(o.expired(100));
-        o.set_expiry(Some(0));
-        assert!(o.expired(1));
-        o.set_expiry(None);
-        assert!(!o.expired(u64::MAX));
     }
 
     #[tokio::test]

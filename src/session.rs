@@ -27,6 +27,7 @@ use crate::outbox::{Liveness, Outbox, PushError};
 use crate::protocol::{SessionInfo, close};
 use crate::spread::spread;
 use crate::topic;
+use crate::watch::Watch;
 
 /// A session or user id as the registry keeps it: one allocation that
 /// its maps and the session's guard share, not a copy each.
@@ -218,6 +219,8 @@ struct Inner {
     subscribed: HashMap<Id, Arc<Entry>>,
     /// Sockets admitted but not registered yet.
     pending: usize,
+    /// Whom the keepalive looks at, tick by tick.
+    watch: Watch<Id>,
 }
 
 impl Inner {
@@ -241,6 +244,7 @@ impl Inner {
 
     fn unregister(&mut self, session_id: &str) {
         self.subscribed.remove(session_id);
+        self.watch.remove(session_id);
         if let Some(entry) = self.sessions.remove(session_id)
             && let Some(u) = self.by_user.get_mut(&entry.user_id)
         {
@@ -265,15 +269,6 @@ pub(crate) struct Swept {
     pub(crate) pinged: usize,
     pub(crate) dead: usize,
     pub(crate) expired: usize,
-}
-
-/// The keepalive bucket of a session: its (random) id folded, so each tick
-/// pings its share of the sessions and no tick all of them.
-fn bucket_of(session_id: &str, buckets: u64) -> u64 {
-    let folded = session_id
-        .bytes()
-        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    folded % buckets.max(1)
 }
 
 /// The registry. Cheap to clone; clones share the sessions.
@@ -463,6 +458,7 @@ impl Sessions {
         let user = inner.by_user.entry(user_id).or_default();
         user.sessions.reserve_exact(1);
         user.sessions.push(session_id.clone());
+        inner.watch.insert(session_id.clone(), None);
         inner.sessions.insert(session_id.clone(), entry);
         drop(inner);
         Ok(SessionGuard {
@@ -847,32 +843,43 @@ impl Sessions {
         entries.len()
     }
 
+    /// The session's token expires at `exp` (Unix seconds; `None`:
+    /// never), from its first token or a new one.
+    pub(crate) fn set_expiry(&self, session_id: &str, exp: Option<u64>) {
+        self.lock().watch.set_expiry(session_id, exp);
+    }
+
     /// One keepalive tick (`keepalive`): close every session whose token
     /// has expired by `now` (Unix seconds); of the sessions in `bucket` of
-    /// `buckets` (spread by session id), close those that left `max_missed`
-    /// pings unanswered and ping the others. The registry is locked only to
-    /// pick them; they are closed and pinged after.
+    /// `buckets` (a round of `buckets` ticks looks at each once), close
+    /// those that left `max_missed` pings unanswered and ping the others.
+    /// The registry is locked only to pick them ([`Watch`]: the tick's
+    /// share and the expired, not every session); they are closed and
+    /// pinged after.
     pub(crate) fn sweep(&self, bucket: u64, buckets: u64, now: u64, max_missed: u8) -> Swept {
-        let buckets = buckets.max(1);
-        let mut expired = Vec::new();
-        let mut due = Vec::new();
-        {
-            let inner = self.lock();
-            for entry in inner.sessions.values() {
-                if entry.outbox.expired(now) {
-                    expired.push(entry.outbox.clone());
-                } else if bucket_of(&entry.session_id, buckets) == bucket % buckets {
-                    due.push(entry.outbox.clone());
-                }
-            }
-        }
+        let (expired, due) = {
+            let mut inner = self.lock();
+            let outbox = |inner: &Inner, id: &Id| inner.sessions.get(id).map(|e| e.outbox.clone());
+            let expired: Vec<Outbox> = inner
+                .watch
+                .expired(now)
+                .iter()
+                .filter_map(|id| outbox(&inner, id))
+                .collect();
+            let due: Vec<Outbox> = inner
+                .watch
+                .due(bucket, buckets)
+                .filter_map(|id| outbox(&inner, id))
+                .collect();
+            (expired, due)
+        };
         let mut swept = Swept::default();
         for outbox in expired {
             if outbox.close(close::TOKEN_EXPIRED, "token expired") {
                 swept.expired += 1;
             }
         }
-        for outbox in due {
+        for outbox in due.iter().filter(|o| !o.is_closed()) {
             match outbox.keepalive(max_missed) {
                 Liveness::New => {}
                 Liveness::Pinged => swept.pinged += 1,
@@ -974,8 +981,9 @@ mod tests {
                 )
             })
             .collect();
-        sessions[0].1.set_expiry(Some(1_000));
-        sessions[1].1.set_expiry(Some(2_000));
+        let sid = |i: usize| sessions[i].0.session_id.to_string();
+        s.set_expiry(&sid(0), Some(1_000));
+        s.set_expiry(&sid(1), Some(2_000));
         let buckets = 4;
         // The first round looks at each session and pings none.
         let first: usize = (0..buckets).map(|b| s.sweep(b, buckets, 0, 2).pinged).sum();
@@ -1009,6 +1017,23 @@ mod tests {
         assert_eq!(
             sessions[3].1.close_reason().map(|r| r.code),
             Some(close::NO_PONG)
+        );
+        // A new token moves the expiry: not closed at the old one, closed
+        // at the new one.
+        s.set_expiry(&sid(2), Some(2_000));
+        s.set_expiry(&sid(2), Some(3_000));
+        let expired = |now| -> usize {
+            (0..buckets)
+                .map(|b| s.sweep(b, buckets, now, 9).expired)
+                .sum()
+        };
+        // (Session 1's token expired at 2,000, but it was closed as dead.)
+        assert_eq!(expired(2_500), 0);
+        assert!(sessions[2].1.close_reason().is_none());
+        assert_eq!(expired(3_000), 1);
+        assert_eq!(
+            sessions[2].1.close_reason().map(|r| r.code),
+            Some(close::TOKEN_EXPIRED)
         );
     }
 

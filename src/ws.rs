@@ -298,7 +298,7 @@ async fn open(opening: Opening) -> Option<Live> {
     };
     let _ = outbox.try_push(hello.to_json().into());
     // The keepalive pass closes the session once its token expires.
-    outbox.set_expiry(expires_at);
+    gw.sessions().set_expiry(&info.session_id, expires_at);
 
     let conn = Connection {
         gw,
@@ -675,7 +675,9 @@ impl Connection {
                 info.roles = id.roles;
                 info.username = id.username;
                 self.context = SessionContext::new(id.token.as_deref());
-                self.outbox.set_expiry(id.expires_at);
+                self.gw
+                    .sessions()
+                    .set_expiry(&self.info.session_id, id.expires_at);
                 self.narrow_subscriptions(
                     "the roles of the new token do not allow these subscriptions",
                 )
