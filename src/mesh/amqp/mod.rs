@@ -70,9 +70,6 @@ pub struct AmqpConfig {
     pub transient: bool,
     /// Service-queue messages handled at once.
     pub prefetch: u16,
-    /// Response-queue messages (responses, control) the broker may send
-    /// before they are acknowledged: what this process buffers at most.
-    pub response_prefetch: u16,
     /// The same for the event queue. Small: events the broker has sent
     /// travel on the connection the responses use (the lane), so fewer in
     /// flight means less for a response to wait behind during a burst.
@@ -111,7 +108,6 @@ impl AmqpConfig {
             control_exchange: None,
             transient: false,
             prefetch: 64,
-            response_prefetch: 1024,
             event_prefetch: 64,
             event_queue: 4096,
             max_message_bytes: 8 << 20,

@@ -63,9 +63,11 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| fail(c, "cannot enable publisher confirms", e))?;
-    // Responses and control messages, on the lane, acknowledged in
-    // batches: the broker holds back what is past the prefetch, so a burst
-    // never piles up in this process.
+    // Responses and control messages, on the lane, without
+    // acknowledgements: the response queue goes with the connection, so
+    // nothing in it could be delivered again (`LaneSpec::ack_by_caller`).
+    // The lane reads one message at a time; what it has not read waits in
+    // the socket and, past that, in the queue.
     let lane_name = format!("{} requests", c.connection_name());
     let event_queue = c.event_queue_name();
     let from = match (&c.event_log, &shared.log) {
@@ -76,7 +78,8 @@ pub(super) async fn establish(shared: &Arc<Shared>) -> Result<Consumers, MeshErr
         url: &c.url,
         name: &lane_name,
         queue: Some(&shared.response_queue),
-        prefetch: c.response_prefetch,
+        // Unused: no acknowledgements, no prefetch.
+        prefetch: 0,
         max_body: c.max_message_bytes as u64,
         ack_by_caller: false,
         events: c.has_event_queue().then_some(EventsSpec {

@@ -109,33 +109,38 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
         |a| matches!(a, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))),
     )
     .await?;
-    // The prefetch set before each consume is that consumer's own.
+    // The prefetch set before each consume is that consumer's own; a
+    // consumer without acknowledgements (the response queue's, unless the
+    // caller acknowledges: `LaneSpec::ack_by_caller`) has none.
     let mut consumers = Vec::new();
     if let Some(queue) = spec.queue {
-        consumers.push((queue, spec.prefetch.max(2), RESPONSES_TAG, None));
+        let prefetch = spec.ack_by_caller.then_some(spec.prefetch.max(2));
+        consumers.push((queue, prefetch, RESPONSES_TAG, None));
     }
     if let Some(events) = spec.events {
         consumers.push((
             events.queue,
-            events.prefetch.max(2),
+            Some(events.prefetch.max(2)),
             EVENTS_TAG,
             events.from,
         ));
     }
     for &(queue, prefetch, tag, from) in &consumers {
-        let qos = basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count: prefetch,
-            global: false,
-        });
-        ask(
-            &mut writer,
-            &mut frames,
-            CHANNEL,
-            AMQPClass::Basic(qos),
-            "basic.qos-ok",
-            |a| matches!(a, AMQPClass::Basic(basic::AMQPMethod::QosOk(_))),
-        )
-        .await?;
+        if let Some(prefetch) = prefetch {
+            let qos = basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: prefetch,
+                global: false,
+            });
+            ask(
+                &mut writer,
+                &mut frames,
+                CHANNEL,
+                AMQPClass::Basic(qos),
+                "basic.qos-ok",
+                |a| matches!(a, AMQPClass::Basic(basic::AMQPMethod::QosOk(_))),
+            )
+            .await?;
+        }
         let mut arguments = FieldTable::default();
         if let Some(from) = from {
             let offset = match from {
@@ -148,7 +153,7 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
             queue: short(queue, "the queue name")?,
             consumer_tag: tag.into(),
             no_local: false,
-            no_ack: false,
+            no_ack: prefetch.is_none(),
             // The instance's own queues are its alone; a queue its
             // instances share (the service queue, the event stream) is not.
             exclusive: !spec.ack_by_caller && from.is_none(),
@@ -178,7 +183,7 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
     }
     // Acks are per channel: one for all every half of the smaller
     // prefetch, so neither consumer ever waits on one.
-    let ack_prefetch = consumers.iter().map(|c| c.1).min().unwrap_or(2);
+    let ack_prefetch = consumers.iter().filter_map(|c| c.1).min().unwrap_or(2);
 
     let heartbeat = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat)));
     Ok(Opened {
