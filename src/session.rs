@@ -421,13 +421,15 @@ impl Sessions {
     /// Add a session in the place `admission` holds; it lives until the
     /// guard is dropped. A socket admitted before it named its user is
     /// counted against that user now. The outbox is what its connection
-    /// writes out.
+    /// writes out; its token expires at `expires_at` (Unix seconds;
+    /// `None`: never).
     pub(crate) fn register(
         &self,
         mut admission: Admission,
         info: &Arc<SessionInfo>,
         caps: Caps,
         outbox: &Outbox,
+        expires_at: Option<u64>,
     ) -> Result<SessionGuard, Crowded> {
         let mut inner = self.lock();
         let counted_as = admission.user.as_deref();
@@ -458,7 +460,7 @@ impl Sessions {
         let user = inner.by_user.entry(user_id).or_default();
         user.sessions.reserve_exact(1);
         user.sessions.push(session_id.clone());
-        inner.watch.insert(session_id.clone(), None);
+        inner.watch.insert(session_id.clone(), expires_at);
         inner.sessions.insert(session_id.clone(), entry);
         drop(inner);
         Ok(SessionGuard {
@@ -843,8 +845,8 @@ impl Sessions {
         entries.len()
     }
 
-    /// The session's token expires at `exp` (Unix seconds; `None`:
-    /// never), from its first token or a new one.
+    /// The session's token now expires at `exp` (Unix seconds; `None`:
+    /// never): a new token.
     pub(crate) fn set_expiry(&self, session_id: &str, exp: Option<u64>) {
         self.lock().watch.set_expiry(session_id, exp);
     }
@@ -960,7 +962,7 @@ mod tests {
     fn add(s: &Sessions, sid: &str, uid: &str) -> (SessionGuard, Outbox) {
         let a = s.admit(Some(uid), CAPS).unwrap();
         let o = s.test_outbox();
-        (s.register(a, &info(sid, uid), CAPS, &o).unwrap(), o)
+        (s.register(a, &info(sid, uid), CAPS, &o, None).unwrap(), o)
     }
 
     fn drain(o: &Outbox) -> Vec<String> {
@@ -1226,7 +1228,7 @@ mod tests {
                 let a = s.admit(Some(&uid), caps).unwrap();
                 let o = s.test_outbox();
                 let roles: &[&str] = if *admin { &["admin"] } else { &["user"] };
-                let guard = s.register(a, &info_with(&sid, &uid, roles), caps, &o).unwrap();
+                let guard = s.register(a, &info_with(&sid, &uid, roles), caps, &o, None).unwrap();
                 s.subscribe(&sid, &[PATTERNS[*pattern].into()], 8).unwrap();
                 if let Some(through) = held {
                     assert!(s.hold(&sid, *through));
@@ -1356,17 +1358,17 @@ mod tests {
         assert_eq!(s.admit(Some("bob"), caps).unwrap_err(), Crowded::Total(3));
         drop(a2);
         let _g1 = s
-            .register(a1, &info("s1", "ann"), caps, &s.test_outbox())
+            .register(a1, &info("s1", "ann"), caps, &s.test_outbox(), None)
             .unwrap();
         // The anonymous handshake turns out to be ann's third socket.
         let a3 = s.admit(Some("ann"), caps).unwrap();
         assert_eq!(
-            s.register(anon, &info("s2", "ann"), caps, &s.test_outbox())
+            s.register(anon, &info("s2", "ann"), caps, &s.test_outbox(), None)
                 .unwrap_err(),
             Crowded::User(2)
         );
         let _g3 = s
-            .register(a3, &info("s3", "ann"), caps, &s.test_outbox())
+            .register(a3, &info("s3", "ann"), caps, &s.test_outbox(), None)
             .unwrap();
         assert_eq!(s.counts().sessions, 2);
         let inner = s.lock();

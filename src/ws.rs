@@ -249,7 +249,11 @@ async fn open(opening: Opening) -> Option<Live> {
         roles,
     });
     let outbox = socket.outbox().clone();
-    let guard = match gw.sessions().register(admission, &info, gw.caps(), &outbox) {
+    // The keepalive pass closes the session once its token expires.
+    let registered = gw
+        .sessions()
+        .register(admission, &info, gw.caps(), &outbox, expires_at);
+    let guard = match registered {
         Ok(registered) => registered,
         Err(Crowded::User(limit) | Crowded::Total(limit)) => {
             // Only a socket that authenticated after the upgrade gets here.
@@ -297,8 +301,6 @@ async fn open(opening: Opening) -> Option<Live> {
         position: None,
     };
     let _ = outbox.try_push(hello.to_json().into());
-    // The keepalive pass closes the session once its token expires.
-    gw.sessions().set_expiry(&info.session_id, expires_at);
 
     let conn = Connection {
         gw,
