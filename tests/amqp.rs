@@ -391,3 +391,79 @@ async fn malformed_broker_messages_are_dropped_and_both_peers_keep_serving() {
     client.close(Duration::from_secs(5)).await;
     server.close(Duration::from_secs(5)).await;
 }
+
+/// Counts the control messages it is given.
+#[derive(Debug, Default)]
+struct Controls(std::sync::atomic::AtomicUsize);
+
+impl MeshHandler for Controls {
+    fn handle_request(&self, _: IncomingRequest) -> BoxFuture<'_, Result<Value, ErrorBody>> {
+        Box::pin(async { Ok(Value::Null) })
+    }
+    fn handle_control(&self, _: Value) -> BoxFuture<'_, ()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Box::pin(async {})
+    }
+}
+
+/// Messages that reach an instance's response queue while its lane is
+/// still setting up (the response queue's consumer receives while the
+/// event consumer is asked for) are read once the lane reads. They came
+/// to a consumer without acknowledgements: handing them back, as the lane
+/// once did, made the broker close the channel (406, unknown delivery
+/// tag) and the link was rebuilt each time another instance spoke at the
+/// wrong moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_messages_that_come_while_the_link_starts_are_read_and_it_stays_up() {
+    let control = unique("ctl");
+    let config = |name: &str| {
+        let mut config = AmqpConfig::new(amqp_url(), name);
+        config.control_exchange = Some(control.clone());
+        // An event queue: a second consumer set up after the response
+        // queue's.
+        config.event_bindings = vec![format!("{name}.#")];
+        config
+    };
+    // Another instance, speaking to all without pause.
+    let talker = AmqpMesh::connect(config(&unique("talker")), Arc::new(Controls::default()))
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let talking = {
+        let (talker, stop) = (talker.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.is_cancelled() {
+                talker
+                    .broadcast_control(json!({"n": sent}))
+                    .await
+                    .expect("the talker's broadcast");
+                sent += 1;
+            }
+            sent
+        })
+    };
+    for _ in 0..6 {
+        let heard = Arc::new(Controls::default());
+        let mesh = AmqpMesh::connect(config(&unique("flooded")), heard.clone())
+            .await
+            .unwrap();
+        eventually(
+            "control messages to arrive",
+            Duration::from_secs(10),
+            async || (heard.0.load(std::sync::atomic::Ordering::Relaxed) > 50).then_some(()),
+        )
+        .await;
+        assert_eq!(
+            mesh.reconnects(),
+            0,
+            "the link broke while it started: {:?}",
+            mesh.messages_dropped()
+        );
+        mesh.close(Duration::from_secs(2)).await;
+    }
+    stop.cancel();
+    let sent = talking.await.unwrap();
+    assert!(sent > 0);
+    talker.close(Duration::from_secs(2)).await;
+}

@@ -1186,12 +1186,25 @@ fn a_killed_instance_is_noticed_and_its_sessions_said_lost() {
         json!({"sessions": 3, "instances": 2}),
         "{asked}"
     );
-    listener.until(Duration::from_secs(20), |seen| {
+    let all_connected = listener.wait(Duration::from_secs(20), |seen| {
         seen.iter()
             .filter(|e| e["topic"] == format!("bff.{mesh_name}.connected").as_str())
             .count()
             == 3
     });
+    if let Err(why) = all_connected {
+        let dropped = |addr| {
+            let text = rt.block_on(http_get(addr, "/metrics")).unwrap().1;
+            common::metric(&text, "bff_lifecycle_events_dropped_total")
+        };
+        panic!(
+            "{why}\nlifecycle events dropped: pa {}, pb {}\npa:\n{}\npb:\n{}",
+            dropped(addr_a),
+            dropped(addr_b),
+            a.log_now(),
+            b.log_now()
+        );
+    }
 
     b.kill();
     let killed = Instant::now();

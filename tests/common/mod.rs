@@ -436,22 +436,36 @@ impl PyListener {
     /// Wait (up to `within`) until `done` holds for the events seen so
     /// far; they are kept in `seen`.
     pub fn until(&mut self, within: Duration, done: impl Fn(&[Value]) -> bool) -> &[Value] {
+        match self.wait(within, done) {
+            Ok(()) => &self.seen,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    /// [`Self::until`], saying what was seen instead of panicking.
+    pub fn wait(
+        &mut self,
+        within: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + within;
         while !done(&self.seen) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(e) => self.seen.push(e),
-                Err(_) => panic!(
-                    "the listener did not see what was awaited within {within:?}; it saw:\n{}",
-                    self.seen
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                ),
+                Err(_) => {
+                    return Err(format!(
+                        "the listener did not see what was awaited within {within:?}; it saw:\n{}",
+                        self.seen
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    ));
+                }
             }
         }
-        &self.seen
+        Ok(())
     }
 }
 

@@ -85,6 +85,22 @@ impl FrameBuf {
         &self.buf[frame.start..frame.end]
     }
 
+    /// The whole frame, its header and end byte included.
+    pub(super) fn raw(&self, frame: Frame) -> &[u8] {
+        &self.buf[frame.start - 7..=frame.end]
+    }
+
+    /// Put `frames` (whole, as [`Self::raw`] gave them) in front of what
+    /// is still to be cut: they are read first.
+    pub(super) fn unread(&mut self, mut frames: Vec<u8>) {
+        if frames.is_empty() {
+            return;
+        }
+        frames.extend_from_slice(&self.buf[self.pos..]);
+        self.buf = frames;
+        self.pos = 0;
+    }
+
     /// The buffer to read more into, after what was cut already is let go
     /// (and a buffer a large frame grew is shrunk back).
     pub(super) fn spare(&mut self) -> &mut Vec<u8> {

@@ -171,9 +171,19 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
         )
         .await?;
     }
-    // What came while the consumers were set up goes back to its queue,
-    // to come again now that the lane reads.
-    for tag in std::mem::take(&mut frames.early) {
+    // What came while the consumers were set up is read first once the
+    // lane reads. What did not fit goes back to its queue if its consumer
+    // acknowledges; one without acknowledgements had nothing to give back.
+    let early = frames.early.take();
+    let mut lost = 0usize;
+    for (tag, consumer) in early.let_go {
+        let acked = consumers
+            .iter()
+            .any(|c| c.2 == consumer.as_str() && c.1.is_some() && c.3.is_none());
+        if !acked {
+            lost += 1;
+            continue;
+        }
         let nack = basic::AMQPMethod::Nack(basic::Nack {
             delivery_tag: tag,
             multiple: false,
@@ -181,6 +191,15 @@ pub(super) async fn open(spec: LaneSpec<'_>) -> Result<Opened, LaneError> {
         });
         send(&mut writer, CHANNEL, AMQPClass::Basic(nack)).await?;
     }
+    if lost > 0 {
+        tracing::warn!(
+            lane = spec.name,
+            lost,
+            "messages that came while the lane was starting were let go (over {} bytes)",
+            super::early::EARLY_MAX
+        );
+    }
+    frames.buf.unread(early.frames);
     // Acks are per channel: one for all every half of the smaller
     // prefetch, so neither consumer ever waits on one.
     let ack_prefetch = consumers.iter().filter_map(|c| c.1).min().unwrap_or(2);

@@ -23,13 +23,15 @@
 //! ends the lane with the reason, and the mesh rebuilds its whole link.
 //!
 //! Its rooms: `codec` (frames read in place and written into the buffer),
-//! `socket` (TCP or TLS, and the frame reader), `handshake`, and `assemble`
-//! (messages put back together from frames: a state machine without a
-//! socket). This file holds the lane itself: the write queue, the two
+//! `socket` (TCP or TLS, and the frame reader), `handshake`, `early` (what
+//! a consumer receives while the handshake still runs, kept to be read
+//! first), and `assemble` (messages put back together from frames: a state
+//! machine without a socket). This file holds the lane itself: the write queue, the two
 //! loops, and what a caller sees.
 
 mod assemble;
 mod codec;
+mod early;
 mod handshake;
 mod socket;
 

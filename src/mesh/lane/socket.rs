@@ -14,9 +14,8 @@ use tokio::net::tcp::OwnedWriteHalf;
 
 use super::LaneError;
 use super::assemble::FrameBuf;
-use super::codec::{
-    FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, closed_by_broker, decode_method,
-};
+use super::codec::{FRAME_HEARTBEAT, FRAME_METHOD, closed_by_broker, decode_method};
+use super::early::{EARLY_MAX, Early};
 
 pub(super) type Reader = Pin<Box<dyn AsyncRead + Send>>;
 pub(super) type Writer = Pin<Box<dyn AsyncWrite + Send>>;
@@ -109,9 +108,8 @@ pub(super) struct FrameReader {
     io: Reader,
     pub(super) buf: FrameBuf,
     /// Deliveries that came during the handshake (a consumer already set
-    /// up receives while the next one is asked for): skipped, their tags
-    /// kept to be handed back to the broker.
-    pub(super) early: Vec<u64>,
+    /// up receives while the next one is asked for), kept to be read first.
+    pub(super) early: Early,
 }
 
 impl FrameReader {
@@ -119,7 +117,7 @@ impl FrameReader {
         Self {
             io,
             buf: FrameBuf::new(),
-            early: Vec::new(),
+            early: Early::new(EARLY_MAX),
         }
     }
 
@@ -147,9 +145,9 @@ impl FrameReader {
             while let Some(frame) = self.buf.buffered()? {
                 match frame.kind {
                     FRAME_HEARTBEAT => continue,
-                    // The content of an early delivery.
-                    FRAME_HEADER | FRAME_BODY if !self.early.is_empty() => continue,
                     FRAME_METHOD => {}
+                    // The content of an early delivery.
+                    other if self.early.content(other, self.buf.raw(frame)) => continue,
                     other => {
                         return Err(LaneError::new(format!(
                             "a frame of type {other} during the handshake"
@@ -161,9 +159,14 @@ impl FrameReader {
                     return Err(why);
                 }
                 if let AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) = &class {
-                    self.early.push(d.delivery_tag);
+                    self.early.deliver(
+                        self.buf.raw(frame),
+                        d.delivery_tag,
+                        d.consumer_tag.as_str(),
+                    );
                     continue;
                 }
+                self.early.method();
                 return Ok((frame.channel, class));
             }
             self.fill(None).await?;

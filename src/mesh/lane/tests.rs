@@ -558,9 +558,18 @@ pub(super) fn body(bytes: &[u8]) -> Vec<u8> {
 /// What the read loop dispatched from `bytes` (then the socket closes),
 /// and why it ended.
 async fn read_all(bytes: Vec<u8>, prefetch: u16) -> (Vec<(String, Vec<u8>)>, LaneError, Vec<u8>) {
-    let inner = test_inner();
     let mut frames = reader_of(bytes);
     frames.buf.set_frame_max(4096);
+    read_frames(frames, prefetch).await
+}
+
+/// What the read loop dispatched from `frames` (then the socket closes),
+/// and why it ended.
+async fn read_frames(
+    mut frames: FrameReader,
+    prefetch: u16,
+) -> (Vec<(String, Vec<u8>)>, LaneError, Vec<u8>) {
+    let inner = test_inner();
     let mut got = Vec::new();
     let mut on = |m: Incoming<'_>| match m {
         Incoming::Delivery {
@@ -639,6 +648,50 @@ async fn deliveries_in_one_or_many_body_frames_are_dispatched_whole_and_acked() 
     // response's tag would name a delivery the broker does not hold, and
     // it closes the channel for that.
     assert_eq!(acks(queued).await, vec![(2, true)]);
+}
+
+#[tokio::test]
+async fn deliveries_that_came_during_the_handshake_are_read_first_not_lost() {
+    // The response queue's consumer (no acks) receives while the event
+    // consumer is asked for: its deliveries come before the consume-ok.
+    let consume_ok = method(
+        CHANNEL,
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+            consumer_tag: EVENTS_TAG.into(),
+        })),
+    );
+    let mut bytes = Vec::new();
+    bytes.extend(deliver(1));
+    bytes.extend(header(7, "early-1"));
+    bytes.extend(body(b"control"));
+    bytes.extend(deliver(2));
+    bytes.extend(header(0, "early-2"));
+    bytes.extend(consume_ok);
+    bytes.extend(deliver_to(EVENTS_TAG, 3));
+    bytes.extend(header(2, "after"));
+    bytes.extend(body(b"{}"));
+    let mut frames = reader_of(bytes);
+    frames.buf.set_frame_max(4096);
+    let (_, answer) = frames.method().await.unwrap();
+    assert!(
+        matches!(answer, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))),
+        "the early deliveries are not the answer: {answer:?}"
+    );
+    let early = frames.early.take();
+    assert!(early.let_go.is_empty());
+    frames.buf.unread(early.frames);
+    let (got, _, queued) = read_frames(frames, 2).await;
+    assert_eq!(
+        got,
+        vec![
+            ("early-1".to_owned(), b"control".to_vec()),
+            ("early-2".to_owned(), Vec::new()),
+            ("event after".to_owned(), b"{}".to_vec()),
+        ]
+    );
+    // Only the event is acknowledged: the early ones came to a consumer
+    // without acks (an ack or a nack at their tags closes the channel).
+    assert_eq!(acks(queued).await, vec![(3, true)]);
 }
 
 /// The acks (delivery tag, multiple) in what the lane queued to write.
