@@ -156,10 +156,24 @@ impl Lifecycle {
     }
 }
 
+/// How often the pump looks whether the broker link is back.
+const READY_POLL: Duration = Duration::from_millis(20);
+
+/// Until the mesh takes calls (the broker link is up and not blocked).
+async fn until_ready(mesh: &dyn Mesh) {
+    while !mesh.is_ready() {
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
 /// Publish queued lifecycle events in order until `stop` (the sessions
 /// are being closed), then what the closing sessions still queue, until
-/// none is left or [`DRAIN`] is over. A publish that fails or takes over
-/// [`PUBLISH_TIMEOUT`] is counted as dropped.
+/// none is left or [`DRAIN`] is over. While the broker link is down (a
+/// relink, a resource alarm) the pump waits for it and the events wait in
+/// their bounded queue: a blink of the link delays them, a long outage
+/// fills the queue and drops what comes after. A publish that fails or
+/// takes over [`PUBLISH_TIMEOUT`] is counted as dropped, as is what is
+/// left when the drain is over.
 pub(crate) async fn pump(
     mesh: std::sync::Arc<dyn Mesh>,
     mut queue: mpsc::Receiver<OutgoingEvent>,
@@ -173,19 +187,38 @@ pub(crate) async fn pump(
             metrics.lifecycle_dropped();
         }
     };
+    let mut held = None;
     loop {
-        tokio::select! {
+        let event = tokio::select! {
             _ = stop.cancelled() => break,
             event = queue.recv() => match event {
-                Some(event) => publish(event).await,
+                Some(event) => event,
                 None => return,
             },
+        };
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                held = Some(event);
+                break;
+            }
+            _ = until_ready(&*mesh) => publish(event).await,
         }
     }
     let deadline = tokio::time::Instant::now() + DRAIN;
     loop {
         let last_look = sessions.counts().sessions == 0;
-        while let Ok(event) = queue.try_recv() {
+        while let Some(event) = held.take().or_else(|| queue.try_recv().ok()) {
+            if tokio::time::timeout_at(deadline, until_ready(&*mesh))
+                .await
+                .is_err()
+            {
+                metrics.lifecycle_dropped();
+                while queue.try_recv().is_ok() {
+                    metrics.lifecycle_dropped();
+                }
+                return;
+            }
             publish(event).await;
         }
         if last_look || tokio::time::Instant::now() >= deadline {
@@ -252,6 +285,102 @@ mod tests {
         let (off, rx) = Lifecycle::new(false, "shop", "i1", Metrics::new());
         assert!(rx.is_none());
         off.connected(&alice());
+    }
+
+    /// A mesh whose link can be down: a publish then fails, as the AMQP
+    /// mesh's does.
+    #[derive(Debug, Default)]
+    struct Blinking {
+        up: std::sync::atomic::AtomicBool,
+        published: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Mesh for Blinking {
+        fn request<'a>(
+            &'a self,
+            _: &'a crate::mesh::Call,
+        ) -> crate::mesh::BoxFuture<'a, Result<Value, crate::mesh::MeshError>> {
+            Box::pin(async { Ok(Value::Null) })
+        }
+        fn command(
+            &self,
+            _: crate::mesh::Call,
+        ) -> crate::mesh::BoxFuture<'_, Result<(), crate::mesh::MeshError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn publish_event(
+            &self,
+            event: OutgoingEvent,
+        ) -> crate::mesh::BoxFuture<'_, Result<(), crate::mesh::MeshError>> {
+            Box::pin(async move {
+                if !self.is_ready() {
+                    return Err(crate::mesh::MeshError::Unavailable("down".into()));
+                }
+                self.published
+                    .lock()
+                    .unwrap()
+                    .push(event.event["session_id"].to_string());
+                Ok(())
+            })
+        }
+        fn is_ready(&self) -> bool {
+            self.up.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    fn session(id: &str) -> SessionInfo {
+        SessionInfo {
+            session_id: id.into(),
+            ..alice()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_wait_for_the_link_to_come_back_and_a_drain_does_not() {
+        let metrics = Metrics::new();
+        let dropped = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("bff_lifecycle_events_dropped_total "))
+                .map(|v| v.trim().to_owned())
+        };
+        let mesh = std::sync::Arc::new(Blinking::default());
+        let (l, rx) = Lifecycle::new(true, "shop", "i1", metrics.clone());
+        let stop = CancellationToken::new();
+        let sessions = Sessions::new(8);
+        let pump = tokio::spawn(pump(
+            mesh.clone(),
+            rx.unwrap(),
+            metrics.clone(),
+            sessions.clone(),
+            stop.clone(),
+        ));
+        // The link is down (a relink): the events wait, none is dropped.
+        for id in ["a", "b", "c"] {
+            l.connected(&session(id));
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(mesh.published.lock().unwrap().is_empty());
+        assert_eq!(dropped(&metrics).as_deref(), Some("0"));
+        // It is back: they go out, in order.
+        mesh.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*mesh.published.lock().unwrap(), ["\"a\"", "\"b\"", "\"c\""]);
+        // Down again as the BFF stops: the drain waits no longer than its
+        // bound, and what it could not send is counted.
+        mesh.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        l.disconnected(&session("a"), close::GOING_AWAY);
+        l.disconnected(&session("b"), close::GOING_AWAY);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = tokio::time::Instant::now();
+        stop.cancel();
+        tokio::time::timeout(DRAIN * 2, pump)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(stopped.elapsed() >= DRAIN, "it gave the link its time");
+        assert_eq!(dropped(&metrics).as_deref(), Some("2"));
+        assert_eq!(mesh.published.lock().unwrap().len(), 3);
     }
 
     #[test]
