@@ -3,6 +3,8 @@
 //! (`connection.blocked`), refuses new calls at once with `MeshUnavailable`
 //! saying why, answers `/readyz` 503 with the reason, shows it in
 //! `bff_mesh_blocked`, and serves again as soon as the broker unblocks.
+//! The lifecycle events of sockets that come meanwhile wait for it, and a
+//! real nuropb service receives them once it does.
 //! Alone in its test binary: the alarm stops every publisher on the broker.
 
 mod common;
@@ -50,11 +52,22 @@ async fn call(c: &mut TestClient, svc: &str, n: u64) -> serde_json::Value {
 async fn a_memory_alarm_refuses_calls_at_once_and_they_flow_again_when_it_clears() {
     let svc = unique("alarm-svc");
     let service = slow_service(&svc).await;
+    let bff = unique("alarm-bff");
+    let mut listener = start_python_listener(
+        &unique("alarm-listener"),
+        &[&format!("bff.{bff}.connected")],
+    );
     let gw = start(
         &format!("[[route]]\ncall = \"{svc}.*\"\ntimeout_ms = 3000\n"),
         hs256(),
         Arc::new(DefaultHandler),
-        |_| {},
+        {
+            let bff = bff.clone();
+            move |s| {
+                s.mesh_service_name = bff;
+                s.lifecycle_events = true;
+            }
+        },
         MeshSetup::Broker,
     )
     .await;
@@ -110,6 +123,8 @@ async fn a_memory_alarm_refuses_calls_at_once_and_they_flow_again_when_it_clears
     assert!(body.contains("blocking publishes"), "{body}");
     let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
     assert_eq!(metric(&metrics, "bff_mesh_blocked"), 1, "{metrics}");
+    // A socket opens under the alarm: its `connected` event waits.
+    let (carol, _) = connect(&gw.url(), &token("carol", &[], 300)).await;
 
     drop(alarm);
     let cleared = Instant::now();
@@ -128,6 +143,23 @@ async fn a_memory_alarm_refuses_calls_at_once_and_they_flow_again_when_it_clears
         0,
         "the link stayed up"
     );
+    let seen = listener.until(Duration::from_secs(10), |seen| {
+        ["ann", "carol", "bob"]
+            .iter()
+            .all(|who| seen.iter().any(|e| e["event"]["user_id"] == *who))
+    });
+    let order: Vec<&str> = seen
+        .iter()
+        .filter_map(|e| e["event"]["user_id"].as_str())
+        .collect();
+    assert_eq!(order, ["ann", "carol", "bob"], "in order, each once");
+    let (_, metrics) = http_get(gw.addr, "/metrics").await.unwrap();
+    assert_eq!(
+        metric(&metrics, "bff_lifecycle_events_dropped_total"),
+        0,
+        "{metrics}"
+    );
+    drop(carol);
     gw.stop().await;
     service.close(Duration::from_secs(2)).await;
 }
