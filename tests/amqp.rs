@@ -467,3 +467,73 @@ async fn control_messages_that_come_while_the_link_starts_are_read_and_it_stays_
     assert!(sent > 0);
     talker.close(Duration::from_secs(2)).await;
 }
+
+/// An event the broker refuses (a bound queue that is full and rejects
+/// publishes) is an error to the publisher, not a success: the BFF counts
+/// a lifecycle event so refused as dropped, and a mesh peer hears it.
+#[tokio::test]
+async fn an_event_the_broker_nacks_is_an_error_not_a_success() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{Connection, ConnectionProperties};
+
+    let topic = format!("{}.full", unique("nack"));
+    let queue = unique("nack-full");
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: false,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        "nuropb-events-exchange".into(),
+        topic.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let publisher = peer(&unique("nack-pub"), Arc::new(Recorder::default()), vec![]).await;
+    let event = |n: u64| OutgoingEvent {
+        topic: topic.clone(),
+        event: json!({"n": n}),
+        context: Map::new(),
+        target: None,
+        trace_id: None,
+    };
+    assert_eq!(
+        publisher.publish_event(event(1)).await,
+        Ok(()),
+        "room for one"
+    );
+    let refused = publisher.publish_event(event(2)).await;
+    assert!(
+        matches!(&refused, Err(MeshError::Unavailable(why)) if why.contains("refused")),
+        "{refused:?}"
+    );
+    // The refusal does not break the link: the next one that fits goes.
+    ch.queue_purge(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(publisher.publish_event(event(3)).await, Ok(()));
+    assert_eq!(publisher.reconnects(), 0);
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    publisher.close(Duration::from_secs(2)).await;
+}

@@ -116,8 +116,8 @@ pub(super) async fn write_ledger(
     .await
     .map_err(|e| fail(c, "cannot write the event log's ledger", e))?
     .await
-    .map_err(|e| fail(c, "cannot write the event log's ledger", e))?;
-    Ok(())
+    .map_err(|e| fail(c, "cannot write the event log's ledger", e))
+    .and_then(super::taken)
 }
 
 fn ledger_queue(c: &AmqpConfig) -> String {

@@ -174,8 +174,8 @@ pub(super) async fn write_marker(shared: &Shared, ch: &Channel) -> Result<(), Me
     .await
     .map_err(|e| fail(c, "cannot write to the event log", e))?
     .await
-    .map_err(|e| fail(c, "cannot write to the event log", e))?;
-    Ok(())
+    .map_err(|e| fail(c, "cannot write to the event log", e))
+    .and_then(super::taken)
 }
 
 /// What the live lane makes of a delivery from the stream.

@@ -634,11 +634,24 @@ impl AmqpMesh {
             )
             .await
             .map_err(|e| self.shared.channel_error(e))?;
-        tokio::time::timeout(Duration::from_secs(10), confirm)
+        let confirmation = tokio::time::timeout(Duration::from_secs(10), confirm)
             .await
             .map_err(|_| MeshError::Timeout(Duration::from_secs(10)))?
             .map_err(|e| self.shared.channel_error(e))?;
-        Ok(())
+        taken(confirmation)
+    }
+}
+
+/// Whether the broker took a message published without `mandatory`: its
+/// confirm is an ack. A nack (a queue it routes to cannot take it, such as
+/// a stream still recovering after a restart) is not success: the message
+/// is not in the queue, and the caller must hear so.
+pub(super) fn taken(confirmation: Confirmation) -> Result<(), MeshError> {
+    match confirmation {
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err(MeshError::Unavailable(
+            "the broker refused the message".into(),
+        )),
     }
 }
 
@@ -782,5 +795,15 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host/"), "amqp://host/");
+    }
+
+    #[test]
+    fn a_nack_is_not_taken_for_success() {
+        assert_eq!(taken(Confirmation::Ack(None)), Ok(()));
+        assert_eq!(taken(Confirmation::NotRequested), Ok(()));
+        assert!(matches!(
+            taken(Confirmation::Nack(None)),
+            Err(MeshError::Unavailable(why)) if why.contains("refused")
+        ));
     }
 }
