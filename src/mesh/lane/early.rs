@@ -21,8 +21,13 @@ pub(super) const EARLY_MAX: usize = 4 << 20;
 enum Current {
     /// None yet, or the last one is complete.
     None,
-    /// Kept: its frames start at `start` in the buffer.
-    Keeping { start: usize },
+    /// Kept: its frames start at `start` in the buffer; its delivery and
+    /// consumer tags, in case it has to be let go after all.
+    Keeping {
+        start: usize,
+        tag: u64,
+        consumer: String,
+    },
     /// Let go for want of room: its frames pass.
     LettingGo,
 }
@@ -59,6 +64,8 @@ impl Early {
         if self.kept.len() + raw.len() <= self.limit {
             self.current = Current::Keeping {
                 start: self.kept.len(),
+                tag,
+                consumer: consumer.to_owned(),
             };
             self.kept.extend_from_slice(raw);
         } else {
@@ -74,20 +81,22 @@ impl Early {
         if kind != FRAME_HEADER && kind != FRAME_BODY {
             return false;
         }
-        match self.current {
+        match &mut self.current {
             Current::None => false,
             Current::LettingGo => true,
-            Current::Keeping { start } => {
-                if self.kept.len() + raw.len() <= self.limit {
-                    self.kept.extend_from_slice(raw);
-                } else {
-                    // The delivery no longer fits: let it go whole.
-                    let tag = delivery_tag_at(&self.kept[start..]);
-                    let consumer = consumer_tag_at(&self.kept[start..]);
-                    self.kept.truncate(start);
-                    self.let_go.push((tag, consumer));
-                    self.current = Current::LettingGo;
-                }
+            Current::Keeping { .. } if self.kept.len() + raw.len() <= self.limit => {
+                self.kept.extend_from_slice(raw);
+                true
+            }
+            Current::Keeping {
+                start,
+                tag,
+                consumer,
+            } => {
+                // The delivery no longer fits: let it go whole.
+                self.kept.truncate(*start);
+                self.let_go.push((*tag, std::mem::take(consumer)));
+                self.current = Current::LettingGo;
                 true
             }
         }
@@ -108,27 +117,6 @@ impl Early {
     }
 }
 
-/// The consumer tag of the `basic.deliver` frame at the start of `frame`
-/// (kept by [`Early::deliver`], so well formed): 7 bytes of frame header,
-/// 4 of class and method ids, then the tag as a short string.
-fn consumer_tag_at(frame: &[u8]) -> String {
-    let len = frame.get(11).copied().unwrap_or(0) as usize;
-    frame
-        .get(12..12 + len)
-        .map(|t| String::from_utf8_lossy(t).into_owned())
-        .unwrap_or_default()
-}
-
-/// The delivery tag of the `basic.deliver` frame at the start of `frame`:
-/// the eight bytes after the consumer tag.
-fn delivery_tag_at(frame: &[u8]) -> u64 {
-    let at = 12 + frame.get(11).copied().unwrap_or(0) as usize;
-    frame
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::codec::FRAME_HEARTBEAT;
@@ -144,18 +132,11 @@ mod tests {
         frames.into_iter().filter(|f| !f.is_empty()).collect()
     }
 
-    fn feed(early: &mut Early, tag: u64, frames: &[Vec<u8>]) {
-        early.deliver(&frames[0], tag, "responses");
+    fn feed(early: &mut Early, tag: u64, consumer: &str, frames: &[Vec<u8>]) {
+        early.deliver(&frames[0], tag, consumer);
         for f in &frames[1..] {
             assert!(early.content(f[0], f));
         }
-    }
-
-    #[test]
-    fn the_tags_of_a_deliver_frame_are_read_back() {
-        let frame = deliver_to("events", 0x0102_0304_0506_0708);
-        assert_eq!(consumer_tag_at(&frame), "events");
-        assert_eq!(delivery_tag_at(&frame), 0x0102_0304_0506_0708);
     }
 
     #[test]
@@ -163,7 +144,7 @@ mod tests {
         let mut early = Early::new(EARLY_MAX);
         let h = header(3, "x");
         assert!(!early.content(FRAME_HEADER, &h));
-        feed(&mut early, 1, &message("responses", 1, b"abc"));
+        feed(&mut early, 1, "responses", &message("responses", 1, b"abc"));
         assert!(!early.content(FRAME_HEARTBEAT, &[8, 0, 0, 0, 0, 0, 0, 0xCE]));
         early.method();
         assert!(!early.content(FRAME_BODY, &body(b"abc")));
@@ -176,9 +157,9 @@ mod tests {
         let after = message("events", 3, b"after");
         let size = |m: &[Vec<u8>]| m.iter().map(Vec::len).sum::<usize>();
         let mut early = Early::new(size(&small) + size(&after) + 100);
-        feed(&mut early, 1, &small);
-        feed(&mut early, 2, &large);
-        feed(&mut early, 3, &after);
+        feed(&mut early, 1, "responses", &small);
+        feed(&mut early, 2, "responses", &large);
+        feed(&mut early, 3, "events", &after);
         let kept = early.take();
         assert_eq!(kept.frames, [small.concat(), after.concat()].concat());
         assert_eq!(kept.let_go, vec![(2, "responses".to_owned())]);
@@ -199,20 +180,21 @@ mod tests {
             let mut let_go = Vec::new();
             for (i, size) in sizes.iter().enumerate() {
                 let tag = i as u64 + 1;
-                let m = message(if i % 2 == 0 { "responses" } else { "events" }, tag, &vec![1u8; *size]);
-                feed(&mut early, tag, &m);
+                let consumer = if i % 2 == 0 { "responses" } else { "events" };
+                let m = message(consumer, tag, &vec![1u8; *size]);
+                feed(&mut early, tag, consumer, &m);
                 early.method();
                 let whole = m.concat();
                 if expected.len() + whole.len() <= limit {
                     expected.extend_from_slice(&whole);
                 } else {
-                    let_go.push(tag);
+                    let_go.push((tag, consumer.to_owned()));
                 }
             }
             let kept = early.take();
             proptest::prop_assert!(kept.frames.len() <= limit);
             proptest::prop_assert_eq!(kept.frames, expected);
-            proptest::prop_assert_eq!(kept.let_go.iter().map(|l| l.0).collect::<Vec<_>>(), let_go);
+            proptest::prop_assert_eq!(kept.let_go, let_go);
         }
     }
 }

@@ -26,8 +26,8 @@
 //! `socket` (TCP or TLS, and the frame reader), `handshake`, `early` (what
 //! a consumer receives while the handshake still runs, kept to be read
 //! first), and `assemble` (messages put back together from frames: a state
-//! machine without a socket). This file holds the lane itself: the write queue, the two
-//! loops, and what a caller sees.
+//! machine without a socket). This file holds the lane itself: the write
+//! queue, the two loops, and what a caller sees.
 
 mod assemble;
 mod codec;
